@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Build and cache real Debian root trees used as golden-image sync benchmark corpora.
+#
+# Usage: bench/corpora.sh [NAME...]      (default: all corpora)
+#   NAMES: bookworm-minbase bullseye-minbase trixie-minbase bookworm-big
+#
+# Env:
+#   CORPORA  output directory (default /var/tmp/gis-corpora)
+#   MIRROR   Debian mirror       (default http://deb.debian.org/debian)
+#
+# Each corpus is built into $CORPORA/NAME.tmp with debootstrap, then renamed to
+# $CORPORA/NAME; a marker file $CORPORA/NAME.done (outside the tree, so it is not
+# part of the image) records success, and a corpus with a marker is skipped.
+# Rebuild one with: rm -rf "$CORPORA/NAME" "$CORPORA/NAME.done"; bench/corpora.sh NAME
+# Needs root and: apt-get install -y debootstrap libcap2-bin
+set -euo pipefail
+
+CORPORA=${CORPORA:-/var/tmp/gis-corpora}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+ALL=(bookworm-minbase bullseye-minbase trixie-minbase bookworm-big)
+BIG_INCLUDE=systemd,openssh-server,python3,perl,gcc,g++,git,vim,curl,iproute2,iputils-ping,sudo,rsyslog,cron,nginx
+
+die() { echo "corpora.sh: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap needs it)"
+command -v debootstrap >/dev/null || die "debootstrap missing: apt-get install -y debootstrap"
+
+mkdir -p "$CORPORA/.debcache"
+
+# Unmount anything debootstrap may have left mounted under a (failed) build dir.
+umount_under() {
+    local dir=$1 m
+    command -v findmnt >/dev/null || return 0
+    findmnt -rn -o TARGET | awk -v d="$dir/" 'index($0, d) == 1' | sort -r |
+        while read -r m; do umount -l "$m" || true; done
+}
+
+build() {
+    local name=$1 suite args=()
+    local dest="$CORPORA/$name" tmp="$CORPORA/$name.tmp" done="$CORPORA/$name.done"
+    case "$name" in
+        bookworm-minbase) suite=bookworm ;;
+        bullseye-minbase) suite=bullseye ;;
+        trixie-minbase)   suite=trixie ;;
+        bookworm-big)     suite=bookworm; args+=("--include=$BIG_INCLUDE") ;;
+        *) die "unknown corpus '$name' (known: ${ALL[*]})" ;;
+    esac
+    if [ -e "$done" ] && [ -d "$dest" ]; then
+        echo "== $name: cached at $dest"
+        return 0
+    fi
+    echo "== $name: building ($suite) into $tmp"
+    if [ -e "$tmp" ]; then umount_under "$tmp"; rm -rf --one-file-system "$tmp"; fi
+    if [ -e "$dest" ]; then umount_under "$dest"; rm -rf --one-file-system "$dest"; fi
+    local t0=$SECONDS log="$CORPORA/$name.log"
+    if ! debootstrap --variant=minbase "${args[@]}" --cache-dir="$CORPORA/.debcache" \
+            "$suite" "$tmp" "$MIRROR" >"$log" 2>&1; then
+        umount_under "$tmp"
+        tail -n 30 "$log" >&2
+        echo "== $name: FAILED (full log: $log; partial tree left in $tmp)" >&2
+        return 1
+    fi
+    umount_under "$tmp"
+    mv -T "$tmp" "$dest"
+    date -u +%FT%TZ >"$done"
+    echo "== $name: done in $((SECONDS - t0))s: $(du -sh "$dest" | cut -f1), $(find "$dest" | wc -l) entries"
+}
+
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=("${ALL[@]}")
+rc=0
+for n in "${names[@]}"; do build "$n" || rc=1; done
+
+for n in "${names[@]}"; do
+    d="$CORPORA/$n"
+    [ -d "$d" ] && [ -e "$d.done" ] || continue
+    if [ -e "$d/usr/bin/ping" ] && command -v getcap >/dev/null; then
+        echo "   $n: getcap usr/bin/ping: $(getcap "$d/usr/bin/ping" | awk '{print $2}')"
+    fi
+done
+exit $rc

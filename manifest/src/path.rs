@@ -1,0 +1,175 @@
+//! `RelPath`: the one path type every tree operation is keyed by.
+//!
+//! A `RelPath` is relative, `/`-separated, never empty, and has no `.`, `..` or empty
+//! components and no NUL byte, so joining it beneath a root can never climb out of it.
+//! Paths are raw bytes (Linux file names need not be UTF-8) and sort byte-wise, so two
+//! sorted listings can be merged side by side.
+
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Longest path accepted, in bytes (Linux `PATH_MAX`, less the terminating NUL).
+pub const MAX_PATH: usize = 4095;
+/// Longest single component accepted, in bytes (Linux `NAME_MAX`).
+pub const MAX_NAME: usize = 255;
+
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelPath(Box<[u8]>);
+
+/// Why a byte string is not a valid [`RelPath`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path is empty")]
+    Empty,
+    #[error("path {0} is absolute (hint: paths in a manifest are relative to the root)")]
+    Absolute(String),
+    #[error("path {0} has an empty component")]
+    EmptyComponent(String),
+    #[error("path {0} has a '.' or '..' component")]
+    DotComponent(String),
+    #[error("path {0} contains a NUL byte")]
+    Nul(String),
+    #[error("path {0} is longer than {MAX_PATH} bytes")]
+    TooLong(String),
+    #[error("path {0} has a component longer than {MAX_NAME} bytes")]
+    NameTooLong(String),
+}
+
+fn show(bytes: &[u8]) -> String {
+    // Cap what goes into an error message: a hostile path may be megabytes long.
+    let shown = &bytes[..bytes.len().min(200)];
+    format!("{:?}", String::from_utf8_lossy(shown))
+}
+
+impl RelPath {
+    /// Validates `bytes` as a relative path.
+    pub fn new(bytes: impl AsRef<[u8]>) -> Result<RelPath, PathError> {
+        let b = bytes.as_ref();
+        if b.is_empty() {
+            return Err(PathError::Empty);
+        }
+        if b.len() > MAX_PATH {
+            return Err(PathError::TooLong(show(b)));
+        }
+        if b.contains(&0) {
+            return Err(PathError::Nul(show(b)));
+        }
+        if b[0] == b'/' {
+            return Err(PathError::Absolute(show(b)));
+        }
+        for comp in b.split(|&c| c == b'/') {
+            match comp {
+                b"" => return Err(PathError::EmptyComponent(show(b))),
+                b"." | b".." => return Err(PathError::DotComponent(show(b))),
+                c if c.len() > MAX_NAME => return Err(PathError::NameTooLong(show(b))),
+                _ => {}
+            }
+        }
+        Ok(RelPath(b.into()))
+    }
+
+    /// The path of `rel` beneath `root`, if `rel` is a valid relative path under it.
+    pub fn from_fs(root: &Path, path: &Path) -> Result<RelPath, PathError> {
+        let rel = path.strip_prefix(root).unwrap_or(path);
+        RelPath::new(rel.as_os_str().as_bytes())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn as_path(&self) -> &Path {
+        Path::new(std::ffi::OsStr::from_bytes(&self.0))
+    }
+
+    /// Components, outermost first.
+    pub fn components(&self) -> impl DoubleEndedIterator<Item = &[u8]> {
+        self.0.split(|&c| c == b'/')
+    }
+
+    /// The containing directory, or `None` for a top-level name.
+    pub fn parent(&self) -> Option<RelPath> {
+        let i = self.0.iter().rposition(|&c| c == b'/')?;
+        Some(RelPath(self.0[..i].into()))
+    }
+
+    /// The last component.
+    pub fn file_name(&self) -> &[u8] {
+        match self.0.iter().rposition(|&c| c == b'/') {
+            Some(i) => &self.0[i + 1..],
+            None => &self.0,
+        }
+    }
+
+    /// Appends one component (already validated as a name: no `/`, NUL, `.` or `..`).
+    pub fn join(&self, name: &[u8]) -> Result<RelPath, PathError> {
+        let mut v = Vec::with_capacity(self.0.len() + 1 + name.len());
+        v.extend_from_slice(&self.0);
+        v.push(b'/');
+        v.extend_from_slice(name);
+        RelPath::new(v)
+    }
+
+    /// True when `self` is `other` or lies beneath it.
+    pub fn is_within(&self, other: &RelPath) -> bool {
+        self.0.starts_with(&other.0) && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/')
+    }
+
+    /// Number of components.
+    pub fn depth(&self) -> usize {
+        self.components().count()
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_escapes_and_junk() {
+        for bad in [&b""[..], b"/abs", b"..", b"../x", b"a/../../x", b".", b"a/./b", b"a//b", b"a/", b"a\0b"] {
+            assert!(RelPath::new(bad).is_err(), "{:?} accepted", String::from_utf8_lossy(bad));
+        }
+        assert!(RelPath::new(vec![b'a'; MAX_PATH + 1]).is_err());
+        assert!(RelPath::new(vec![b'a'; MAX_NAME + 1]).is_err());
+        assert!(RelPath::new(vec![b'a'; MAX_NAME]).is_ok());
+    }
+
+    #[test]
+    fn accepts_odd_but_valid_names() {
+        for good in [&b"a"[..], b"...", b"a/b/c", b".hidden", b"\xff\xfe", b"$(touch x)"] {
+            RelPath::new(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn parent_name_within() {
+        let p = RelPath::new("usr/lib/x.so").unwrap();
+        assert_eq!(p.parent().unwrap().as_bytes(), b"usr/lib");
+        assert_eq!(p.file_name(), b"x.so");
+        assert!(p.is_within(&RelPath::new("usr").unwrap()));
+        assert!(!p.is_within(&RelPath::new("us").unwrap()));
+        assert!(RelPath::new("a").unwrap().parent().is_none());
+    }
+
+    #[test]
+    fn sorts_bytewise() {
+        let mut v: Vec<RelPath> = ["a/b", "a.b", "a", "B"].iter().map(|s| RelPath::new(s).unwrap()).collect();
+        v.sort();
+        let got: Vec<String> = v.iter().map(|p| p.to_string()).collect();
+        assert_eq!(got, ["B", "a", "a.b", "a/b"]);
+    }
+}

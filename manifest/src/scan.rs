@@ -1,0 +1,253 @@
+//! Scanning a tree into entries: one walk for metadata, then parallel blake3 hashing.
+//!
+//! The walk never follows symlinks and, like `rsync -x`, never descends into another
+//! filesystem: a live root has /proc, /sys and /run mounted beneath it. A mount point itself is
+//! recorded (flagged), but its contents are not.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use rustix::fs::{Mode, OFlags};
+
+use crate::{xattr, Entry, Hash, Kind, Meta, RelPath, PERM_MASK};
+
+/// An entry as found on disk, with the identity fields the model does not carry.
+#[derive(Clone, Debug)]
+pub struct ScannedEntry {
+    pub entry: Entry,
+    pub dev: u64,
+    pub ino: u64,
+    pub nlink: u64,
+    pub ctime_ns: i64,
+    /// A directory on another filesystem than the scan's root: never descended into, and
+    /// never deleted or replaced.
+    pub mount_point: bool,
+}
+
+/// The result of scanning one tree.
+#[derive(Debug)]
+pub struct Scan {
+    pub root: Meta,
+    pub root_dev: u64,
+    /// Sorted by path.
+    pub entries: Vec<ScannedEntry>,
+    /// Paths that could not be read. The walk goes on past each.
+    pub errors: Vec<ScanError>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot scan {path}: {source}")]
+    Walk {
+        path: PathBuf,
+        #[source]
+        source: walkdir::Error,
+    },
+    #[error("{path}: unusable name: {source} (hint: rename or remove it)")]
+    Name {
+        path: PathBuf,
+        #[source]
+        source: crate::PathError,
+    },
+    #[error("{path}: unsupported file type {mode:#o}")]
+    UnknownType { path: PathBuf, mode: u32 },
+    #[error("{path} changed while it was being hashed (hint: scan a tree nobody is writing to)")]
+    Changed { path: PathBuf },
+    #[error("{path} is not a directory (hint: point at the top of a root tree)")]
+    RootNotDir { path: PathBuf },
+}
+
+impl ScanError {
+    /// The path the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            ScanError::Io { path, .. }
+            | ScanError::Walk { path, .. }
+            | ScanError::Name { path, .. }
+            | ScanError::UnknownType { path, .. }
+            | ScanError::Changed { path }
+            | ScanError::RootNotDir { path } => path,
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ScanError + '_ {
+    move |source| ScanError::Io { path: path.to_owned(), source }
+}
+
+fn meta_of(md: &std::fs::Metadata, xattrs: Vec<crate::Xattr>) -> Meta {
+    Meta {
+        mode: md.mode() & PERM_MASK,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        xattrs,
+    }
+}
+
+/// Walks `root` and records every entry beneath it, without hashing.
+///
+/// Fails only if `root` itself cannot be read; problems below it go to [`Scan::errors`].
+pub fn walk(root: &Path) -> Result<Scan, ScanError> {
+    let root_md = std::fs::symlink_metadata(root).map_err(io_err(root))?;
+    if !root_md.is_dir() {
+        return Err(ScanError::RootNotDir { path: root.to_owned() });
+    }
+    let root_meta = meta_of(&root_md, xattr::read_path(root).map_err(io_err(root))?);
+    let root_dev = root_md.dev();
+
+    let mut entries = Vec::new();
+    let mut errors = Vec::new();
+    let walker = walkdir::WalkDir::new(root).follow_links(false).same_file_system(true).min_depth(1);
+    for item in walker {
+        let dent = match item {
+            Ok(d) => d,
+            Err(e) => {
+                let path = e.path().unwrap_or(root).to_owned();
+                errors.push(ScanError::Walk { path, source: e });
+                continue;
+            }
+        };
+        let path = dent.path();
+        match scan_one(root, root_dev, path) {
+            Ok(e) => entries.push(e),
+            Err(e) => errors.push(e),
+        }
+    }
+    entries.sort_unstable_by(|a, b| a.entry.path.cmp(&b.entry.path));
+    assign_link_groups(&mut entries);
+    Ok(Scan { root: root_meta, root_dev, entries, errors })
+}
+
+fn scan_one(root: &Path, root_dev: u64, path: &Path) -> Result<ScannedEntry, ScanError> {
+    let rel = RelPath::from_fs(root, path).map_err(|source| ScanError::Name { path: path.to_owned(), source })?;
+    let md = std::fs::symlink_metadata(path).map_err(io_err(path))?;
+    let kind = Kind::from_mode(md.mode()).ok_or(ScanError::UnknownType { path: path.to_owned(), mode: md.mode() })?;
+    let xattrs = xattr::read_path(path).map_err(io_err(path))?;
+    let target = match kind {
+        Kind::Symlink => {
+            use std::os::unix::ffi::OsStrExt;
+            Some(std::fs::read_link(path).map_err(io_err(path))?.as_os_str().as_bytes().to_vec())
+        }
+        _ => None,
+    };
+    Ok(ScannedEntry {
+        entry: Entry {
+            path: rel,
+            kind,
+            meta: meta_of(&md, xattrs),
+            size: if kind == Kind::File { md.size() } else { 0 },
+            hash: None,
+            target,
+            rdev: if matches!(kind, Kind::CharDevice | Kind::BlockDevice) { md.rdev() } else { 0 },
+            link_group: 0,
+        },
+        dev: md.dev(),
+        ino: md.ino(),
+        nlink: md.nlink(),
+        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        mount_point: kind == Kind::Dir && md.dev() != root_dev,
+    })
+}
+
+/// Numbers hard-link groups 1, 2, … in path order of each group's first member. A file whose
+/// other links all lie outside the tree is not in a group.
+fn assign_link_groups(entries: &mut [ScannedEntry]) {
+    let mut first: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut group_of_first: HashMap<usize, u64> = HashMap::new();
+    let mut next = 1;
+    for i in 0..entries.len() {
+        let e = &entries[i];
+        if e.entry.kind == Kind::Dir || e.nlink < 2 {
+            continue;
+        }
+        match first.get(&(e.dev, e.ino)) {
+            None => {
+                first.insert((e.dev, e.ino), i);
+            }
+            Some(&leader) => {
+                let g = *group_of_first.entry(leader).or_insert_with(|| {
+                    next += 1;
+                    next - 1
+                });
+                entries[leader].entry.link_group = g;
+                entries[i].entry.link_group = g;
+            }
+        }
+    }
+}
+
+/// Hashes, in parallel, every regular file in `entries` for which `select` is true.
+/// Returns the errors; an entry that could not be hashed keeps `hash: None`.
+pub fn hash_files(
+    root: &Path,
+    entries: &mut [ScannedEntry],
+    select: impl Fn(&ScannedEntry) -> bool + Sync,
+) -> Vec<ScanError> {
+    entries
+        .par_iter_mut()
+        .filter(|e| e.entry.kind == Kind::File && e.entry.hash.is_none() && select(e))
+        .filter_map(|e| {
+            let path = root.join(e.entry.path.as_path());
+            match hash_path(&path, Some((e.dev, e.ino))) {
+                Ok((hash, size)) if size == e.entry.size => {
+                    e.entry.hash = Some(hash);
+                    None
+                }
+                Ok(_) => Some(ScanError::Changed { path }),
+                Err(err) => Some(err),
+            }
+        })
+        .collect()
+}
+
+/// Opens a regular file for reading without following a symlink at its last component, and
+/// without updating its atime where the kernel lets us.
+pub fn open_nofollow(path: &Path) -> io::Result<File> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+    let fd = match rustix::fs::open(path, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => rustix::fs::open(path, flags, Mode::empty())?,
+        r => r?,
+    };
+    Ok(File::from(fd))
+}
+
+/// blake3 of the file at `path`, and the number of bytes read. With `expect`, fails if the
+/// file opened is not that (dev, inode): it was replaced since it was scanned.
+pub fn hash_path(path: &Path, expect: Option<(u64, u64)>) -> Result<(Hash, u64), ScanError> {
+    let file = open_nofollow(path).map_err(io_err(path))?;
+    let md = file.metadata().map_err(io_err(path))?;
+    if !md.is_file() || expect.is_some_and(|(dev, ino)| (md.dev(), md.ino()) != (dev, ino)) {
+        return Err(ScanError::Changed { path: path.to_owned() });
+    }
+    hash_reader(file).map_err(io_err(path))
+}
+
+/// blake3 of everything `r` yields, and its length.
+pub fn hash_reader(mut r: impl Read) -> io::Result<(Hash, u64)> {
+    let mut hasher = blake3::Hasher::new();
+    // Large reads let blake3 use its SIMD paths across many chunks at once.
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hasher.finalize().into(), total))
+}

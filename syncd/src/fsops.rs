@@ -1,0 +1,379 @@
+//! Single-name filesystem operations inside an already-resolved directory descriptor.
+//!
+//! Nothing here takes a joined path: each call names one entry in one directory with an
+//! `*at` syscall and never follows a symlink at that name. Metadata is set in the order a
+//! root filesystem needs: owner, then mode (chown clears setuid/setgid), then xattrs
+//! (`security.capability` is cleared by chown too), then mtime.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use manifest::{Entry, Hash, Kind, Meta, Xattr};
+use rand::Rng;
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, RenameFlags, Timespec, Timestamps, Uid, XattrFlags};
+use rustix::io::Errno;
+
+/// Prefix of every temporary name syncd creates. Leftovers from a crash are ordinary extra
+/// entries to the next pass, which deletes them.
+pub const TEMP_PREFIX: &str = ".syncd-";
+
+fn temp_name() -> String {
+    format!("{TEMP_PREFIX}{:016x}", rand::rng().random::<u64>())
+}
+
+/// Creates a fresh name in `dir` with `make`, retrying on a collision (a planted name is never
+/// reused, followed or overwritten).
+fn with_fresh_name<T>(mut make: impl FnMut(&str) -> Result<T, Errno>) -> io::Result<(T, String)> {
+    for _ in 0..16 {
+        let name = temp_name();
+        match make(&name) {
+            Ok(t) => return Ok((t, name)),
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::other("could not find a free temporary name after 16 tries"))
+}
+
+/// A new, empty regular file that nobody else can have opened: `O_CREAT | O_EXCL`, mode 0600.
+pub fn create_temp_file(dir: BorrowedFd) -> io::Result<(std::fs::File, String)> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let (fd, name) = with_fresh_name(|n| rustix::fs::openat(dir, n, flags, Mode::from_raw_mode(0o600)))?;
+    Ok((std::fs::File::from(fd), name))
+}
+
+pub fn create_temp_dir(dir: BorrowedFd) -> io::Result<String> {
+    Ok(with_fresh_name(|n| rustix::fs::mkdirat(dir, n, Mode::from_raw_mode(0o700)))?.1)
+}
+
+/// Creates a non-regular, non-directory node (symlink, device, fifo, socket) under a fresh name
+/// with the entry's full metadata.
+pub fn create_temp_node(dir: BorrowedFd, e: &Entry) -> io::Result<String> {
+    let name = match e.kind {
+        Kind::Symlink => {
+            let target = e.target.as_deref().unwrap_or_default();
+            with_fresh_name(|n| rustix::fs::symlinkat(target, dir, n))?.1
+        }
+        Kind::CharDevice | Kind::BlockDevice | Kind::Fifo | Kind::Socket => {
+            let ft = match e.kind {
+                Kind::CharDevice => FileType::CharacterDevice,
+                Kind::BlockDevice => FileType::BlockDevice,
+                Kind::Fifo => FileType::Fifo,
+                _ => FileType::Socket,
+            };
+            with_fresh_name(|n| rustix::fs::mknodat(dir, n, ft, Mode::from_raw_mode(0o600), e.rdev))?.1
+        }
+        Kind::File | Kind::Dir => unreachable!("regular files and directories are not nodes"),
+    };
+    if let Err(err) = set_node_meta(dir, &name, e.kind, &e.meta, MetaParts::ALL) {
+        let _ = rustix::fs::unlinkat(dir, name.as_str(), AtFlags::empty());
+        return Err(err);
+    }
+    Ok(name)
+}
+
+/// Which parts of the metadata to (re)apply.
+#[derive(Clone, Copy, Debug)]
+pub struct MetaParts {
+    pub owner: bool,
+    pub mode: bool,
+    pub xattrs: bool,
+    pub mtime: bool,
+}
+
+impl MetaParts {
+    pub const ALL: MetaParts = MetaParts { owner: true, mode: true, xattrs: true, mtime: true };
+    pub const MTIME: MetaParts = MetaParts { owner: false, mode: false, xattrs: false, mtime: true };
+
+    /// What to apply in place for a diff. chown clears setuid bits and capabilities, so an
+    /// owner change re-applies mode and xattrs too.
+    pub fn for_diff(d: &crate::plan::Diff) -> MetaParts {
+        let owner = d.owner || d.group;
+        MetaParts { owner, mode: owner || d.perms, xattrs: owner || d.xattrs, mtime: true }
+    }
+}
+
+fn ts(ns: i64) -> Timestamps {
+    Timestamps {
+        last_access: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+        last_modification: Timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) },
+    }
+}
+
+/// Applies metadata to an open regular file or directory.
+pub fn set_fd_meta(fd: BorrowedFd, meta: &Meta, parts: MetaParts) -> io::Result<()> {
+    if parts.owner {
+        rustix::fs::fchown(fd, Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)))?;
+    }
+    if parts.mode {
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
+    }
+    if parts.xattrs {
+        let current = manifest::xattr::read_fd(fd)?;
+        sync_xattrs(
+            &current,
+            &meta.xattrs,
+            |n| rustix::fs::fremovexattr(fd, n),
+            |n, v| rustix::fs::fsetxattr(fd, n, v, XattrFlags::empty()),
+        )?;
+    }
+    if parts.mtime {
+        rustix::fs::futimens(fd, &ts(meta.mtime_ns))?;
+    }
+    Ok(())
+}
+
+/// Applies metadata to the node `name` in `dir` (symlink, device, fifo or socket) without
+/// following it.
+pub fn set_node_meta(dir: BorrowedFd, name: &str, kind: Kind, meta: &Meta, parts: MetaParts) -> io::Result<()> {
+    if kind == Kind::Symlink {
+        if parts.owner {
+            rustix::fs::chownat(
+                dir,
+                name,
+                Some(Uid::from_raw(meta.uid)),
+                Some(Gid::from_raw(meta.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        if parts.xattrs {
+            // No *at xattr calls exist: reach the name through our own directory descriptor,
+            // with the l* calls, which do not follow the final symlink.
+            let p = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd());
+            let current = manifest::xattr::read_path(std::path::Path::new(&p))?;
+            sync_xattrs(
+                &current,
+                &meta.xattrs,
+                |n| rustix::fs::lremovexattr(&p, n),
+                |n, v| rustix::fs::lsetxattr(&p, n, v, XattrFlags::empty()),
+            )?;
+        }
+        if parts.mtime {
+            rustix::fs::utimensat(dir, name, &ts(meta.mtime_ns), AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        return Ok(());
+    }
+    // Devices must never be opened for I/O: take an O_PATH handle, check what it is, and act on
+    // the inode through /proc/self/fd, which names exactly that inode.
+    let fd = rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    let st = rustix::fs::fstat(&fd)?;
+    if manifest::Kind::from_mode(st.st_mode) != Some(kind) {
+        return Err(io::Error::other(format!("expected a {} but found something else", kind.name())));
+    }
+    let p = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    if parts.owner {
+        rustix::fs::chownat(
+            &fd,
+            "",
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+            AtFlags::EMPTY_PATH,
+        )?;
+    }
+    if parts.mode {
+        rustix::fs::chmod(&p, Mode::from_raw_mode(meta.mode))?;
+    }
+    if parts.xattrs {
+        let current = manifest::xattr::read_path(std::path::Path::new(&p))?;
+        sync_xattrs(
+            &current,
+            &meta.xattrs,
+            |n| rustix::fs::removexattr(&p, n),
+            |n, v| rustix::fs::setxattr(&p, n, v, XattrFlags::empty()),
+        )?;
+    }
+    if parts.mtime {
+        rustix::fs::utimensat(rustix::fs::CWD, &p, &ts(meta.mtime_ns), AtFlags::empty())?;
+    }
+    Ok(())
+}
+
+fn sync_xattrs(
+    current: &[Xattr],
+    want: &[Xattr],
+    mut remove: impl FnMut(&[u8]) -> rustix::io::Result<()>,
+    mut set: impl FnMut(&[u8], &[u8]) -> rustix::io::Result<()>,
+) -> io::Result<()> {
+    let name = |n: &[u8]| String::from_utf8_lossy(n).into_owned();
+    for x in current {
+        if !want.iter().any(|w| w.name == x.name) {
+            remove(&x.name).map_err(|e| io::Error::other(format!("cannot remove xattr {}: {e}", name(&x.name))))?;
+        }
+    }
+    for w in want {
+        if !current.contains(w) {
+            set(&w.name, &w.value).map_err(|e| io::Error::other(format!("cannot set xattr {}: {e}", name(&w.name))))?;
+        }
+    }
+    Ok(())
+}
+
+/// Atomically puts `temp` at `name` in `dir`. When one of the two is a directory and the other
+/// is not, a plain rename cannot replace it: the two are exchanged atomically and the old entry
+/// (now at `temp`) is returned to the caller to remove.
+pub fn commit_rename(dir: BorrowedFd, temp: &str, name: &[u8], exchange: bool) -> io::Result<()> {
+    if !exchange {
+        return Ok(rustix::fs::renameat(dir, temp, dir, name)?);
+    }
+    match rustix::fs::renameat_with(dir, temp, dir, name, RenameFlags::EXCHANGE) {
+        Ok(()) => Ok(()),
+        // The old entry vanished meanwhile: a plain rename does the job.
+        Err(Errno::NOENT) => Ok(rustix::fs::renameat(dir, temp, dir, name)?),
+        // No RENAME_EXCHANGE on this filesystem: move the old entry aside, then rename. The
+        // path is briefly absent, but never holds anything but the old or the new entry.
+        Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) => {
+            let (_, aside) = with_fresh_name(|n| match rustix::fs::statat(dir, n, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(_) => Err(Errno::EXIST),
+                Err(Errno::NOENT) => Ok(()),
+                Err(e) => Err(e),
+            })?;
+            rustix::fs::renameat(dir, name, dir, aside.as_str())?;
+            rustix::fs::renameat(dir, temp, dir, name)?;
+            rustix::fs::renameat(dir, aside.as_str(), dir, temp)?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes `name` in `dir` and, if it is a directory, everything beneath it, without following
+/// symlinks and without crossing into another filesystem.
+pub fn remove_tree(dir: BorrowedFd, name: &[u8], root_dev: u64) -> io::Result<()> {
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?);
+    }
+    let sub: OwnedFd = rustix::fs::openat(dir, name, crate::root::dir_flags(), Mode::empty())?;
+    if rustix::fs::fstat(&sub)?.st_dev != root_dev {
+        return Err(io::Error::other("a filesystem is mounted there; refusing to delete across a mount point"));
+    }
+    let mut children = Vec::new();
+    for ent in rustix::fs::Dir::read_from(&sub)? {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            children.push(n.to_vec());
+        }
+    }
+    for c in children {
+        remove_tree(sub.as_fd(), &c, root_dev)?;
+    }
+    Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
+}
+
+/// Receives content into a temp file, refusing more bytes than declared, and hashes it on
+/// the way, so the content is verified as it is written.
+pub struct VerifyingWriter<'f> {
+    file: &'f std::fs::File,
+    buf: Vec<u8>,
+    hasher: blake3::Hasher,
+    written: u64,
+    limit: u64,
+}
+
+const WRITE_BUF: usize = 256 * 1024;
+
+impl<'f> VerifyingWriter<'f> {
+    pub fn new(file: &'f std::fs::File, limit: u64) -> Self {
+        VerifyingWriter { file, buf: Vec::with_capacity(WRITE_BUF), hasher: blake3::Hasher::new(), written: 0, limit }
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether what was written so far is exactly the expected content.
+    pub fn check(&self, expect: Hash) -> io::Result<()> {
+        if self.written != self.limit {
+            return Err(io::Error::other(format!("content is {} bytes, the image says {}", self.written, self.limit)));
+        }
+        let got: Hash = self.hasher.finalize().into();
+        if got != expect {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("content hash mismatch: expected {expect}, got {got}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Verifies, then writes out what is buffered.
+    pub fn finish(mut self, expect: Hash) -> io::Result<()> {
+        self.check(expect)?;
+        self.flush()
+    }
+
+    /// Discards everything written, to start over from another source.
+    pub fn reset(&mut self) -> io::Result<()> {
+        use std::io::Seek;
+        self.buf.clear();
+        self.hasher.reset();
+        self.written = 0;
+        self.file.set_len(0)?;
+        (&mut &*self.file).seek(io::SeekFrom::Start(0))?;
+        Ok(())
+    }
+}
+
+impl Write for VerifyingWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.written + data.len() as u64 > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("content exceeds its declared size of {} bytes; refusing the rest", self.limit),
+            ));
+        }
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= WRITE_BUF {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&mut &*self.file).write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+/// Hard-links `lname` in `ldir` under a fresh temp name in `dir`, without following symlinks.
+pub fn link_temp(ldir: BorrowedFd, lname: &[u8], dir: BorrowedFd) -> io::Result<String> {
+    Ok(with_fresh_name(|n| rustix::fs::linkat(ldir, lname, dir, n, AtFlags::empty()))?.1)
+}
+
+/// Copies all of `r` into `w`.
+pub fn copy(mut r: impl Read, w: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Opens a regular file in `dir` for reading, refusing anything that is not one.
+pub fn open_regular(dir: BorrowedFd, name: impl rustix::path::Arg) -> io::Result<std::fs::File> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+        Mode::empty(),
+    )?;
+    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(std::fs::File::from(fd))
+}

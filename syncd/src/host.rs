@@ -1,0 +1,46 @@
+//! Scanning the host root, hashing only what the comparison needs.
+//!
+//! A host file is hashed when the image has a regular file of the same size at the same path
+//! (to tell whether it changed), or when its size matches content the host still needs (it may
+//! be that content, moved: copying it locally beats downloading it).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use manifest::scan::{self, ScanError};
+use manifest::{Kind, Manifest, RelPath};
+
+use crate::plan::HostTree;
+
+/// Scans `root` for comparison with `manifest`. Errors below the root are returned alongside
+/// the tree; the plan fences off what they make unknown.
+pub fn scan(root: &Path, manifest: &Manifest) -> Result<(HostTree, Vec<ScanError>), ScanError> {
+    let mut s = scan::walk(root)?;
+    let mut errors = std::mem::take(&mut s.errors);
+    let unreadable: Vec<RelPath> = errors
+        .iter()
+        .filter(|e| matches!(e, ScanError::Walk { .. }))
+        .filter_map(|e| RelPath::from_fs(root, e.path()).ok())
+        .collect();
+
+    let image_size: HashMap<&RelPath, u64> =
+        manifest.entries.iter().filter(|e| e.kind == Kind::File).map(|e| (&e.path, e.size)).collect();
+    // Round 1: files that may be unchanged.
+    errors.extend(scan::hash_files(root, &mut s.entries, |h| image_size.get(&h.entry.path) == Some(&h.entry.size)));
+
+    // Round 2: files whose size matches content the host still lacks.
+    let host_hashes: HashMap<&RelPath, manifest::Hash> =
+        s.entries.iter().filter_map(|h| Some((&h.entry.path, h.entry.hash?))).collect();
+    let needed_sizes: HashSet<u64> = manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == Kind::File && e.size > 0 && host_hashes.get(&e.path) != e.hash.as_ref())
+        .map(|e| e.size)
+        .collect();
+    if !needed_sizes.is_empty() {
+        errors.extend(scan::hash_files(root, &mut s.entries, |h| needed_sizes.contains(&h.entry.size)));
+    }
+    // Files that changed while hashed simply stay unhashed: the plan replaces them.
+    errors.retain(|e| !matches!(e, ScanError::Changed { .. }));
+    Ok((HostTree { root: s.root, entries: s.entries, unreadable }, errors))
+}

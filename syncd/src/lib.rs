@@ -1,0 +1,213 @@
+//! syncd: converges a host root to the golden image served by syncmaster.
+//!
+//! One pass ([`sync_once`]): fetch and validate the manifest, scan the host, compute a pure
+//! [`plan::Plan`], then (unless dry-running) [`apply`] it. The binary is a thin layer over this.
+
+pub mod apply;
+pub mod client;
+pub mod fsops;
+pub mod host;
+pub mod plan;
+pub mod root;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use manifest::{Hash, Manifest};
+
+use crate::apply::{Failure, Outcome};
+use crate::plan::Plan;
+
+/// Exit codes, documented in the README.
+pub mod exit {
+    /// Converged: the host matches the image.
+    pub const OK: u8 = 0;
+    /// Finished, but some paths failed; each was reported.
+    pub const PARTIAL: u8 = 1;
+    /// Usage or configuration error; nothing was changed.
+    pub const USAGE: u8 = 2;
+    /// The master could not be reached (before the pass, or lost during it).
+    pub const UNREACHABLE: u8 = 3;
+    /// The master sent an invalid manifest; nothing was changed.
+    pub const BAD_MANIFEST: u8 = 4;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Config(String),
+    #[error("master {url} is unreachable: {reason} (hint: check that syncmaster is running and the URL is right)")]
+    Unreachable { url: String, reason: String },
+    #[error("the master's manifest was rejected, nothing was changed: {0}")]
+    BadManifest(#[source] manifest::ManifestError),
+    #[error("cannot scan host root {root}: {source}")]
+    Scan {
+        root: PathBuf,
+        #[source]
+        source: manifest::scan::ScanError,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl SyncError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SyncError::Config(_) | SyncError::Scan { .. } => exit::USAGE,
+            SyncError::Unreachable { .. } => exit::UNREACHABLE,
+            SyncError::BadManifest(_) => exit::BAD_MANIFEST,
+            SyncError::Internal(_) => exit::PARTIAL,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SyncOptions {
+    pub master: String,
+    pub root: PathBuf,
+    pub host_id: String,
+    pub dry_run: bool,
+}
+
+/// The result of one pass.
+#[derive(Debug)]
+pub struct PassReport {
+    pub image_version: u64,
+    pub identity: Hash,
+    pub plan: Plan,
+    /// `None` on a dry run.
+    pub outcome: Option<Outcome>,
+    /// Problems found while scanning the host (unreadable paths), and paths the plan had to
+    /// leave alone because of them.
+    pub scan_failures: Vec<Failure>,
+    pub duration: Duration,
+}
+
+impl PassReport {
+    /// Itemized lines: on a dry run, the whole plan; on a real run, what was done. In plan
+    /// order either way, so a dry run and the run after it print the same lines.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let root_done = self.outcome.as_ref().is_none_or(|o| o.root_done);
+        if let (Some(l), true) = (self.plan.root_line(), root_done) {
+            out.push(l);
+        }
+        for (i, c) in self.plan.changes.iter().enumerate() {
+            if self.outcome.as_ref().is_none_or(|o| o.done[i]) {
+                out.push(c.itemize());
+            }
+        }
+        out
+    }
+
+    pub fn failures(&self) -> impl Iterator<Item = &Failure> {
+        self.scan_failures.iter().chain(self.outcome.iter().flat_map(|o| o.failures.iter()))
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        match &self.outcome {
+            Some(o) if o.stats.master_lost => exit::UNREACHABLE,
+            _ if self.failures().next().is_some() => exit::PARTIAL,
+            _ => exit::OK,
+        }
+    }
+
+    /// One line for humans and logs.
+    pub fn summary(&self) -> String {
+        let (c, u, d) = self.plan.counts();
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let fails = self.failures().count();
+        match &self.outcome {
+            None => format!(
+                "dry run against image v{} ({}): would create {c}, update {u}, delete {d}; would fetch {} objects ({:.1} MiB); {} skipped; changed nothing",
+                self.image_version,
+                &self.identity.to_hex()[..16],
+                self.plan.fetch.len(),
+                mib(self.plan.fetch_bytes()),
+                self.plan.skipped.len(),
+            ),
+            Some(o) => format!(
+                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed; fetched {} objects, {:.1} MiB ({:.1} MiB on the wire); copied {} locally ({:.1} MiB); {:.2}s",
+                if fails == 0 { "converged to" } else { "partly applied" },
+                self.image_version,
+                &self.identity.to_hex()[..16],
+                o.stats.fetched_objects,
+                mib(o.stats.fetched_bytes),
+                mib(o.stats.wire_bytes),
+                o.stats.local_copies,
+                mib(o.stats.local_bytes),
+                self.duration.as_secs_f64(),
+            ),
+        }
+    }
+}
+
+/// One convergence pass.
+pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
+    let started = Instant::now();
+    let root_md = std::fs::metadata(&opts.root).map_err(|e| {
+        SyncError::Config(format!(
+            "root {} cannot be used: {e} (hint: --root must be an existing directory)",
+            opts.root.display()
+        ))
+    })?;
+    if !root_md.is_dir() {
+        return Err(SyncError::Config(format!("root {} is not a directory", opts.root.display())));
+    }
+    let master = client::Master::connect(&opts.master).await?;
+    let manifest = master.manifest(&opts.host_id).await?;
+    let identity = manifest.identity();
+    tracing::info!(version = manifest.version, entries = manifest.entries.len(), identity = %identity, "manifest received");
+
+    let root = opts.root.clone();
+    let (manifest, host, scan_errors) = tokio::task::spawn_blocking(move || {
+        let r = host::scan(&root, &manifest);
+        (manifest, r)
+    })
+    .await
+    .map(|(m, r)| r.map(|(h, e)| (m, h, e)))
+    .map_err(|e| SyncError::Internal(e.to_string()))?
+    .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
+
+    let plan = Plan::compute(&manifest, &host);
+    drop(host);
+    let mut scan_failures: Vec<Failure> =
+        scan_errors.iter().map(|e| Failure { path: e.path().display().to_string(), error: e.to_string() }).collect();
+    for s in &plan.skipped {
+        if !matches!(s.reason, plan::SkipReason::MountPoint | plan::SkipReason::BeneathMountPoint(_)) {
+            scan_failures.push(Failure { path: s.path.to_string(), error: format!("left alone: {}", s.reason) });
+        }
+    }
+    let mut report = PassReport {
+        image_version: manifest.version,
+        identity,
+        plan,
+        outcome: None,
+        scan_failures,
+        duration: Duration::ZERO,
+    };
+    if !opts.dry_run && !report.plan.is_empty() {
+        let root = root::RootDir::open(&opts.root)
+            .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
+        let rt = tokio::runtime::Handle::current();
+        let objects = master.spawn_fetch(report.plan.fetch.iter().map(|(h, _)| *h).collect(), &rt);
+        let plan = std::mem::take(&mut report.plan);
+        let (plan, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = apply::apply(root, &manifest, &plan, objects, master, rt);
+            (plan, outcome)
+        })
+        .await
+        .map_err(|e| SyncError::Internal(format!("apply task failed: {e}")))?;
+        report.plan = plan;
+        report.outcome = Some(outcome);
+    } else if !opts.dry_run {
+        report.outcome = Some(Outcome::default());
+    }
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// The image this pass converged to, for callers that keep state.
+pub fn describe(m: &Manifest) -> String {
+    format!("v{} ({})", m.version, m.identity())
+}

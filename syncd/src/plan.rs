@@ -1,0 +1,551 @@
+//! The Plan: what it takes to make the host tree identical to the manifest, as pure data.
+//!
+//! [`Plan::compute`] merges the sorted manifest with the sorted host scan and does no I/O. The
+//! dry run prints a Plan, the real run executes the same Plan and prints the same lines for
+//! what it did, so the two cannot disagree.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use manifest::scan::ScannedEntry;
+use manifest::{Entry, Hash, Kind, Manifest, Meta, RelPath};
+
+/// What differs between a host entry and the image entry at the same path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub content: bool,
+    pub size: bool,
+    pub mtime: bool,
+    pub perms: bool,
+    pub owner: bool,
+    pub group: bool,
+    pub xattrs: bool,
+    pub target: bool,
+    pub rdev: bool,
+    /// Not (or no longer) the same inode as its hard-link group's leader, or sharing an inode
+    /// with a path it should not.
+    pub link: bool,
+}
+
+impl Diff {
+    pub fn any(&self) -> bool {
+        *self != Diff::default()
+    }
+
+    /// Differences in the metadata every kind shares.
+    pub fn of_meta(old: &Meta, new: &Meta) -> Diff {
+        Diff {
+            mtime: old.mtime_ns != new.mtime_ns,
+            perms: old.mode != new.mode,
+            owner: old.uid != new.uid,
+            group: old.gid != new.gid,
+            xattrs: old.xattrs != new.xattrs,
+            ..Diff::default()
+        }
+    }
+
+    /// Whether the entry must be built anew (staged and renamed over the old one) rather than
+    /// having its metadata changed in place.
+    pub fn needs_new_inode(&self) -> bool {
+        self.content || self.size || self.target || self.rdev || self.link
+    }
+}
+
+/// Where a new regular file's content comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Not a regular file, or an empty one: nothing to read.
+    Nothing,
+    /// Downloaded from the master (once per distinct hash per pass).
+    Fetch(Hash),
+    /// Copied from a host file that already holds this content (verified while copying).
+    Local(RelPath, Hash),
+    /// A hard link to the group's leader, once the leader is in place.
+    Link(RelPath),
+}
+
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Nothing is at the path on the host.
+    Create { new: Entry, source: Source },
+    /// Same kind on both sides; `diff` says what differs.
+    Update { old: Box<ScannedEntry>, new: Entry, diff: Diff, source: Source },
+    /// A different kind is on the host (for instance a symlink where the image has a directory).
+    Replace { old: Box<ScannedEntry>, new: Entry, source: Source },
+    /// On the host only.
+    Delete { old: Box<ScannedEntry> },
+}
+
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub path: RelPath,
+    pub op: Op,
+}
+
+/// A path the plan leaves alone, and why.
+#[derive(Clone, Debug)]
+pub struct Skip {
+    pub path: RelPath,
+    pub reason: SkipReason,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Another filesystem is mounted here on the host.
+    MountPoint,
+    /// Beneath a host mount point.
+    BeneathMountPoint(RelPath),
+    /// Beneath a host directory that could not be read; its true state is unknown.
+    Unreadable(RelPath),
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SkipReason::MountPoint => {
+                f.write_str("a filesystem is mounted here on the host; syncd never crosses mount points")
+            }
+            SkipReason::BeneathMountPoint(p) => write!(f, "beneath {p}, where a filesystem is mounted on the host"),
+            SkipReason::Unreadable(p) => write!(f, "host directory {p} could not be read, so its contents are unknown"),
+        }
+    }
+}
+
+/// The host tree as scanned: the input [`Plan::compute`] needs besides the manifest.
+#[derive(Debug, Default)]
+pub struct HostTree {
+    pub root: Meta,
+    /// Sorted by path.
+    pub entries: Vec<ScannedEntry>,
+    /// Directories whose listing failed.
+    pub unreadable: Vec<RelPath>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub image_version: u64,
+    /// In path order.
+    pub changes: Vec<Change>,
+    /// Metadata of the root directory itself, when it differs.
+    pub root: Option<(Meta, Meta, Diff)>,
+    pub skipped: Vec<Skip>,
+    /// Distinct objects to download, in the order the apply first needs them.
+    pub fetch: Vec<(Hash, u64)>,
+}
+
+impl Plan {
+    pub fn compute(manifest: &Manifest, host: &HostTree) -> Plan {
+        let mut plan = Plan { image_version: manifest.version, ..Plan::default() };
+        let root_diff = Diff::of_meta(&host.root, &manifest.root);
+        if root_diff.any() {
+            plan.root = Some((host.root.clone(), manifest.root.clone(), root_diff));
+        }
+
+        // Host content available for local copies: hash -> a path holding it.
+        let mut local: HashMap<Hash, &RelPath> = HashMap::new();
+        for h in &host.entries {
+            if let (Kind::File, Some(hash)) = (h.entry.kind, h.entry.hash) {
+                local.entry(hash).or_insert(&h.entry.path);
+            }
+        }
+        let host_links = host_link_sets(&host.entries);
+        let leaders = manifest.link_leaders();
+        let host_by_path: HashMap<&RelPath, &ScannedEntry> = host.entries.iter().map(|h| (&h.entry.path, h)).collect();
+
+        // Paths that must not be touched: mount points, and whatever lies beneath a mount point
+        // or beneath a directory that could not be listed.
+        let mut fences: Vec<(&RelPath, bool)> = host.unreadable.iter().map(|p| (p, false)).collect();
+        fences.extend(host.entries.iter().filter(|h| h.mount_point).map(|h| (&h.entry.path, true)));
+        let fence = |p: &RelPath| -> Option<SkipReason> {
+            fences.iter().find_map(|&(f, mount)| match (p == f, p.is_within(f), mount) {
+                (true, _, true) => Some(SkipReason::MountPoint),
+                (false, true, true) => Some(SkipReason::BeneathMountPoint(f.clone())),
+                (false, true, false) => Some(SkipReason::Unreadable(f.clone())),
+                _ => None,
+            })
+        };
+
+        // Leaders whose inode is replaced: their members must be linked again.
+        let mut fresh_leaders: HashSet<u64> = HashSet::new();
+        let mut mi = manifest.entries.iter().peekable();
+        let mut hi = host.entries.iter().peekable();
+        loop {
+            let (new, old) = match (mi.peek(), hi.peek()) {
+                (None, None) => break,
+                (Some(m), Some(h)) if m.path == h.entry.path => (mi.next(), hi.next()),
+                (Some(m), Some(h)) if m.path < h.entry.path => (mi.next(), None),
+                (Some(_), None) => (mi.next(), None),
+                _ => (None, hi.next()),
+            };
+            let path = new.map(|n| &n.path).or(old.map(|o| &o.entry.path)).expect("one side is present").clone();
+            if let Some(reason) = fence(&path) {
+                plan.skipped.push(Skip { path, reason });
+                continue;
+            }
+            let op = match (new, old) {
+                (Some(new), None) => {
+                    let source = plan_source(new, &leaders, &local);
+                    Op::Create { new: new.clone(), source }
+                }
+                (None, Some(old)) => Op::Delete { old: Box::new(old.clone()) },
+                (Some(new), Some(old)) if new.kind != old.entry.kind => {
+                    let source = plan_source(new, &leaders, &local);
+                    Op::Replace { old: Box::new(old.clone()), new: new.clone(), source }
+                }
+                (Some(new), Some(old)) => {
+                    let mut diff = Diff::of_meta(&old.entry.meta, &new.meta);
+                    if new.kind == Kind::File {
+                        diff.size = old.entry.size != new.size;
+                        diff.content = diff.size || old.entry.hash != new.hash;
+                    }
+                    diff.target = old.entry.target != new.target;
+                    diff.rdev = old.entry.rdev != new.rdev;
+                    diff.link = link_differs(new, old, manifest, &leaders, &host_links, &host_by_path, &fresh_leaders);
+                    if !diff.any() {
+                        continue;
+                    }
+                    let source = if diff.needs_new_inode() {
+                        match plan_source(new, &leaders, &local) {
+                            // Same content, new inode needed (to split a hard link): copy it.
+                            Source::Fetch(h) if !diff.content => Source::Local(old.entry.path.clone(), h),
+                            s => s,
+                        }
+                    } else {
+                        Source::Nothing
+                    };
+                    Op::Update { old: Box::new(old.clone()), new: new.clone(), diff, source }
+                }
+                (None, None) => unreachable!(),
+            };
+            if let Some(new) = op.new_entry() {
+                if new.link_group != 0 && leaders.get(&new.link_group) == Some(&&new.path) && op.makes_new_inode() {
+                    fresh_leaders.insert(new.link_group);
+                }
+            }
+            plan.changes.push(Change { path, op });
+        }
+
+        let mut seen = HashSet::new();
+        for c in &plan.changes {
+            if let Some(Source::Fetch(h)) = c.op.source() {
+                if seen.insert(*h) {
+                    plan.fetch.push((*h, c.op.new_entry().map_or(0, |n| n.size)));
+                }
+            }
+        }
+        plan
+    }
+
+    /// True when the host already matches.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.root.is_none()
+    }
+
+    pub fn fetch_bytes(&self) -> u64 {
+        self.fetch.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Counts of creates, updates (incl. type changes) and deletes.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut c = (0, 0, 0);
+        for ch in &self.changes {
+            match ch.op {
+                Op::Create { .. } => c.0 += 1,
+                Op::Update { .. } | Op::Replace { .. } => c.1 += 1,
+                Op::Delete { .. } => c.2 += 1,
+            }
+        }
+        c
+    }
+
+    /// The itemized line for the root directory's own metadata, if it changes.
+    pub fn root_line(&self) -> Option<String> {
+        self.root.as_ref().map(|(_, _, d)| format!("{} ./", itemize_update(Kind::Dir, '.', d)))
+    }
+}
+
+impl Op {
+    pub fn new_entry(&self) -> Option<&Entry> {
+        match self {
+            Op::Create { new, .. } | Op::Update { new, .. } | Op::Replace { new, .. } => Some(new),
+            Op::Delete { .. } => None,
+        }
+    }
+
+    pub fn old_entry(&self) -> Option<&ScannedEntry> {
+        match self {
+            Op::Update { old, .. } | Op::Replace { old, .. } | Op::Delete { old } => Some(old),
+            Op::Create { .. } => None,
+        }
+    }
+
+    pub fn source(&self) -> Option<&Source> {
+        match self {
+            Op::Create { source, .. } | Op::Update { source, .. } | Op::Replace { source, .. } => Some(source),
+            Op::Delete { .. } => None,
+        }
+    }
+
+    /// Whether this op puts a new inode at the path (as opposed to editing metadata in place).
+    pub fn makes_new_inode(&self) -> bool {
+        match self {
+            Op::Create { .. } | Op::Replace { .. } => true,
+            Op::Update { diff, .. } => diff.needs_new_inode(),
+            Op::Delete { .. } => false,
+        }
+    }
+}
+
+fn plan_source(new: &Entry, leaders: &HashMap<u64, &RelPath>, local: &HashMap<Hash, &RelPath>) -> Source {
+    if new.link_group != 0 {
+        if let Some(&leader) = leaders.get(&new.link_group) {
+            if *leader != new.path {
+                return Source::Link(leader.clone());
+            }
+        }
+    }
+    match (new.kind, new.hash) {
+        (Kind::File, Some(h)) if new.size > 0 => match local.get(&h) {
+            Some(p) => Source::Local((*p).clone(), h),
+            None => Source::Fetch(h),
+        },
+        _ => Source::Nothing,
+    }
+}
+
+/// For every host inode with several names in the tree: the set of its names.
+fn host_link_sets(entries: &[ScannedEntry]) -> HashMap<(u64, u64), Vec<&RelPath>> {
+    let mut m: HashMap<(u64, u64), Vec<&RelPath>> = HashMap::new();
+    for e in entries.iter().filter(|e| e.nlink > 1 && e.entry.kind != Kind::Dir) {
+        m.entry((e.dev, e.ino)).or_default().push(&e.entry.path);
+    }
+    m.retain(|_, v| v.len() > 1);
+    m
+}
+
+fn link_differs(
+    new: &Entry,
+    old: &ScannedEntry,
+    manifest: &Manifest,
+    leaders: &HashMap<u64, &RelPath>,
+    host_links: &HashMap<(u64, u64), Vec<&RelPath>>,
+    host_by_path: &HashMap<&RelPath, &ScannedEntry>,
+    fresh_leaders: &HashSet<u64>,
+) -> bool {
+    // Names sharing this host inode must all belong to the same image group.
+    if let Some(names) = host_links.get(&(old.dev, old.ino)) {
+        let foreign = names.iter().any(|n| {
+            *n != &new.path && (new.link_group == 0 || manifest.get(n).is_none_or(|e| e.link_group != new.link_group))
+        });
+        if foreign {
+            return true;
+        }
+    }
+    if new.link_group == 0 {
+        return false;
+    }
+    let Some(&leader) = leaders.get(&new.link_group) else { return false };
+    if *leader == new.path {
+        return false;
+    }
+    if fresh_leaders.contains(&new.link_group) {
+        return true;
+    }
+    match host_by_path.get(leader) {
+        Some(l) => (l.dev, l.ino) != (old.dev, old.ino),
+        None => true,
+    }
+}
+
+/// rsync's `YXcstpoguax` item string for an entry that exists on both sides.
+fn itemize_update(kind: Kind, y: char, d: &Diff) -> String {
+    let f = |b: bool, c: char| if b { c } else { '.' };
+    let c = if kind == Kind::Symlink { d.target } else { d.content || d.rdev };
+    [
+        y,
+        kind.itemize_char(),
+        f(c, 'c'),
+        f(d.size, 's'),
+        f(d.mtime, 't'),
+        f(d.perms, 'p'),
+        f(d.owner, 'o'),
+        f(d.group, 'g'),
+        '.',
+        '.',
+        f(d.xattrs, 'x'),
+    ]
+    .iter()
+    .collect()
+}
+
+fn display_name(e: &Entry) -> String {
+    if e.kind == Kind::Dir {
+        format!("{}/", e.path)
+    } else if let Some(t) = &e.target {
+        format!("{} -> {}", e.path, String::from_utf8_lossy(t))
+    } else {
+        e.path.to_string()
+    }
+}
+
+impl Change {
+    /// The `rsync -i`-style line for this change, e.g. `>f+++++++++ usr/bin/foo`,
+    /// `.f...p..... etc/x`, `*deleting   etc/old`.
+    pub fn itemize(&self) -> String {
+        match &self.op {
+            Op::Delete { old } => {
+                let slash = if old.entry.kind == Kind::Dir { "/" } else { "" };
+                format!("*deleting   {}{slash}", self.path)
+            }
+            Op::Create { new, source } | Op::Replace { new, source, .. } => {
+                let y = match (source, new.kind) {
+                    (Source::Link(_), _) => 'h',
+                    (_, Kind::File) => '>',
+                    _ => 'c',
+                };
+                let mut line = format!("{y}{}+++++++++ {}", new.kind.itemize_char(), display_name(new));
+                if let Source::Link(leader) = source {
+                    line = format!("{line} => {leader}");
+                }
+                if let Op::Replace { old, .. } = &self.op {
+                    line = format!("{line} (replaces {})", old.entry.kind.name());
+                }
+                line
+            }
+            Op::Update { new, diff, source, .. } => {
+                let y = match source {
+                    Source::Link(_) => 'h',
+                    _ if new.kind == Kind::File && diff.needs_new_inode() => '>',
+                    _ if diff.needs_new_inode() => 'c',
+                    _ => '.',
+                };
+                let mut line = format!("{} {}", itemize_update(new.kind, y, diff), display_name(new));
+                if let Source::Link(leader) = source {
+                    line = format!("{line} => {leader}");
+                }
+                line
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: Kind, content: &[u8]) -> Entry {
+        Entry {
+            path: RelPath::new(path).unwrap(),
+            kind,
+            meta: Meta { mode: 0o644, ..Meta::default() },
+            size: if kind == Kind::File { content.len() as u64 } else { 0 },
+            hash: (kind == Kind::File).then(|| Hash::of(content)),
+            target: (kind == Kind::Symlink).then(|| content.to_vec()),
+            rdev: 0,
+            link_group: 0,
+        }
+    }
+
+    fn host(e: Entry, ino: u64) -> ScannedEntry {
+        ScannedEntry { entry: e, dev: 1, ino, nlink: 1, ctime_ns: 0, mount_point: false }
+    }
+
+    fn lines(p: &Plan) -> Vec<String> {
+        p.changes.iter().map(|c| c.itemize()).collect()
+    }
+
+    #[test]
+    fn creates_updates_deletes_itemized_like_rsync() {
+        let m = Manifest::new(
+            7,
+            Meta::default(),
+            vec![
+                entry("etc", Kind::Dir, b""),
+                entry("etc/new", Kind::File, b"new"),
+                entry("etc/x", Kind::File, b"same"),
+                entry("etc/y", Kind::File, b"changed!"),
+                entry("link", Kind::Symlink, b"etc/x"),
+            ],
+        )
+        .unwrap();
+        let mut x = entry("etc/x", Kind::File, b"same");
+        x.meta.mode = 0o600;
+        let host_tree = HostTree {
+            root: Meta::default(),
+            entries: vec![
+                host(entry("etc", Kind::Dir, b""), 1),
+                host(entry("etc/old", Kind::File, b"old"), 2),
+                host(x, 3),
+                host(entry("etc/y", Kind::File, b"original"), 4),
+                host(entry("link", Kind::Dir, b""), 5),
+            ],
+            unreadable: vec![],
+        };
+        let plan = Plan::compute(&m, &host_tree);
+        assert_eq!(
+            lines(&plan),
+            [
+                ">f+++++++++ etc/new",
+                "*deleting   etc/old",
+                ".f...p..... etc/x",
+                ">fc........ etc/y",
+                "cL+++++++++ link -> etc/x (replaces directory)",
+            ]
+        );
+        assert_eq!(plan.fetch.len(), 2);
+        assert_eq!(plan.image_version, 7);
+    }
+
+    #[test]
+    fn identical_trees_make_an_empty_plan() {
+        let m = Manifest::new(1, Meta::default(), vec![entry("a", Kind::File, b"x")]).unwrap();
+        let h = HostTree {
+            root: Meta::default(),
+            entries: vec![host(entry("a", Kind::File, b"x"), 1)],
+            unreadable: vec![],
+        };
+        assert!(Plan::compute(&m, &h).is_empty());
+    }
+
+    #[test]
+    fn moved_content_is_copied_locally_not_fetched() {
+        let m = Manifest::new(1, Meta::default(), vec![entry("b", Kind::File, b"payload")]).unwrap();
+        let h = HostTree {
+            root: Meta::default(),
+            entries: vec![host(entry("a", Kind::File, b"payload"), 1)],
+            unreadable: vec![],
+        };
+        let plan = Plan::compute(&m, &h);
+        assert!(plan.fetch.is_empty());
+        assert!(matches!(plan.changes[1].op.source(), Some(Source::Local(p, _)) if p.to_string() == "a"));
+        assert_eq!(lines(&plan), ["*deleting   a", ">f+++++++++ b"]);
+    }
+
+    #[test]
+    fn mount_points_and_their_contents_are_skipped() {
+        let m =
+            Manifest::new(1, Meta::default(), vec![entry("proc", Kind::Dir, b""), entry("proc/x", Kind::File, b"x")])
+                .unwrap();
+        let mut p = host(entry("proc", Kind::Dir, b""), 1);
+        p.mount_point = true;
+        p.entry.meta.mode = 0o555;
+        let plan = Plan::compute(&m, &HostTree { root: Meta::default(), entries: vec![p], unreadable: vec![] });
+        assert!(plan.changes.is_empty(), "{:?}", lines(&plan));
+        assert_eq!(plan.skipped.len(), 2);
+    }
+
+    #[test]
+    fn hard_link_members_follow_a_replaced_leader() {
+        let mut a = entry("a", Kind::File, b"v2");
+        a.link_group = 1;
+        let mut b = entry("b", Kind::File, b"v2");
+        b.link_group = 1;
+        let m = Manifest::new(1, Meta::default(), vec![a, b]).unwrap();
+        let mut ha = host(entry("a", Kind::File, b"v1"), 9);
+        ha.nlink = 2;
+        let mut hb = host(entry("b", Kind::File, b"v1"), 9);
+        hb.nlink = 2;
+        let plan = Plan::compute(&m, &HostTree { root: Meta::default(), entries: vec![ha, hb], unreadable: vec![] });
+        assert_eq!(lines(&plan), [">fc........ a", "hfc........ b => a"]);
+    }
+}

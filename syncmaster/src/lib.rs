@@ -1,0 +1,243 @@
+//! The master: holds a scanned golden image and serves it to hosts.
+//!
+//! `GetManifest` streams the manifest in batches; `FetchObjects` streams file contents by
+//! blake3 hash, zstd-compressed on the wire. Both are fed by a producer through a bounded
+//! channel, so a slow host costs memory of a few chunks, never of the image.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use manifest::{Hash, Kind, Manifest, RelPath};
+use proto::v1 as pb;
+use proto::v1::image_sync_server::{ImageSync, ImageSyncServer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+/// Objects smaller than this go raw: a zstd frame header would cost more than it saves.
+const MIN_COMPRESS: u64 = 128;
+
+/// An image loaded and ready to serve.
+pub struct Image {
+    pub root: PathBuf,
+    pub manifest: Manifest,
+    /// Where to read each distinct content hash from.
+    objects: HashMap<Hash, RelPath>,
+}
+
+impl Image {
+    /// Scans `root` (hashing every file) into version `version`.
+    pub fn scan(root: &Path, version: u64) -> anyhow::Result<Image> {
+        let manifest = manifest::scan_image(root, version)
+            .map_err(|e| anyhow::anyhow!("cannot scan image {}: {e}", root.display()))?;
+        let mut objects = HashMap::new();
+        for e in &manifest.entries {
+            if let (Kind::File, Some(h)) = (e.kind, e.hash) {
+                objects.entry(h).or_insert_with(|| e.path.clone());
+            }
+        }
+        Ok(Image { root: root.to_owned(), manifest, objects })
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Service {
+    image: Arc<Image>,
+    zstd_level: i32,
+}
+
+impl Service {
+    pub fn new(image: Arc<Image>, zstd_level: i32) -> Service {
+        Service { image, zstd_level }
+    }
+
+    pub fn into_server(self) -> ImageSyncServer<Service> {
+        ImageSyncServer::new(self)
+            .max_decoding_message_size(proto::MAX_MESSAGE)
+            .max_encoding_message_size(proto::MAX_MESSAGE)
+    }
+}
+
+type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl ImageSync for Service {
+    type GetManifestStream = Stream<pb::ManifestMessage>;
+    type FetchObjectsStream = Stream<pb::ObjectChunk>;
+
+    async fn get_manifest(
+        &self,
+        req: Request<pb::ManifestRequest>,
+    ) -> Result<Response<Self::GetManifestStream>, Status> {
+        let host = req.into_inner().host_id;
+        let image = self.image.clone();
+        tracing::info!(host = %host, version = image.manifest.version, entries = image.manifest.entries.len(), "manifest requested");
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            for msg in manifest::wire::manifest_messages(&image.manifest, proto::MANIFEST_BATCH) {
+                // A failed send means the host went away: stop encoding.
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_objects(
+        &self,
+        req: Request<pb::FetchRequest>,
+    ) -> Result<Response<Self::FetchObjectsStream>, Status> {
+        let hashes = req.into_inner().hashes;
+        if hashes.len() > proto::MAX_FETCH_HASHES {
+            return Err(Status::invalid_argument(format!(
+                "{} hashes requested, at most {} per request",
+                hashes.len(),
+                proto::MAX_FETCH_HASHES
+            )));
+        }
+        let hashes: Vec<Hash> = hashes
+            .iter()
+            .map(|h| Hash::from_slice(h).ok_or_else(|| Status::invalid_argument("a requested hash is not 32 bytes")))
+            .collect::<Result<_, _>>()?;
+        let (tx, rx) = mpsc::channel(8);
+        let image = self.image.clone();
+        let level = self.zstd_level;
+        // Reading and compressing are blocking work: keep them off the async workers.
+        tokio::task::spawn_blocking(move || {
+            for h in hashes {
+                if !send_object(&image, h, level, &tx) {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Streams one object as chunks. Returns false when the host has gone away.
+fn send_object(image: &Image, hash: Hash, level: i32, tx: &mpsc::Sender<Result<pb::ObjectChunk, Status>>) -> bool {
+    let hash_bytes = Bytes::copy_from_slice(&hash.0);
+    let fail = |error: String| {
+        tracing::warn!(object = %hash, "{error}");
+        tx.blocking_send(Ok(pb::ObjectChunk { hash: hash_bytes.clone(), last: true, error, ..Default::default() }))
+            .is_ok()
+    };
+    let Some(rel) = image.objects.get(&hash) else {
+        return fail(format!("object {hash} is not in image version {}", image.manifest.version));
+    };
+    let path = image.root.join(rel.as_path());
+    let file = match manifest::scan::open_nofollow(&path) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot open {}: {e}", path.display())),
+    };
+    let size = match file.metadata() {
+        Ok(md) => md.len(),
+        Err(e) => return fail(format!("cannot stat {}: {e}", path.display())),
+    };
+    let mut hashing = HashingReader { inner: file, hasher: blake3::Hasher::new() };
+    let encoding = if size >= MIN_COMPRESS { pb::Encoding::Zstd } else { pb::Encoding::Raw };
+    let result = match encoding {
+        pb::Encoding::Zstd => match zstd::stream::read::Encoder::new(&mut hashing, level) {
+            Ok(enc) => pump(enc, &hash_bytes, size, encoding, tx),
+            Err(e) => Err(e),
+        },
+        pb::Encoding::Raw => pump(&mut hashing, &hash_bytes, size, encoding, tx),
+    };
+    match result {
+        Ok(false) => false,
+        Err(e) => fail(format!("cannot read {}: {e}", path.display())),
+        Ok(true) => {
+            // The image changed under us since it was scanned: tell the host, which would
+            // reject the content anyway when it verifies the hash.
+            let actual: Hash = hashing.hasher.finalize().into();
+            if actual != hash {
+                return fail(format!(
+                    "{} changed since the image was scanned (hint: rescan the image)",
+                    path.display()
+                ));
+            }
+            tx.blocking_send(Ok(pb::ObjectChunk {
+                hash: hash_bytes,
+                size,
+                encoding: encoding as i32,
+                last: true,
+                ..Default::default()
+            }))
+            .is_ok()
+        }
+    }
+}
+
+/// Sends the bytes `r` yields as chunks of at most `OBJECT_CHUNK`. `Ok(false)`: the host left.
+fn pump(
+    mut r: impl Read,
+    hash: &Bytes,
+    size: u64,
+    encoding: pb::Encoding,
+    tx: &mpsc::Sender<Result<pb::ObjectChunk, Status>>,
+) -> std::io::Result<bool> {
+    loop {
+        let mut buf = vec![0u8; proto::OBJECT_CHUNK];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(true);
+        }
+        buf.truncate(filled);
+        let chunk = pb::ObjectChunk {
+            hash: hash.clone(),
+            size,
+            encoding: encoding as i32,
+            data: buf.into(),
+            ..Default::default()
+        };
+        if tx.blocking_send(Ok(chunk)).is_err() {
+            return Ok(false);
+        }
+    }
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Binds `listen`, prints the bound address, and serves `image` until `shutdown` resolves.
+pub async fn serve(
+    image: Arc<Image>,
+    listen: SocketAddr,
+    zstd_level: i32,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
+    on_ready(addr);
+    tonic::transport::Server::builder()
+        .add_service(Service::new(image, zstd_level).into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
