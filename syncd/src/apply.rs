@@ -12,7 +12,7 @@
 //! A failure on one path is recorded and the rest goes on; paths beneath a directory that
 //! could not be made are skipped with an error naming that directory.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -88,8 +88,8 @@ struct Applier<'a> {
     /// Directories whose mtime our own work changed (`None`: the root).
     touched: BTreeSet<Option<RelPath>>,
     materialized: HashMap<Hash, Location>,
-    /// Objects already taken off the ordered stream.
-    fetched: HashSet<Hash>,
+    /// Index in `plan.fetch` of the next object on the ordered stream.
+    fetch_next: usize,
     staged: Vec<Staged>,
     staged_bytes: u64,
 }
@@ -116,7 +116,7 @@ pub fn apply(
         removed_dirs: Vec::new(),
         touched: BTreeSet::new(),
         materialized: HashMap::new(),
-        fetched: HashSet::new(),
+        fetch_next: 0,
         staged: Vec::new(),
         staged_bytes: 0,
     };
@@ -212,7 +212,7 @@ impl Applier<'_> {
             }
             let source = c.op.source().expect("ops with a new entry have a source");
             if self.check_blocked(&c.path) {
-                self.drain_unneeded(source);
+                self.drain_unused(source);
                 continue;
             }
             let exchange = c.op.old_entry().is_some_and(|o| o.entry.kind == Kind::Dir);
@@ -228,24 +228,28 @@ impl Applier<'_> {
                         self.commit_batch();
                     }
                 }
-                Err(e) => self.fail(&c.path, "cannot stage new content", e),
+                Err(e) => {
+                    self.drain_unused(source);
+                    self.fail(&c.path, "cannot stage new content", e);
+                }
             }
         }
         self.commit_batch();
     }
 
-    /// Keeps the object stream aligned when a path that would have consumed an object is skipped.
-    fn drain_unneeded(&mut self, source: &Source) {
+    /// Keeps the object stream aligned when the path that was to consume its next object did
+    /// not: the object is read and dropped, and later users fall back to a single fetch.
+    fn drain_unused(&mut self, source: &Source) {
         if let Source::Fetch(h) = source {
-            if !self.materialized.contains_key(h) && self.next_fetch_is(h) {
+            if self.next_fetch_is(h) {
+                self.fetch_next += 1;
                 let _ = self.objects.next_into::<std::fs::File>(*h, None);
-                self.fetched.insert(*h);
             }
         }
     }
 
     fn next_fetch_is(&self, h: &Hash) -> bool {
-        !self.fetched.contains(h) && self.plan.fetch.iter().any(|(x, _)| x == h)
+        self.plan.fetch.get(self.fetch_next).is_some_and(|(x, _)| x == h)
     }
 
     /// Creates the new entry under a temp name beside `new.path`, complete with metadata.
@@ -304,7 +308,7 @@ impl Applier<'_> {
         }
         // 2. The next object on the ordered stream, if this is its first use.
         if self.next_fetch_is(&hash) {
-            self.fetched.insert(hash);
+            self.fetch_next += 1;
             match self.objects.next_into(hash, Some(&mut *w)).map_err(|e| (w.check(hash).is_err(), e)) {
                 Ok(()) if w.check(hash).is_ok() => {
                     self.out.stats.fetched_bytes += w.written();

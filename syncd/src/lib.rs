@@ -115,11 +115,11 @@ impl PassReport {
     /// One line for humans and logs.
     pub fn summary(&self) -> String {
         let (c, u, d) = self.plan.counts();
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mib = human_bytes;
         let fails = self.failures().count();
         match &self.outcome {
             None => format!(
-                "dry run against image v{} ({}): would create {c}, update {u}, delete {d}; would fetch {} objects ({:.1} MiB); {} skipped; changed nothing",
+                "dry run against image v{} ({}): would create {c}, update {u}, delete {d}; would fetch {} objects ({}); {} skipped; changed nothing",
                 self.image_version,
                 &self.identity.to_hex()[..16],
                 self.plan.fetch.len(),
@@ -127,7 +127,7 @@ impl PassReport {
                 self.plan.skipped.len(),
             ),
             Some(o) => format!(
-                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed; fetched {} objects, {:.1} MiB ({:.1} MiB on the wire); copied {} locally ({:.1} MiB); {:.2}s",
+                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed; fetched {} objects, {} ({} on the wire); copied {} locally ({}); {:.2}s",
                 if fails == 0 { "converged to" } else { "partly applied" },
                 self.image_version,
                 &self.identity.to_hex()[..16],
@@ -139,6 +139,22 @@ impl PassReport {
                 self.duration.as_secs_f64(),
             ),
         }
+    }
+}
+
+/// `1536` → `1.5 KiB`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 

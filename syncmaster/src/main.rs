@@ -65,6 +65,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(image: PathBuf, listen: SocketAddr, version: u64, zstd_level: i32) -> anyhow::Result<()> {
+    // Install the handlers before anything else, so a signal sent right after the ready line
+    // is a clean shutdown rather than the default kill.
+    let shutdown = shutdown_signal()?;
     let started = std::time::Instant::now();
     let scanned = {
         let image = image.clone();
@@ -79,7 +82,7 @@ async fn serve(image: PathBuf, listen: SocketAddr, version: u64, zstd_level: i32
         secs = started.elapsed().as_secs_f64(),
         "image scanned"
     );
-    syncmaster::serve(Arc::new(scanned), listen, zstd_level, shutdown_signal(), |addr| {
+    syncmaster::serve(Arc::new(scanned), listen, zstd_level, shutdown, |addr| {
         // A stable, parseable line for scripts and tests; logs go to stderr.
         println!("listening on {addr}");
         use std::io::Write;
@@ -89,12 +92,16 @@ async fn serve(image: PathBuf, listen: SocketAddr, version: u64, zstd_level: i32
     .await
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("cannot install a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    })
 }
