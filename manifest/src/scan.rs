@@ -23,8 +23,8 @@ pub struct ScannedEntry {
     pub ino: u64,
     pub nlink: u64,
     pub ctime_ns: i64,
-    /// A directory on another filesystem than the scan's root: never descended into, and
-    /// never deleted or replaced.
+    /// On another filesystem than the scan's root (a mount point, or a bind-mounted file): never
+    /// descended into, and never deleted or replaced.
     pub mount_point: bool,
 }
 
@@ -37,6 +37,8 @@ pub struct Scan {
     pub entries: Vec<ScannedEntry>,
     /// Paths that could not be read. The walk goes on past each.
     pub errors: Vec<ScanError>,
+    /// Paths the filter refused, with whether each is a directory (never descended into).
+    pub excluded: Vec<(RelPath, bool)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,12 @@ fn meta_of(md: &std::fs::Metadata, xattrs: Vec<crate::Xattr>) -> Meta {
 ///
 /// Fails only if `root` itself cannot be read; problems below it go to [`Scan::errors`].
 pub fn walk(root: &Path) -> Result<Scan, ScanError> {
+    walk_filtered(root, |_, _| false)
+}
+
+/// Like [`walk`], but never reads, lists or descends into a path for which
+/// `exclude(path, is_dir)` is true: it is only recorded in [`Scan::excluded`].
+pub fn walk_filtered(root: &Path, mut exclude: impl FnMut(&RelPath, bool) -> bool) -> Result<Scan, ScanError> {
     let root_md = std::fs::symlink_metadata(root).map_err(io_err(root))?;
     if !root_md.is_dir() {
         return Err(ScanError::RootNotDir { path: root.to_owned() });
@@ -108,7 +116,18 @@ pub fn walk(root: &Path) -> Result<Scan, ScanError> {
 
     let mut entries = Vec::new();
     let mut errors = Vec::new();
+    let mut excluded = Vec::new();
     let walker = walkdir::WalkDir::new(root).follow_links(false).same_file_system(true).min_depth(1);
+    let walker = walker.into_iter().filter_entry(|d| {
+        // An unusable name is reported by scan_one, not filtered here.
+        let Ok(rel) = RelPath::from_fs(root, d.path()) else { return true };
+        let is_dir = d.file_type().is_dir();
+        if exclude(&rel, is_dir) {
+            excluded.push((rel, is_dir));
+            return false;
+        }
+        true
+    });
     for item in walker {
         let dent = match item {
             Ok(d) => d,
@@ -126,7 +145,8 @@ pub fn walk(root: &Path) -> Result<Scan, ScanError> {
     }
     entries.sort_unstable_by(|a, b| a.entry.path.cmp(&b.entry.path));
     assign_link_groups(&mut entries);
-    Ok(Scan { root: root_meta, root_dev, entries, errors })
+    excluded.sort();
+    Ok(Scan { root: root_meta, root_dev, entries, errors, excluded })
 }
 
 fn scan_one(root: &Path, root_dev: u64, path: &Path) -> Result<ScannedEntry, ScanError> {
@@ -156,7 +176,8 @@ fn scan_one(root: &Path, root_dev: u64, path: &Path) -> Result<ScannedEntry, Sca
         ino: md.ino(),
         nlink: md.nlink(),
         ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-        mount_point: kind == Kind::Dir && md.dev() != root_dev,
+        // A bind-mounted file counts too: renaming over it would fail, deleting it would not stick.
+        mount_point: md.dev() != root_dev,
     })
 }
 

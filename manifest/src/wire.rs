@@ -117,6 +117,7 @@ pub fn manifest_messages(m: &Manifest, batch: usize) -> impl Iterator<Item = pb:
             identity: Bytes::copy_from_slice(&m.identity().0),
             entry_count: m.entries.len() as u64,
             root: Some(root_to_wire(&m.root)),
+            exclusions: Vec::new(),
         })),
     };
     std::iter::once(header).chain(m.entries.chunks(batch.max(1)).map(|chunk| pb::ManifestMessage {
@@ -186,5 +187,125 @@ impl ManifestAssembler {
             return Err(ManifestError::IdentityMismatch { expected: identity.to_hex(), actual: actual.to_hex() });
         }
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str) -> Entry {
+        Entry {
+            path: RelPath::new(path).unwrap(),
+            kind: Kind::File,
+            meta: Meta { mode: 0o644, ..Meta::default() },
+            size: 1,
+            hash: Some(Hash::of(b"x")),
+            target: None,
+            rdev: 0,
+            link_group: 0,
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry { kind: Kind::Dir, size: 0, hash: None, ..file(path) }
+    }
+
+    /// Encodes `entries` as a stream whose header claims `identity_of` and feeds it back.
+    fn roundtrip(
+        entries: Vec<Entry>,
+        tamper: impl FnOnce(&mut Vec<pb::ManifestMessage>),
+    ) -> Result<Manifest, ManifestError> {
+        let m = Manifest { version: 3, root: Meta::default(), entries };
+        let mut msgs: Vec<_> = manifest_messages(&m, 2).collect();
+        tamper(&mut msgs);
+        let mut asm = ManifestAssembler::default();
+        for msg in msgs {
+            asm.push(msg)?;
+        }
+        asm.finish()
+    }
+
+    fn batch(msgs: &mut [pb::ManifestMessage], i: usize) -> &mut Vec<pb::Entry> {
+        match &mut msgs[i].msg {
+            Some(pb::manifest_message::Msg::Batch(b)) => &mut b.entries,
+            _ => panic!("message {i} is not a batch"),
+        }
+    }
+
+    #[test]
+    fn a_valid_manifest_round_trips() {
+        let entries = vec![dir("etc"), file("etc/a"), file("etc/b"), file("z")];
+        let m = roundtrip(entries.clone(), |_| {}).unwrap();
+        assert_eq!(m.entries, entries);
+        assert_eq!(m.version, 3);
+    }
+
+    #[test]
+    fn hostile_paths_are_rejected_with_the_path() {
+        for bad in [&b"../x"[..], b"/abs", b"a/../../x", b".", b"", b"a\0b", b"a//b"] {
+            let bad = bad.to_vec();
+            let err = roundtrip(vec![file("a")], |m| batch(m, 1)[0].path = bad.clone().into()).unwrap_err();
+            assert!(matches!(err, ManifestError::BadPath { .. }), "{:?}: {err}", String::from_utf8_lossy(&bad));
+        }
+    }
+
+    #[test]
+    fn duplicates_and_disorder_are_rejected() {
+        let err = roundtrip(vec![file("a"), file("b")], |m| batch(m, 1)[1].path = "a".into()).unwrap_err();
+        assert!(matches!(err, ManifestError::NotSorted { .. }), "{err}");
+        let err = roundtrip(vec![file("a"), file("b")], |m| batch(m, 1).reverse()).unwrap_err();
+        assert!(matches!(err, ManifestError::NotSorted { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_entry_beneath_a_symlink_is_rejected() {
+        // `evil -> /etc` followed by `evil/passwd`: the parent is not a directory.
+        let mut evil = file("evil");
+        evil.kind = Kind::Symlink;
+        evil.size = 0;
+        evil.hash = None;
+        evil.target = Some(b"/etc".to_vec());
+        let err = roundtrip(vec![evil, file("evil/passwd")], |_| {}).unwrap_err();
+        assert!(matches!(err, ManifestError::ParentNotDir { .. }), "{err}");
+        assert!(err.to_string().contains("evil/passwd"), "{err}");
+    }
+
+    #[test]
+    fn missing_parent_is_rejected() {
+        let err = roundtrip(vec![file("nodir/x")], |_| {}).unwrap_err();
+        assert!(matches!(err, ManifestError::ParentNotDir { .. }), "{err}");
+    }
+
+    #[test]
+    fn tampering_breaks_the_identity() {
+        let err = roundtrip(vec![file("a"), file("b")], |m| batch(m, 1)[1].mode = 0o4755).unwrap_err();
+        assert!(matches!(err, ManifestError::IdentityMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn more_or_fewer_entries_than_declared_are_rejected() {
+        let err = roundtrip(vec![file("a")], |m| batch(m, 1).push(entry_to_wire(&file("b")))).unwrap_err();
+        assert!(matches!(err, ManifestError::CountMismatch { .. }), "{err}");
+        let err = roundtrip(vec![file("a"), file("b")], |m| batch(m, 1).pop().map(|_| ()).unwrap()).unwrap_err();
+        assert!(matches!(err, ManifestError::CountMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn fields_must_fit_the_kind() {
+        let err = roundtrip(vec![file("a")], |m| batch(m, 1)[0].hash = vec![1u8; 31].into()).unwrap_err();
+        assert!(err.to_string().contains("32 bytes"), "{err}");
+        let err = roundtrip(vec![file("a")], |m| batch(m, 1)[0].kind = 99).unwrap_err();
+        assert!(err.to_string().contains("unknown kind"), "{err}");
+        let err = roundtrip(vec![file("a")], |m| batch(m, 1)[0].mode = 0o170644).unwrap_err();
+        assert!(err.to_string().contains("mode"), "{err}");
+        let err = roundtrip(vec![dir("d")], |m| batch(m, 1)[0].rdev = 5).unwrap_err();
+        assert!(err.to_string().contains("device number"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_before_the_header_is_rejected() {
+        let err = roundtrip(vec![file("a")], |m| m.swap(0, 1)).unwrap_err();
+        assert!(matches!(err, ManifestError::NoHeader), "{err}");
     }
 }

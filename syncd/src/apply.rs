@@ -216,6 +216,8 @@ impl Applier<'_> {
                 continue;
             }
             let exchange = c.op.old_entry().is_some_and(|o| o.entry.kind == Kind::Dir);
+            // Even a failed attempt creates and removes a temp name there.
+            self.touch_parent(&c.path);
             match self.stage(new, source) {
                 Ok((dir, temp)) => {
                     let hash = new.hash;
@@ -369,7 +371,6 @@ impl Applier<'_> {
             match self.commit(&s, &path) {
                 Ok(()) => {
                     self.out.done[s.index] = true;
-                    self.touch_parent(&path);
                     if let Some(h) = s.hash {
                         self.materialized.insert(h, Location::Committed(path));
                     }

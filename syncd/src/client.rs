@@ -3,6 +3,7 @@
 use std::io::{self, Write};
 use std::time::Duration;
 
+use exclusions::PatternList;
 use manifest::wire::ManifestAssembler;
 use manifest::{Hash, Manifest};
 use proto::v1 as pb;
@@ -41,19 +42,39 @@ impl Master {
         &self.url
     }
 
-    /// Receives and validates the whole manifest.
-    pub async fn manifest(&self, host_id: &str) -> Result<Manifest, SyncError> {
+    /// Receives and validates the whole manifest, and this host's exclusion lists from the
+    /// master's inventory.
+    pub async fn manifest(&self, host_id: &str) -> Result<(Manifest, Vec<PatternList>), SyncError> {
+        let mut stream = self.open_manifest(host_id).await?;
+        let mut asm = ManifestAssembler::default();
+        let mut lists = Vec::new();
+        while let Some(msg) = stream.message().await.map_err(|s| self.status_error(s))? {
+            if let Some(pb::manifest_message::Msg::Header(h)) = &msg.msg {
+                lists = lists_from_wire(&h.exclusions);
+            }
+            asm.push(msg).map_err(SyncError::BadManifest)?;
+        }
+        Ok((asm.finish().map_err(SyncError::BadManifest)?, lists))
+    }
+
+    /// Only this host's exclusion lists: reads the manifest header and hangs up.
+    pub async fn exclusion_lists(&self, host_id: &str) -> Result<Vec<PatternList>, SyncError> {
+        let mut stream = self.open_manifest(host_id).await?;
+        match stream.message().await.map_err(|s| self.status_error(s))? {
+            Some(pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Header(h)) }) => {
+                Ok(lists_from_wire(&h.exclusions))
+            }
+            _ => Err(SyncError::BadManifest(manifest::ManifestError::NoHeader)),
+        }
+    }
+
+    async fn open_manifest(&self, host_id: &str) -> Result<tonic::Streaming<pb::ManifestMessage>, SyncError> {
         let mut client = self.client.clone();
-        let mut stream = client
+        Ok(client
             .get_manifest(pb::ManifestRequest { host_id: host_id.to_owned() })
             .await
             .map_err(|s| self.status_error(s))?
-            .into_inner();
-        let mut asm = ManifestAssembler::default();
-        while let Some(msg) = stream.message().await.map_err(|s| self.status_error(s))? {
-            asm.push(msg).map_err(SyncError::BadManifest)?;
-        }
-        asm.finish().map_err(SyncError::BadManifest)
+            .into_inner())
     }
 
     fn status_error(&self, s: tonic::Status) -> SyncError {
@@ -97,6 +118,16 @@ impl Master {
         });
         ObjectStream { rx, broken: None, wire_bytes: 0, objects: 0, bytes: 0 }
     }
+}
+
+fn lists_from_wire(lists: &[pb::ExclusionList]) -> Vec<PatternList> {
+    lists
+        .iter()
+        .map(|l| PatternList {
+            source: format!("master: {}", l.source),
+            patterns: l.patterns.iter().map(|p| (p.line as usize, p.text.clone())).collect(),
+        })
+        .collect()
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use exclusions::Exclusions;
 use manifest::scan::{self, ScanError};
 use manifest::{Kind, Manifest, RelPath};
 
@@ -14,8 +15,10 @@ use crate::plan::HostTree;
 
 /// Scans `root` for comparison with `manifest`. Errors below the root are returned alongside
 /// the tree; the plan fences off what they make unknown.
-pub fn scan(root: &Path, manifest: &Manifest) -> Result<(HostTree, Vec<ScanError>), ScanError> {
-    let mut s = scan::walk(root)?;
+pub fn scan(root: &Path, manifest: &Manifest, rules: &Exclusions) -> Result<(HostTree, Vec<ScanError>), ScanError> {
+    // Excluded paths are never read: not stat'ed beyond the directory listing, never hashed,
+    // never descended into.
+    let mut s = scan::walk_filtered(root, |p, is_dir| rules.matches_self(p, is_dir).is_excluded())?;
     let mut errors = std::mem::take(&mut s.errors);
     let unreadable: Vec<RelPath> = errors
         .iter()
@@ -42,5 +45,5 @@ pub fn scan(root: &Path, manifest: &Manifest) -> Result<(HostTree, Vec<ScanError
     }
     // Files that changed while hashed simply stay unhashed: the plan replaces them.
     errors.retain(|e| !matches!(e, ScanError::Changed { .. }));
-    Ok((HostTree { root: s.root, entries: s.entries, unreadable }, errors))
+    Ok((HostTree { root: s.root, entries: s.entries, unreadable, excluded: s.excluded }, errors))
 }

@@ -5,6 +5,8 @@
 
 pub mod apply;
 pub mod client;
+pub mod config;
+pub mod drift;
 pub mod fsops;
 pub mod host;
 pub mod plan;
@@ -13,6 +15,7 @@ pub mod root;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use exclusions::{Exclusions, PatternList};
 use manifest::{Hash, Manifest};
 
 use crate::apply::{Failure, Outcome};
@@ -67,11 +70,34 @@ pub struct SyncOptions {
     pub root: PathBuf,
     pub host_id: String,
     pub dry_run: bool,
+    /// Local exclusion files, applied after (and so overriding) the master's lists.
+    pub exclude_from: Vec<PathBuf>,
+}
+
+/// Reads and checks the local exclusion files. A broken list is a configuration error:
+/// syncd refuses to run rather than guess.
+pub fn load_local_lists(paths: &[PathBuf]) -> Result<Vec<PatternList>, SyncError> {
+    let lists = paths
+        .iter()
+        .map(|p| PatternList::read(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SyncError::Config(e.to_string()))?;
+    for l in &lists {
+        Exclusions::compile([l]).map_err(|e| SyncError::Config(e.to_string()))?;
+    }
+    Ok(lists)
+}
+
+/// The effective rules: the master's lists for this host, then the local files.
+pub fn compile_rules(master: &[PatternList], local: &[PatternList]) -> Result<Exclusions, SyncError> {
+    Exclusions::compile(master.iter().chain(local)).map_err(|e| SyncError::Config(e.to_string()))
 }
 
 /// The result of one pass.
 #[derive(Debug)]
 pub struct PassReport {
+    pub host_id: String,
+    pub root: PathBuf,
     pub image_version: u64,
     pub identity: Hash,
     pub plan: Plan,
@@ -119,18 +145,20 @@ impl PassReport {
         let fails = self.failures().count();
         match &self.outcome {
             None => format!(
-                "dry run against image v{} ({}): would create {c}, update {u}, delete {d}; would fetch {} objects ({}); {} skipped; changed nothing",
+                "dry run against image v{} ({}): would create {c}, update {u}, delete {d}; would fetch {} objects ({}); {} excluded, {} skipped; changed nothing",
                 self.image_version,
                 &self.identity.to_hex()[..16],
                 self.plan.fetch.len(),
                 mib(self.plan.fetch_bytes()),
+                self.plan.excluded,
                 self.plan.skipped.len(),
             ),
             Some(o) => format!(
-                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed; fetched {} objects, {} ({} on the wire); copied {} locally ({}); {:.2}s",
+                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed, {} excluded; fetched {} objects, {} ({} on the wire); copied {} locally ({}); {:.2}s",
                 if fails == 0 { "converged to" } else { "partly applied" },
                 self.image_version,
                 &self.identity.to_hex()[..16],
+                self.plan.excluded,
                 o.stats.fetched_objects,
                 mib(o.stats.fetched_bytes),
                 mib(o.stats.wire_bytes),
@@ -170,31 +198,35 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     if !root_md.is_dir() {
         return Err(SyncError::Config(format!("root {} is not a directory", opts.root.display())));
     }
+    let local = load_local_lists(&opts.exclude_from)?;
     let master = client::Master::connect(&opts.master).await?;
-    let manifest = master.manifest(&opts.host_id).await?;
+    let (manifest, master_lists) = master.manifest(&opts.host_id).await?;
+    let rules = compile_rules(&master_lists, &local)?;
     let identity = manifest.identity();
-    tracing::info!(version = manifest.version, entries = manifest.entries.len(), identity = %identity, "manifest received");
+    tracing::info!(version = manifest.version, entries = manifest.entries.len(), identity = %identity, rules = rules.rules().len(), "manifest received");
 
     let root = opts.root.clone();
-    let (manifest, host, scan_errors) = tokio::task::spawn_blocking(move || {
-        let r = host::scan(&root, &manifest);
-        (manifest, r)
+    let (manifest, rules, host, scan_errors) = tokio::task::spawn_blocking(move || {
+        let r = host::scan(&root, &manifest, &rules);
+        (manifest, rules, r)
     })
     .await
-    .map(|(m, r)| r.map(|(h, e)| (m, h, e)))
+    .map(|(m, x, r)| r.map(|(h, e)| (m, x, h, e)))
     .map_err(|e| SyncError::Internal(e.to_string()))?
     .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
 
-    let plan = Plan::compute(&manifest, &host);
+    let plan = Plan::compute(&manifest, &host, &rules);
     drop(host);
     let mut scan_failures: Vec<Failure> =
         scan_errors.iter().map(|e| Failure { path: e.path().display().to_string(), error: e.to_string() }).collect();
     for s in &plan.skipped {
-        if !matches!(s.reason, plan::SkipReason::MountPoint | plan::SkipReason::BeneathMountPoint(_)) {
+        if s.reason.is_failure() {
             scan_failures.push(Failure { path: s.path.to_string(), error: format!("left alone: {}", s.reason) });
         }
     }
     let mut report = PassReport {
+        host_id: opts.host_id.clone(),
+        root: opts.root.clone(),
         image_version: manifest.version,
         identity,
         plan,

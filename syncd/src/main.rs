@@ -1,10 +1,12 @@
 //! `syncd`: command line over the library.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use syncd::{exit, SyncOptions};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use syncd::config::Config;
+use syncd::{drift, exit, SyncError, SyncOptions};
 
 #[derive(Parser)]
 #[command(name = "syncd", version, about = "Converge this host's root to the golden image")]
@@ -13,26 +15,94 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Flags every command shares; each can also come from the config file.
+#[derive(Args, Clone)]
+struct Common {
+    /// Configuration file (TOML); flags override its keys.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// URL of syncmaster, e.g. http://10.0.0.1:7411 [config: master].
+    #[arg(long, value_name = "URL")]
+    master: Option<String>,
+    /// Root to converge [config: root; default: /].
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Name this host gives the master [config: host_id; default: the hostname].
+    #[arg(long, value_name = "NAME")]
+    host_id: Option<String>,
+    /// Local exclusion file (repeatable); applied after the config's files and the master's lists.
+    #[arg(long = "exclude-from", value_name = "FILE")]
+    exclude_from: Vec<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one convergence pass and exit.
     Sync {
-        /// URL of syncmaster, e.g. http://10.0.0.1:7411.
-        #[arg(long, value_name = "URL")]
-        master: String,
-        /// Root to converge.
-        #[arg(long, value_name = "DIR", default_value = "/")]
-        root: PathBuf,
+        #[command(flatten)]
+        common: Common,
         /// Print what would change, itemized like `rsync -i`, and change nothing.
         #[arg(long, short = 'n')]
         dry_run: bool,
-        /// Name this host gives the master (default: the hostname).
-        #[arg(long, value_name = "NAME")]
-        host_id: Option<String>,
         /// Do not print the itemized lines, only the summary.
         #[arg(long, short = 'q')]
         quiet: bool,
     },
+    /// Report how this host differs from the image, changing nothing. Exit code: bitmask of
+    /// 1 extra, 2 missing, 4 changed, 8 incomplete; 16 or more: no report could be made.
+    Drift {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Say for each PATH whether it is excluded, and by which rule (source, line, pattern).
+    Explain {
+        #[command(flatten)]
+        common: Common,
+        /// Paths as on the host, e.g. /etc/hostname (a trailing / means a directory).
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+struct Resolved {
+    master: Option<String>,
+    root: PathBuf,
+    host_id: String,
+    exclude_from: Vec<PathBuf>,
+}
+
+impl Common {
+    fn resolve(self) -> Result<Resolved, SyncError> {
+        let cfg = match &self.config {
+            Some(p) => Config::load(p).map_err(SyncError::Config)?,
+            None => Config::default(),
+        };
+        let mut exclude_from = cfg.exclude_from;
+        exclude_from.extend(self.exclude_from);
+        Ok(Resolved {
+            master: self.master.or(cfg.master),
+            root: self.root.or(cfg.root).unwrap_or_else(|| PathBuf::from("/")),
+            host_id: self.host_id.or(cfg.host_id).unwrap_or_else(default_host_id),
+            exclude_from,
+        })
+    }
+}
+
+impl Resolved {
+    fn sync_options(self, dry_run: bool) -> Result<SyncOptions, SyncError> {
+        let master = self.master.ok_or_else(|| {
+            SyncError::Config("no master given (hint: pass --master URL or set master in the config file)".into())
+        })?;
+        Ok(SyncOptions { master, root: self.root, host_id: self.host_id, dry_run, exclude_from: self.exclude_from })
+    }
 }
 
 fn main() -> ExitCode {
@@ -44,22 +114,32 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // drift reserves 0-15 for its bitmask: its usage errors are 16.
+            let is_drift = std::env::args().nth(1).as_deref() == Some("drift");
+            return ExitCode::from(match e.exit_code() {
+                0 => 0,
+                _ if is_drift => drift::code::CONFIG,
+                _ => exit::USAGE,
+            });
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("syncd: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::PARTIAL);
+        }
+    };
     match cli.cmd {
-        Cmd::Sync { master, root, dry_run, host_id, quiet } => {
-            let host_id = host_id.unwrap_or_else(default_host_id);
-            let opts = SyncOptions { master, root, host_id, dry_run };
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("syncd: cannot start the async runtime: {e}");
-                    return ExitCode::from(exit::PARTIAL);
-                }
-            };
-            match rt.block_on(syncd::sync_once(&opts)) {
-                Ok(report) => {
+        Cmd::Sync { common, dry_run, quiet } => {
+            let report = common.resolve().and_then(|r| r.sync_options(dry_run));
+            match report.map(|opts| rt.block_on(syncd::sync_once(&opts))) {
+                Ok(Ok(report)) => {
                     if !quiet {
-                        use std::io::Write;
                         let mut out = std::io::stdout().lock();
                         for l in report.lines() {
                             let _ = writeln!(out, "{l}");
@@ -71,13 +151,73 @@ fn main() -> ExitCode {
                     eprintln!("syncd: {}", report.summary());
                     ExitCode::from(report.exit_code())
                 }
-                Err(e) => {
+                Ok(Err(e)) | Err(e) => {
                     eprintln!("syncd: {e}");
                     ExitCode::from(e.exit_code())
                 }
             }
         }
+        Cmd::Drift { common, format } => {
+            let report = common.resolve().and_then(|r| r.sync_options(true));
+            match report.map(|opts| rt.block_on(syncd::sync_once(&opts))) {
+                Ok(Ok(report)) => {
+                    let incomplete = report.failures().next().is_some();
+                    for f in report.failures() {
+                        eprintln!("syncd: error: {}: {}", f.path, f.error);
+                    }
+                    let d = drift::Report::new(&report);
+                    let text = match format {
+                        Format::Text => d.text(incomplete),
+                        Format::Json => d.json() + "\n",
+                    };
+                    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                    ExitCode::from(d.exit_code(incomplete))
+                }
+                Ok(Err(e)) | Err(e) => {
+                    eprintln!("syncd: {e}");
+                    ExitCode::from(drift::error_code(&e))
+                }
+            }
+        }
+        Cmd::Explain { common, paths } => match rt.block_on(explain(common, &paths)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("syncd: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
     }
+}
+
+async fn explain(common: Common, paths: &[String]) -> Result<(), SyncError> {
+    let r = common.resolve()?;
+    let local = syncd::load_local_lists(&r.exclude_from)?;
+    let from_master = match &r.master {
+        Some(url) => syncd::client::Master::connect(url).await?.exclusion_lists(&r.host_id).await?,
+        None => Vec::new(),
+    };
+    let rules = syncd::compile_rules(&from_master, &local)?;
+    let mut root = syncd::root::RootDir::open(&r.root).ok();
+    let mut out = std::io::stdout().lock();
+    for arg in paths {
+        let trimmed = arg.trim_start_matches('/');
+        let dir_hint = trimmed.ends_with('/');
+        let rel = manifest::RelPath::new(trimmed.trim_end_matches('/'))
+            .map_err(|e| SyncError::Config(format!("cannot explain {arg:?}: {e}")))?;
+        // Whether it is a directory decides directory-only rules: ask the host, safely.
+        let is_dir = dir_hint
+            || root.as_mut().is_some_and(|root| {
+                root.parent(&rel).is_ok_and(|(dir, name)| {
+                    rustix::fs::statat(&*dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| manifest::Kind::from_mode(st.st_mode) == Some(manifest::Kind::Dir))
+                })
+            });
+        let _ = writeln!(out, "/{rel}: {}", rules.explain(&rel, is_dir));
+    }
+    if rules.is_empty() {
+        eprintln!("syncd: note: no exclusion rules are in effect (no --exclude-from, config files or master lists)");
+    }
+    Ok(())
 }
 
 fn default_host_id() -> String {

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
+use exclusions::Exclusions;
 use manifest::scan::ScannedEntry;
 use manifest::{Entry, Hash, Kind, Manifest, Meta, RelPath};
 
@@ -97,6 +98,16 @@ pub enum SkipReason {
     BeneathMountPoint(RelPath),
     /// Beneath a host directory that could not be read; its true state is unknown.
     Unreadable(RelPath),
+    /// Removing or replacing it would remove this excluded host path with it.
+    HoldsExcluded(RelPath),
+}
+
+impl SkipReason {
+    /// Whether this skip leaves the host short of the image in a way the operator must fix
+    /// (as opposed to a mount point or an exclusion doing its job).
+    pub fn is_failure(&self) -> bool {
+        matches!(self, SkipReason::Unreadable(_))
+    }
 }
 
 impl fmt::Display for SkipReason {
@@ -106,6 +117,7 @@ impl fmt::Display for SkipReason {
                 f.write_str("a filesystem is mounted here on the host; syncd never crosses mount points")
             }
             SkipReason::BeneathMountPoint(p) => write!(f, "beneath {p}, where a filesystem is mounted on the host"),
+            SkipReason::HoldsExcluded(p) => write!(f, "it holds excluded path /{p}, which must not be removed"),
             SkipReason::Unreadable(p) => write!(f, "host directory {p} could not be read, so its contents are unknown"),
         }
     }
@@ -119,6 +131,8 @@ pub struct HostTree {
     pub entries: Vec<ScannedEntry>,
     /// Directories whose listing failed.
     pub unreadable: Vec<RelPath>,
+    /// Paths the exclusions kept the scan from reading, with whether each is a directory.
+    pub excluded: Vec<(RelPath, bool)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -131,10 +145,13 @@ pub struct Plan {
     pub skipped: Vec<Skip>,
     /// Distinct objects to download, in the order the apply first needs them.
     pub fetch: Vec<(Hash, u64)>,
+    /// Paths of the image or the host left alone because an exclusion rule covers them (the
+    /// contents of an excluded host directory are never read, so it counts once).
+    pub excluded: usize,
 }
 
 impl Plan {
-    pub fn compute(manifest: &Manifest, host: &HostTree) -> Plan {
+    pub fn compute(manifest: &Manifest, host: &HostTree, rules: &Exclusions) -> Plan {
         let mut plan = Plan { image_version: manifest.version, ..Plan::default() };
         let root_diff = Diff::of_meta(&host.root, &manifest.root);
         if root_diff.any() {
@@ -165,6 +182,13 @@ impl Plan {
             })
         };
 
+        // Exclusions: decided top-down in path order, so an excluded directory's whole subtree
+        // follows it. A path counts as a directory if it is one on either side, so a
+        // directory-only rule protects a host directory the image would turn into a file.
+        let host_excluded: HashMap<&RelPath, bool> = host.excluded.iter().map(|(p, d)| (p, *d)).collect();
+        let mut excluded_dirs: Vec<RelPath> = Vec::new();
+        let mut excluded: HashSet<RelPath> = host.excluded.iter().map(|(p, _)| p.clone()).collect();
+
         // Leaders whose inode is replaced: their members must be linked again.
         let mut fresh_leaders: HashSet<u64> = HashSet::new();
         let mut mi = manifest.entries.iter().peekable();
@@ -178,6 +202,19 @@ impl Plan {
                 _ => (None, hi.next()),
             };
             let path = new.map(|n| &n.path).or(old.map(|o| &o.entry.path)).expect("one side is present").clone();
+            let is_dir = new.is_some_and(|n| n.kind == Kind::Dir)
+                || old.is_some_and(|o| o.entry.kind == Kind::Dir)
+                || host_excluded.get(&path) == Some(&true);
+            if host_excluded.contains_key(&path)
+                || excluded_dirs.iter().any(|d| path.is_within(d))
+                || rules.matches_self(&path, is_dir).is_excluded()
+            {
+                if is_dir {
+                    excluded_dirs.push(path.clone());
+                }
+                excluded.insert(path);
+                continue;
+            }
             if let Some(reason) = fence(&path) {
                 plan.skipped.push(Skip { path, reason });
                 continue;
@@ -223,6 +260,27 @@ impl Plan {
                 }
             }
             plan.changes.push(Change { path, op });
+        }
+
+        plan.excluded = excluded.len();
+
+        // Never remove a host directory that holds an excluded path: the rmdir or the swap that
+        // replaces it would take the excluded path with it.
+        if !host.excluded.is_empty() {
+            let (keep, held): (Vec<Change>, Vec<Change>) =
+                std::mem::take(&mut plan.changes).into_iter().partition(|c| {
+                    let removes_dir = match &c.op {
+                        Op::Delete { old } | Op::Replace { old, .. } => old.entry.kind == Kind::Dir,
+                        _ => false,
+                    };
+                    !(removes_dir && host.excluded.iter().any(|(x, _)| x.is_within(&c.path)))
+                });
+            plan.changes = keep;
+            for c in held {
+                let x =
+                    host.excluded.iter().find(|(x, _)| x.is_within(&c.path)).expect("partitioned on this").0.clone();
+                plan.skipped.push(Skip { path: c.path, reason: SkipReason::HoldsExcluded(x) });
+            }
         }
 
         let mut seen = HashSet::new();
@@ -480,8 +538,9 @@ mod tests {
                 host(entry("link", Kind::Dir, b""), 5),
             ],
             unreadable: vec![],
+            excluded: vec![],
         };
-        let plan = Plan::compute(&m, &host_tree);
+        let plan = Plan::compute(&m, &host_tree, &Exclusions::default());
         assert_eq!(
             lines(&plan),
             [
@@ -503,8 +562,9 @@ mod tests {
             root: Meta::default(),
             entries: vec![host(entry("a", Kind::File, b"x"), 1)],
             unreadable: vec![],
+            excluded: vec![],
         };
-        assert!(Plan::compute(&m, &h).is_empty());
+        assert!(Plan::compute(&m, &h, &Exclusions::default()).is_empty());
     }
 
     #[test]
@@ -514,8 +574,9 @@ mod tests {
             root: Meta::default(),
             entries: vec![host(entry("a", Kind::File, b"payload"), 1)],
             unreadable: vec![],
+            excluded: vec![],
         };
-        let plan = Plan::compute(&m, &h);
+        let plan = Plan::compute(&m, &h, &Exclusions::default());
         assert!(plan.fetch.is_empty());
         assert!(matches!(plan.changes[1].op.source(), Some(Source::Local(p, _)) if p.to_string() == "a"));
         assert_eq!(lines(&plan), ["*deleting   a", ">f+++++++++ b"]);
@@ -529,7 +590,11 @@ mod tests {
         let mut p = host(entry("proc", Kind::Dir, b""), 1);
         p.mount_point = true;
         p.entry.meta.mode = 0o555;
-        let plan = Plan::compute(&m, &HostTree { root: Meta::default(), entries: vec![p], unreadable: vec![] });
+        let plan = Plan::compute(
+            &m,
+            &HostTree { root: Meta::default(), entries: vec![p], ..HostTree::default() },
+            &Exclusions::default(),
+        );
         assert!(plan.changes.is_empty(), "{:?}", lines(&plan));
         assert_eq!(plan.skipped.len(), 2);
     }
@@ -545,7 +610,93 @@ mod tests {
         ha.nlink = 2;
         let mut hb = host(entry("b", Kind::File, b"v1"), 9);
         hb.nlink = 2;
-        let plan = Plan::compute(&m, &HostTree { root: Meta::default(), entries: vec![ha, hb], unreadable: vec![] });
+        let plan = Plan::compute(
+            &m,
+            &HostTree { root: Meta::default(), entries: vec![ha, hb], ..HostTree::default() },
+            &Exclusions::default(),
+        );
         assert_eq!(lines(&plan), [">fc........ a", "hfc........ b => a"]);
+    }
+}
+
+#[cfg(test)]
+mod exclusion_tests {
+    use super::*;
+    use exclusions::PatternList;
+
+    fn e(path: &str, kind: Kind, content: &[u8]) -> Entry {
+        Entry {
+            path: RelPath::new(path).unwrap(),
+            kind,
+            meta: Meta::default(),
+            size: if kind == Kind::File { content.len() as u64 } else { 0 },
+            hash: (kind == Kind::File).then(|| Hash::of(content)),
+            target: None,
+            rdev: 0,
+            link_group: 0,
+        }
+    }
+
+    fn h(entry: Entry) -> ScannedEntry {
+        ScannedEntry { entry, dev: 1, ino: 1, nlink: 1, ctime_ns: 0, mount_point: false }
+    }
+
+    fn rules(text: &str) -> Exclusions {
+        Exclusions::compile([&PatternList::parse("local", text)]).unwrap()
+    }
+
+    #[test]
+    fn excluded_paths_are_never_created_changed_or_deleted_only_counted() {
+        let m = Manifest::new(
+            1,
+            Meta::default(),
+            vec![e("etc", Kind::Dir, b""), e("etc/hostname", Kind::File, b"golden"), e("etc/new", Kind::File, b"n")],
+        )
+        .unwrap();
+        let host = HostTree {
+            entries: vec![
+                h(e("etc", Kind::Dir, b"")),
+                h(e("etc/hostname", Kind::File, b"mine")),
+                h(e("etc/local", Kind::File, b"x")),
+            ],
+            ..HostTree::default()
+        };
+        let plan = Plan::compute(&m, &host, &rules("/etc/hostname\n/etc/local\n/etc/new\n"));
+        assert!(plan.changes.is_empty(), "{:?}", plan.changes);
+        assert_eq!(plan.excluded, 3);
+    }
+
+    #[test]
+    fn an_excluded_directory_covers_its_whole_subtree_on_both_sides() {
+        let m = Manifest::new(1, Meta::default(), vec![e("ssh", Kind::Dir, b""), e("ssh/key", Kind::File, b"golden")])
+            .unwrap();
+        // The host scan never entered ssh/: it only knows it is there and excluded.
+        let host = HostTree { excluded: vec![(RelPath::new("ssh").unwrap(), true)], ..HostTree::default() };
+        let plan = Plan::compute(&m, &host, &rules("/ssh/\n"));
+        assert!(plan.changes.is_empty(), "{:?}", plan.changes);
+        assert_eq!(plan.excluded, 2);
+    }
+
+    #[test]
+    fn a_directory_only_rule_protects_a_host_directory_the_image_makes_a_file() {
+        let m = Manifest::new(1, Meta::default(), vec![e("cache", Kind::File, b"f")]).unwrap();
+        let host = HostTree { excluded: vec![(RelPath::new("cache").unwrap(), true)], ..HostTree::default() };
+        let plan = Plan::compute(&m, &host, &rules("cache/\n"));
+        assert!(plan.changes.is_empty(), "{:?}", plan.changes);
+    }
+
+    #[test]
+    fn a_host_directory_holding_an_excluded_path_is_not_removed() {
+        let m = Manifest::new(1, Meta::default(), vec![]).unwrap();
+        let host = HostTree {
+            entries: vec![h(e("srv", Kind::Dir, b"")), h(e("srv/junk", Kind::File, b"j"))],
+            excluded: vec![(RelPath::new("srv/keep").unwrap(), false)],
+            ..HostTree::default()
+        };
+        let plan = Plan::compute(&m, &host, &rules("/srv/keep\n"));
+        let lines: Vec<String> = plan.changes.iter().map(|c| c.itemize()).collect();
+        assert_eq!(lines, ["*deleting   srv/junk"]);
+        assert_eq!(plan.skipped.len(), 1);
+        assert_eq!(plan.skipped[0].reason, SkipReason::HoldsExcluded(RelPath::new("srv/keep").unwrap()));
     }
 }

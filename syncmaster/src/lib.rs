@@ -4,6 +4,8 @@
 //! blake3 hash, zstd-compressed on the wire. Both are fed by a producer through a bounded
 //! channel, so a slow host costs memory of a few chunks, never of the image.
 
+pub mod inventory;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -49,12 +51,13 @@ impl Image {
 #[derive(Clone)]
 pub struct Service {
     image: Arc<Image>,
+    inventory: Arc<inventory::Inventory>,
     zstd_level: i32,
 }
 
 impl Service {
-    pub fn new(image: Arc<Image>, zstd_level: i32) -> Service {
-        Service { image, zstd_level }
+    pub fn new(image: Arc<Image>, inventory: Arc<inventory::Inventory>, zstd_level: i32) -> Service {
+        Service { image, inventory, zstd_level }
     }
 
     pub fn into_server(self) -> ImageSyncServer<Service> {
@@ -78,9 +81,27 @@ impl ImageSync for Service {
         let host = req.into_inner().host_id;
         let image = self.image.clone();
         tracing::info!(host = %host, version = image.manifest.version, entries = image.manifest.entries.len(), "manifest requested");
+        // Only this host's own inventory entry travels with its manifest.
+        let lists: Vec<pb::ExclusionList> = self
+            .inventory
+            .lists_for(&host)
+            .iter()
+            .map(|l| pb::ExclusionList {
+                source: l.source.clone(),
+                patterns: l
+                    .patterns
+                    .iter()
+                    .map(|(line, text)| pb::Pattern { text: text.clone(), line: *line as u32 })
+                    .collect(),
+            })
+            .collect();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            for msg in manifest::wire::manifest_messages(&image.manifest, proto::MANIFEST_BATCH) {
+            let mut lists = Some(lists);
+            for mut msg in manifest::wire::manifest_messages(&image.manifest, proto::MANIFEST_BATCH) {
+                if let Some(pb::manifest_message::Msg::Header(h)) = &mut msg.msg {
+                    h.exclusions = lists.take().unwrap_or_default();
+                }
                 // A failed send means the host went away: stop encoding.
                 if tx.send(Ok(msg)).await.is_err() {
                     break;
@@ -227,6 +248,7 @@ impl<R: Read> Read for HashingReader<R> {
 /// Binds `listen`, prints the bound address, and serves `image` until `shutdown` resolves.
 pub async fn serve(
     image: Arc<Image>,
+    inventory: Arc<inventory::Inventory>,
     listen: SocketAddr,
     zstd_level: i32,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -236,7 +258,7 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     on_ready(addr);
     tonic::transport::Server::builder()
-        .add_service(Service::new(image, zstd_level).into_server())
+        .add_service(Service::new(image, inventory, zstd_level).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

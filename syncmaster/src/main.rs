@@ -27,6 +27,9 @@ enum Cmd {
         /// Version number announced for this image.
         #[arg(long, value_name = "N", default_value_t = 1)]
         image_version: u64,
+        /// Host inventory (TOML): groups and hosts with their exclusion lists.
+        #[arg(long, value_name = "FILE")]
+        hosts: Option<PathBuf>,
         /// zstd level for objects on the wire (1-22).
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
         zstd_level: i32,
@@ -44,7 +47,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve { image, listen, image_version, zstd_level } => {
+        Cmd::Serve { image, listen, image_version, zstd_level, hosts } => {
             if !image.is_dir() {
                 eprintln!(
                     "syncmaster: image {} is not a directory (hint: pass the top of a root tree)",
@@ -52,8 +55,16 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
+            // Validate configuration before scanning or opening a port.
+            let inventory = match hosts.as_deref().map(syncmaster::inventory::Inventory::load).transpose() {
+                Ok(inv) => inv.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("syncmaster: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let rt = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
-            match rt.block_on(serve(image, listen, image_version, zstd_level)) {
+            match rt.block_on(serve(image, Arc::new(inventory), listen, image_version, zstd_level)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("syncmaster: {e:#}");
@@ -64,7 +75,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(image: PathBuf, listen: SocketAddr, version: u64, zstd_level: i32) -> anyhow::Result<()> {
+async fn serve(
+    image: PathBuf,
+    inventory: Arc<syncmaster::inventory::Inventory>,
+    listen: SocketAddr,
+    version: u64,
+    zstd_level: i32,
+) -> anyhow::Result<()> {
     // Install the handlers before anything else, so a signal sent right after the ready line
     // is a clean shutdown rather than the default kill.
     let shutdown = shutdown_signal()?;
@@ -82,7 +99,7 @@ async fn serve(image: PathBuf, listen: SocketAddr, version: u64, zstd_level: i32
         secs = started.elapsed().as_secs_f64(),
         "image scanned"
     );
-    syncmaster::serve(Arc::new(scanned), listen, zstd_level, shutdown, |addr| {
+    syncmaster::serve(Arc::new(scanned), inventory, listen, zstd_level, shutdown, |addr| {
         // A stable, parseable line for scripts and tests; logs go to stderr.
         println!("listening on {addr}");
         use std::io::Write;

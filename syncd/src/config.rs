@@ -1,0 +1,34 @@
+//! The syncd configuration file (`--config FILE`, TOML). Every key can also be given as a flag;
+//! a flag wins over the file.
+//!
+//! ```toml
+//! master = "http://master.example:7411"
+//! root = "/"
+//! host_id = "web01"
+//! exclude_from = ["/etc/syncd/exclude"]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// syncmaster's URL.
+    pub master: Option<String>,
+    /// The root to converge.
+    pub root: Option<PathBuf>,
+    /// The name this host gives the master (default: the hostname).
+    pub host_id: Option<String>,
+    /// Local exclusion files, in order; they override the master's lists.
+    #[serde(default)]
+    pub exclude_from: Vec<PathBuf>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config {} is not valid: {e}", path.display()))
+    }
+}

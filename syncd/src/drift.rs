@@ -1,0 +1,170 @@
+//! Drift reports: the dry-run Plan rendered for operators and scripts.
+//!
+//! `syncd drift` computes exactly the Plan `syncd sync` would execute and renders it, so a
+//! report and a real run cannot disagree. Exit codes form a bitmask, like AIDE's.
+
+use serde::Serialize;
+
+use crate::plan::{Diff, Op};
+use crate::{PassReport, SyncError};
+
+/// Exit-code bits and error codes of `syncd drift`.
+pub mod code {
+    /// Paths on the host that the image does not have.
+    pub const EXTRA: u8 = 1;
+    /// Paths of the image missing from the host.
+    pub const MISSING: u8 = 2;
+    /// Paths on both sides that differ.
+    pub const CHANGED: u8 = 4;
+    /// Some host paths could not be read: the report is incomplete.
+    pub const INCOMPLETE: u8 = 8;
+    /// No report: usage or configuration error.
+    pub const CONFIG: u8 = 16;
+    /// No report: the master is unreachable.
+    pub const UNREACHABLE: u8 = 17;
+    /// No report: the master sent an invalid manifest.
+    pub const BAD_MANIFEST: u8 = 18;
+    /// No report: an internal error.
+    pub const INTERNAL: u8 = 19;
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub image_version: u64,
+    pub host_id: String,
+    pub root: String,
+    pub summary: Summary,
+    pub entries: Vec<DriftEntry>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub extra: usize,
+    pub missing: usize,
+    pub changed: usize,
+    pub excluded: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DriftEntry {
+    /// Rooted path, e.g. `/etc/ssh/sshd_config`.
+    pub path: String,
+    /// `extra`, `missing` or `changed`.
+    pub status: &'static str,
+    /// For `changed`: what differs, from `content`, `mode`, `owner`, `group`, `mtime`, `xattr`,
+    /// `type`, `target`, `link`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub what: Vec<&'static str>,
+    /// The same change, itemized like `rsync -i`.
+    #[serde(skip)]
+    pub line: String,
+}
+
+fn what(d: &Diff) -> Vec<&'static str> {
+    let mut w = Vec::new();
+    let mut push = |b: bool, s| {
+        if b {
+            w.push(s)
+        }
+    };
+    push(d.content || d.size || d.rdev, "content");
+    push(d.perms, "mode");
+    push(d.owner, "owner");
+    push(d.group, "group");
+    push(d.mtime, "mtime");
+    push(d.xattrs, "xattr");
+    push(d.target, "target");
+    push(d.link, "link");
+    w
+}
+
+impl Report {
+    pub fn new(r: &PassReport) -> Report {
+        let mut entries = Vec::new();
+        if let (Some((_, _, d)), Some(line)) = (&r.plan.root, r.plan.root_line()) {
+            entries.push(DriftEntry { path: "/".into(), status: "changed", what: what(d), line });
+        }
+        for c in &r.plan.changes {
+            let (status, what) = match &c.op {
+                Op::Create { .. } => ("missing", vec![]),
+                Op::Delete { .. } => ("extra", vec![]),
+                Op::Replace { .. } => ("changed", vec!["type"]),
+                Op::Update { diff, .. } => ("changed", what(diff)),
+            };
+            entries.push(DriftEntry { path: format!("/{}", c.path), status, what, line: c.itemize() });
+        }
+        let count = |s: &str| entries.iter().filter(|e| e.status == s).count();
+        let summary = Summary {
+            extra: count("extra"),
+            missing: count("missing"),
+            changed: count("changed"),
+            excluded: r.plan.excluded,
+        };
+        Report {
+            image_version: r.image_version,
+            host_id: r.host_id.clone(),
+            root: r.root.display().to_string(),
+            summary,
+            entries,
+        }
+    }
+
+    /// One line per path, itemized like `rsync -i` and followed by what differs in words;
+    /// then a summary line.
+    pub fn text(&self, incomplete: bool) -> String {
+        let mut out = String::new();
+        for e in &self.entries {
+            let words = match (e.status, e.what.as_slice()) {
+                ("changed", ["mtime"]) => "mtime only".to_owned(),
+                ("changed", w) => w.join(", "),
+                (s, _) => s.to_owned(),
+            };
+            out.push_str(&format!("{}  ({words})\n", e.line));
+        }
+        let s = &self.summary;
+        out.push_str(&format!(
+            "drift from image v{} on {}: {} extra, {} missing, {} changed, {} excluded{}\n",
+            self.image_version,
+            self.host_id,
+            s.extra,
+            s.missing,
+            s.changed,
+            s.excluded,
+            if incomplete { "; INCOMPLETE: some host paths could not be read" } else { "" }
+        ));
+        out
+    }
+
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a drift report always serializes")
+    }
+
+    /// The bitmask: 1 extra, 2 missing, 4 changed, 8 incomplete.
+    pub fn exit_code(&self, incomplete: bool) -> u8 {
+        let s = &self.summary;
+        let mut c = 0;
+        if s.extra > 0 {
+            c |= code::EXTRA;
+        }
+        if s.missing > 0 {
+            c |= code::MISSING;
+        }
+        if s.changed > 0 {
+            c |= code::CHANGED;
+        }
+        if incomplete {
+            c |= code::INCOMPLETE;
+        }
+        c
+    }
+}
+
+/// The drift exit code for a pass that could not produce a report: always 16 or more.
+pub fn error_code(e: &SyncError) -> u8 {
+    match e {
+        SyncError::Config(_) | SyncError::Scan { .. } => code::CONFIG,
+        SyncError::Unreachable { .. } => code::UNREACHABLE,
+        SyncError::BadManifest(_) => code::BAD_MANIFEST,
+        SyncError::Internal(_) => code::INTERNAL,
+    }
+}
