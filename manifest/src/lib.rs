@@ -15,7 +15,7 @@ pub mod xattr;
 use std::collections::HashMap;
 
 pub use entry::{Entry, Hash, Kind, Meta, Xattr, PERM_MASK};
-pub use path::{PathError, RelPath, MAX_NAME, MAX_PATH};
+pub use path::{escape_bytes, PathError, RelPath, MAX_NAME, MAX_PATH};
 
 /// A golden image: its version, the metadata of its top directory, and every entry beneath it,
 /// sorted by path with no duplicates.

@@ -122,9 +122,33 @@ impl RelPath {
     }
 }
 
+/// Writes `bytes` for humans and line-oriented tools, the way rsync does: printable characters
+/// as they are, and every control character, backslash and byte that is not UTF-8 as `\#ooo`
+/// (octal). A hostile name can then neither forge an output line nor hide as another name.
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    let octal = |out: &mut String, b: u8| out.push_str(&format!("\\#{b:03o}"));
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() || c == '\\' {
+                let mut buf = [0u8; 4];
+                for &b in c.encode_utf8(&mut buf).as_bytes() {
+                    octal(&mut out, b);
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for &b in chunk.invalid() {
+            octal(&mut out, b);
+        }
+    }
+    out
+}
+
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&String::from_utf8_lossy(&self.0))
+        f.write_str(&escape_bytes(&self.0))
     }
 }
 
@@ -163,6 +187,15 @@ mod tests {
         assert!(p.is_within(&RelPath::new("usr").unwrap()));
         assert!(!p.is_within(&RelPath::new("us").unwrap()));
         assert!(RelPath::new("a").unwrap().parent().is_none());
+    }
+
+    #[test]
+    fn display_escapes_what_could_forge_or_hide() {
+        let p = RelPath::new(b"etc/evil\n>f+++++++++ passwd").unwrap();
+        assert_eq!(p.to_string(), "etc/evil\\#012>f+++++++++ passwd");
+        assert_eq!(RelPath::new(b"\xff\xfe").unwrap().to_string(), "\\#377\\#376");
+        assert_eq!(RelPath::new("a\\#012").unwrap().to_string(), "a\\#134#012");
+        assert_eq!(RelPath::new("ünï").unwrap().to_string(), "ünï");
     }
 
     #[test]

@@ -509,7 +509,9 @@ impl Applier<'_> {
             }
             self.root.forget(path);
             rustix::fs::unlinkat(&*dir, name, AtFlags::REMOVEDIR).map_err(|e| match e {
-                Errno::NOTEMPTY => io::Error::other("directory is not empty (something new appeared in it)"),
+                Errno::NOTEMPTY => {
+                    io::Error::other("directory is not empty: something was created in it since the scan")
+                }
                 e => e.into(),
             })
         } else {

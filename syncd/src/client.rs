@@ -26,6 +26,11 @@ impl Master {
     pub async fn connect(url: &str) -> Result<Master, SyncError> {
         let unreachable =
             |e: &dyn std::fmt::Display| SyncError::Unreachable { url: url.to_owned(), reason: e.to_string() };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(SyncError::Config(format!(
+                "master URL {url:?} is invalid: it must start with http:// (hint: http://HOST:PORT)"
+            )));
+        }
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| SyncError::Config(format!("master URL {url:?} is invalid: {e} (hint: http://HOST:PORT)")))?
             .connect_timeout(Duration::from_secs(10))

@@ -140,7 +140,10 @@ impl PassReport {
 
     /// One line for humans and logs.
     pub fn summary(&self) -> String {
-        let (c, u, d) = self.plan.counts();
+        let (c, u, d) = match &self.outcome {
+            Some(o) => self.plan.counts_where(|i| o.done[i]),
+            None => self.plan.counts_where(|_| true),
+        };
         let mib = human_bytes;
         let fails = self.failures().count();
         match &self.outcome {

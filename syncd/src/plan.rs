@@ -100,13 +100,15 @@ pub enum SkipReason {
     Unreadable(RelPath),
     /// Removing or replacing it would remove this excluded host path with it.
     HoldsExcluded(RelPath),
+    /// A filesystem is mounted beneath it on the host, so it cannot be removed or replaced.
+    HoldsMountPoint(RelPath),
 }
 
 impl SkipReason {
     /// Whether this skip leaves the host short of the image in a way the operator must fix
     /// (as opposed to a mount point or an exclusion doing its job).
     pub fn is_failure(&self) -> bool {
-        matches!(self, SkipReason::Unreadable(_))
+        matches!(self, SkipReason::Unreadable(_) | SkipReason::HoldsMountPoint(_))
     }
 }
 
@@ -117,6 +119,9 @@ impl fmt::Display for SkipReason {
                 f.write_str("a filesystem is mounted here on the host; syncd never crosses mount points")
             }
             SkipReason::BeneathMountPoint(p) => write!(f, "beneath {p}, where a filesystem is mounted on the host"),
+            SkipReason::HoldsMountPoint(p) => {
+                write!(f, "a filesystem is mounted at /{p} beneath it; syncd never removes across a mount point")
+            }
             SkipReason::HoldsExcluded(p) => write!(f, "it holds excluded path /{p}, which must not be removed"),
             SkipReason::Unreadable(p) => write!(f, "host directory {p} could not be read, so its contents are unknown"),
         }
@@ -264,23 +269,29 @@ impl Plan {
 
         plan.excluded = excluded.len();
 
-        // Never remove a host directory that holds an excluded path: the rmdir or the swap that
-        // replaces it would take the excluded path with it.
-        if !host.excluded.is_empty() {
-            let (keep, held): (Vec<Change>, Vec<Change>) =
-                std::mem::take(&mut plan.changes).into_iter().partition(|c| {
-                    let removes_dir = match &c.op {
-                        Op::Delete { old } | Op::Replace { old, .. } => old.entry.kind == Kind::Dir,
-                        _ => false,
-                    };
-                    !(removes_dir && host.excluded.iter().any(|(x, _)| x.is_within(&c.path)))
-                });
-            plan.changes = keep;
-            for c in held {
-                let x =
-                    host.excluded.iter().find(|(x, _)| x.is_within(&c.path)).expect("partitioned on this").0.clone();
-                plan.skipped.push(Skip { path: c.path, reason: SkipReason::HoldsExcluded(x) });
+        // Never remove a host directory that holds an excluded path or a mount point: the rmdir
+        // or the swap that replaces it would take the excluded path with it, or fail.
+        let mounts: Vec<&RelPath> = host.entries.iter().filter(|h| h.mount_point).map(|h| &h.entry.path).collect();
+        if !host.excluded.is_empty() || !mounts.is_empty() {
+            let held_by = |c: &Change| -> Option<SkipReason> {
+                match &c.op {
+                    Op::Delete { old } | Op::Replace { old, .. } if old.entry.kind == Kind::Dir => {}
+                    _ => return None,
+                }
+                let inside = |x: &RelPath| x.is_within(&c.path) && *x != c.path;
+                if let Some((x, _)) = host.excluded.iter().find(|(x, _)| inside(x)) {
+                    return Some(SkipReason::HoldsExcluded(x.clone()));
+                }
+                mounts.iter().find(|m| inside(m)).map(|m| SkipReason::HoldsMountPoint((*m).clone()))
+            };
+            let mut kept = Vec::with_capacity(plan.changes.len());
+            for c in std::mem::take(&mut plan.changes) {
+                match held_by(&c) {
+                    Some(reason) => plan.skipped.push(Skip { path: c.path, reason }),
+                    None => kept.push(c),
+                }
             }
+            plan.changes = kept;
         }
 
         let mut seen = HashSet::new();
@@ -303,10 +314,11 @@ impl Plan {
         self.fetch.iter().map(|(_, n)| n).sum()
     }
 
-    /// Counts of creates, updates (incl. type changes) and deletes.
-    pub fn counts(&self) -> (usize, usize, usize) {
+    /// Counts of creates, updates (incl. type changes) and deletes among the changes `pick`
+    /// selects by index.
+    pub fn counts_where(&self, pick: impl Fn(usize) -> bool) -> (usize, usize, usize) {
         let mut c = (0, 0, 0);
-        for ch in &self.changes {
+        for (_, ch) in self.changes.iter().enumerate().filter(|(i, _)| pick(*i)) {
             match ch.op {
                 Op::Create { .. } => c.0 += 1,
                 Op::Update { .. } | Op::Replace { .. } => c.1 += 1,
@@ -390,6 +402,14 @@ fn link_differs(
     host_by_path: &HashMap<&RelPath, &ScannedEntry>,
     fresh_leaders: &HashSet<u64>,
 ) -> bool {
+    // An inode with names the scan did not see (outside the root, or excluded) must never be
+    // changed in place: that would change those files too. It gets a fresh inode instead.
+    if old.nlink > 1 && new.kind != Kind::Dir {
+        let seen = host_links.get(&(old.dev, old.ino)).map_or(1, Vec::len) as u64;
+        if old.nlink > seen {
+            return true;
+        }
+    }
     // Names sharing this host inode must all belong to the same image group.
     if let Some(names) = host_links.get(&(old.dev, old.ino)) {
         let foreign = names.iter().any(|n| {
@@ -440,7 +460,7 @@ fn display_name(e: &Entry) -> String {
     if e.kind == Kind::Dir {
         format!("{}/", e.path)
     } else if let Some(t) = &e.target {
-        format!("{} -> {}", e.path, String::from_utf8_lossy(t))
+        format!("{} -> {}", e.path, manifest::escape_bytes(t))
     } else {
         e.path.to_string()
     }

@@ -1,1 +1,307 @@
+//! Harness for the end-to-end tests: real `syncmaster` and `syncd` processes on loopback,
+//! real trees in temp dirs.
+//!
+//! - [`Master`] and [`run_syncd`]/[`sync`]: start the binaries the workspace built;
+//! - [`Output`]: a finished `syncd` run, whose checks print the command, its output and the
+//!   trees involved when they fail;
+//! - [`fixture`]: the one realistic tree builder;
+//! - [`tree`]: the one tree comparator, the rsync cross-check and the outside-tree sentinel.
 
+pub mod fixture;
+pub mod tree;
+
+use std::ffi::OsStr;
+use std::fmt::Display;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use fixture::{build_fixture, mtime_for, random_bytes, set_mtime, Builder, HARDLINKS};
+pub use tree::{assert_converged, differences, Difference, Sentinel, Snapshot};
+
+/// How long a master may take to scan its image and start listening.
+const MASTER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of a workspace binary, found like `assert_cmd` does: the test executable is
+/// `target/<profile>/deps/NAME`, the binaries sit in `target/<profile>`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("cannot find the test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("the test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} does not exist (hint: run `cargo build --workspace` first; `cargo test --workspace` builds it)",
+        path.display()
+    );
+    path
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Returns from the calling test, with a note, unless running as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("skipped: needs root (CI runs as root)");
+            return;
+        }
+    };
+}
+
+/// A temp dir for one test, holding its image, host root and outside trees side by side.
+pub struct Scratch(tempfile::TempDir);
+
+pub fn scratch() -> Scratch {
+    Scratch(tempfile::Builder::new().prefix("gis-e2e-").tempdir().expect("cannot create a temp dir"))
+}
+
+impl Scratch {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.0.path().join(rel)
+    }
+
+    /// A new, empty directory `name` inside.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let p = self.join(name);
+        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()));
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Without root, read-only directories in a fixture would stop the removal.
+        if !is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            for e in walkdir::WalkDir::new(self.0.path()).into_iter().flatten() {
+                if e.file_type().is_dir() {
+                    let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o700));
+                }
+            }
+        }
+    }
+}
+
+/// A running `syncmaster serve`, killed on drop.
+pub struct Master {
+    child: Child,
+    url: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Master {
+    /// Serves `image` as version 1.
+    pub fn start(image: &Path) -> Master {
+        Master::start_version(image, 1)
+    }
+
+    pub fn start_version(image: &Path, version: u64) -> Master {
+        let mut child = Command::new(bin("syncmaster"))
+            .arg("serve")
+            .arg("--image")
+            .arg(image)
+            .args(["--listen", "127.0.0.1:0", "--image-version", &version.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start syncmaster");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("stderr is piped");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n @ 1..) = err.read(&mut buf) {
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        // Lines go through a channel so the wait for readiness can time out; the reader keeps
+        // draining stdout afterwards so the master never blocks on a full pipe.
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + MASTER_READY_TIMEOUT;
+        let mut master = Master { child, url: String::new(), stderr };
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        master.url = format!("http://{}", addr.trim());
+                        return master;
+                    }
+                }
+                Err(e) => {
+                    let _ = master.child.kill();
+                    let status = master.child.wait();
+                    std::thread::sleep(Duration::from_millis(100));
+                    panic!(
+                        "syncmaster serving {} never said `listening on` ({e}; exit {status:?})\nstderr:\n{}",
+                        image.display(),
+                        master.stderr()
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// What the master logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A finished `syncd` run.
+#[derive(Debug)]
+pub struct Output {
+    pub command: String,
+    /// The exit code, or -1 if a signal ended it.
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `syncd` with `args` and waits for it.
+pub fn run_syncd<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let bin = bin("syncd");
+    let command = std::iter::once(bin.as_os_str())
+        .chain(args.iter().map(|a| a.as_os_str()))
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new(&bin).args(&args).stdin(Stdio::null()).output().expect("cannot run syncd");
+    Output {
+        command,
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `syncd sync` against `master` on `root`, plus `extra` flags (`--dry-run`, …).
+pub fn sync(master: &Master, root: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<&OsStr> = ["sync", "--master", master.url(), "--root"].map(OsStr::new).to_vec();
+    args.push(root.as_os_str());
+    args.extend(["--host-id", "e2e-host"].map(OsStr::new));
+    args.extend(extra.iter().map(OsStr::new));
+    run_syncd(args)
+}
+
+impl Output {
+    /// The itemized lines on stdout.
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout.lines().collect()
+    }
+
+    /// The last stderr line (`syncd: …` summary).
+    pub fn summary(&self) -> &str {
+        self.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
+    }
+
+    /// The command, its exit code, stdout, stderr and a listing of each of `trees`.
+    pub fn report(&self, trees: &[&Path]) -> String {
+        let mut s = format!(
+            "command: {}\nexit code: {}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.command, self.code, self.stdout, self.stderr
+        );
+        for t in trees {
+            s.push_str(&format!("--- tree {} ---\n{}", t.display(), tree::listing(t)));
+        }
+        s
+    }
+
+    /// Panics with `what` and the full report unless `ok`.
+    #[track_caller]
+    pub fn check(&self, ok: bool, what: impl Display, trees: &[&Path]) -> &Self {
+        if !ok {
+            panic!("{what}\n{}", self.report(trees));
+        }
+        self
+    }
+
+    #[track_caller]
+    pub fn expect_code(&self, code: i32, trees: &[&Path]) -> &Self {
+        self.check(self.code == code, format!("syncd exited with {}, expected {code}", self.code), trees)
+    }
+
+    /// Whether some itemized line is about `path` itself (not merely something beneath it).
+    pub fn lists(&self, path: &str) -> bool {
+        self.lines().iter().any(|l| {
+            l.get(12..).and_then(|rest| rest.strip_prefix(path)).is_some_and(|after| {
+                after.is_empty() || after == "/" || after.starts_with(' ') || after.starts_with("/ ")
+            })
+        })
+    }
+}
+
+/// Syncs the host `root` to `img` (served by `master`) and checks that it converged.
+pub fn converged_host(master: &Master, img: &Path, root: &Path) {
+    let out = sync(master, root, &[]);
+    out.expect_code(0, &[root]);
+    assert_converged(img, root, &out);
+}
+
+/// A tmpfs mounted for the duration of a test; unmounted on drop, even after a panic.
+pub struct TmpfsMount {
+    dir: PathBuf,
+}
+
+impl TmpfsMount {
+    pub fn new(dir: &Path) -> TmpfsMount {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("cannot run mount");
+        assert!(st.success(), "mount -t tmpfs on {} failed: {st}", dir.display());
+        TmpfsMount { dir: dir.to_owned() }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.dir).status().is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
