@@ -1,0 +1,241 @@
+//! Trigger definitions from the host's local syncd config. Never from the master: a master
+//! must not be able to run commands on hosts.
+
+use std::path::Path;
+use std::time::Duration;
+
+use exclusions::{Exclusions, PatternList};
+use manifest::RelPath;
+use serde::Deserialize;
+
+/// What kind of change a trigger reacts to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// A path the host did not have.
+    Create,
+    /// New content (or, for a symlink or device, a new target or number).
+    Content,
+    /// Owner, mode, xattrs or mtime only.
+    Metadata,
+    Delete,
+    /// A different kind of entry (file to directory, …). Matched by `content`.
+    Type,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Create => "create",
+            ChangeKind::Content => "content",
+            ChangeKind::Metadata => "metadata",
+            ChangeKind::Delete => "delete",
+            ChangeKind::Type => "type",
+        }
+    }
+}
+
+/// A trigger as written in the config, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerDef {
+    pub name: Option<String>,
+    pub watch: Option<Vec<String>>,
+    /// Kept loose so that a string instead of an argv list gets a precise error.
+    pub run: Option<toml::Value>,
+    pub timeout: Option<String>,
+    pub on: Option<Vec<String>>,
+}
+
+/// A validated trigger.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    pub name: String,
+    pub watch: Exclusions,
+    pub watch_text: Vec<String>,
+    pub run: Vec<String>,
+    pub timeout: Duration,
+    pub on: Vec<ChangeKind>,
+}
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+#[error("trigger {trigger:?}: key `{key}`: {message}")]
+pub struct ConfigError {
+    pub trigger: String,
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl Trigger {
+    /// Whether this trigger watches `path` for a change of `kind`.
+    pub fn matches(&self, path: &RelPath, is_dir: bool, kind: ChangeKind) -> bool {
+        let kind = if kind == ChangeKind::Type { ChangeKind::Content } else { kind };
+        self.on.contains(&kind) && self.watch.is_excluded(path, is_dir)
+    }
+}
+
+/// Validates trigger definitions, in config order. `source` names the config file in errors.
+pub fn validate(defs: &[TriggerDef], source: &str) -> Result<Vec<Trigger>, ConfigError> {
+    let mut out: Vec<Trigger> = Vec::new();
+    for (i, d) in defs.iter().enumerate() {
+        let label = d.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+        let err = |key, message: String| ConfigError { trigger: label.clone(), key, message };
+        let name =
+            d.name.clone().filter(|n| !n.trim().is_empty()).ok_or_else(|| err("name", "is missing or empty".into()))?;
+        if out.iter().any(|t| t.name == name) {
+            return Err(err("name", "is used by an earlier trigger; names must be unique".into()));
+        }
+        let watch_text = d
+            .watch
+            .clone()
+            .filter(|w| !w.is_empty())
+            .ok_or_else(|| err("watch", "must list at least one pattern".into()))?;
+        let list = PatternList {
+            source: format!("{source} trigger {name:?} watch"),
+            patterns: watch_text.iter().enumerate().map(|(i, p)| (i + 1, p.clone())).collect(),
+        };
+        let watch = Exclusions::compile([&list]).map_err(|e| err("watch", e.to_string()))?;
+        let run = match &d.run {
+            None => return Err(err("run", "is missing (hint: run = [\"systemctl\", \"reload\", \"ssh\"])".into())),
+            Some(toml::Value::Array(a)) if !a.is_empty() => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| err("run", "every element of the argv list must be a string".into()))?,
+            Some(_) => {
+                return Err(err(
+                    "run",
+                    "must be a non-empty argv list, not a string: there is no implicit shell (hint: [\"sh\", \"-c\", \"...\"])"
+                        .into(),
+                ))
+            }
+        };
+        if find_command(&run[0]).is_none() {
+            return Err(err("run", format!("command {:?} is not an executable file or on PATH", run[0])));
+        }
+        let timeout = match &d.timeout {
+            None => DEFAULT_TIMEOUT,
+            Some(t) => parse_duration(t).map_err(|m| err("timeout", m))?,
+        };
+        let on = match &d.on {
+            None => vec![ChangeKind::Create, ChangeKind::Content, ChangeKind::Metadata, ChangeKind::Delete],
+            Some(list) if list.is_empty() => {
+                return Err(err("on", "must name at least one of content, metadata, create, delete".into()))
+            }
+            Some(list) => list
+                .iter()
+                .map(|s| match s.as_str() {
+                    "create" => Ok(ChangeKind::Create),
+                    "content" => Ok(ChangeKind::Content),
+                    "metadata" => Ok(ChangeKind::Metadata),
+                    "delete" => Ok(ChangeKind::Delete),
+                    other => Err(err(
+                        "on",
+                        format!("unknown change kind {other:?} (expected content, metadata, create, delete)"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        out.push(Trigger { name, watch, watch_text, run, timeout, on });
+    }
+    Ok(out)
+}
+
+/// `"90s"`, `"5m"`, `"1h"`, `"250ms"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, mult_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (t, 1000)
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a duration (hint: \"30s\", \"5m\", \"1h\")"))?;
+    if n == 0 {
+        return Err(format!("{s:?}: a timeout must be greater than zero"));
+    }
+    Ok(Duration::from_millis(n * mult_ms))
+}
+
+/// Resolves a command like `execvp` would.
+pub fn find_command(cmd: &str) -> Option<std::path::PathBuf> {
+    let is_exec = |p: &Path| {
+        rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok() && p.metadata().is_ok_and(|m| m.is_file())
+    };
+    if cmd.contains('/') {
+        let p = Path::new(cmd);
+        return is_exec(p).then(|| p.to_owned());
+    }
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| is_exec(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<Vec<Trigger>, ConfigError> {
+        #[derive(Deserialize)]
+        struct F {
+            trigger: Vec<TriggerDef>,
+        }
+        let f: F = toml::from_str(toml_text).unwrap();
+        validate(&f.trigger, "syncd.toml")
+    }
+
+    #[test]
+    fn a_full_trigger_parses_with_defaults() {
+        let t = parse("[[trigger]]\nname = \"ssh\"\nwatch = [\"/etc/ssh/**\"]\nrun = [\"true\"]\n").unwrap();
+        assert_eq!(t[0].timeout, DEFAULT_TIMEOUT);
+        assert_eq!(t[0].on.len(), 4);
+        let p = RelPath::new("etc/ssh/sshd_config").unwrap();
+        assert!(t[0].matches(&p, false, ChangeKind::Content));
+        assert!(t[0].matches(&p, false, ChangeKind::Type));
+        assert!(!t[0].matches(&RelPath::new("etc/passwd").unwrap(), false, ChangeKind::Content));
+    }
+
+    #[test]
+    fn on_limits_the_change_kinds() {
+        let t = parse(
+            "[[trigger]]\nname = \"x\"\nwatch = [\"*.conf\"]\nrun = [\"true\"]\non = [\"delete\"]\ntimeout = \"2s\"\n",
+        )
+        .unwrap();
+        let p = RelPath::new("a.conf").unwrap();
+        assert!(t[0].matches(&p, false, ChangeKind::Delete));
+        assert!(!t[0].matches(&p, false, ChangeKind::Content));
+        assert_eq!(t[0].timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_input_names_the_trigger_and_the_key() {
+        let cases = [
+            ("[[trigger]]\nname = \"a\"\nwatch = [\"/x\"]\nrun = \"systemctl reload ssh\"\n", "trigger \"a\": key `run`: must be a non-empty argv list"),
+            ("[[trigger]]\nname = \"a\"\nwatch = [\"/x[\"]\nrun = [\"true\"]\n", "trigger \"a\": key `watch`:"),
+            ("[[trigger]]\nname = \"a\"\nwatch = [\"/x\"]\nrun = [\"no-such-command-gis\"]\n", "trigger \"a\": key `run`: command \"no-such-command-gis\""),
+            ("[[trigger]]\nname = \"a\"\nwatch = [\"/x\"]\nrun = [\"true\"]\n[[trigger]]\nname = \"a\"\nwatch = [\"/y\"]\nrun = [\"true\"]\n", "trigger \"a\": key `name`: is used by an earlier trigger"),
+            ("[[trigger]]\nname = \"a\"\nwatch = [\"/x\"]\nrun = [\"true\"]\ntimeout = \"soon\"\n", "trigger \"a\": key `timeout`"),
+            ("[[trigger]]\nname = \"a\"\nwatch = [\"/x\"]\nrun = [\"true\"]\non = [\"touch\"]\n", "trigger \"a\": key `on`: unknown change kind \"touch\""),
+            ("[[trigger]]\nwatch = [\"/x\"]\nrun = [\"true\"]\n", "trigger \"#1\": key `name`"),
+        ];
+        for (text, want) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}\n  wanted: {want}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("0s").is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Shell triggers.
+
+pub mod config;
