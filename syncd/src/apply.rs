@@ -280,6 +280,7 @@ impl Applier<'_> {
             self.content_into(hash, source, &mut w)?;
         }
         w.finish(hash)?;
+        fsops::start_writeback(&file);
         fsops::set_fd_meta(file.as_fd(), &new.meta, MetaParts::ALL)
     }
 

@@ -6,6 +6,14 @@
 //! root = "/"
 //! host_id = "web01"
 //! exclude_from = ["/etc/syncd/exclude"]
+//! state_dir = "/var/lib/syncd"
+//!
+//! [[trigger]]
+//! name = "sshd"
+//! watch = ["/etc/ssh/sshd_config", "/etc/ssh/sshd_config.d/"]
+//! run = ["systemctl", "reload", "ssh"]
+//! timeout = "30s"
+//! on = ["content", "create", "delete"]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -24,6 +32,11 @@ pub struct Config {
     /// Local exclusion files, in order; they override the master's lists.
     #[serde(default)]
     pub exclude_from: Vec<PathBuf>,
+    /// Where syncd keeps its state (the pending-trigger journal).
+    pub state_dir: Option<PathBuf>,
+    /// Shell triggers, in the order they fire: `[[trigger]]` tables.
+    #[serde(default)]
+    pub trigger: Vec<triggers::config::TriggerDef>,
 }
 
 impl Config {

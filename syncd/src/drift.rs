@@ -35,6 +35,15 @@ pub struct Report {
     pub root: String,
     pub summary: Summary,
     pub entries: Vec<DriftEntry>,
+    /// Triggers a sync would fire now, in config order, with the changes that fire them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<WouldFire>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WouldFire {
+    pub name: String,
+    pub changes: Vec<triggers::ChangeRecord>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -100,12 +109,15 @@ impl Report {
             changed: count("changed"),
             excluded: r.plan.excluded,
         };
+        let triggers =
+            r.would_fire.iter().map(|(name, changes)| WouldFire { name: name.clone(), changes: changes.clone() }).collect();
         Report {
             image_version: r.image_version,
             host_id: r.host_id.clone(),
             root: r.root.display().to_string(),
             summary,
             entries,
+            triggers,
         }
     }
 
@@ -120,6 +132,10 @@ impl Report {
                 (s, _) => s.to_owned(),
             };
             out.push_str(&format!("{}  ({words})\n", e.line));
+        }
+        for t in &self.triggers {
+            let why: Vec<String> = t.changes.iter().map(|c| format!("{} ({})", c.path, c.change.as_str())).collect();
+            out.push_str(&format!("trigger {} would fire: {}\n", t.name, why.join(", ")));
         }
         let s = &self.summary;
         out.push_str(&format!(

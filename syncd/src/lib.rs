@@ -33,6 +33,8 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
     /// The master sent an invalid manifest; nothing was changed.
     pub const BAD_MANIFEST: u8 = 4;
+    /// Converged, but a trigger failed or timed out; it stays pending and is retried.
+    pub const TRIGGER_FAILED: u8 = 5;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,12 @@ pub struct SyncOptions {
     pub dry_run: bool,
     /// Local exclusion files, applied after (and so overriding) the master's lists.
     pub exclude_from: Vec<PathBuf>,
+    /// Triggers from the local config, in config order.
+    pub triggers: Vec<triggers::Trigger>,
+    /// Where the pending-trigger journal lives.
+    pub state_dir: PathBuf,
+    /// Retry pending triggers at once, ignoring their backoff (an operator's explicit pass).
+    pub retry_now: bool,
 }
 
 /// Reads and checks the local exclusion files. A broken list is a configuration error:
@@ -106,6 +114,13 @@ pub struct PassReport {
     /// Problems found while scanning the host (unreadable paths), and paths the plan had to
     /// leave alone because of them.
     pub scan_failures: Vec<Failure>,
+    /// Triggers this pass ran (pending ones from earlier passes included), in config order.
+    pub triggers: Vec<triggers::run::RunResult>,
+    /// Pending triggers left for a later pass because their backoff has not expired.
+    pub deferred: Vec<String>,
+    /// On a dry run: the triggers the plan would fire, with the changes that fire them, and
+    /// those already pending from an earlier pass.
+    pub would_fire: Vec<(String, Vec<triggers::ChangeRecord>)>,
     pub duration: Duration,
 }
 
@@ -134,6 +149,7 @@ impl PassReport {
         match &self.outcome {
             Some(o) if o.stats.master_lost => exit::UNREACHABLE,
             _ if self.failures().next().is_some() => exit::PARTIAL,
+            _ if self.triggers.iter().any(|t| !t.ok) => exit::TRIGGER_FAILED,
             _ => exit::OK,
         }
     }
@@ -235,8 +251,42 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         plan,
         outcome: None,
         scan_failures,
+        triggers: Vec::new(),
+        deferred: Vec::new(),
+        would_fire: Vec::new(),
         duration: Duration::ZERO,
     };
+    let firing = triggers::select(&opts.triggers, &trigger_changes(&report.plan));
+    if opts.dry_run {
+        report.would_fire = firing.iter().map(|(t, c)| (t.name.clone(), c.clone())).collect();
+        for p in triggers::journal::peek(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))? {
+            if !report.would_fire.iter().any(|(n, _)| *n == p.trigger)
+                && opts.triggers.iter().any(|t| t.name == p.trigger)
+            {
+                report.would_fire.push((p.trigger.clone(), p.changes.into_iter().map(|s| s.record).collect()));
+            }
+        }
+    }
+    // The triggers this batch will fire go to the journal, durably, before anything commits.
+    let mut journal = match (opts.dry_run, opts.triggers.is_empty()) {
+        (false, false) => Some(triggers::Journal::open(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))?),
+        _ => None,
+    };
+    let batch = triggers::journal::now_ms();
+    if let Some(j) = &mut journal {
+        let pending = firing
+            .into_iter()
+            .map(|(t, changes)| triggers::Pending {
+                trigger: t.name.clone(),
+                image_version: manifest.version,
+                changes: changes.into_iter().map(|record| triggers::Stored { record, batch }).collect(),
+                attempts: 0,
+                last_error: None,
+                not_before_ms: 0,
+            })
+            .collect();
+        j.add(pending).map_err(|e| SyncError::Config(e.to_string()))?;
+    }
     if !opts.dry_run && !report.plan.is_empty() {
         let root = root::RootDir::open(&opts.root)
             .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
@@ -254,8 +304,91 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     } else if !opts.dry_run {
         report.outcome = Some(Outcome::default());
     }
+    if let (Some(j), Some(o)) = (&mut journal, &report.outcome) {
+        run_triggers(j, opts, &report.plan, o, batch, &mut report.triggers, &mut report.deferred);
+    }
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Every change of a plan as the trigger matcher sees it.
+fn trigger_changes(plan: &Plan) -> Vec<triggers::Change<'_>> {
+    use triggers::ChangeKind;
+    plan.changes
+        .iter()
+        .map(|c| {
+            let old = c.op.old_entry();
+            let new = c.op.new_entry();
+            let kind = match &c.op {
+                plan::Op::Create { .. } => ChangeKind::Create,
+                plan::Op::Delete { .. } => ChangeKind::Delete,
+                plan::Op::Replace { .. } => ChangeKind::Type,
+                plan::Op::Update { diff, .. } if diff.needs_new_inode() => ChangeKind::Content,
+                plan::Op::Update { .. } => ChangeKind::Metadata,
+            };
+            triggers::Change {
+                path: &c.path,
+                is_dir: old.is_some_and(|o| o.entry.kind == manifest::Kind::Dir)
+                    || new.is_some_and(|n| n.kind == manifest::Kind::Dir),
+                kind,
+                old_hash: old.and_then(|o| o.entry.hash).map(|h| h.to_hex()),
+                new_hash: new.and_then(|n| n.hash).map(|h| h.to_hex()),
+            }
+        })
+        .collect()
+}
+
+/// After the commit: withdraws this batch's changes that were not made, then runs every
+/// pending trigger in config order, removing each from the journal only when it exits 0.
+fn run_triggers(
+    journal: &mut triggers::Journal,
+    opts: &SyncOptions,
+    plan: &Plan,
+    outcome: &Outcome,
+    batch: u64,
+    results: &mut Vec<triggers::run::RunResult>,
+    deferred: &mut Vec<String>,
+) {
+    let journal_error = |e: triggers::journal::JournalError| triggers::run::RunResult {
+        trigger: "(journal)".into(),
+        ok: false,
+        status: e.to_string(),
+        duration: Duration::ZERO,
+        changes: 0,
+    };
+    let done: std::collections::HashSet<String> = plan
+        .changes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| outcome.done.get(*i).copied().unwrap_or(false))
+        .map(|(_, c)| format!("/{}", c.path))
+        .collect();
+    if let Err(e) = journal.withdraw_uncommitted(batch, |r| done.contains(&r.path)) {
+        return results.push(journal_error(e));
+    }
+    let known: Vec<&str> = opts.triggers.iter().map(|t| t.name.as_str()).collect();
+    match journal.forget_unknown(&known) {
+        Ok(gone) => {
+            for g in gone {
+                tracing::warn!(trigger = %g, "pending trigger is no longer in the config; dropped");
+            }
+        }
+        Err(e) => return results.push(journal_error(e)),
+    }
+    let now = triggers::journal::now_ms();
+    for t in &opts.triggers {
+        let Some(p) = journal.pending().iter().find(|p| p.trigger == t.name).cloned() else { continue };
+        if !opts.retry_now && p.not_before_ms > now {
+            deferred.push(t.name.clone());
+            continue;
+        }
+        let r = triggers::run::run(t, &p, journal.dir());
+        let persisted = if r.ok { journal.complete(&t.name) } else { journal.failed(&t.name, &r.status) };
+        results.push(r);
+        if let Err(e) = persisted {
+            return results.push(journal_error(e));
+        }
+    }
 }
 
 /// The image this pass converged to, for callers that keep state.

@@ -33,6 +33,9 @@ struct Common {
     /// Local exclusion file (repeatable); applied after the config's files and the master's lists.
     #[arg(long = "exclude-from", value_name = "FILE")]
     exclude_from: Vec<PathBuf>,
+    /// State directory, for the pending-trigger journal [config: state_dir; default: /var/lib/syncd].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -77,6 +80,8 @@ struct Resolved {
     root: PathBuf,
     host_id: String,
     exclude_from: Vec<PathBuf>,
+    state_dir: PathBuf,
+    triggers: Vec<triggers::Trigger>,
 }
 
 impl Common {
@@ -87,11 +92,17 @@ impl Common {
         };
         let mut exclude_from = cfg.exclude_from;
         exclude_from.extend(self.exclude_from);
+        let source = self.config.as_ref().map_or_else(String::new, |p| p.display().to_string());
+        // Refuse to start on a bad trigger, naming the trigger and the key.
+        let triggers = triggers::config::validate(&cfg.trigger, &source)
+            .map_err(|e| SyncError::Config(format!("config {source}: {e}")))?;
         Ok(Resolved {
             master: self.master.or(cfg.master),
             root: self.root.or(cfg.root).unwrap_or_else(|| PathBuf::from("/")),
             host_id: self.host_id.or(cfg.host_id).unwrap_or_else(default_host_id),
             exclude_from,
+            state_dir: self.state_dir.or(cfg.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/syncd")),
+            triggers,
         })
     }
 }
@@ -101,7 +112,16 @@ impl Resolved {
         let master = self.master.ok_or_else(|| {
             SyncError::Config("no master given (hint: pass --master URL or set master in the config file)".into())
         })?;
-        Ok(SyncOptions { master, root: self.root, host_id: self.host_id, dry_run, exclude_from: self.exclude_from })
+        Ok(SyncOptions {
+            master,
+            root: self.root,
+            host_id: self.host_id,
+            dry_run,
+            exclude_from: self.exclude_from,
+            triggers: self.triggers,
+            state_dir: self.state_dir,
+            retry_now: true,
+        })
     }
 }
 
@@ -109,7 +129,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // Trigger output is logged line by line under the trigger's name.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,syncd::trigger=info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -148,6 +169,7 @@ fn main() -> ExitCode {
                     for f in report.failures() {
                         eprintln!("syncd: error: {}: {}", f.path, f.error);
                     }
+                    print_triggers(&report);
                     eprintln!("syncd: {}", report.summary());
                     ExitCode::from(report.exit_code())
                 }
@@ -218,6 +240,27 @@ async fn explain(common: Common, paths: &[String]) -> Result<(), SyncError> {
         eprintln!("syncd: note: no exclusion rules are in effect (no --exclude-from, config files or master lists)");
     }
     Ok(())
+}
+
+fn print_triggers(report: &syncd::PassReport) {
+    for (name, changes) in &report.would_fire {
+        let shown: Vec<String> =
+            changes.iter().take(5).map(|c| format!("{} ({})", c.path, c.change.as_str())).collect();
+        let more = if changes.len() > 5 { format!(" and {} more", changes.len() - 5) } else { String::new() };
+        eprintln!("syncd: trigger {name} would fire: {}{more}", shown.join(", "));
+    }
+    for t in &report.triggers {
+        let what =
+            format!("trigger {}: {} ({} changes, {:.2}s)", t.trigger, t.status, t.changes, t.duration.as_secs_f64());
+        if t.ok {
+            eprintln!("syncd: {what}");
+        } else {
+            eprintln!("syncd: error: {what}; it stays pending and is retried on the next pass");
+        }
+    }
+    for d in &report.deferred {
+        eprintln!("syncd: trigger {d} is pending, waiting for its retry backoff");
+    }
 }
 
 fn default_host_id() -> String {
