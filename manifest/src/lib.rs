@@ -6,9 +6,11 @@
 //! - [`Manifest`]: a validated, sorted, versioned list of entries with an identity hash;
 //! - [`wire`]: conversion to and from the protocol messages, validating everything received.
 
+pub mod cache;
 mod entry;
 mod path;
 pub mod scan;
+pub mod units;
 pub mod wire;
 pub mod xattr;
 
@@ -173,9 +175,22 @@ fn check_meta(path: &str, m: &Meta) -> Result<(), ManifestError> {
 /// Scans the tree at `root` into a manifest, hashing every regular file in parallel.
 /// Any unreadable entry fails the whole scan: an image must be served whole or not at all.
 pub fn scan_image(root: &std::path::Path, version: u64) -> Result<Manifest, ImageScanError> {
+    scan_image_cached(root, version, &mut cache::HashCache::default())
+}
+
+/// Like [`scan_image`], taking unchanged files' hashes from `cache` and refreshing it.
+pub fn scan_image_cached(
+    root: &std::path::Path,
+    version: u64,
+    cache: &mut cache::HashCache,
+) -> Result<Manifest, ImageScanError> {
     let mut scan = scan::walk(root)?;
     let mut errors = std::mem::take(&mut scan.errors);
+    cache.apply(&mut scan.entries);
     errors.extend(scan::hash_files(root, &mut scan.entries, |_| true));
+    if errors.is_empty() {
+        cache.refresh(&scan.entries);
+    }
     if !errors.is_empty() {
         return Err(ImageScanError::Entries(errors));
     }

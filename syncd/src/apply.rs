@@ -15,6 +15,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use manifest::{Entry, Hash, Kind, Manifest, RelPath};
@@ -46,6 +47,8 @@ pub struct ApplyStats {
     pub local_bytes: u64,
     /// True if the object stream broke (master gone mid-pass).
     pub master_lost: bool,
+    /// True if a stop request cut the pass short.
+    pub cancelled: bool,
 }
 
 /// What the apply did: which plan changes succeeded, and the failures.
@@ -92,6 +95,7 @@ struct Applier<'a> {
     fetch_next: usize,
     staged: Vec<Staged>,
     staged_bytes: u64,
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Applies `plan` beneath `root`. Objects come from `objects` in `plan.fetch` order; a
@@ -103,6 +107,7 @@ pub fn apply(
     objects: ObjectStream,
     master: Master,
     rt: tokio::runtime::Handle,
+    cancel: Option<Arc<AtomicBool>>,
 ) -> Outcome {
     let mut a = Applier {
         root,
@@ -119,13 +124,26 @@ pub fn apply(
         fetch_next: 0,
         staged: Vec::new(),
         staged_bytes: 0,
+        cancel: None,
     };
-    a.make_dirs();
-    a.stage_and_commit();
-    a.link_members();
-    a.update_in_place();
-    a.delete();
-    a.set_dir_meta();
+    // A stop request is honoured between two entries: what was staged is committed (it is
+    // complete and verified), the remaining phases are skipped, and the next pass resumes.
+    let stop = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+    a.cancel = cancel.clone();
+    for phase in 0..6 {
+        if stop() {
+            a.out.stats.cancelled = true;
+            break;
+        }
+        match phase {
+            0 => a.make_dirs(),
+            1 => a.stage_and_commit(),
+            2 => a.link_members(),
+            3 => a.update_in_place(),
+            4 => a.delete(),
+            _ => a.set_dir_meta(),
+        }
+    }
     if let Err(e) = rustix::fs::syncfs(a.root.fd()) {
         a.fail_str(&a.root.path().display().to_string(), format!("cannot flush the filesystem (syncfs): {e}"));
     }
@@ -211,6 +229,10 @@ impl Applier<'_> {
                 continue;
             }
             let source = c.op.source().expect("ops with a new entry have a source");
+            if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                self.out.stats.cancelled = true;
+                break;
+            }
             if self.check_blocked(&c.path) {
                 self.drain_unused(source);
                 continue;

@@ -109,8 +109,11 @@ impl Report {
             changed: count("changed"),
             excluded: r.plan.excluded,
         };
-        let triggers =
-            r.would_fire.iter().map(|(name, changes)| WouldFire { name: name.clone(), changes: changes.clone() }).collect();
+        let triggers = r
+            .would_fire
+            .iter()
+            .map(|(name, changes)| WouldFire { name: name.clone(), changes: changes.clone() })
+            .collect();
         Report {
             image_version: r.image_version,
             host_id: r.host_id.clone(),

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use exclusions::Exclusions;
+use manifest::cache::HashCache;
 use manifest::scan::{self, ScanError};
 use manifest::{Kind, Manifest, RelPath};
 
@@ -15,7 +16,12 @@ use crate::plan::HostTree;
 
 /// Scans `root` for comparison with `manifest`. Errors below the root are returned alongside
 /// the tree; the plan fences off what they make unknown.
-pub fn scan(root: &Path, manifest: &Manifest, rules: &Exclusions) -> Result<(HostTree, Vec<ScanError>), ScanError> {
+pub fn scan(
+    root: &Path,
+    manifest: &Manifest,
+    rules: &Exclusions,
+    index: Option<&HashCache>,
+) -> Result<(HostTree, Vec<ScanError>), ScanError> {
     // Excluded paths are never read: not stat'ed beyond the directory listing, never hashed,
     // never descended into.
     let mut s = scan::walk_filtered(root, |p, is_dir| rules.matches_self(p, is_dir).is_excluded())?;
@@ -26,6 +32,12 @@ pub fn scan(root: &Path, manifest: &Manifest, rules: &Exclusions) -> Result<(Hos
         .filter_map(|e| RelPath::from_fs(root, e.path()).ok())
         .collect();
 
+    // Files unchanged since they were last hashed (same dev, inode, size, mtime and ctime) take
+    // their hash from the index instead of being read.
+    if let Some(index) = index {
+        let hits = index.apply(&mut s.entries);
+        tracing::debug!(hits, "host index");
+    }
     let image_size: HashMap<&RelPath, u64> =
         manifest.entries.iter().filter(|e| e.kind == Kind::File).map(|e| (&e.path, e.size)).collect();
     // Round 1: files that may be unchanged.

@@ -80,6 +80,18 @@ pub struct SyncOptions {
     pub state_dir: PathBuf,
     /// Retry pending triggers at once, ignoring their backoff (an operator's explicit pass).
     pub retry_now: bool,
+    /// Keep a persistent index of host file hashes in the state dir, so an unchanged file is
+    /// never read again.
+    pub index: bool,
+    /// Set to stop an apply between two files (graceful shutdown).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl SyncOptions {
+    fn index_path(&self) -> Option<PathBuf> {
+        let key = blake3::hash(self.root.as_os_str().as_encoded_bytes()).to_hex();
+        self.index.then(|| self.state_dir.join(format!("host-index-{}.bin", &key[..16])))
+    }
 }
 
 /// Reads and checks the local exclusion files. A broken list is a configuration error:
@@ -225,8 +237,22 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     tracing::info!(version = manifest.version, entries = manifest.entries.len(), identity = %identity, rules = rules.rules().len(), "manifest received");
 
     let root = opts.root.clone();
+    let index_path = opts.index_path();
+    // A dry run reads the index but writes nothing, not even that.
+    let save_index = !opts.dry_run;
     let (manifest, rules, host, scan_errors) = tokio::task::spawn_blocking(move || {
-        let r = host::scan(&root, &manifest, &rules);
+        let index = index_path.as_deref().map(manifest::cache::HashCache::load);
+        let r = host::scan(&root, &manifest, &rules, index.as_ref());
+        if let (Some(mut index), Some(path), Ok((host, _)), true) = (index, index_path, &r, save_index) {
+            index.refresh(&host.entries);
+            let saved = path
+                .parent()
+                .map_or(Ok(()), |d| std::fs::DirBuilder::new().recursive(true).create(d))
+                .and_then(|()| index.save(&path));
+            if let Err(e) = saved {
+                tracing::warn!(path = %path.display(), "cannot save the host index: {e}");
+            }
+        }
         (manifest, rules, r)
     })
     .await
@@ -293,8 +319,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let rt = tokio::runtime::Handle::current();
         let objects = master.spawn_fetch(report.plan.fetch.iter().map(|(h, _)| *h).collect(), &rt);
         let plan = std::mem::take(&mut report.plan);
+        let cancel = opts.cancel.clone();
         let (plan, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = apply::apply(root, &manifest, &plan, objects, master, rt);
+            let outcome = apply::apply(root, &manifest, &plan, objects, master, rt, cancel);
             (plan, outcome)
         })
         .await

@@ -81,6 +81,8 @@ struct Resolved {
     host_id: String,
     exclude_from: Vec<PathBuf>,
     state_dir: PathBuf,
+    /// The state dir was chosen (flag or config), so the host index may live there.
+    state_dir_chosen: bool,
     triggers: Vec<triggers::Trigger>,
 }
 
@@ -101,6 +103,7 @@ impl Common {
             root: self.root.or(cfg.root).unwrap_or_else(|| PathBuf::from("/")),
             host_id: self.host_id.or(cfg.host_id).unwrap_or_else(default_host_id),
             exclude_from,
+            state_dir_chosen: self.state_dir.is_some() || cfg.state_dir.is_some(),
             state_dir: self.state_dir.or(cfg.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/syncd")),
             triggers,
         })
@@ -121,6 +124,8 @@ impl Resolved {
             triggers: self.triggers,
             state_dir: self.state_dir,
             retry_now: true,
+            index: self.state_dir_chosen,
+            cancel: None,
         })
     }
 }

@@ -4,7 +4,10 @@
 //! blake3 hash, zstd-compressed on the wire. Both are fed by a producer through a bounded
 //! channel, so a slow host costs memory of a few chunks, never of the image.
 
+pub mod fleet;
 pub mod inventory;
+pub mod publish;
+pub mod status;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -37,27 +40,41 @@ impl Image {
     pub fn scan(root: &Path, version: u64) -> anyhow::Result<Image> {
         let manifest = manifest::scan_image(root, version)
             .map_err(|e| anyhow::anyhow!("cannot scan image {}: {e}", root.display()))?;
+        Ok(Image::new(root, manifest))
+    }
+
+    pub fn new(root: &Path, manifest: Manifest) -> Image {
         let mut objects = HashMap::new();
         for e in &manifest.entries {
             if let (Kind::File, Some(h)) = (e.kind, e.hash) {
                 objects.entry(h).or_insert_with(|| e.path.clone());
             }
         }
-        Ok(Image { root: root.to_owned(), manifest, objects })
+        Image { root: root.to_owned(), manifest, objects }
+    }
+
+    pub fn object_path(&self, hash: &Hash) -> Option<&RelPath> {
+        self.objects.get(hash)
     }
 }
 
 /// The gRPC service.
 #[derive(Clone)]
 pub struct Service {
-    image: Arc<Image>,
+    published: Arc<publish::Published>,
+    fleet: Arc<fleet::Fleet>,
     inventory: Arc<inventory::Inventory>,
     zstd_level: i32,
 }
 
 impl Service {
-    pub fn new(image: Arc<Image>, inventory: Arc<inventory::Inventory>, zstd_level: i32) -> Service {
-        Service { image, inventory, zstd_level }
+    pub fn new(
+        published: Arc<publish::Published>,
+        fleet: Arc<fleet::Fleet>,
+        inventory: Arc<inventory::Inventory>,
+        zstd_level: i32,
+    ) -> Service {
+        Service { published, fleet, inventory, zstd_level }
     }
 
     pub fn into_server(self) -> ImageSyncServer<Service> {
@@ -73,13 +90,15 @@ type Stream<T> = ReceiverStream<Result<T, Status>>;
 impl ImageSync for Service {
     type GetManifestStream = Stream<pb::ManifestMessage>;
     type FetchObjectsStream = Stream<pb::ObjectChunk>;
+    type WatchStream = Stream<pb::VersionAnnouncement>;
 
     async fn get_manifest(
         &self,
         req: Request<pb::ManifestRequest>,
     ) -> Result<Response<Self::GetManifestStream>, Status> {
         let host = req.into_inner().host_id;
-        let image = self.image.clone();
+        self.fleet.seen(&host);
+        let image = self.published.current();
         tracing::info!(host = %host, version = image.manifest.version, entries = image.manifest.entries.len(), "manifest requested");
         // Only this host's own inventory entry travels with its manifest.
         let lists: Vec<pb::ExclusionList> = self
@@ -128,30 +147,78 @@ impl ImageSync for Service {
             .map(|h| Hash::from_slice(h).ok_or_else(|| Status::invalid_argument("a requested hash is not 32 bytes")))
             .collect::<Result<_, _>>()?;
         let (tx, rx) = mpsc::channel(8);
-        let image = self.image.clone();
+        let published = self.published.clone();
         let level = self.zstd_level;
         // Reading and compressing are blocking work: keep them off the async workers.
         tokio::task::spawn_blocking(move || {
             for h in hashes {
-                if !send_object(&image, h, level, &tx) {
+                if !send_object(&published, h, level, &tx) {
                     break;
                 }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let host = req.into_inner().host_id;
+        let mut rx = self.published.subscribe();
+        let fleet = self.fleet.clone();
+        let (tx, out) = mpsc::channel(4);
+        fleet.watching(&host, 1);
+        tokio::spawn(async move {
+            loop {
+                let ann = {
+                    let img = rx.borrow_and_update();
+                    pb::VersionAnnouncement {
+                        version: img.manifest.version,
+                        identity: Bytes::copy_from_slice(&img.manifest.identity().0),
+                    }
+                };
+                if tx.send(Ok(ann)).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { break },
+                    _ = tx.closed() => break,
+                }
+            }
+            fleet.watching(&host, -1);
+        });
+        Ok(Response::new(ReceiverStream::new(out)))
+    }
+
+    async fn report_pass(&self, req: Request<pb::PassResult>) -> Result<Response<pb::ReportAck>, Status> {
+        let r = req.into_inner();
+        if r.host_id.is_empty() || r.host_id.len() > 255 {
+            return Err(Status::invalid_argument("a pass report needs a host id of 1 to 255 bytes"));
+        }
+        tracing::info!(host = %r.host_id, version = r.image_version, result = %r.result, "pass reported");
+        self.fleet.report(r);
+        Ok(Response::new(pb::ReportAck {}))
+    }
+
+    async fn fleet_status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let img = self.published.current();
+        Ok(Response::new(self.fleet.status(img.manifest.version, &img.manifest.identity().0)))
+    }
 }
 
 /// Streams one object as chunks. Returns false when the host has gone away.
-fn send_object(image: &Image, hash: Hash, level: i32, tx: &mpsc::Sender<Result<pb::ObjectChunk, Status>>) -> bool {
+fn send_object(
+    published: &publish::Published,
+    hash: Hash,
+    level: i32,
+    tx: &mpsc::Sender<Result<pb::ObjectChunk, Status>>,
+) -> bool {
     let hash_bytes = Bytes::copy_from_slice(&hash.0);
     let fail = |error: String| {
         tracing::warn!(object = %hash, "{error}");
         tx.blocking_send(Ok(pb::ObjectChunk { hash: hash_bytes.clone(), last: true, error, ..Default::default() }))
             .is_ok()
     };
-    let Some(rel) = image.objects.get(&hash) else {
-        return fail(format!("object {hash} is not in image version {}", image.manifest.version));
+    let Some((image, rel)) = published.find_object(&hash) else {
+        return fail(format!("object {hash} is in no image version this master serves"));
     };
     let path = image.root.join(rel.as_path());
     let file = match manifest::scan::open_nofollow(&path) {
@@ -247,7 +314,8 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Binds `listen`, prints the bound address, and serves `image` until `shutdown` resolves.
 pub async fn serve(
-    image: Arc<Image>,
+    published: Arc<publish::Published>,
+    fleet: Arc<fleet::Fleet>,
     inventory: Arc<inventory::Inventory>,
     listen: SocketAddr,
     zstd_level: i32,
@@ -258,7 +326,7 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     on_ready(addr);
     tonic::transport::Server::builder()
-        .add_service(Service::new(image, inventory, zstd_level).into_server())
+        .add_service(Service::new(published, fleet, inventory, zstd_level).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -117,7 +117,7 @@ pub fn validate(defs: &[TriggerDef], source: &str) -> Result<Vec<Trigger>, Confi
         }
         let timeout = match &d.timeout {
             None => DEFAULT_TIMEOUT,
-            Some(t) => parse_duration(t).map_err(|m| err("timeout", m))?,
+            Some(t) => manifest::units::parse_duration(t).map_err(|m| err("timeout", m))?,
         };
         let on = match &d.on {
             None => vec![ChangeKind::Create, ChangeKind::Content, ChangeKind::Metadata, ChangeKind::Delete],
@@ -141,27 +141,6 @@ pub fn validate(defs: &[TriggerDef], source: &str) -> Result<Vec<Trigger>, Confi
         out.push(Trigger { name, watch, watch_text, run, timeout, on });
     }
     Ok(out)
-}
-
-/// `"90s"`, `"5m"`, `"1h"`, `"250ms"` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, mult_ms) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000)
-    } else if let Some(n) = t.strip_suffix('h') {
-        (n, 3_600_000)
-    } else {
-        (t, 1000)
-    };
-    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a duration (hint: \"30s\", \"5m\", \"1h\")"))?;
-    if n == 0 {
-        return Err(format!("{s:?}: a timeout must be greater than zero"));
-    }
-    Ok(Duration::from_millis(n * mult_ms))
 }
 
 /// Resolves a command like `execvp` would.
@@ -229,13 +208,5 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.starts_with(want), "{e}\n  wanted: {want}");
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("0s").is_err());
     }
 }

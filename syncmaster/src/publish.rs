@@ -1,0 +1,226 @@
+//! Image versions: scanning a stable tree, numbering versions so they only go up (across
+//! restarts, via the state dir), and publishing a new version when `IMAGES/current` is flipped.
+//!
+//! Publishing is a symlink flip: build the new tree in a new directory, then
+//! `ln -sfn v42 IMAGES/current.new && mv -T IMAGES/current.new IMAGES/current`. The master
+//! notices within the poll interval, scans the target until two scans agree (a tree still
+//! being written is never served), and announces the new version to every watching host.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use manifest::cache::HashCache;
+use manifest::Hash;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::Image;
+
+/// Versions kept servable after a newer one is published, for hosts still mid-pass.
+const HISTORY: usize = 3;
+/// Scans of a changing tree before giving up on it for this round.
+const MAX_SCANS: usize = 10;
+
+/// What the state dir remembers: the last published version and its identity.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionState {
+    pub version: u64,
+    pub identity: String,
+    pub source: String,
+}
+
+pub struct Versions {
+    state_dir: Option<PathBuf>,
+    state: VersionState,
+    cache: HashCache,
+}
+
+impl Versions {
+    /// Loads the persisted version (if a state dir is given). `floor` is the lowest version to
+    /// hand out (`--image-version`).
+    pub fn open(state_dir: Option<&Path>, floor: u64) -> anyhow::Result<Versions> {
+        let mut state = VersionState::default();
+        let mut cache = HashCache::default();
+        if let Some(d) = state_dir {
+            std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("cannot create state dir {}: {e}", d.display()))?;
+            let p = d.join("version.json");
+            match std::fs::read(&p) {
+                Ok(b) => {
+                    state = serde_json::from_slice(&b).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{} is corrupt: {e} (hint: fix it; deleting it may reuse version numbers)",
+                            p.display()
+                        )
+                    })?
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!("cannot read {}: {e}", p.display()),
+            }
+            cache = HashCache::load(&d.join("hash-cache.bin"));
+        }
+        if state.version < floor.saturating_sub(1) {
+            state.version = floor.saturating_sub(1);
+            state.identity.clear();
+        }
+        Ok(Versions { state_dir: state_dir.map(Path::to_owned), state, cache })
+    }
+
+    pub fn current(&self) -> &VersionState {
+        &self.state
+    }
+
+    /// Scans `dir` until two consecutive scans agree, numbers it (the same number for the same
+    /// tree, the next number for anything else) and persists the result.
+    pub fn scan(&mut self, dir: &Path) -> anyhow::Result<Image> {
+        let mut last: Option<Hash> = None;
+        for _ in 0..MAX_SCANS {
+            // Version 0 while scanning: the number is decided once the tree is known stable.
+            let m = manifest::scan_image_cached(dir, 0, &mut self.cache)
+                .map_err(|e| anyhow::anyhow!("cannot scan image {}: {e}", dir.display()))?;
+            let id = m.identity();
+            if last == Some(id) {
+                let version =
+                    if id.to_hex() == self.state.identity { self.state.version.max(1) } else { self.state.version + 1 };
+                let mut m = m;
+                m.version = version;
+                self.state = VersionState { version, identity: id.to_hex(), source: dir.display().to_string() };
+                self.persist()?;
+                return Ok(Image::new(dir, m));
+            }
+            last = Some(id);
+        }
+        anyhow::bail!(
+            "{} kept changing over {MAX_SCANS} scans; not publishing it (hint: publish a finished tree)",
+            dir.display()
+        )
+    }
+
+    fn persist(&self) -> anyhow::Result<()> {
+        let Some(d) = &self.state_dir else { return Ok(()) };
+        let p = d.join("version.json");
+        let tmp = d.join("version.json.tmp");
+        let write = || -> std::io::Result<()> {
+            let f = std::fs::File::create(&tmp)?;
+            serde_json::to_writer_pretty(&f, &self.state)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &p)?;
+            std::fs::File::open(d)?.sync_all()
+        };
+        write().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?;
+        if let Err(e) = self.cache.save(&d.join("hash-cache.bin")) {
+            tracing::warn!("cannot save the hash cache in {}: {e}", d.display());
+        }
+        Ok(())
+    }
+}
+
+/// The published image, and the few before it (still servable to hosts mid-pass).
+pub struct Published {
+    tx: watch::Sender<Arc<Image>>,
+    history: Mutex<VecDeque<Arc<Image>>>,
+}
+
+impl Published {
+    pub fn new(first: Image) -> Published {
+        let first = Arc::new(first);
+        Published { tx: watch::Sender::new(first.clone()), history: Mutex::new(VecDeque::from([first])) }
+    }
+
+    pub fn current(&self) -> Arc<Image> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Image>> {
+        self.tx.subscribe()
+    }
+
+    pub fn publish(&self, image: Image) {
+        let image = Arc::new(image);
+        let mut h = self.history.lock().expect("history lock");
+        h.push_front(image.clone());
+        h.truncate(HISTORY);
+        drop(h);
+        self.tx.send_replace(image);
+    }
+
+    /// The newest published image that has content `hash`.
+    pub fn find_object(&self, hash: &Hash) -> Option<(Arc<Image>, manifest::RelPath)> {
+        let h = self.history.lock().expect("history lock");
+        h.iter().find_map(|img| img.object_path(hash).map(|p| (img.clone(), p.clone())))
+    }
+}
+
+/// Watches `images/current` and publishes each new target. Runs until the task is dropped.
+pub async fn watch_current(
+    images: PathBuf,
+    published: Arc<Published>,
+    versions: Arc<Mutex<Versions>>,
+    every: Duration,
+) {
+    let link = images.join("current");
+    let mut last_target = std::fs::read_link(&link).ok();
+    loop {
+        tokio::time::sleep(every).await;
+        let target = match std::fs::read_link(&link) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(link = %link.display(), "cannot read the current-version link: {e}");
+                continue;
+            }
+        };
+        if Some(&target) == last_target.as_ref() {
+            continue;
+        }
+        let dir = images.join(&target);
+        let versions = versions.clone();
+        let scanned = tokio::task::spawn_blocking(move || versions.lock().expect("versions lock").scan(&dir)).await;
+        match scanned {
+            Ok(Ok(image)) => {
+                let same = image.manifest.identity() == published.current().manifest.identity();
+                tracing::info!(
+                    version = image.manifest.version,
+                    target = %target.display(),
+                    entries = image.manifest.entries.len(),
+                    "{}", if same { "current points to an identical tree; version unchanged" } else { "published a new version" }
+                );
+                if !same {
+                    published.publish(image);
+                }
+                last_target = Some(target);
+            }
+            Ok(Err(e)) => tracing::error!("not publishing {}: {e:#}", target.display()),
+            Err(e) => tracing::error!("scan task failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_only_go_up_and_survive_a_restart() {
+        let state = tempfile::tempdir().unwrap();
+        let img = tempfile::tempdir().unwrap();
+        std::fs::write(img.path().join("a"), b"1").unwrap();
+        let mut v = Versions::open(Some(state.path()), 1).unwrap();
+        assert_eq!(v.scan(img.path()).unwrap().manifest.version, 1);
+        assert_eq!(v.scan(img.path()).unwrap().manifest.version, 1, "the same tree keeps its number");
+        std::fs::write(img.path().join("a"), b"2").unwrap();
+        assert_eq!(v.scan(img.path()).unwrap().manifest.version, 2);
+        drop(v);
+        let mut v = Versions::open(Some(state.path()), 1).unwrap();
+        assert_eq!(v.scan(img.path()).unwrap().manifest.version, 2, "a restart keeps the number");
+        std::fs::write(img.path().join("b"), b"new").unwrap();
+        assert_eq!(v.scan(img.path()).unwrap().manifest.version, 3);
+    }
+
+    #[test]
+    fn the_floor_raises_the_first_version() {
+        let img = tempfile::tempdir().unwrap();
+        let mut v = Versions::open(None, 7).unwrap();
+        assert_eq!(v.scan(img.path()).unwrap().manifest.version, 7);
+    }
+}
