@@ -107,7 +107,9 @@ pub fn walk(root: &Path) -> Result<Scan, ScanError> {
 /// Like [`walk`], but never reads, lists or descends into a path for which
 /// `exclude(path, is_dir)` is true: it is only recorded in [`Scan::excluded`].
 pub fn walk_filtered(root: &Path, mut exclude: impl FnMut(&RelPath, bool) -> bool) -> Result<Scan, ScanError> {
-    let root_md = std::fs::symlink_metadata(root).map_err(io_err(root))?;
+    // The root is the operator's choice and may be a symlink (IMAGES/current); nothing
+    // beneath it is followed.
+    let root_md = std::fs::metadata(root).map_err(io_err(root))?;
     if !root_md.is_dir() {
         return Err(ScanError::RootNotDir { path: root.to_owned() });
     }

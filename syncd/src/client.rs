@@ -26,16 +26,8 @@ impl Master {
     pub async fn connect(url: &str) -> Result<Master, SyncError> {
         let unreachable =
             |e: &dyn std::fmt::Display| SyncError::Unreachable { url: url.to_owned(), reason: e.to_string() };
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(SyncError::Config(format!(
-                "master URL {url:?} is invalid: it must start with http:// (hint: http://HOST:PORT)"
-            )));
-        }
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| SyncError::Config(format!("master URL {url:?} is invalid: {e} (hint: http://HOST:PORT)")))?
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .http2_adaptive_window(true);
+        let endpoint =
+            check_url(url)?.connect_timeout(Duration::from_secs(10)).tcp_nodelay(true).http2_adaptive_window(true);
         let channel = endpoint.connect().await.map_err(|e| unreachable(&source_chain(&e)))?;
         let client = ImageSyncClient::new(channel)
             .max_decoding_message_size(proto::MAX_MESSAGE)
@@ -82,6 +74,23 @@ impl Master {
             .into_inner())
     }
 
+    /// Subscribes to version announcements (the current one arrives at once).
+    pub async fn watch(&self, host_id: &str) -> Result<tonic::Streaming<pb::VersionAnnouncement>, SyncError> {
+        let mut client = self.client.clone();
+        Ok(client
+            .watch(pb::WatchRequest { host_id: host_id.to_owned() })
+            .await
+            .map_err(|s| self.status_error(s))?
+            .into_inner())
+    }
+
+    /// Tells the master how a pass went.
+    pub async fn report(&self, result: pb::PassResult) -> Result<(), SyncError> {
+        let mut client = self.client.clone();
+        client.report_pass(result).await.map_err(|s| self.status_error(s))?;
+        Ok(())
+    }
+
     fn status_error(&self, s: tonic::Status) -> SyncError {
         SyncError::Unreachable { url: self.url.clone(), reason: format!("{}: {}", s.code(), s.message()) }
     }
@@ -123,6 +132,19 @@ impl Master {
         });
         ObjectStream { rx, broken: None, wire_bytes: 0, objects: 0, bytes: 0 }
     }
+}
+
+/// Checks that `url` can name a master at all (a usage error otherwise, not "unreachable").
+pub fn check_url(url: &str) -> Result<Endpoint, SyncError> {
+    let bad = |why: String| SyncError::Config(format!("master URL {url:?} is invalid: {why} (hint: http://HOST:PORT)"));
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad("it must start with http://".into()));
+    }
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(e.to_string()))?;
+    if endpoint.uri().host().is_none_or(str::is_empty) {
+        return Err(bad("it names no host".into()));
+    }
+    Ok(endpoint)
 }
 
 fn lists_from_wire(lists: &[pb::ExclusionList]) -> Vec<PatternList> {

@@ -34,6 +34,14 @@ pub struct Config {
     pub exclude_from: Vec<PathBuf>,
     /// Where syncd keeps its state (the pending-trigger journal).
     pub state_dir: Option<PathBuf>,
+    /// `syncd run`: a full pass at least this often (default 15m).
+    pub reconcile_interval: Option<String>,
+    /// `syncd run`: up to this much random delay added to each reconcile (default 1m).
+    pub reconcile_jitter: Option<String>,
+    /// `syncd run`: up to this much random delay before a pass a new version started (default 10s).
+    pub announce_jitter: Option<String>,
+    /// `syncd run`: longest wait between reconnects and retries (default 5m).
+    pub max_backoff: Option<String>,
     /// Shell triggers, in the order they fire: `[[trigger]]` tables.
     #[serde(default)]
     pub trigger: Vec<triggers::config::TriggerDef>,

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod drift;
 pub mod fsops;
 pub mod host;

@@ -59,6 +59,15 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Run as a daemon: converge now, on every new image version, and every reconcile interval.
+    /// SIGTERM stops it cleanly (exit 0).
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// A full pass at least this often [config: reconcile_interval; default 15m].
+        #[arg(long, value_name = "DURATION")]
+        reconcile_interval: Option<String>,
+    },
     /// Say for each PATH whether it is excluded, and by which rule (source, line, pattern).
     Explain {
         #[command(flatten)]
@@ -84,6 +93,16 @@ struct Resolved {
     /// The state dir was chosen (flag or config), so the host index may live there.
     state_dir_chosen: bool,
     triggers: Vec<triggers::Trigger>,
+    daemon: DaemonTimes,
+}
+
+/// The daemon's timing keys, as written (validated when resolved).
+#[derive(Default)]
+struct DaemonTimes {
+    reconcile_interval: Option<String>,
+    reconcile_jitter: Option<String>,
+    announce_jitter: Option<String>,
+    max_backoff: Option<String>,
 }
 
 impl Common {
@@ -106,6 +125,12 @@ impl Common {
             state_dir_chosen: self.state_dir.is_some() || cfg.state_dir.is_some(),
             state_dir: self.state_dir.or(cfg.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/syncd")),
             triggers,
+            daemon: DaemonTimes {
+                reconcile_interval: cfg.reconcile_interval,
+                reconcile_jitter: cfg.reconcile_jitter,
+                announce_jitter: cfg.announce_jitter,
+                max_backoff: cfg.max_backoff,
+            },
         })
     }
 }
@@ -206,6 +231,29 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Run { common, reconcile_interval } => {
+            let opts = common.resolve().and_then(|mut r| {
+                if reconcile_interval.is_some() {
+                    r.daemon.reconcile_interval = reconcile_interval;
+                }
+                daemon_options(r)
+            });
+            let _in_runtime = rt.enter();
+            let shutdown = match shutdown_signal() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("syncd: cannot install signal handlers: {e}");
+                    return ExitCode::from(exit::PARTIAL);
+                }
+            };
+            match opts.map(|o| rt.block_on(syncd::daemon::run(o, shutdown))) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) | Err(e) => {
+                    eprintln!("syncd: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         Cmd::Explain { common, paths } => match rt.block_on(explain(common, &paths)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -245,6 +293,35 @@ async fn explain(common: Common, paths: &[String]) -> Result<(), SyncError> {
         eprintln!("syncd: note: no exclusion rules are in effect (no --exclude-from, config files or master lists)");
     }
     Ok(())
+}
+
+fn daemon_options(r: Resolved) -> Result<syncd::daemon::DaemonOptions, SyncError> {
+    let d = |v: &Option<String>, key: &str, default: &str| {
+        manifest::units::parse_duration(v.as_deref().unwrap_or(default))
+            .map_err(|e| SyncError::Config(format!("config key {key}: {e}")))
+    };
+    let reconcile_interval = d(&r.daemon.reconcile_interval, "reconcile_interval", "15m")?;
+    if reconcile_interval.is_zero() {
+        return Err(SyncError::Config("config key reconcile_interval: must be greater than zero".into()));
+    }
+    let reconcile_jitter = d(&r.daemon.reconcile_jitter, "reconcile_jitter", "1m")?;
+    let announce_jitter = d(&r.daemon.announce_jitter, "announce_jitter", "10s")?;
+    let max_backoff = d(&r.daemon.max_backoff, "max_backoff", "5m")?.max(std::time::Duration::from_secs(1));
+    let sync = r.sync_options(false)?;
+    Ok(syncd::daemon::DaemonOptions { sync, reconcile_interval, reconcile_jitter, announce_jitter, max_backoff })
+}
+
+/// Resolves on SIGINT or SIGTERM; the handlers are installed when this is called.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 fn print_triggers(report: &syncd::PassReport) {

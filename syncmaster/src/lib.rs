@@ -61,6 +61,8 @@ impl Image {
 /// The gRPC service.
 #[derive(Clone)]
 pub struct Service {
+    /// Becomes true at shutdown: the never-ending Watch streams end, so the server can stop.
+    stopping: tokio::sync::watch::Receiver<bool>,
     published: Arc<publish::Published>,
     fleet: Arc<fleet::Fleet>,
     inventory: Arc<inventory::Inventory>,
@@ -73,8 +75,9 @@ impl Service {
         fleet: Arc<fleet::Fleet>,
         inventory: Arc<inventory::Inventory>,
         zstd_level: i32,
+        stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Service {
-        Service { published, fleet, inventory, zstd_level }
+        Service { stopping, published, fleet, inventory, zstd_level }
     }
 
     pub fn into_server(self) -> ImageSyncServer<Service> {
@@ -164,6 +167,7 @@ impl ImageSync for Service {
         let host = req.into_inner().host_id;
         let mut rx = self.published.subscribe();
         let fleet = self.fleet.clone();
+        let mut stopping = self.stopping.clone();
         let (tx, out) = mpsc::channel(4);
         fleet.watching(&host, 1);
         tokio::spawn(async move {
@@ -181,6 +185,7 @@ impl ImageSync for Service {
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { break },
                     _ = tx.closed() => break,
+                    _ = stopping.wait_for(|s| *s) => break,
                 }
             }
             fleet.watching(&host, -1);
@@ -324,10 +329,18 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stopped = stop_rx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     on_ready(addr);
     tonic::transport::Server::builder()
-        .add_service(Service::new(published, fleet, inventory, zstd_level).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .add_service(Service::new(published, fleet, inventory, zstd_level, stop_rx).into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
         .await?;
     Ok(())
 }

@@ -99,7 +99,17 @@ fn main() -> ExitCode {
             // Validate configuration before scanning or opening a port.
             let tree = match (&image, &images) {
                 (Some(dir), _) => dir.clone(),
-                (None, Some(dir)) => dir.join("current"),
+                // Resolved once, so a flip during the first scan cannot mix two trees.
+                (None, Some(dir)) => match std::fs::read_link(dir.join("current")) {
+                    Ok(target) => dir.join(target),
+                    Err(e) => {
+                        eprintln!(
+                            "syncmaster: cannot read {}: {e} (hint: IMAGES/current must be a symlink to a version directory)",
+                            dir.join("current").display()
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
                 (None, None) => unreachable!("clap requires one"),
             };
             if !tree.is_dir() {

@@ -105,11 +105,21 @@ impl Master {
     }
 
     pub fn start_version(image: &Path, version: u64) -> Master {
-        let mut child = Command::new(bin("syncmaster"))
-            .arg("serve")
-            .arg("--image")
-            .arg(image)
-            .args(["--listen", "127.0.0.1:0", "--image-version", &version.to_string()])
+        let v = version.to_string();
+        Master::start_with(&[OsStr::new("--image"), image.as_os_str(), OsStr::new("--image-version"), OsStr::new(&v)])
+    }
+
+    /// `syncmaster serve ARGS`, on `127.0.0.1:0` unless ARGS name `--listen`.
+    pub fn start_with(args: &[&OsStr]) -> Master {
+        let image = Path::new(
+            args.iter().skip_while(|a| **a != "--image" && **a != "--images").nth(1).copied().unwrap_or_default(),
+        );
+        let mut cmd = Command::new(bin("syncmaster"));
+        cmd.arg("serve").args(args);
+        if !args.iter().any(|a| *a == "--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -173,6 +183,25 @@ impl Drop for Master {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+/// `syncmaster status --format json` against `url`, parsed.
+pub fn fleet_status(url: &str) -> serde_json::Value {
+    let out = Command::new(bin("syncmaster")).args(["status", "--master", url, "--format", "json"]).output().unwrap();
+    assert!(out.status.success(), "syncmaster status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 /// A finished `syncd` run.

@@ -117,7 +117,10 @@ pub fn validate(defs: &[TriggerDef], source: &str) -> Result<Vec<Trigger>, Confi
         }
         let timeout = match &d.timeout {
             None => DEFAULT_TIMEOUT,
-            Some(t) => manifest::units::parse_duration(t).map_err(|m| err("timeout", m))?,
+            Some(t) => match manifest::units::parse_duration(t).map_err(|m| err("timeout", m))? {
+                d if d.is_zero() => return Err(err("timeout", "must be greater than zero".into())),
+                d => d,
+            },
         };
         let on = match &d.on {
             None => vec![ChangeKind::Create, ChangeKind::Content, ChangeKind::Metadata, ChangeKind::Delete],

@@ -1,0 +1,323 @@
+//! `syncd run`: the continuous convergence daemon.
+//!
+//! Event watches alone lose events under load, so the daemon reconciles the full state every
+//! `reconcile_interval` (plus jitter) and uses the master's version announcements only to start
+//! a pass early (after a small random delay, so a fleet does not stampede). The loop is one
+//! `select!` over: an announcement, the watch stream breaking, the reconnect timer, the pass
+//! timer, a pass finishing, and the shutdown signal. Decisions about *when* the next pass or
+//! reconnect happens live in [`Schedule`], which does no I/O and is tested with plain instants.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use manifest::Hash;
+use proto::v1 as pb;
+use tokio::time::Instant;
+
+use crate::{client, exit, PassReport, SyncError, SyncOptions};
+
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    pub sync: SyncOptions,
+    /// A full pass at least this often, whatever the master announces.
+    pub reconcile_interval: Duration,
+    /// Up to this much random delay is added to each reconcile.
+    pub reconcile_jitter: Duration,
+    /// Up to this much random delay before a pass started by an announcement.
+    pub announce_jitter: Duration,
+    /// Longest wait between reconnects or retries.
+    pub max_backoff: Duration,
+}
+
+/// When the next pass and the next reconnect are due. Pure: no clock reads, no I/O.
+#[derive(Debug)]
+pub struct Schedule {
+    pub next_pass: Instant,
+    /// Wait before the next retry of a failed pass.
+    pub backoff: Duration,
+    /// Wait before the next reconnect of the version watch.
+    pub reconnect_backoff: Duration,
+    min_backoff: Duration,
+    max_backoff: Duration,
+    /// The identity the host last converged to.
+    pub applied: Option<Hash>,
+}
+
+fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(rand::random_range(0..=max.as_millis() as u64))
+    }
+}
+
+impl Schedule {
+    pub fn new(now: Instant, max_backoff: Duration) -> Schedule {
+        let min = Duration::from_millis(500).min(max_backoff);
+        // The first pass runs at once: it converges and runs what a crash left pending.
+        Schedule { next_pass: now, backoff: min, reconnect_backoff: min, min_backoff: min, max_backoff, applied: None }
+    }
+
+    /// The master announced `identity`: pass soon unless the host already has it.
+    pub fn announced(&mut self, now: Instant, identity: Hash, delay: Duration) {
+        if self.applied != Some(identity) {
+            self.next_pass = self.next_pass.min(now + delay);
+        }
+    }
+
+    /// A pass ended. A converged host waits for the reconcile; one that could not converge
+    /// retries sooner, backing off.
+    pub fn pass_done(&mut self, now: Instant, converged_to: Option<Hash>, retry: bool, reconcile: Duration) {
+        if let Some(id) = converged_to {
+            self.applied = Some(id);
+        }
+        if retry {
+            self.next_pass = now + self.backoff.min(reconcile);
+            self.backoff = (self.backoff * 2).min(self.max_backoff);
+        } else {
+            self.backoff = self.min_backoff;
+            self.next_pass = now + reconcile;
+        }
+    }
+
+    /// The watch could not be (re)established: how long to wait before the next attempt.
+    pub fn reconnect_wait(&mut self) -> Duration {
+        let d = self.reconnect_backoff;
+        self.reconnect_backoff = (self.reconnect_backoff * 2).min(self.max_backoff);
+        d + jitter(d / 4)
+    }
+
+    pub fn connected(&mut self) {
+        self.reconnect_backoff = self.min_backoff;
+    }
+}
+
+/// The pass result as the master's fleet status keeps it.
+pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::PassResult {
+    match r {
+        Ok(rep) => {
+            let (missing, changed, extra) = rep.plan.counts_where(|_| true);
+            let code = rep.exit_code();
+            pb::PassResult {
+                host_id: host_id.to_owned(),
+                image_version: rep.image_version,
+                identity: rep.identity.0.to_vec().into(),
+                result: match code {
+                    exit::OK => "converged",
+                    exit::PARTIAL => "partial",
+                    exit::UNREACHABLE => "unreachable",
+                    exit::TRIGGER_FAILED => "trigger-failed",
+                    _ => "error",
+                }
+                .into(),
+                missing: missing as u64,
+                changed: changed as u64,
+                extra: extra as u64,
+                excluded: rep.plan.excluded as u64,
+                failed_paths: rep.failures().count() as u64,
+                failed_triggers: rep.triggers.iter().filter(|t| !t.ok).map(|t| t.trigger.clone()).collect(),
+                errors: rep.failures().take(10).map(|f| format!("{}: {}", f.path, f.error)).collect(),
+                duration_secs: rep.duration.as_secs_f64(),
+                dry_run: rep.outcome.is_none(),
+            }
+        }
+        Err(e) => pb::PassResult {
+            host_id: host_id.to_owned(),
+            result: match e {
+                SyncError::BadManifest(_) => "rejected",
+                SyncError::Unreachable { .. } => "unreachable",
+                _ => "error",
+            }
+            .into(),
+            errors: vec![e.to_string()],
+            ..Default::default()
+        },
+    }
+}
+
+/// Runs until `shutdown` resolves. A pass under way when it does is stopped between two
+/// entries (what was staged is committed, the trigger journal stays consistent), then this
+/// returns `Ok`.
+pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) -> Result<(), SyncError> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    opts.sync.cancel = Some(cancel.clone());
+    opts.sync.dry_run = false;
+    opts.sync.index = true;
+    opts.sync.retry_now = false;
+    let host = opts.sync.host_id.clone();
+    let url = opts.sync.master.clone();
+    // A malformed URL will never work: refuse it now rather than retry forever.
+    client::check_url(&url)?;
+    tokio::pin!(shutdown);
+
+    let mut sched = Schedule::new(Instant::now(), opts.max_backoff);
+    let mut watch: Option<tonic::Streaming<pb::VersionAnnouncement>> = None;
+    let mut reconnect_at = Instant::now();
+    let mut pass: Option<tokio::task::JoinHandle<Result<PassReport, SyncError>>> = None;
+    tracing::info!(master = %url, root = %opts.sync.root.display(), interval = ?opts.reconcile_interval, "syncd daemon starting");
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                cancel.store(true, Ordering::Relaxed);
+                if let Some(p) = pass.take() {
+                    tracing::info!("stopping: letting the current file finish");
+                    if let Ok(r) = p.await {
+                        log_pass(&r);
+                        report(&url, &host, &r).await;
+                    }
+                }
+                tracing::info!("stopped");
+                return Ok(());
+            }
+            msg = next_announcement(&mut watch), if watch.is_some() => match msg {
+                Some(Ok(a)) => {
+                    if let Some(id) = Hash::from_slice(&a.identity) {
+                        if sched.applied != Some(id) {
+                            tracing::info!(version = a.version, "new image version announced");
+                        }
+                        sched.announced(Instant::now(), id, jitter(opts.announce_jitter));
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(master = %url, "version watch lost: {e}");
+                    watch = None;
+                    reconnect_at = Instant::now() + sched.reconnect_wait();
+                }
+                None => {
+                    tracing::warn!(master = %url, "version watch ended (master restarting?)");
+                    watch = None;
+                    reconnect_at = Instant::now() + sched.reconnect_wait();
+                }
+            },
+            _ = tokio::time::sleep_until(reconnect_at), if watch.is_none() => {
+                match client::Master::connect(&url).await {
+                    Ok(m) => match m.watch(&host).await {
+                        Ok(w) => {
+                            tracing::info!(master = %url, "watching for new image versions");
+                            watch = Some(w);
+                            sched.connected();
+                        }
+                        Err(e) => {
+                            let wait = sched.reconnect_wait();
+                            tracing::warn!("{e}; retrying in {wait:.1?}");
+                            reconnect_at = Instant::now() + wait;
+                        }
+                    },
+                    Err(e) => {
+                        let wait = sched.reconnect_wait();
+                        tracing::warn!("{e}; retrying in {wait:.1?}");
+                        reconnect_at = Instant::now() + wait;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(sched.next_pass), if pass.is_none() => {
+                let o = opts.sync.clone();
+                // Far in the future until this pass ends and says when the next one is due.
+                sched.next_pass = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+                pass = Some(tokio::spawn(async move { crate::sync_once(&o).await }));
+            }
+            done = async { pass.as_mut().expect("guarded").await }, if pass.is_some() => {
+                pass = None;
+                let r = done.map_err(|e| SyncError::Internal(format!("pass task failed: {e}")))?;
+                log_pass(&r);
+                let converged_to = match &r {
+                    Ok(rep) if matches!(rep.exit_code(), exit::OK | exit::TRIGGER_FAILED) => Some(rep.identity),
+                    _ => None,
+                };
+                let retry = match &r {
+                    Ok(rep) => rep.exit_code() != exit::OK || !rep.deferred.is_empty(),
+                    Err(_) => true,
+                };
+                let reconcile = opts.reconcile_interval + jitter(opts.reconcile_jitter);
+                sched.pass_done(Instant::now(), converged_to, retry, reconcile);
+                report(&url, &host, &r).await;
+            }
+        }
+    }
+}
+
+async fn next_announcement(
+    w: &mut Option<tonic::Streaming<pb::VersionAnnouncement>>,
+) -> Option<Result<pb::VersionAnnouncement, tonic::Status>> {
+    match w {
+        Some(s) => s.message().await.transpose(),
+        None => std::future::pending().await,
+    }
+}
+
+fn log_pass(r: &Result<PassReport, SyncError>) {
+    match r {
+        Ok(rep) => {
+            for f in rep.failures() {
+                tracing::error!(path = %f.path, "{}", f.error);
+            }
+            for t in &rep.triggers {
+                if t.ok {
+                    tracing::info!(trigger = %t.trigger, "{} ({} changes)", t.status, t.changes);
+                } else {
+                    tracing::error!(trigger = %t.trigger, "{}; stays pending", t.status);
+                }
+            }
+            tracing::info!("{}", rep.summary());
+        }
+        Err(e) => tracing::warn!("pass failed: {e}"),
+    }
+}
+
+async fn report(url: &str, host: &str, r: &Result<PassReport, SyncError>) {
+    let result = pass_result(host, r);
+    let sent = async { client::Master::connect(url).await?.report(result).await };
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(10), sent).await.unwrap_or_else(|_| {
+        Err(SyncError::Unreachable { url: url.to_owned(), reason: "timed out sending the pass report".into() })
+    }) {
+        tracing::warn!("cannot report the pass to the master: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(b: u8) -> Hash {
+        Hash([b; 32])
+    }
+
+    #[test]
+    fn first_pass_is_immediate_then_waits_for_the_reconcile() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0, Duration::from_secs(60));
+        assert_eq!(s.next_pass, t0);
+        s.pass_done(t0, Some(h(1)), false, Duration::from_secs(900));
+        assert_eq!(s.next_pass, t0 + Duration::from_secs(900));
+    }
+
+    #[test]
+    fn an_announcement_of_a_new_version_starts_a_pass_early_but_not_for_the_current_one() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0, Duration::from_secs(60));
+        s.pass_done(t0, Some(h(1)), false, Duration::from_secs(900));
+        s.announced(t0, h(1), Duration::from_secs(2));
+        assert_eq!(s.next_pass, t0 + Duration::from_secs(900), "the version it has");
+        s.announced(t0, h(2), Duration::from_secs(2));
+        assert_eq!(s.next_pass, t0 + Duration::from_secs(2));
+    }
+
+    #[test]
+    fn failures_back_off_up_to_the_cap_and_success_resets() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0, Duration::from_secs(8));
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            s.pass_done(t0, None, true, Duration::from_secs(900));
+            waits.push(s.next_pass - t0);
+        }
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), Duration::from_secs(8));
+        s.pass_done(t0, Some(h(3)), false, Duration::from_secs(900));
+        s.pass_done(t0, None, true, Duration::from_secs(900));
+        assert_eq!(s.next_pass - t0, Duration::from_millis(500), "backoff resets after success");
+    }
+}

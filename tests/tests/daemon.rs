@@ -1,0 +1,181 @@
+//! `syncd run` against a real master: new versions converge within seconds, local drift is
+//! reverted by the reconcile, a master restart is survived, and the fleet status tells the
+//! truth (converged, version, down once syncd stops).
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use gis_tests::{bin, fleet_status, scratch, wait_until, KillOnDrop, Master, Scratch};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `IMAGES/vN` trees with one file each, and `IMAGES/current` -> v1.
+fn images(s: &Scratch) -> PathBuf {
+    let images = s.dir("images");
+    add_version(&images, 1);
+    std::os::unix::fs::symlink("v1", images.join("current")).unwrap();
+    images
+}
+
+fn add_version(images: &Path, n: u32) {
+    let v = images.join(format!("v{n}"));
+    fs::create_dir_all(v.join("etc")).unwrap();
+    fs::write(v.join("etc/motd"), format!("version {n}\n")).unwrap();
+    fs::write(v.join("etc/shared"), b"same in every version\n").unwrap();
+}
+
+/// Publishes vN the documented way: a new symlink renamed over `current`.
+fn publish(images: &Path, n: u32) {
+    let tmp = images.join("current.new");
+    std::os::unix::fs::symlink(format!("v{n}"), &tmp).unwrap();
+    fs::rename(&tmp, images.join("current")).unwrap();
+}
+
+fn master(s: &Scratch, images: &Path, listen: Option<&str>) -> Master {
+    let state = s.join("master-state");
+    let mut args: Vec<&OsStr> =
+        ["--images", images.to_str().unwrap(), "--state-dir", state.to_str().unwrap()].map(OsStr::new).to_vec();
+    args.extend(["--poll", "200ms", "--down-after", "2s", "--out-after", "1h"].map(OsStr::new));
+    if let Some(l) = listen {
+        args.extend([OsStr::new("--listen"), OsStr::new(l)]);
+    }
+    Master::start_with(&args)
+}
+
+fn daemon(s: &Scratch, url: &str, root: &Path) -> KillOnDrop {
+    let cfg = s.join("syncd.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "master = {url:?}\nroot = {root:?}\nhost_id = \"web01\"\nstate_dir = {:?}\n\
+             reconcile_interval = \"1s\"\nreconcile_jitter = \"0s\"\nannounce_jitter = \"0s\"\nmax_backoff = \"1s\"\n",
+            s.join("syncd-state")
+        ),
+    )
+    .unwrap();
+    let log = fs::File::create(s.join("syncd.log")).unwrap();
+    let child = Command::new(bin("syncd"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    KillOnDrop(child)
+}
+
+fn motd(root: &Path) -> String {
+    fs::read_to_string(root.join("etc/motd")).unwrap_or_default()
+}
+
+fn log(s: &Scratch) -> String {
+    fs::read_to_string(s.join("syncd.log")).unwrap_or_default()
+}
+
+fn sigterm_and_wait(child: &mut Child) -> Option<i32> {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    for _ in 0..200 {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn follows_new_versions_reverts_drift_and_reports_to_the_fleet() {
+    let s = scratch();
+    let images = images(&s);
+    let root = s.dir("root");
+    let m = master(&s, &images, None);
+    let mut d = daemon(&s, m.url(), &root);
+
+    assert!(wait_until(WAIT, || motd(&root) == "version 1\n"), "never converged to v1\n{}", log(&s));
+    add_version(&images, 2);
+    publish(&images, 2);
+    assert!(wait_until(WAIT, || motd(&root) == "version 2\n"), "never converged to v2\n{}\n{}", log(&s), m.stderr());
+
+    fs::write(root.join("etc/motd"), b"edited by hand\n").unwrap();
+    assert!(wait_until(WAIT, || motd(&root) == "version 2\n"), "the reconcile did not revert the edit\n{}", log(&s));
+
+    let st = fleet_status(m.url());
+    assert_eq!(st["image_version"], 2, "{st:#}");
+    let h = &st["hosts"][0];
+    assert!(
+        wait_until(WAIT, || {
+            let st = fleet_status(m.url());
+            st["hosts"][0]["converged"] == true && st["hosts"][0]["version"] == 2
+        }),
+        "status never showed web01 converged at v2: {st:#}"
+    );
+    assert_eq!(h["host_id"], "web01");
+    assert_eq!(h["state"], "up");
+
+    assert_eq!(sigterm_and_wait(&mut d.0), Some(0), "SIGTERM must stop syncd cleanly\n{}", log(&s));
+    assert!(
+        wait_until(WAIT, || fleet_status(m.url())["hosts"][0]["state"] == "down"),
+        "a stopped syncd is never marked down: {:#}",
+        fleet_status(m.url())
+    );
+}
+
+#[test]
+fn survives_a_master_restart_and_an_unreachable_start() {
+    let s = scratch();
+    let images = images(&s);
+    let root = s.dir("root");
+    // A free port, nothing listening yet: syncd must keep trying, not exit.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let mut d = daemon(&s, &format!("http://{addr}"), &root);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(d.0.try_wait().unwrap().is_none(), "syncd exited while the master was away\n{}", log(&s));
+    assert!(log(&s).contains("unreachable"), "the outage is not logged clearly\n{}", log(&s));
+
+    let m = master(&s, &images, Some(&addr));
+    assert!(wait_until(WAIT, || motd(&root) == "version 1\n"), "never converged once the master came\n{}", log(&s));
+
+    drop(m);
+    add_version(&images, 2);
+    publish(&images, 2);
+    let m = master(&s, &images, Some(&addr));
+    assert!(wait_until(WAIT, || motd(&root) == "version 2\n"), "no convergence after the restart\n{}", log(&s));
+    // Versions survive the restart: v1's number was persisted, v2 is the next one.
+    assert_eq!(fleet_status(m.url())["image_version"], 2);
+    assert_eq!(sigterm_and_wait(&mut d.0), Some(0));
+}
+
+#[test]
+fn the_host_index_never_hides_an_edit_that_kept_size_and_mtime() {
+    let s = scratch();
+    let img = s.dir("img");
+    fs::create_dir_all(img.join("etc")).unwrap();
+    fs::write(img.join("etc/passwd"), b"root:x:0:0\n").unwrap();
+    let root = s.dir("root");
+    let m = Master::start(&img);
+    let state = s.join("state");
+    let args = ["--state-dir", state.to_str().unwrap()];
+    gis_tests::sync(&m, &root, &args).expect_code(0, &[&root]);
+    let again = gis_tests::sync(&m, &root, &args);
+    again.expect_code(0, &[&root]);
+    assert!(state.read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("host-index-")));
+
+    // Same size, mtime put back (as `touch -r` would): only the ctime changed.
+    let p = root.join("etc/passwd");
+    let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(&p, b"evil:x:0:0\n").unwrap();
+    fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
+    let out = gis_tests::sync(&m, &root, &args);
+    out.expect_code(0, &[&root]);
+    out.check(out.lists("etc/passwd"), "the index hid a content change", &[&root]);
+    assert_eq!(fs::read(&p).unwrap(), b"root:x:0:0\n");
+}
