@@ -53,3 +53,24 @@ impl Config {
         toml::from_str(&text).map_err(|e| format!("config {} is not valid: {e}", path.display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_and_exclude_file_are_valid() {
+        let cfg: Config = toml::from_str(include_str!("../../contrib/syncd.toml")).unwrap();
+        assert_eq!(cfg.trigger.len(), 2);
+        assert!(cfg.reconcile_interval.is_some());
+        let ex = exclusions::PatternList::parse("contrib/exclude", include_str!("../../contrib/exclude"));
+        let rules = exclusions::Exclusions::compile([&ex]).unwrap();
+        assert!(rules.is_excluded(&manifest::RelPath::new("etc/ssh/ssh_host_rsa_key").unwrap(), false));
+        assert!(!rules.is_excluded(&manifest::RelPath::new("etc/ssh/sshd_config").unwrap(), false));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<Config>("mastr = \"x\"").is_err());
+    }
+}

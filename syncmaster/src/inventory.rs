@@ -175,6 +175,12 @@ groups = ["base"]
     }
 
     #[test]
+    fn the_shipped_example_inventory_is_valid() {
+        let inv = Inventory::parse("contrib/hosts.toml", include_str!("../../contrib/hosts.toml")).unwrap();
+        assert_eq!(inv.host_count(), 2);
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let err = Inventory::parse("hosts.toml", "[groups.g]\nexclud = []\n").unwrap_err().to_string();
         assert!(err.contains("exclud"), "{err}");
