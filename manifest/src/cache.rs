@@ -35,15 +35,29 @@ impl HashCache {
     /// Loads a cache; a missing, unreadable or damaged file is an empty cache (it is only ever an
     /// optimisation, and a damaged one must not be trusted).
     pub fn load(path: &Path) -> HashCache {
+        Self::load_checked(path).0
+    }
+
+    /// Like [`HashCache::load`], and says why an existing file could not be used, so the caller
+    /// can warn that everything will be hashed afresh.
+    pub fn load_checked(path: &Path) -> (HashCache, Option<String>) {
         let mut map = HashMap::new();
-        let Ok(mut f) = std::fs::File::open(path) else { return HashCache { map } };
+        let mut f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return (HashCache { map }, None),
+            Err(e) => return (HashCache { map }, Some(format!("cannot read {}: {e}", path.display()))),
+        };
+        let damaged = || Some(format!("{} is damaged", path.display()));
         let mut buf = Vec::new();
-        if f.read_to_end(&mut buf).is_err() || buf.len() < MAGIC.len() + 32 || &buf[..8] != MAGIC {
-            return HashCache { map };
+        if let Err(e) = f.read_to_end(&mut buf) {
+            return (HashCache { map }, Some(format!("cannot read {}: {e}", path.display())));
+        }
+        if buf.len() < MAGIC.len() + 32 || &buf[..8] != MAGIC {
+            return (HashCache { map }, damaged());
         }
         let (body, sum) = buf[8..].split_at(buf.len() - 8 - 32);
         if blake3::hash(body).as_bytes() != sum || body.len() % RECORD != 0 {
-            return HashCache { map };
+            return (HashCache { map }, damaged());
         }
         let u = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
         for r in body.chunks_exact(RECORD) {
@@ -51,7 +65,7 @@ impl HashCache {
             let st = Stamp { size: u(&r[16..24]), mtime_ns: u(&r[24..32]) as i64, ctime_ns: u(&r[32..40]) as i64 };
             map.insert(key, (st, Hash(r[40..72].try_into().expect("32 bytes"))));
         }
-        HashCache { map }
+        (HashCache { map }, None)
     }
 
     /// Fills in the hash of every regular file whose stamp matches the cache.
@@ -68,14 +82,18 @@ impl HashCache {
         hits
     }
 
-    /// Replaces the cache's content with the hashed regular files of `entries`.
-    pub fn refresh(&mut self, entries: &[ScannedEntry]) {
-        self.map.clear();
+    /// Replaces the cache's content with the hashed regular files of `entries`. Returns whether
+    /// anything changed (so an unchanged cache need not be written again).
+    pub fn refresh(&mut self, entries: &[ScannedEntry]) -> bool {
+        let mut map = HashMap::with_capacity(self.map.len());
         for e in entries.iter().filter(|e| e.entry.kind == Kind::File) {
             if let Some(h) = e.entry.hash {
-                self.map.insert((e.dev, e.ino), (stamp(e), h));
+                map.insert((e.dev, e.ino), (stamp(e), h));
             }
         }
+        let changed = map != self.map;
+        self.map = map;
+        changed
     }
 
     pub fn len(&self) -> usize {
@@ -143,6 +161,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c");
         std::fs::write(&p, b"GISHC01\ngarbage-garbage-garbage-garbage-garbage").unwrap();
-        assert!(HashCache::load(&p).is_empty());
+        let (c, warning) = HashCache::load_checked(&p);
+        assert!(c.is_empty());
+        assert!(warning.unwrap().contains("damaged"));
+        assert!(HashCache::load_checked(&d.path().join("missing")).1.is_none(), "a missing cache is no problem");
     }
 }

@@ -242,14 +242,23 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     // A dry run reads the index but writes nothing, not even that.
     let save_index = !opts.dry_run;
     let (manifest, rules, host, scan_errors) = tokio::task::spawn_blocking(move || {
-        let index = index_path.as_deref().map(manifest::cache::HashCache::load);
+        let index = index_path.as_deref().map(|p| {
+            let (index, problem) = manifest::cache::HashCache::load_checked(p);
+            if let Some(problem) = problem {
+                tracing::warn!("host index: {problem}; rebuilding it from a full scan");
+            }
+            index
+        });
         let r = host::scan(&root, &manifest, &rules, index.as_ref());
         if let (Some(mut index), Some(path), Ok((host, _)), true) = (index, index_path, &r, save_index) {
-            index.refresh(&host.entries);
-            let saved = path
-                .parent()
-                .map_or(Ok(()), |d| std::fs::DirBuilder::new().recursive(true).create(d))
-                .and_then(|()| index.save(&path));
+            let changed = index.refresh(&host.entries);
+            let saved = if !changed {
+                Ok(())
+            } else {
+                path.parent()
+                    .map_or(Ok(()), |d| std::fs::DirBuilder::new().recursive(true).create(d))
+                    .and_then(|()| index.save(&path))
+            };
             if let Err(e) = saved {
                 tracing::warn!(path = %path.display(), "cannot save the host index: {e}");
             }

@@ -58,7 +58,11 @@ impl Versions {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => anyhow::bail!("cannot read {}: {e}", p.display()),
             }
-            cache = HashCache::load(&d.join("hash-cache.bin"));
+            let (loaded, problem) = HashCache::load_checked(&d.join("hash-cache.bin"));
+            if let Some(problem) = problem {
+                tracing::warn!("hash cache: {problem}; every file will be hashed afresh");
+            }
+            cache = loaded;
         }
         if state.version < floor.saturating_sub(1) {
             state.version = floor.saturating_sub(1);

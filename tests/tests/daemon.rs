@@ -179,3 +179,29 @@ fn the_host_index_never_hides_an_edit_that_kept_size_and_mtime() {
     out.check(out.lists("etc/passwd"), "the index hid a content change", &[&root]);
     assert_eq!(fs::read(&p).unwrap(), b"root:x:0:0\n");
 }
+
+#[test]
+fn a_damaged_host_index_is_rebuilt_with_a_warning() {
+    let s = scratch();
+    let img = s.dir("img");
+    fs::write(img.join("motd"), b"hello\n").unwrap();
+    let root = s.dir("root");
+    let m = Master::start(&img);
+    let state = s.join("state");
+    let args = ["--state-dir", state.to_str().unwrap()];
+    gis_tests::sync(&m, &root, &args).expect_code(0, &[&root]);
+    // The first pass found an empty host: the second one has files to index.
+    gis_tests::sync(&m, &root, &args).expect_code(0, &[&root]);
+    let index = fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("host-index-"));
+    let index = index.expect("an index was written");
+    fs::write(&index, b"GISHC01\nthis is not an index, it is a damaged file....").unwrap();
+    fs::write(root.join("motd"), b"drift\n").unwrap();
+    let out = gis_tests::sync(&m, &root, &args);
+    out.expect_code(0, &[&root]);
+    out.check(out.stderr.contains("damaged") && out.stderr.contains("rebuilding"), "no warning about the index", &[]);
+    out.check(out.lists("motd"), "the drift was missed", &[&root]);
+    assert_eq!(fs::read(root.join("motd")).unwrap(), b"hello\n");
+}
