@@ -130,21 +130,35 @@ pub fn walk_filtered(root: &Path, mut exclude: impl FnMut(&RelPath, bool) -> boo
         }
         true
     });
+    // The walk itself (directory listings) is sequential; the per-entry syscalls (lstat,
+    // llistxattr, readlink) are independent, so they run on all cores, a bounded chunk at a
+    // time so memory does not grow with the tree.
+    const CHUNK: usize = 4096;
+    let mut pending: Vec<PathBuf> = Vec::with_capacity(CHUNK);
+    let flush = |pending: &mut Vec<PathBuf>, entries: &mut Vec<ScannedEntry>, errors: &mut Vec<ScanError>| {
+        let done: Vec<Result<ScannedEntry, ScanError>> =
+            pending.par_iter().map(|p| scan_one(root, root_dev, p)).collect();
+        for r in done {
+            match r {
+                Ok(e) => entries.push(e),
+                Err(e) => errors.push(e),
+            }
+        }
+        pending.clear();
+    };
     for item in walker {
-        let dent = match item {
-            Ok(d) => d,
+        match item {
+            Ok(d) => pending.push(d.into_path()),
             Err(e) => {
                 let path = e.path().unwrap_or(root).to_owned();
                 errors.push(ScanError::Walk { path, source: e });
-                continue;
             }
-        };
-        let path = dent.path();
-        match scan_one(root, root_dev, path) {
-            Ok(e) => entries.push(e),
-            Err(e) => errors.push(e),
+        }
+        if pending.len() == CHUNK {
+            flush(&mut pending, &mut entries, &mut errors);
         }
     }
+    flush(&mut pending, &mut entries, &mut errors);
     entries.sort_unstable_by(|a, b| a.entry.path.cmp(&b.entry.path));
     assign_link_groups(&mut entries);
     excluded.sort();

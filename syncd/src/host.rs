@@ -24,7 +24,9 @@ pub fn scan(
 ) -> Result<(HostTree, Vec<ScanError>), ScanError> {
     // Excluded paths are never read: not stat'ed beyond the directory listing, never hashed,
     // never descended into.
+    let t = std::time::Instant::now();
     let mut s = scan::walk_filtered(root, |p, is_dir| rules.matches_self(p, is_dir).is_excluded())?;
+    tracing::debug!(secs = t.elapsed().as_secs_f64(), "host walk");
     let mut errors = std::mem::take(&mut s.errors);
     let unreadable: Vec<RelPath> = errors
         .iter()
@@ -55,6 +57,7 @@ pub fn scan(
     if !needed_sizes.is_empty() {
         errors.extend(scan::hash_files(root, &mut s.entries, |h| needed_sizes.contains(&h.entry.size)));
     }
+    tracing::debug!(secs = t.elapsed().as_secs_f64(), "host hashing done");
     // Files that changed while hashed simply stay unhashed: the plan replaces them.
     errors.retain(|e| !matches!(e, ScanError::Changed { .. }));
     Ok((HostTree { root: s.root, entries: s.entries, unreadable, excluded: s.excluded }, errors))

@@ -235,6 +235,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let (manifest, master_lists) = master.manifest(&opts.host_id).await?;
     let rules = compile_rules(&master_lists, &local)?;
     let identity = manifest.identity();
+    tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
     tracing::info!(version = manifest.version, entries = manifest.entries.len(), identity = %identity, rules = rules.rules().len(), "manifest received");
 
     let root = opts.root.clone();
@@ -242,6 +243,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     // A dry run reads the index but writes nothing, not even that.
     let save_index = !opts.dry_run;
     let (manifest, rules, host, scan_errors) = tokio::task::spawn_blocking(move || {
+        let t = std::time::Instant::now();
         let index = index_path.as_deref().map(|p| {
             let (index, problem) = manifest::cache::HashCache::load_checked(p);
             if let Some(problem) = problem {
@@ -249,6 +251,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             }
             index
         });
+        tracing::debug!(secs = t.elapsed().as_secs_f64(), "index loaded");
         let r = host::scan(&root, &manifest, &rules, index.as_ref());
         if let (Some(mut index), Some(path), Ok((host, _)), true) = (index, index_path, &r, save_index) {
             let changed = index.refresh(&host.entries);
@@ -270,7 +273,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     .map_err(|e| SyncError::Internal(e.to_string()))?
     .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
 
+    tracing::debug!(secs = started.elapsed().as_secs_f64(), entries = host.entries.len(), "phase: host scanned");
     let plan = Plan::compute(&manifest, &host, &rules);
+    tracing::debug!(secs = started.elapsed().as_secs_f64(), changes = plan.changes.len(), "phase: plan computed");
     drop(host);
     let mut scan_failures: Vec<Failure> =
         scan_errors.iter().map(|e| Failure { path: e.path().display().to_string(), error: e.to_string() }).collect();
