@@ -40,6 +40,11 @@ fn sh(script: &str) -> String {
     format!("run = [\"sh\", \"-c\", {script:?}]")
 }
 
+/// One `[[trigger]]` table running `script` under `sh -c`; `extra` adds keys (`timeout = …`).
+fn trigger(name: &str, watch: &str, extra: &str, script: &str) -> String {
+    format!("[[trigger]]\nname = {name:?}\nwatch = [{watch:?}]\n{extra}{}\n", sh(script))
+}
+
 /// Drifts the three watched files on the host.
 fn drift_watched(root: &Path) {
     for f in ["etc/ssh/sshd_config", "etc/ssh/a.conf", "etc/ssh/b.conf"] {
@@ -58,7 +63,7 @@ fn fires_once_per_batch_with_every_changed_path() {
         c = changes.display(),
         e = env.display()
     );
-    let cfg = config(&s, &format!("[[trigger]]\nname = \"ssh\"\nwatch = [\"/etc/ssh/\"]\n{}\n", sh(&script)));
+    let cfg = config(&s, &trigger("ssh", "/etc/ssh/", "", &script));
     let master = Master::start(&img);
     run(&master, &root, &cfg, &[]).expect_code(0, &[&root]);
     assert_eq!(lines(&marker), ["fired"], "the cold sync changed watched files: one firing");
@@ -87,13 +92,7 @@ fn does_not_fire_when_nothing_watched_changed() {
     let s = scratch();
     let (img, root) = (image(&s), s.dir("root"));
     let marker = s.join("marker");
-    let cfg = config(
-        &s,
-        &format!(
-            "[[trigger]]\nname = \"ssh\"\nwatch = [\"/etc/ssh/\"]\n{}\n",
-            sh(&format!("echo fired >> {}", marker.display()))
-        ),
-    );
+    let cfg = config(&s, &trigger("ssh", "/etc/ssh/", "", &format!("echo fired >> {}", marker.display())));
     let master = Master::start(&img);
     converged_host(&master, &img, &root);
     fs::write(root.join("etc/motd"), b"drift\n").unwrap();
@@ -128,8 +127,7 @@ fn a_timed_out_trigger_is_killed_with_its_children_and_reported() {
     let (img, root) = (image(&s), s.dir("root"));
     let pidfile = s.join("child.pid");
     let script = format!("sleep 100 & echo $! > {}; sleep 100", pidfile.display());
-    let cfg =
-        config(&s, &format!("[[trigger]]\nname = \"slow\"\nwatch = [\"/etc/\"]\ntimeout = \"1s\"\n{}\n", sh(&script)));
+    let cfg = config(&s, &trigger("slow", "/etc/", "timeout = \"1s\"\n", &script));
     let master = Master::start(&img);
     let started = std::time::Instant::now();
     let out = run(&master, &root, &cfg, &[]);
@@ -151,7 +149,7 @@ fn a_failing_trigger_stays_pending_and_is_retried_until_it_succeeds() {
     let (img, root) = (image(&s), s.dir("root"));
     let (marker, ok) = (s.join("marker"), s.join("ok"));
     let script = format!("echo run >> {}; test -e {}", marker.display(), ok.display());
-    let cfg = config(&s, &format!("[[trigger]]\nname = \"flaky\"\nwatch = [\"/etc/ssh/\"]\n{}\n", sh(&script)));
+    let cfg = config(&s, &trigger("flaky", "/etc/ssh/", "", &script));
     let master = Master::start(&img);
     let first = run(&master, &root, &cfg, &[]);
     first.expect_code(5, &[&root]);
@@ -176,11 +174,8 @@ fn a_crash_between_commit_and_trigger_still_fires_it_once() {
     let killer = format!("if [ ! -e {k} ]; then touch {k}; kill -9 $PPID; sleep 5; fi", k = killed.display());
     let cfg = config(
         &s,
-        &format!(
-            "[[trigger]]\nname = \"killer\"\nwatch = [\"/etc/ssh/\"]\n{}\n\n[[trigger]]\nname = \"reload\"\nwatch = [\"/etc/ssh/sshd_config\"]\n{}\n",
-            sh(&killer),
-            sh(&format!("echo reload >> {}", marker.display()))
-        ),
+        &(trigger("killer", "/etc/ssh/", "", &killer)
+            + &trigger("reload", "/etc/ssh/sshd_config", "", &format!("echo reload >> {}", marker.display()))),
     );
     let master = Master::start(&img);
     converged_host(&master, &img, &root);
@@ -210,13 +205,7 @@ fn a_file_name_never_reaches_a_shell() {
         b"y\n",
     );
     let got = s.join("got");
-    let cfg = config(
-        &s,
-        &format!(
-            "[[trigger]]\nname = \"echo\"\nwatch = [\"/etc/\"]\n{}\n",
-            sh(&format!("cat \"$SYNCD_CHANGES\" > {}", got.display()))
-        ),
-    );
+    let cfg = config(&s, &trigger("echo", "/etc/", "", &format!("cat \"$SYNCD_CHANGES\" > {}", got.display())));
     let master = Master::start(&img);
     run(&master, &root, &cfg, &[]).expect_code(0, &[&root]);
     let cwd = std::env::current_dir().unwrap();
@@ -230,13 +219,7 @@ fn dry_run_lists_what_would_fire_and_runs_nothing() {
     let s = scratch();
     let (img, root) = (image(&s), s.dir("root"));
     let marker = s.join("marker");
-    let cfg = config(
-        &s,
-        &format!(
-            "[[trigger]]\nname = \"ssh\"\nwatch = [\"/etc/ssh/sshd_config\"]\n{}\n",
-            sh(&format!("echo x >> {}", marker.display()))
-        ),
-    );
+    let cfg = config(&s, &trigger("ssh", "/etc/ssh/sshd_config", "", &format!("echo x >> {}", marker.display())));
     let master = Master::start(&img);
     let out = run(&master, &root, &cfg, &["--dry-run"]);
     out.expect_code(0, &[&root]);
