@@ -43,6 +43,8 @@ pub struct Schedule {
     max_backoff: Duration,
     /// The identity the host last converged to.
     pub applied: Option<Hash>,
+    /// The identity the master last announced.
+    pub announced: Option<Hash>,
 }
 
 fn jitter(max: Duration) -> Duration {
@@ -57,11 +59,20 @@ impl Schedule {
     pub fn new(now: Instant, max_backoff: Duration) -> Schedule {
         let min = Duration::from_millis(500).min(max_backoff);
         // The first pass runs at once: it converges and runs what a crash left pending.
-        Schedule { next_pass: now, backoff: min, reconnect_backoff: min, min_backoff: min, max_backoff, applied: None }
+        Schedule {
+            next_pass: now,
+            backoff: min,
+            reconnect_backoff: min,
+            min_backoff: min,
+            max_backoff,
+            applied: None,
+            announced: None,
+        }
     }
 
     /// The master announced `identity`: pass soon unless the host already has it.
     pub fn announced(&mut self, now: Instant, identity: Hash, delay: Duration) {
+        self.announced = Some(identity);
         if self.applied != Some(identity) {
             self.next_pass = self.next_pass.min(now + delay);
         }
@@ -76,6 +87,10 @@ impl Schedule {
         if retry {
             self.next_pass = now + self.backoff.min(reconcile);
             self.backoff = (self.backoff * 2).min(self.max_backoff);
+        } else if self.announced.is_some_and(|a| Some(a) != self.applied) {
+            // A newer version was announced while this pass ran: go again now.
+            self.backoff = self.min_backoff;
+            self.next_pass = now;
         } else {
             self.backoff = self.min_backoff;
             self.next_pass = now + reconcile;
@@ -303,6 +318,18 @@ mod tests {
         assert_eq!(s.next_pass, t0 + Duration::from_secs(900), "the version it has");
         s.announced(t0, h(2), Duration::from_secs(2));
         assert_eq!(s.next_pass, t0 + Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_version_announced_during_a_pass_starts_another_pass_at_once() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0, Duration::from_secs(60));
+        // The pass under way converges to v1; v2 is announced before it ends.
+        s.announced(t0, h(2), Duration::ZERO);
+        s.pass_done(t0 + Duration::from_secs(5), Some(h(1)), false, Duration::from_secs(900));
+        assert_eq!(s.next_pass, t0 + Duration::from_secs(5));
+        s.pass_done(t0 + Duration::from_secs(9), Some(h(2)), false, Duration::from_secs(900));
+        assert_eq!(s.next_pass, t0 + Duration::from_secs(909));
     }
 
     #[test]
