@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use exclusions::{Exclusions, PatternList};
-use manifest::{Hash, Manifest};
+use manifest::Hash;
 
 use crate::apply::{Failure, Outcome};
 use crate::plan::Plan;
@@ -431,9 +431,4 @@ fn run_triggers(
             return results.push(journal_error(e));
         }
     }
-}
-
-/// The image this pass converged to, for callers that keep state.
-pub fn describe(m: &Manifest) -> String {
-    format!("v{} ({})", m.version, m.identity())
 }

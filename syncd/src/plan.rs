@@ -210,11 +210,11 @@ impl Plan {
             let is_dir = new.is_some_and(|n| n.kind == Kind::Dir)
                 || old.is_some_and(|o| o.entry.kind == Kind::Dir)
                 || host_excluded.get(&path) == Some(&true);
-            if host_excluded.contains_key(&path)
-                || excluded_dirs.iter().any(|d| path.is_within(d))
-                || rules.matches_self(&path, is_dir).is_excluded()
-            {
-                if is_dir {
+            let inside_excluded = excluded_dirs.iter().any(|d| path.is_within(d));
+            if inside_excluded || host_excluded.contains_key(&path) || rules.matches_self(&path, is_dir).is_excluded() {
+                // Only the top of an excluded subtree is recorded: everything beneath it is
+                // covered by that one entry, which keeps this check short.
+                if is_dir && !inside_excluded {
                     excluded_dirs.push(path.clone());
                 }
                 excluded.insert(path);
@@ -318,7 +318,7 @@ impl Plan {
     /// selects by index.
     pub fn counts_where(&self, pick: impl Fn(usize) -> bool) -> (usize, usize, usize) {
         let mut c = (0, 0, 0);
-        for (_, ch) in self.changes.iter().enumerate().filter(|(i, _)| pick(*i)) {
+        for ch in self.changes.iter().enumerate().filter(|(i, _)| pick(*i)).map(|(_, ch)| ch) {
             match ch.op {
                 Op::Create { .. } => c.0 += 1,
                 Op::Update { .. } | Op::Replace { .. } => c.1 += 1,
