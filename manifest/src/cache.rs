@@ -134,7 +134,7 @@ mod tests {
         let f = d.path().join("a");
         std::fs::write(&f, b"one").unwrap();
         let mut s = scan::walk(d.path()).unwrap();
-        assert!(scan::hash_files(d.path(), &mut s.entries, |_| true).is_empty());
+        assert!(scan::hash_files(d.path(), &mut s.entries, &throttle::Limiter::unlimited(), |_| true).is_empty());
         let mut c = HashCache::default();
         c.refresh(&s.entries);
         let cache_file = d.path().join("cache.bin");

@@ -187,7 +187,7 @@ pub fn scan_image_cached(
     let mut scan = scan::walk(root)?;
     let mut errors = std::mem::take(&mut scan.errors);
     cache.apply(&mut scan.entries);
-    errors.extend(scan::hash_files(root, &mut scan.entries, |_| true));
+    errors.extend(scan::hash_files(root, &mut scan.entries, &throttle::Limiter::unlimited(), |_| true));
     if errors.is_empty() {
         cache.refresh(&scan.entries);
     }

@@ -226,9 +226,12 @@ fn assign_link_groups(entries: &mut [ScannedEntry]) {
 
 /// Hashes, in parallel, every regular file in `entries` for which `select` is true.
 /// Returns the errors; an entry that could not be hashed keeps `hash: None`.
+///
+/// Every byte read is charged to `read`, shared by the hashing threads.
 pub fn hash_files(
     root: &Path,
     entries: &mut [ScannedEntry],
+    read: &throttle::Limiter,
     select: impl Fn(&ScannedEntry) -> bool + Sync,
 ) -> Vec<ScanError> {
     entries
@@ -236,7 +239,7 @@ pub fn hash_files(
         .filter(|e| e.entry.kind == Kind::File && e.entry.hash.is_none() && select(e))
         .filter_map(|e| {
             let path = root.join(e.entry.path.as_path());
-            match hash_path(&path, Some((e.dev, e.ino))) {
+            match hash_path(&path, Some((e.dev, e.ino)), read) {
                 Ok((hash, size)) if size == e.entry.size => {
                     e.entry.hash = Some(hash);
                     None
@@ -261,13 +264,13 @@ pub fn open_nofollow(path: &Path) -> io::Result<File> {
 
 /// blake3 of the file at `path`, and the number of bytes read. With `expect`, fails if the
 /// file opened is not that (dev, inode): it was replaced since it was scanned.
-pub fn hash_path(path: &Path, expect: Option<(u64, u64)>) -> Result<(Hash, u64), ScanError> {
+pub fn hash_path(path: &Path, expect: Option<(u64, u64)>, read: &throttle::Limiter) -> Result<(Hash, u64), ScanError> {
     let file = open_nofollow(path).map_err(io_err(path))?;
     let md = file.metadata().map_err(io_err(path))?;
     if !md.is_file() || expect.is_some_and(|(dev, ino)| (md.dev(), md.ino()) != (dev, ino)) {
         return Err(ScanError::Changed { path: path.to_owned() });
     }
-    hash_reader(file).map_err(io_err(path))
+    hash_reader(throttle::Throttled::new(file, read)).map_err(io_err(path))
 }
 
 /// blake3 of everything `r` yields, and its length.

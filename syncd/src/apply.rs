@@ -96,10 +96,13 @@ struct Applier<'a> {
     staged: Vec<Staged>,
     staged_bytes: u64,
     cancel: Option<Arc<AtomicBool>>,
+    throttle: throttle::Throttle,
 }
 
 /// Applies `plan` beneath `root`. Objects come from `objects` in `plan.fetch` order; a
-/// fallback fetch of a single object goes through `master` on `rt`.
+/// fallback fetch of a single object goes through `master` on `rt`. Disk reads and writes
+/// are charged to `throttle`.
+#[allow(clippy::too_many_arguments)]
 pub fn apply(
     root: RootDir,
     manifest: &Manifest,
@@ -108,6 +111,7 @@ pub fn apply(
     master: Master,
     rt: tokio::runtime::Handle,
     cancel: Option<Arc<AtomicBool>>,
+    throttle: &throttle::Throttle,
 ) -> Outcome {
     let mut a = Applier {
         root,
@@ -125,6 +129,7 @@ pub fn apply(
         staged: Vec::new(),
         staged_bytes: 0,
         cancel: None,
+        throttle: throttle.clone(),
     };
     // A stop request is honoured between two entries: what was staged is committed (it is
     // complete and verified), the remaining phases are skipped, and the next pass resumes.
@@ -297,7 +302,7 @@ impl Applier<'_> {
     /// Writes verified content and metadata into a new temp file.
     fn fill(&mut self, file: std::fs::File, new: &Entry, source: &Source) -> io::Result<()> {
         let hash = new.hash.expect("validated: regular files have a hash");
-        let mut w = VerifyingWriter::new(&file, new.size);
+        let mut w = VerifyingWriter::new(&file, new.size, self.throttle.write.clone());
         if new.size > 0 {
             self.content_into(hash, source, &mut w)?;
         }
@@ -373,7 +378,7 @@ impl Applier<'_> {
                 fsops::open_regular(dir.as_fd(), name)?
             }
         };
-        fsops::copy(file, w)
+        fsops::copy(throttle::Throttled::new(file, &self.throttle.read), w)
     }
 
     fn commit_batch(&mut self) {

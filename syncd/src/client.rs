@@ -20,6 +20,8 @@ const MAX_WINDOW_LOG: u32 = 25;
 pub struct Master {
     url: String,
     client: ImageSyncClient<Channel>,
+    /// Charged for every object byte received.
+    net: throttle::Limiter,
 }
 
 impl Master {
@@ -32,7 +34,14 @@ impl Master {
         let client = ImageSyncClient::new(channel)
             .max_decoding_message_size(proto::MAX_MESSAGE)
             .max_encoding_message_size(proto::MAX_MESSAGE);
-        Ok(Master { url: url.to_owned(), client })
+        Ok(Master { url: url.to_owned(), client, net: throttle::Limiter::unlimited() })
+    }
+
+    /// Limits object fetches to the limiter's rate. The limit is applied as the chunks are
+    /// read off the connection, so HTTP/2 flow control slows the master's sending to match.
+    pub fn with_net_limit(mut self, net: throttle::Limiter) -> Master {
+        self.net = net;
+        self
     }
 
     pub fn url(&self) -> &str {
@@ -102,6 +111,7 @@ impl Master {
         let (tx, rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(64);
         let client = self.client.clone();
         let url = self.url.clone();
+        let net = self.net.clone();
         rt.spawn(async move {
             for batch in hashes.chunks(proto::MAX_FETCH_HASHES) {
                 let req =
@@ -117,6 +127,7 @@ impl Master {
                 loop {
                     match stream.message().await {
                         Ok(Some(chunk)) => {
+                            net.charge_async(chunk.data.len() as u64).await;
                             if tx.send(Ok(chunk)).await.is_err() {
                                 return;
                             }

@@ -42,9 +42,36 @@ pub struct Config {
     pub announce_jitter: Option<String>,
     /// `syncd run`: longest wait between reconnects and retries (default 5m).
     pub max_backoff: Option<String>,
+    /// Disk write limit, e.g. "20MiB" (per second); 0 means unlimited (default).
+    pub write_bytes_per_sec: Option<ByteRate>,
+    /// Disk read limit for hashing and local copies; 0 means unlimited (default).
+    pub read_bytes_per_sec: Option<ByteRate>,
+    /// Limit on object bytes fetched from the master; 0 means unlimited (default).
+    pub net_bytes_per_sec: Option<ByteRate>,
+    /// I/O scheduling class: "idle" or "best-effort" (default: leave it as started).
+    pub io_priority: Option<String>,
+    /// Nice level, -20..=19 (default: leave it as started).
+    pub nice: Option<i32>,
     /// Shell triggers, in the order they fire: `[[trigger]]` tables.
     #[serde(default)]
     pub trigger: Vec<triggers::config::TriggerDef>,
+}
+
+/// A byte rate as written in the config: `"20MiB"` or a bare number of bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ByteRate {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteRate {
+    pub fn bytes(&self, key: &str) -> Result<u64, String> {
+        match self {
+            ByteRate::Bytes(n) => Ok(*n),
+            ByteRate::Text(s) => throttle::parse_bytes(s).map_err(|e| format!("config key {key}: {e}")),
+        }
+    }
 }
 
 impl Config {

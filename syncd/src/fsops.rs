@@ -273,13 +273,22 @@ pub struct VerifyingWriter<'f> {
     hasher: blake3::Hasher,
     written: u64,
     limit: u64,
+    /// Charged for every byte written to the file.
+    throttle: throttle::Limiter,
 }
 
 const WRITE_BUF: usize = 256 * 1024;
 
 impl<'f> VerifyingWriter<'f> {
-    pub fn new(file: &'f std::fs::File, limit: u64) -> Self {
-        VerifyingWriter { file, buf: Vec::with_capacity(WRITE_BUF), hasher: blake3::Hasher::new(), written: 0, limit }
+    pub fn new(file: &'f std::fs::File, limit: u64, throttle: throttle::Limiter) -> Self {
+        VerifyingWriter {
+            file,
+            buf: Vec::with_capacity(WRITE_BUF),
+            hasher: blake3::Hasher::new(),
+            written: 0,
+            limit,
+            throttle,
+        }
     }
 
     pub fn written(&self) -> u64 {
@@ -337,6 +346,7 @@ impl Write for VerifyingWriter<'_> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.throttle.charge(self.buf.len() as u64);
         (&mut &*self.file).write_all(&self.buf)?;
         self.buf.clear();
         Ok(())

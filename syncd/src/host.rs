@@ -21,6 +21,7 @@ pub fn scan(
     manifest: &Manifest,
     rules: &Exclusions,
     index: Option<&HashCache>,
+    read: &throttle::Limiter,
 ) -> Result<(HostTree, Vec<ScanError>), ScanError> {
     // Excluded paths are never read: not stat'ed beyond the directory listing, never hashed,
     // never descended into.
@@ -43,7 +44,8 @@ pub fn scan(
     let image_size: HashMap<&RelPath, u64> =
         manifest.entries.iter().filter(|e| e.kind == Kind::File).map(|e| (&e.path, e.size)).collect();
     // Round 1: files that may be unchanged.
-    errors.extend(scan::hash_files(root, &mut s.entries, |h| image_size.get(&h.entry.path) == Some(&h.entry.size)));
+    errors
+        .extend(scan::hash_files(root, &mut s.entries, read, |h| image_size.get(&h.entry.path) == Some(&h.entry.size)));
 
     // Round 2: files whose size matches content the host still lacks.
     let host_hashes: HashMap<&RelPath, manifest::Hash> =
@@ -55,7 +57,7 @@ pub fn scan(
         .map(|e| e.size)
         .collect();
     if !needed_sizes.is_empty() {
-        errors.extend(scan::hash_files(root, &mut s.entries, |h| needed_sizes.contains(&h.entry.size)));
+        errors.extend(scan::hash_files(root, &mut s.entries, read, |h| needed_sizes.contains(&h.entry.size)));
     }
     tracing::debug!(secs = t.elapsed().as_secs_f64(), "host hashing done");
     // Files that changed while hashed simply stay unhashed: the plan replaces them.

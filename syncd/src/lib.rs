@@ -86,6 +86,8 @@ pub struct SyncOptions {
     pub index: bool,
     /// Set to stop an apply between two files (graceful shutdown).
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Byte-rate limits on disk reads, disk writes and fetches, shared by every pass.
+    pub throttle: throttle::Throttle,
 }
 
 impl SyncOptions {
@@ -231,7 +233,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         return Err(SyncError::Config(format!("root {} is not a directory", opts.root.display())));
     }
     let local = load_local_lists(&opts.exclude_from)?;
-    let master = client::Master::connect(&opts.master).await?;
+    let master = client::Master::connect(&opts.master).await?.with_net_limit(opts.throttle.net.clone());
     let (manifest, master_lists) = master.manifest(&opts.host_id).await?;
     let rules = compile_rules(&master_lists, &local)?;
     let identity = manifest.identity();
@@ -242,17 +244,20 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let index_path = opts.index_path();
     // A dry run reads the index but writes nothing, not even that.
     let save_index = !opts.dry_run;
+    let read_limit = opts.throttle.read.clone();
+    let write_limit = opts.throttle.write.clone();
     let (manifest, rules, host, scan_errors) = tokio::task::spawn_blocking(move || {
         let t = std::time::Instant::now();
         let index = index_path.as_deref().map(|p| {
             let (index, problem) = manifest::cache::HashCache::load_checked(p);
+            read_limit.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
             if let Some(problem) = problem {
                 tracing::warn!("host index: {problem}; rebuilding it from a full scan");
             }
             index
         });
         tracing::debug!(secs = t.elapsed().as_secs_f64(), "index loaded");
-        let r = host::scan(&root, &manifest, &rules, index.as_ref());
+        let r = host::scan(&root, &manifest, &rules, index.as_ref(), &read_limit);
         if let (Some(mut index), Some(path), Ok((host, _)), true) = (index, index_path, &r, save_index) {
             let changed = index.refresh(&host.entries);
             let saved = if !changed {
@@ -261,6 +266,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
                 path.parent()
                     .map_or(Ok(()), |d| std::fs::DirBuilder::new().recursive(true).create(d))
                     .and_then(|()| index.save(&path))
+                    .map(|()| write_limit.charge(std::fs::metadata(&path).map_or(0, |m| m.len())))
             };
             if let Err(e) = saved {
                 tracing::warn!(path = %path.display(), "cannot save the host index: {e}");
@@ -335,8 +341,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let objects = master.spawn_fetch(report.plan.fetch.iter().map(|(h, _)| *h).collect(), &rt);
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();
+        let throttle = opts.throttle.clone();
         let (plan, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = apply::apply(root, &manifest, &plan, objects, master, rt, cancel);
+            let outcome = apply::apply(root, &manifest, &plan, objects, master, rt, cancel, &throttle);
             (plan, outcome)
         })
         .await

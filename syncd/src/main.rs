@@ -36,6 +36,21 @@ struct Common {
     /// State directory, for the pending-trigger journal [config: state_dir; default: /var/lib/syncd].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Disk write limit, e.g. 20MiB (per second; 0: unlimited) [config: write_bytes_per_sec].
+    #[arg(long, value_name = "RATE", value_parser = throttle::parse_bytes)]
+    write_bytes_per_sec: Option<u64>,
+    /// Disk read limit for hashing and local copies [config: read_bytes_per_sec].
+    #[arg(long, value_name = "RATE", value_parser = throttle::parse_bytes)]
+    read_bytes_per_sec: Option<u64>,
+    /// Limit on object bytes fetched from the master [config: net_bytes_per_sec].
+    #[arg(long, value_name = "RATE", value_parser = throttle::parse_bytes)]
+    net_bytes_per_sec: Option<u64>,
+    /// I/O scheduling class: idle or best-effort [config: io_priority].
+    #[arg(long, value_name = "CLASS")]
+    io_priority: Option<String>,
+    /// Nice level, -20..=19 [config: nice].
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    nice: Option<i32>,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +109,7 @@ struct Resolved {
     state_dir_chosen: bool,
     triggers: Vec<triggers::Trigger>,
     daemon: DaemonTimes,
+    throttle: throttle::Throttle,
 }
 
 /// The daemon's timing keys, as written (validated when resolved).
@@ -106,11 +122,41 @@ struct DaemonTimes {
 }
 
 impl Common {
-    fn resolve(self) -> Result<Resolved, SyncError> {
-        let cfg = match &self.config {
-            Some(p) => Config::load(p).map_err(SyncError::Config)?,
-            None => Config::default(),
+    fn config(&self) -> Result<Config, SyncError> {
+        match &self.config {
+            Some(p) => Config::load(p).map_err(SyncError::Config),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// The I/O class and nice level, flag over config.
+    fn priority(&self) -> Result<(Option<throttle::IoPriority>, Option<i32>), SyncError> {
+        let cfg = self.config()?;
+        let io = match self.io_priority.as_ref().or(cfg.io_priority.as_ref()) {
+            Some(s) => Some(s.parse().map_err(|e| SyncError::Config(format!("io_priority: {e}")))?),
+            None => None,
         };
+        let nice = self.nice.or(cfg.nice);
+        if let Some(n) = nice.filter(|n| !(-20..=19).contains(n)) {
+            return Err(SyncError::Config(format!("nice: {n} is outside -20..=19")));
+        }
+        Ok((io, nice))
+    }
+
+    fn resolve(self) -> Result<Resolved, SyncError> {
+        let cfg = self.config()?;
+        let rate = |flag: Option<u64>, key: &str, v: &Option<syncd::config::ByteRate>| -> Result<u64, SyncError> {
+            match (flag, v) {
+                (Some(n), _) => Ok(n),
+                (None, Some(r)) => r.bytes(key).map_err(SyncError::Config),
+                (None, None) => Ok(0),
+            }
+        };
+        let throttle = throttle::Throttle::new(
+            rate(self.read_bytes_per_sec, "read_bytes_per_sec", &cfg.read_bytes_per_sec)?,
+            rate(self.write_bytes_per_sec, "write_bytes_per_sec", &cfg.write_bytes_per_sec)?,
+            rate(self.net_bytes_per_sec, "net_bytes_per_sec", &cfg.net_bytes_per_sec)?,
+        );
         let mut exclude_from = cfg.exclude_from;
         exclude_from.extend(self.exclude_from);
         let source = self.config.as_ref().map_or_else(String::new, |p| p.display().to_string());
@@ -131,6 +177,7 @@ impl Common {
                 announce_jitter: cfg.announce_jitter,
                 max_backoff: cfg.max_backoff,
             },
+            throttle,
         })
     }
 }
@@ -151,6 +198,7 @@ impl Resolved {
             retry_now: true,
             index: self.state_dir_chosen,
             cancel: None,
+            throttle: self.throttle,
         })
     }
 }
@@ -178,6 +226,22 @@ fn main() -> ExitCode {
             });
         }
     };
+    // The I/O class and nice level are per thread and inherited: set them before the runtime
+    // (and later the hashing pool and triggers) start any thread.
+    let common = match &cli.cmd {
+        Cmd::Sync { common, .. }
+        | Cmd::Drift { common, .. }
+        | Cmd::Run { common, .. }
+        | Cmd::Explain { common, .. } => common,
+    };
+    if let Err(e) = common
+        .priority()
+        .and_then(|(io, nice)| throttle::set_process_priority(io, nice).map_err(|e| SyncError::Config(e.to_string())))
+    {
+        eprintln!("syncd: {e}");
+        let code = if matches!(cli.cmd, Cmd::Drift { .. }) { drift::error_code(&e) } else { e.exit_code() };
+        return ExitCode::from(code);
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
