@@ -43,7 +43,13 @@ echo "do not touch" >"$outside/sshd_config"
 ln -s "$outside" "$host/etc/ssh"                       # a planted symlink leading outside the root
 before=$(find "$outside" -printf '%p %s %T@ %m\n' | sort | sha256sum)
 
-"$bin/syncmaster" serve --image "$img" --listen 127.0.0.1:0 >"$work/master.out" 2>"$work/master.log" &
+# Signed versions: the master signs each manifest, the host accepts only its key. The transport
+# is plain TCP on loopback here (--insecure); a fleet uses mTLS (README, Trust).
+"$bin/syncmaster" keygen --out "$work/signing.key" >/dev/null 2>&1
+trusted=$(cat "$work/signing.key.pub")
+echo "==> master signing key: $trusted"
+"$bin/syncmaster" serve --image "$img" --listen 127.0.0.1:0 --insecure --signing-key "$work/signing.key" \
+    >"$work/master.out" 2>"$work/master.log" &
 master_pid=$!
 for _ in $(seq 100); do grep -q '^listening on ' "$work/master.out" 2>/dev/null && break; sleep 0.1; done
 addr=$(sed -n 's/^listening on //p' "$work/master.out")
@@ -51,11 +57,12 @@ addr=$(sed -n 's/^listening on //p' "$work/master.out")
 echo "==> syncmaster listening on $addr"
 
 echo; echo "==> syncd sync --dry-run (changes nothing)"
-"$bin/syncd" sync --master "http://$addr" --root "$host" --dry-run
+syncd=("$bin/syncd" sync --master "http://$addr" --root "$host" --insecure --trusted-key "$trusted" --state-dir "$work/state")
+"${syncd[@]}" --dry-run
 echo; echo "==> syncd sync"
-"$bin/syncd" sync --master "http://$addr" --root "$host"
+"${syncd[@]}"
 echo; echo "==> syncd sync again: nothing left to do"
-"$bin/syncd" sync --master "http://$addr" --root "$host"
+"${syncd[@]}"
 
 after=$(find "$outside" -printf '%p %s %T@ %m\n' | sort | sha256sum)
 [ "$before" = "$after" ] && echo "==> outside the root: untouched (the planted symlink was replaced, not followed)"

@@ -79,7 +79,8 @@ sample() {
 
 declare -A VERDICT TABLE
 run_check() {
-    local kind=$1 root=$work/root-$kind args=() pid rows n i ok=1 judged=0
+    local kind=$1
+    local root=$work/root-$kind args=() pid rows n i ok=1 judged=0
     case $kind in
         write) rm -rf --one-file-system "$root"; mkdir "$root"; sync
                args=(sync -q --master "http://$addr" --root "$root" --write-bytes-per-sec "$RATE") ;;

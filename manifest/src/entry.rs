@@ -20,6 +20,12 @@ impl Hash {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    pub fn from_hex(s: &str) -> Option<Hash> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(s, &mut b).ok()?;
+        Some(Hash(b))
+    }
 }
 
 impl From<blake3::Hash> for Hash {

@@ -10,6 +10,7 @@ pub mod cache;
 mod entry;
 mod path;
 pub mod scan;
+pub mod trust;
 pub mod units;
 pub mod wire;
 pub mod xattr;

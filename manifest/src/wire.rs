@@ -118,6 +118,7 @@ pub fn manifest_messages(m: &Manifest, batch: usize) -> impl Iterator<Item = pb:
             entry_count: m.entries.len() as u64,
             root: Some(root_to_wire(&m.root)),
             exclusions: Vec::new(),
+            signature: None,
         })),
     };
     std::iter::once(header).chain(m.entries.chunks(batch.max(1)).map(|chunk| pb::ManifestMessage {
@@ -132,7 +133,25 @@ pub fn manifest_messages(m: &Manifest, batch: usize) -> impl Iterator<Item = pb:
 #[derive(Default)]
 pub struct ManifestAssembler {
     header: Option<(u64, Hash, u64, Meta)>,
+    signature: Option<crate::trust::VersionSignature>,
     entries: Vec<Entry>,
+}
+
+/// The wire form of a version signature.
+pub fn signature_to_wire(s: &crate::trust::VersionSignature) -> pb::VersionSignature {
+    pb::VersionSignature {
+        public_key: Bytes::copy_from_slice(&s.public_key),
+        expires_unix: s.expires_unix,
+        signature: Bytes::copy_from_slice(&s.signature),
+    }
+}
+
+fn signature_from_wire(s: &pb::VersionSignature) -> Option<crate::trust::VersionSignature> {
+    Some(crate::trust::VersionSignature {
+        public_key: s.public_key.as_ref().try_into().ok()?,
+        expires_unix: s.expires_unix,
+        signature: s.signature.as_ref().try_into().ok()?,
+    })
 }
 
 impl ManifestAssembler {
@@ -148,6 +167,11 @@ impl ManifestAssembler {
                     return Err(bad(&format!("declares {} entries, more than the limit {MAX_ENTRIES}", h.entry_count)));
                 }
                 let root = h.root.as_ref().map(meta_from_wire).unwrap_or_default();
+                if let Some(s) = &h.signature {
+                    self.signature = Some(
+                        signature_from_wire(s).ok_or_else(|| bad("signature: key must be 32 bytes, signature 64"))?,
+                    );
+                }
                 self.entries.reserve(h.entry_count.min(1 << 20) as usize);
                 self.header = Some((h.version, identity, h.entry_count, root));
             }
@@ -176,6 +200,12 @@ impl ManifestAssembler {
 
     /// Completes the manifest once the stream has ended.
     pub fn finish(self) -> Result<Manifest, ManifestError> {
+        self.finish_signed().map(|(m, _)| m)
+    }
+
+    /// Completes the manifest, with the header's signature (not yet checked: see
+    /// [`crate::trust::verify`]).
+    pub fn finish_signed(self) -> Result<(Manifest, Option<crate::trust::VersionSignature>), ManifestError> {
         let (version, identity, count, root) = self.header.ok_or(ManifestError::NoHeader)?;
         if self.entries.len() as u64 != count {
             return Err(ManifestError::CountMismatch { expected: count, actual: self.entries.len() as u64 });
@@ -186,7 +216,7 @@ impl ManifestAssembler {
         if actual != identity {
             return Err(ManifestError::IdentityMismatch { expected: identity.to_hex(), actual: actual.to_hex() });
         }
-        Ok(m)
+        Ok((m, self.signature))
     }
 }
 

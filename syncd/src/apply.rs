@@ -271,8 +271,9 @@ impl Applier<'_> {
     fn drain_unused(&mut self, source: &Source) {
         if let Source::Fetch(h) = source {
             if self.next_fetch_is(h) {
+                let size = self.plan.fetch[self.fetch_next].1;
                 self.fetch_next += 1;
-                let _ = self.objects.next_into::<std::fs::File>(*h, None);
+                let _ = self.objects.next_into::<std::fs::File>(*h, size, None);
             }
         }
     }
@@ -338,8 +339,9 @@ impl Applier<'_> {
         }
         // 2. The next object on the ordered stream, if this is its first use.
         if self.next_fetch_is(&hash) {
+            let size = self.plan.fetch[self.fetch_next].1;
             self.fetch_next += 1;
-            match self.objects.next_into(hash, Some(&mut *w)).map_err(|e| (w.check(hash).is_err(), e)) {
+            match self.objects.next_into(hash, size, Some(&mut *w)).map_err(|e| (w.check(hash).is_err(), e)) {
                 Ok(()) if w.check(hash).is_ok() => {
                     self.out.stats.fetched_bytes += w.written();
                     return Ok(());
@@ -355,9 +357,13 @@ impl Applier<'_> {
         }
         // 3. A fetch of this one object.
         if !self.out.stats.master_lost {
-            let mut one = self.master.spawn_fetch(vec![hash], &self.rt);
-            let r = one.next_into(hash, Some(&mut *w));
+            tracing::debug!(hash = %hash, errors = ?errors, "fetching one object on its own");
+            let mut one = self.master.spawn_fetch_aside(vec![hash], &self.rt);
+            let r = one.next_into(hash, w.limit(), Some(&mut *w));
             self.out.stats.wire_bytes += one.wire_bytes;
+            if r.is_ok() {
+                one.finish();
+            }
             match r.map_err(|e| e.to_string()).and_then(|()| w.check(hash).map_err(|e| e.to_string())) {
                 Ok(()) => {
                     self.out.stats.fetched_objects += 1;

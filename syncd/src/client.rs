@@ -16,25 +16,48 @@ use crate::SyncError;
 /// Largest zstd window a host accepts (32 MiB): bounds decoder memory whatever the master sends.
 const MAX_WINDOW_LOG: u32 = 25;
 
+/// How to reach the master: mTLS, or plain TCP only when asked for by name.
+#[derive(Clone, Debug, Default)]
+pub struct Transport {
+    /// CA for the master's certificate, and this host's certificate and key.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// `--insecure`: a plain `http://` master is allowed (tests and demos).
+    pub insecure: bool,
+}
+
 #[derive(Clone)]
 pub struct Master {
     url: String,
     client: ImageSyncClient<Channel>,
+    /// A second connection, opened on first use, for single-object fetches made while the
+    /// main object stream is open. On the main connection they would wait for flow-control
+    /// window that only the main stream's unread data can free, which the apply thread, busy
+    /// with the single fetch, will never read: a deadlock.
+    side: ImageSyncClient<Channel>,
     /// Charged for every object byte received.
     net: throttle::Limiter,
 }
 
 impl Master {
-    pub async fn connect(url: &str) -> Result<Master, SyncError> {
+    pub async fn connect(url: &str, transport: &Transport) -> Result<Master, SyncError> {
         let unreachable =
             |e: &dyn std::fmt::Display| SyncError::Unreachable { url: url.to_owned(), reason: e.to_string() };
-        let endpoint =
-            check_url(url)?.connect_timeout(Duration::from_secs(10)).tcp_nodelay(true).http2_adaptive_window(true);
+        let endpoint = check_url(url, transport)?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
         let channel = endpoint.connect().await.map_err(|e| unreachable(&source_chain(&e)))?;
-        let client = ImageSyncClient::new(channel)
-            .max_decoding_message_size(proto::MAX_MESSAGE)
-            .max_encoding_message_size(proto::MAX_MESSAGE);
-        Ok(Master { url: url.to_owned(), client, net: throttle::Limiter::unlimited() })
+        let client = |c: Channel| {
+            ImageSyncClient::new(c)
+                .max_decoding_message_size(proto::MAX_MESSAGE)
+                .max_encoding_message_size(proto::MAX_MESSAGE)
+        };
+        Ok(Master {
+            url: url.to_owned(),
+            client: client(channel),
+            side: client(endpoint.connect_lazy()),
+            net: throttle::Limiter::unlimited(),
+        })
     }
 
     /// Limits object fetches to the limiter's rate. The limit is applied as the chunks are
@@ -50,7 +73,10 @@ impl Master {
 
     /// Receives and validates the whole manifest, and this host's exclusion lists from the
     /// master's inventory.
-    pub async fn manifest(&self, host_id: &str) -> Result<(Manifest, Vec<PatternList>), SyncError> {
+    pub async fn manifest(
+        &self,
+        host_id: &str,
+    ) -> Result<(Manifest, Option<manifest::trust::VersionSignature>, Vec<PatternList>), SyncError> {
         let mut stream = self.open_manifest(host_id).await?;
         let mut asm = ManifestAssembler::default();
         let mut lists = Vec::new();
@@ -60,7 +86,8 @@ impl Master {
             }
             asm.push(msg).map_err(SyncError::BadManifest)?;
         }
-        Ok((asm.finish().map_err(SyncError::BadManifest)?, lists))
+        let (m, sig) = asm.finish_signed().map_err(SyncError::BadManifest)?;
+        Ok((m, sig, lists))
     }
 
     /// Only this host's exclusion lists: reads the manifest header and hangs up.
@@ -101,6 +128,13 @@ impl Master {
     }
 
     fn status_error(&self, s: tonic::Status) -> SyncError {
+        if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) {
+            return SyncError::Config(format!(
+                "master {} refused this host: {} (hint: under mTLS the host's identity is its certificate's name; drop --host-id or use the right certificate)",
+                self.url,
+                s.message()
+            ));
+        }
         SyncError::Unreachable { url: self.url.clone(), reason: format!("{}: {}", s.code(), s.message()) }
     }
 
@@ -108,8 +142,22 @@ impl Master {
     /// bounded channel that the apply drains: the network runs ahead of the disk by at most the
     /// channel's capacity.
     pub fn spawn_fetch(&self, hashes: Vec<Hash>, rt: &tokio::runtime::Handle) -> ObjectStream {
+        self.spawn_fetch_on(self.client.clone(), hashes, rt)
+    }
+
+    /// Like [`Master::spawn_fetch`], on the side connection: for fetches made while the main
+    /// object stream is still open.
+    pub fn spawn_fetch_aside(&self, hashes: Vec<Hash>, rt: &tokio::runtime::Handle) -> ObjectStream {
+        self.spawn_fetch_on(self.side.clone(), hashes, rt)
+    }
+
+    fn spawn_fetch_on(
+        &self,
+        client: ImageSyncClient<Channel>,
+        hashes: Vec<Hash>,
+        rt: &tokio::runtime::Handle,
+    ) -> ObjectStream {
         let (tx, rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(64);
-        let client = self.client.clone();
         let url = self.url.clone();
         let net = self.net.clone();
         rt.spawn(async move {
@@ -126,10 +174,13 @@ impl Master {
                 };
                 loop {
                     match stream.message().await {
-                        Ok(Some(chunk)) => {
-                            net.charge_async(chunk.data.len() as u64).await;
-                            if tx.send(Ok(chunk)).await.is_err() {
-                                return;
+                        Ok(Some(batch)) => {
+                            let bytes: usize = batch.chunks.iter().map(|c| c.data.len()).sum();
+                            net.charge_async(bytes as u64).await;
+                            for chunk in batch.chunks {
+                                if tx.send(Ok(chunk)).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                         Ok(None) => break,
@@ -141,19 +192,36 @@ impl Master {
                 }
             }
         });
-        ObjectStream { rx, broken: None, wire_bytes: 0, objects: 0, bytes: 0 }
+        ObjectStream { rx, broken: None, abandoned: None, wire_bytes: 0, objects: 0, bytes: 0 }
     }
 }
 
-/// Checks that `url` can name a master at all (a usage error otherwise, not "unreachable").
-pub fn check_url(url: &str) -> Result<Endpoint, SyncError> {
-    let bad = |why: String| SyncError::Config(format!("master URL {url:?} is invalid: {why} (hint: http://HOST:PORT)"));
+/// Checks that `url` can name a master at all, over the transport configured (a usage error
+/// otherwise, not "unreachable").
+pub fn check_url(url: &str, transport: &Transport) -> Result<Endpoint, SyncError> {
+    let bad = |why: String| {
+        SyncError::Config(format!(
+            "master URL {url:?} is invalid: {why} (hint: https://HOST:PORT, or http:// with --insecure)"
+        ))
+    };
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(bad("it must start with http://".into()));
+        return Err(bad("it must start with https:// or http://".into()));
     }
-    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(e.to_string()))?;
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(e.to_string()))?;
     if endpoint.uri().host().is_none_or(str::is_empty) {
         return Err(bad("it names no host".into()));
+    }
+    if url.starts_with("http://") && !transport.insecure {
+        return Err(SyncError::Config(format!(
+            "master URL {url} is plain TCP, where anyone on the path can feed this host files; use https:// with tls_ca, tls_cert and tls_key (see README, Trust), or pass --insecure for a test or demo"
+        )));
+    }
+    if url.starts_with("https://") {
+        let tls = transport.tls.clone().ok_or_else(|| {
+            SyncError::Config(format!("master URL {url} needs TLS material: set tls_ca, tls_cert and tls_key (or --tls-ca, --tls-cert, --tls-key)"))
+        })?;
+        endpoint =
+            endpoint.tls_config(tls).map_err(|e| SyncError::Config(format!("TLS configuration refused: {e}")))?;
     }
     Ok(endpoint)
 }
@@ -186,6 +254,10 @@ pub enum ObjectError {
     Missing { hash: Hash, message: String },
     #[error("object stream from the master broke: {0}")]
     Broken(String),
+    /// This host stopped reading the stream after a bad object; later objects are fetched
+    /// one by one.
+    #[error("object stream abandoned after a bad object: {0}")]
+    Abandoned(String),
     #[error("master sent object {got} where {want} was expected")]
     OutOfOrder { want: Hash, got: String },
     #[error("object {hash}: {source}")]
@@ -200,21 +272,41 @@ pub enum ObjectError {
 pub struct ObjectStream {
     rx: mpsc::Receiver<Result<pb::ObjectChunk, String>>,
     broken: Option<String>,
+    /// Set when this host cut the stream (endless or undecodable object), as opposed to the
+    /// master or the network breaking it.
+    abandoned: Option<String>,
     pub wire_bytes: u64,
     pub objects: u64,
     pub bytes: u64,
 }
 
 impl ObjectStream {
-    /// Reads the next object, which must be `hash`, decoding it into `sink` (if any). The object
-    /// is always read to its end, so the stream stays aligned even when the sink fails; a
-    /// sink error is returned after that.
-    pub fn next_into<W: Write>(&mut self, hash: Hash, mut sink: Option<&mut W>) -> Result<(), ObjectError> {
+    /// Reads the stream to its end, so its HTTP/2 stream closes cleanly instead of being
+    /// reset: a server counts resets, and a host that reset many single-object fetches would
+    /// be told to go away (ENHANCE_YOUR_CALM), taking the main stream with it.
+    pub fn finish(mut self) {
+        if self.broken.is_none() && self.abandoned.is_none() {
+            while self.rx.blocking_recv().is_some() {}
+        }
+    }
+
+    /// Reads the next object, which must be `hash` of `size` bytes, decoding it into `sink` (if
+    /// any). An object that arrives whole is read to its end, so the stream stays aligned even
+    /// when its content is wrong. One that runs past what `size` bytes can take on the wire
+    /// (endless data), or fails to decode, breaks the stream at once: nothing more is read from
+    /// it, and later objects fall back to fetches of their own.
+    pub fn next_into<W: Write>(&mut self, hash: Hash, size: u64, mut sink: Option<&mut W>) -> Result<(), ObjectError> {
         if let Some(b) = &self.broken {
             return Err(ObjectError::Broken(b.clone()));
         }
+        if let Some(b) = &self.abandoned {
+            return Err(ObjectError::Abandoned(b.clone()));
+        }
+        // Raw chunks carry exactly `size` bytes; zstd frames of incompressible data add well
+        // under 1% plus headers.
+        let wire_cap = size + size / 64 + 64 * 1024;
+        let mut object_wire = 0u64;
         let mut decoder: Option<zstd::stream::raw::Decoder<'static>> = None;
-        let mut sink_err: Option<io::Error> = None;
         let mut out = vec![0u8; 256 * 1024];
         loop {
             let chunk = match self.rx.blocking_recv() {
@@ -235,30 +327,36 @@ impl ObjectStream {
                 return Err(ObjectError::OutOfOrder { want: hash, got: hex::encode(&chunk.hash) });
             }
             self.wire_bytes += chunk.data.len() as u64;
+            object_wire += chunk.data.len() as u64;
             if !chunk.error.is_empty() {
                 return Err(ObjectError::Missing { hash, message: chunk.error });
             }
-            if sink_err.is_none() && !chunk.data.is_empty() {
+            if object_wire > wire_cap {
+                let e = format!(
+                    "object {hash} runs past {object_wire} bytes on the wire for a declared {size}: cut off (endless data)"
+                );
+                self.abandoned = Some(e.clone());
+                return Err(ObjectError::Content { hash, source: io::Error::new(io::ErrorKind::InvalidData, e) });
+            }
+            if !chunk.data.is_empty() {
                 let r = match pb::Encoding::try_from(chunk.encoding) {
                     Ok(pb::Encoding::Raw) => sink.as_mut().map_or(Ok(()), |s| s.write_all(&chunk.data)),
                     Ok(pb::Encoding::Zstd) => decode(&mut decoder, &chunk.data, &mut out, &mut sink),
                     Err(_) => Err(io::Error::other(format!("unknown encoding {}", chunk.encoding))),
                 };
                 if let Err(e) = r {
-                    sink_err = Some(e);
+                    // Too much content, or undecodable: whatever follows cannot be trusted
+                    // to end, so stop reading here.
+                    self.abandoned = Some(format!("object {hash}: {e}"));
+                    return Err(ObjectError::Content { hash, source: e });
                 }
             }
             if chunk.last {
                 break;
             }
         }
-        match sink_err {
-            Some(source) => Err(ObjectError::Content { hash, source }),
-            None => {
-                self.objects += 1;
-                Ok(())
-            }
-        }
+        self.objects += 1;
+        Ok(())
     }
 }
 

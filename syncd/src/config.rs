@@ -52,6 +52,15 @@ pub struct Config {
     pub io_priority: Option<String>,
     /// Nice level, -20..=19 (default: leave it as started).
     pub nice: Option<i32>,
+    /// CA certificate (PEM) the master's certificate must chain to.
+    pub tls_ca: Option<PathBuf>,
+    /// This host's client certificate (PEM); the master takes the host's identity from it.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Public keys (`ed25519:…`) whose manifest signatures this host accepts.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
     /// Shell triggers, in the order they fire: `[[trigger]]` tables.
     #[serde(default)]
     pub trigger: Vec<triggers::config::TriggerDef>,

@@ -142,6 +142,8 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
             host_id: host_id.to_owned(),
             result: match e {
                 SyncError::BadManifest(_) => "rejected",
+                SyncError::Untrusted(t) if t.is_stale() => "stale",
+                SyncError::Untrusted(_) => "rejected",
                 SyncError::Unreachable { .. } => "unreachable",
                 _ => "error",
             }
@@ -164,7 +166,8 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     let host = opts.sync.host_id.clone();
     let url = opts.sync.master.clone();
     // A malformed URL will never work: refuse it now rather than retry forever.
-    client::check_url(&url)?;
+    let transport = opts.sync.transport.clone();
+    client::check_url(&url, &transport)?;
     tokio::pin!(shutdown);
 
     let mut sched = Schedule::new(Instant::now(), opts.max_backoff);
@@ -181,7 +184,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                     tracing::info!("stopping: letting the current file finish");
                     if let Ok(r) = p.await {
                         log_pass(&r);
-                        report(&url, &host, &r).await;
+                        report(&url, &transport, &host, &r).await;
                     }
                 }
                 tracing::info!("stopped");
@@ -208,7 +211,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 }
             },
             _ = tokio::time::sleep_until(reconnect_at), if watch.is_none() => {
-                match client::Master::connect(&url).await {
+                match client::Master::connect(&url, &transport).await {
                     Ok(m) => match m.watch(&host).await {
                         Ok(w) => {
                             tracing::info!(master = %url, "watching for new image versions");
@@ -248,7 +251,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 };
                 let reconcile = opts.reconcile_interval + jitter(opts.reconcile_jitter);
                 sched.pass_done(Instant::now(), converged_to, retry, reconcile);
-                report(&url, &host, &r).await;
+                report(&url, &transport, &host, &r).await;
             }
         }
     }
@@ -282,9 +285,9 @@ fn log_pass(r: &Result<PassReport, SyncError>) {
     }
 }
 
-async fn report(url: &str, host: &str, r: &Result<PassReport, SyncError>) {
+async fn report(url: &str, transport: &client::Transport, host: &str, r: &Result<PassReport, SyncError>) {
     let result = pass_result(host, r);
-    let sent = async { client::Master::connect(url).await?.report(result).await };
+    let sent = async { client::Master::connect(url, transport).await?.report(result).await };
     if let Err(e) = tokio::time::timeout(Duration::from_secs(10), sent).await.unwrap_or_else(|_| {
         Err(SyncError::Unreachable { url: url.to_owned(), reason: "timed out sending the pass report".into() })
     }) {

@@ -183,7 +183,7 @@ pub fn error_code(e: &SyncError) -> u8 {
     match e {
         SyncError::Config(_) | SyncError::Scan { .. } => code::CONFIG,
         SyncError::Unreachable { .. } => code::UNREACHABLE,
-        SyncError::BadManifest(_) => code::BAD_MANIFEST,
+        SyncError::BadManifest(_) | SyncError::Untrusted(_) => code::BAD_MANIFEST,
         SyncError::Internal(_) => code::INTERNAL,
     }
 }

@@ -295,6 +295,11 @@ impl<'f> VerifyingWriter<'f> {
         self.written
     }
 
+    /// The declared size: no more is accepted.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Whether what was written so far is exactly the expected content.
     pub fn check(&self, expect: Hash) -> io::Result<()> {
         if self.written != self.limit {

@@ -12,6 +12,7 @@ pub mod fsops;
 pub mod host;
 pub mod plan;
 pub mod root;
+pub mod trust;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,6 +37,9 @@ pub mod exit {
     pub const BAD_MANIFEST: u8 = 4;
     /// Converged, but a trigger failed or timed out; it stays pending and is retried.
     pub const TRIGGER_FAILED: u8 = 5;
+    /// The master's manifest has expired (a frozen image is being served); nothing was
+    /// changed, and the host reports itself stale.
+    pub const STALE: u8 = 6;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,8 @@ pub enum SyncError {
     Unreachable { url: String, reason: String },
     #[error("the master's manifest was rejected, nothing was changed: {0}")]
     BadManifest(#[source] manifest::ManifestError),
+    #[error("the master's manifest was refused, nothing was changed: {0}")]
+    Untrusted(#[source] manifest::trust::TrustError),
     #[error("cannot scan host root {root}: {source}")]
     Scan {
         root: PathBuf,
@@ -62,6 +68,8 @@ impl SyncError {
             SyncError::Config(_) | SyncError::Scan { .. } => exit::USAGE,
             SyncError::Unreachable { .. } => exit::UNREACHABLE,
             SyncError::BadManifest(_) => exit::BAD_MANIFEST,
+            SyncError::Untrusted(t) if t.is_stale() => exit::STALE,
+            SyncError::Untrusted(_) => exit::BAD_MANIFEST,
             SyncError::Internal(_) => exit::PARTIAL,
         }
     }
@@ -88,6 +96,10 @@ pub struct SyncOptions {
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Byte-rate limits on disk reads, disk writes and fetches, shared by every pass.
     pub throttle: throttle::Throttle,
+    /// How to reach the master.
+    pub transport: client::Transport,
+    /// Which signatures are accepted, and whether a downgrade is.
+    pub trust: trust::Policy,
 }
 
 impl SyncOptions {
@@ -233,8 +245,12 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         return Err(SyncError::Config(format!("root {} is not a directory", opts.root.display())));
     }
     let local = load_local_lists(&opts.exclude_from)?;
-    let master = client::Master::connect(&opts.master).await?.with_net_limit(opts.throttle.net.clone());
-    let (manifest, master_lists) = master.manifest(&opts.host_id).await?;
+    let master =
+        client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
+    let (manifest, signature, master_lists) = master.manifest(&opts.host_id).await?;
+    // Signature, expiry and rollback are checked before the host is even read.
+    let applied_record = trust::record_path(&opts.state_dir, &opts.root);
+    trust::check(&opts.trust, &applied_record, &manifest, signature.as_ref())?;
     let rules = compile_rules(&master_lists, &local)?;
     let identity = manifest.identity();
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
@@ -352,6 +368,12 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         report.outcome = Some(outcome);
     } else if !opts.dry_run {
         report.outcome = Some(Outcome::default());
+    }
+    if let Some(o) = &mut report.outcome {
+        // Applied, even in part: from now on anything older is a rollback.
+        if let Err(error) = trust::record(&opts.trust, &applied_record, report.image_version, &report.identity) {
+            o.failures.push(Failure { path: applied_record.display().to_string(), error });
+        }
     }
     if let (Some(j), Some(o)) = (&mut journal, &report.outcome) {
         run_triggers(j, opts, &report.plan, o, batch, &mut report.triggers, &mut report.deferred);

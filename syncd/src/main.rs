@@ -51,6 +51,23 @@ struct Common {
     /// Nice level, -20..=19 [config: nice].
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     nice: Option<i32>,
+    /// CA certificate the master's certificate must chain to [config: tls_ca].
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This host's certificate; the master takes the host's identity from it [config: tls_cert].
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key for --tls-cert [config: tls_key].
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// A public key (ed25519:…) whose manifest signatures are accepted; repeatable
+    /// [config: trusted_keys].
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    trusted_keys: Vec<String>,
+    /// Tests and demos only: allow a plain http:// master, and unsigned manifests when no
+    /// trusted key is configured. Logged as a warning.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Subcommand)]
@@ -65,6 +82,9 @@ enum Cmd {
         /// Do not print the itemized lines, only the summary.
         #[arg(long, short = 'q')]
         quiet: bool,
+        /// Accept a signed version lower than one applied before (a deliberate downgrade), once.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Report how this host differs from the image, changing nothing. Exit code: bitmask of
     /// 1 extra, 2 missing, 4 changed, 8 incomplete; 16 or more: no report could be made.
@@ -110,6 +130,8 @@ struct Resolved {
     triggers: Vec<triggers::Trigger>,
     daemon: DaemonTimes,
     throttle: throttle::Throttle,
+    transport: syncd::client::Transport,
+    trusted_keys: Vec<manifest::trust::PublicKey>,
 }
 
 /// The daemon's timing keys, as written (validated when resolved).
@@ -163,10 +185,32 @@ impl Common {
         // Refuse to start on a bad trigger, naming the trigger and the key.
         let triggers = triggers::config::validate(&cfg.trigger, &source)
             .map_err(|e| SyncError::Config(format!("config {source}: {e}")))?;
+        let tls = match (self.tls_ca.or(cfg.tls_ca), self.tls_cert.or(cfg.tls_cert), self.tls_key.or(cfg.tls_key)) {
+            (Some(ca), Some(cert), Some(key)) => Some(proto::tls::client(&ca, &cert, &key).map_err(SyncError::Config)?),
+            (None, None, None) => None,
+            _ => return Err(SyncError::Config("mTLS needs all three of tls_ca, tls_cert and tls_key".into())),
+        };
+        let mut trusted_keys = Vec::new();
+        for k in cfg.trusted_keys.iter().chain(&self.trusted_keys) {
+            trusted_keys.push(
+                manifest::trust::PublicKey::parse(k).map_err(|e| SyncError::Config(format!("trusted_keys: {e}")))?,
+            );
+        }
+        if self.insecure {
+            tracing::warn!(
+                "--insecure: a plain http:// master is allowed{}",
+                if trusted_keys.is_empty() { ", and manifests are not verified" } else { "" }
+            );
+        }
+        // Under mTLS the master takes the identity from the certificate: claim none unless asked.
+        let host_id =
+            self.host_id
+                .or(cfg.host_id)
+                .unwrap_or_else(|| if tls.is_some() { String::new() } else { default_host_id() });
         Ok(Resolved {
             master: self.master.or(cfg.master),
             root: self.root.or(cfg.root).unwrap_or_else(|| PathBuf::from("/")),
-            host_id: self.host_id.or(cfg.host_id).unwrap_or_else(default_host_id),
+            host_id,
             exclude_from,
             state_dir_chosen: self.state_dir.is_some() || cfg.state_dir.is_some(),
             state_dir: self.state_dir.or(cfg.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/syncd")),
@@ -178,15 +222,22 @@ impl Common {
                 max_backoff: cfg.max_backoff,
             },
             throttle,
+            transport: syncd::client::Transport { tls, insecure: self.insecure },
+            trusted_keys,
         })
     }
 }
 
 impl Resolved {
-    fn sync_options(self, dry_run: bool) -> Result<SyncOptions, SyncError> {
+    fn sync_options(self, dry_run: bool, allow_downgrade: bool) -> Result<SyncOptions, SyncError> {
         let master = self.master.ok_or_else(|| {
             SyncError::Config("no master given (hint: pass --master URL or set master in the config file)".into())
         })?;
+        if self.trusted_keys.is_empty() && !self.transport.insecure {
+            return Err(SyncError::Config(
+                "no trusted keys: this host would accept any manifest (hint: put the master's public key from `syncmaster keygen` in trusted_keys, or pass --insecure for a test or demo)".into(),
+            ));
+        }
         Ok(SyncOptions {
             master,
             root: self.root,
@@ -199,6 +250,8 @@ impl Resolved {
             index: self.state_dir_chosen,
             cancel: None,
             throttle: self.throttle,
+            transport: self.transport,
+            trust: syncd::trust::Policy { keys: self.trusted_keys, allow_downgrade },
         })
     }
 }
@@ -250,8 +303,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Sync { common, dry_run, quiet } => {
-            let report = common.resolve().and_then(|r| r.sync_options(dry_run));
+        Cmd::Sync { common, dry_run, quiet, allow_downgrade } => {
+            let report = common.resolve().and_then(|r| r.sync_options(dry_run, allow_downgrade));
             match report.map(|opts| rt.block_on(syncd::sync_once(&opts))) {
                 Ok(Ok(report)) => {
                     if !quiet {
@@ -274,7 +327,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Drift { common, format } => {
-            let report = common.resolve().and_then(|r| r.sync_options(true));
+            let report = common.resolve().and_then(|r| r.sync_options(true, false));
             match report.map(|opts| rt.block_on(syncd::sync_once(&opts))) {
                 Ok(Ok(report)) => {
                     let incomplete = report.failures().next().is_some();
@@ -332,7 +385,7 @@ async fn explain(common: Common, paths: &[String]) -> Result<(), SyncError> {
     let r = common.resolve()?;
     let local = syncd::load_local_lists(&r.exclude_from)?;
     let from_master = match &r.master {
-        Some(url) => syncd::client::Master::connect(url).await?.exclusion_lists(&r.host_id).await?,
+        Some(url) => syncd::client::Master::connect(url, &r.transport).await?.exclusion_lists(&r.host_id).await?,
         None => Vec::new(),
     };
     let rules = syncd::compile_rules(&from_master, &local)?;
@@ -371,7 +424,7 @@ fn daemon_options(r: Resolved) -> Result<syncd::daemon::DaemonOptions, SyncError
     let reconcile_jitter = d(&r.daemon.reconcile_jitter, "reconcile_jitter", "1m")?;
     let announce_jitter = d(&r.daemon.announce_jitter, "announce_jitter", "10s")?;
     let max_backoff = d(&r.daemon.max_backoff, "max_backoff", "5m")?.max(std::time::Duration::from_secs(1));
-    let sync = r.sync_options(false)?;
+    let sync = r.sync_options(false, false)?;
     Ok(syncd::daemon::DaemonOptions { sync, reconcile_interval, reconcile_jitter, announce_jitter, max_backoff })
 }
 

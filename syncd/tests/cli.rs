@@ -26,7 +26,7 @@ fn missing_master_is_a_usage_error() {
 
 #[test]
 fn nonexistent_root_is_a_config_error_naming_it() {
-    let o = syncd(&["sync", "--master", "http://127.0.0.1:9", "--root", "/nonexistent/gis-root"]);
+    let o = syncd(&["sync", "--insecure", "--master", "http://127.0.0.1:9", "--root", "/nonexistent/gis-root"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("/nonexistent/gis-root"), "{}", stderr(&o));
 }
@@ -34,7 +34,7 @@ fn nonexistent_root_is_a_config_error_naming_it() {
 #[test]
 fn root_that_is_a_file_is_a_config_error() {
     let f = tempfile::NamedTempFile::new().unwrap();
-    let o = syncd(&["sync", "--master", "http://127.0.0.1:9", "--root", f.path().to_str().unwrap()]);
+    let o = syncd(&["sync", "--insecure", "--master", "http://127.0.0.1:9", "--root", f.path().to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("not a directory"), "{}", stderr(&o));
 }
@@ -42,7 +42,7 @@ fn root_that_is_a_file_is_a_config_error() {
 #[test]
 fn bad_master_url_is_a_config_error() {
     let d = tempfile::tempdir().unwrap();
-    let o = syncd(&["sync", "--master", "not a url", "--root", d.path().to_str().unwrap()]);
+    let o = syncd(&["sync", "--insecure", "--master", "not a url", "--root", d.path().to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("not a url"), "{}", stderr(&o));
 }
@@ -53,8 +53,41 @@ fn unreachable_master_exits_3_naming_the_url() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let d = tempfile::tempdir().unwrap();
-    let o = syncd(&["sync", "--master", &url, "--root", d.path().to_str().unwrap()]);
+    let o = syncd(&["sync", "--insecure", "--master", &url, "--root", d.path().to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains(&url), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "nothing may be written");
+}
+
+#[test]
+fn plain_http_and_unsigned_manifests_need_insecure() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().to_str().unwrap();
+    // Plain TCP is refused by name, before any connection.
+    let key = "ed25519:ddd66d3e4e01b66337f46958020f5acf635dcaf234e8a3888b9456af7a69b4ae";
+    let o = syncd(&["sync", "--master", "http://127.0.0.1:9", "--root", root, "--trusted-key", key]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("plain TCP") && stderr(&o).contains("--insecure"), "{}", stderr(&o));
+    // No trusted key means any manifest would do: refused unless --insecure.
+    let o = syncd(&["sync", "--master", "https://127.0.0.1:9", "--root", root]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("trusted"), "{}", stderr(&o));
+    // https without TLS material names what is missing.
+    let o = syncd(&["sync", "--master", "https://127.0.0.1:9", "--root", root, "--trusted-key", key]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tls_ca"), "{}", stderr(&o));
+    // A malformed key names itself.
+    let o = syncd(&[
+        "sync",
+        "--insecure",
+        "--master",
+        "http://127.0.0.1:9",
+        "--root",
+        root,
+        "--trusted-key",
+        "ed25519:beef",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ed25519:beef"), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "nothing may be written");
 }

@@ -5,6 +5,7 @@
 //! channel, so a slow host costs memory of a few chunks, never of the image.
 
 pub mod fleet;
+pub mod identity;
 pub mod inventory;
 pub mod publish;
 pub mod status;
@@ -58,6 +59,18 @@ impl Image {
     }
 }
 
+/// How the master proves itself and its images.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// Signs every manifest header sent (identity, version, expiry).
+    pub signing_key: Option<Arc<manifest::trust::SigningKey>>,
+    /// How long a signature stays valid after it is sent.
+    pub signature_ttl: std::time::Duration,
+    /// Serve TLS, requiring client certificates from this CA; a host's identity is then its
+    /// certificate's name. `None`: plain TCP (`--insecure`), identity as claimed.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct Service {
@@ -67,6 +80,9 @@ pub struct Service {
     fleet: Arc<fleet::Fleet>,
     inventory: Arc<inventory::Inventory>,
     zstd_level: i32,
+    signing_key: Option<Arc<manifest::trust::SigningKey>>,
+    signature_ttl: std::time::Duration,
+    mtls: bool,
 }
 
 impl Service {
@@ -75,9 +91,37 @@ impl Service {
         fleet: Arc<fleet::Fleet>,
         inventory: Arc<inventory::Inventory>,
         zstd_level: i32,
+        security: &Security,
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Service {
-        Service { stopping, published, fleet, inventory, zstd_level }
+        Service {
+            stopping,
+            published,
+            fleet,
+            inventory,
+            zstd_level,
+            signing_key: security.signing_key.clone(),
+            signature_ttl: security.signature_ttl,
+            mtls: security.tls.is_some(),
+        }
+    }
+
+    /// The host a request speaks for. Under mTLS that is the name in its client certificate,
+    /// and a request claiming to be another host is refused; on plain TCP it is the claim.
+    fn host_of<T>(&self, req: &Request<T>, claimed: &str) -> Result<String, Status> {
+        if !self.mtls {
+            return Ok(claimed.to_owned());
+        }
+        let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
+        let der = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
+        let id = identity::from_cert(der).map_err(Status::unauthenticated)?;
+        if !claimed.is_empty() && claimed != id {
+            tracing::warn!(certificate = %id, claimed, "refused: a host asked as another host");
+            return Err(Status::permission_denied(format!(
+                "this connection's certificate is for host {id:?}; it may not act as host {claimed:?}"
+            )));
+        }
+        Ok(id)
     }
 
     pub fn into_server(self) -> ImageSyncServer<Service> {
@@ -92,14 +136,14 @@ type Stream<T> = ReceiverStream<Result<T, Status>>;
 #[tonic::async_trait]
 impl ImageSync for Service {
     type GetManifestStream = Stream<pb::ManifestMessage>;
-    type FetchObjectsStream = Stream<pb::ObjectChunk>;
+    type FetchObjectsStream = Stream<pb::ObjectBatch>;
     type WatchStream = Stream<pb::VersionAnnouncement>;
 
     async fn get_manifest(
         &self,
         req: Request<pb::ManifestRequest>,
     ) -> Result<Response<Self::GetManifestStream>, Status> {
-        let host = req.into_inner().host_id;
+        let host = self.host_of(&req, &req.get_ref().host_id)?;
         self.fleet.seen(&host);
         let image = self.published.current();
         tracing::info!(host = %host, version = image.manifest.version, entries = image.manifest.entries.len(), "manifest requested");
@@ -118,11 +162,16 @@ impl ImageSync for Service {
             })
             .collect();
         let (tx, rx) = mpsc::channel(16);
+        let signer = self.signing_key.clone().map(|k| (k, self.signature_ttl));
         tokio::spawn(async move {
             let mut lists = Some(lists);
             for mut msg in manifest::wire::manifest_messages(&image.manifest, proto::MANIFEST_BATCH) {
                 if let Some(pb::manifest_message::Msg::Header(h)) = &mut msg.msg {
                     h.exclusions = lists.take().unwrap_or_default();
+                    if let (Some((key, ttl)), Some(id)) = (&signer, Hash::from_slice(&h.identity)) {
+                        let expires = unix_now() + ttl.as_secs().max(1);
+                        h.signature = Some(manifest::wire::signature_to_wire(&key.sign(&id, h.version, expires)));
+                    }
                 }
                 // A failed send means the host went away: stop encoding.
                 if tx.send(Ok(msg)).await.is_err() {
@@ -154,17 +203,19 @@ impl ImageSync for Service {
         let level = self.zstd_level;
         // Reading and compressing are blocking work: keep them off the async workers.
         tokio::task::spawn_blocking(move || {
+            let mut out = Batcher { tx, chunks: Vec::new(), bytes: 0 };
             for h in hashes {
-                if !send_object(&published, h, level, &tx) {
-                    break;
+                if !send_object(&published, h, level, &mut out) {
+                    return;
                 }
             }
+            out.flush();
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let host = req.into_inner().host_id;
+        let host = self.host_of(&req, &req.get_ref().host_id)?;
         let mut rx = self.published.subscribe();
         let fleet = self.fleet.clone();
         let mut stopping = self.stopping.clone();
@@ -194,7 +245,9 @@ impl ImageSync for Service {
     }
 
     async fn report_pass(&self, req: Request<pb::PassResult>) -> Result<Response<pb::ReportAck>, Status> {
-        let r = req.into_inner();
+        let host = self.host_of(&req, &req.get_ref().host_id)?;
+        let mut r = req.into_inner();
+        r.host_id = host;
         if r.host_id.is_empty() || r.host_id.len() > 255 {
             return Err(Status::invalid_argument("a pass report needs a host id of 1 to 255 bytes"));
         }
@@ -210,29 +263,23 @@ impl ImageSync for Service {
 }
 
 /// Streams one object as chunks. Returns false when the host has gone away.
-fn send_object(
-    published: &publish::Published,
-    hash: Hash,
-    level: i32,
-    tx: &mpsc::Sender<Result<pb::ObjectChunk, Status>>,
-) -> bool {
+fn send_object(published: &publish::Published, hash: Hash, level: i32, tx: &mut Batcher) -> bool {
     let hash_bytes = Bytes::copy_from_slice(&hash.0);
-    let fail = |error: String| {
+    let fail = |tx: &mut Batcher, error: String| {
         tracing::warn!(object = %hash, "{error}");
-        tx.blocking_send(Ok(pb::ObjectChunk { hash: hash_bytes.clone(), last: true, error, ..Default::default() }))
-            .is_ok()
+        tx.push(pb::ObjectChunk { hash: hash_bytes.clone(), last: true, error, ..Default::default() })
     };
     let Some((image, rel)) = published.find_object(&hash) else {
-        return fail(format!("object {hash} is in no image version this master serves"));
+        return fail(tx, format!("object {hash} is in no image version this master serves"));
     };
     let path = image.root.join(rel.as_path());
     let file = match manifest::scan::open_nofollow(&path) {
         Ok(f) => f,
-        Err(e) => return fail(format!("cannot open {}: {e}", path.display())),
+        Err(e) => return fail(tx, format!("cannot open {}: {e}", path.display())),
     };
     let size = match file.metadata() {
         Ok(md) => md.len(),
-        Err(e) => return fail(format!("cannot stat {}: {e}", path.display())),
+        Err(e) => return fail(tx, format!("cannot stat {}: {e}", path.display())),
     };
     let mut hashing = HashingReader { inner: file, hasher: blake3::Hasher::new() };
     let encoding = if size >= MIN_COMPRESS { pb::Encoding::Zstd } else { pb::Encoding::Raw };
@@ -245,39 +292,32 @@ fn send_object(
     };
     match result {
         Ok(false) => false,
-        Err(e) => fail(format!("cannot read {}: {e}", path.display())),
+        Err(e) => fail(tx, format!("cannot read {}: {e}", path.display())),
         Ok(true) => {
             // The image changed under us since it was scanned: tell the host, which would
             // reject the content anyway when it verifies the hash.
             let actual: Hash = hashing.hasher.finalize().into();
             if actual != hash {
-                return fail(format!(
-                    "{} changed since the image was scanned (hint: rescan the image)",
-                    path.display()
-                ));
+                return fail(
+                    tx,
+                    format!("{} changed since the image was scanned (hint: rescan the image)", path.display()),
+                );
             }
-            tx.blocking_send(Ok(pb::ObjectChunk {
+            tx.push(pb::ObjectChunk {
                 hash: hash_bytes,
                 size,
                 encoding: encoding as i32,
                 last: true,
                 ..Default::default()
-            }))
-            .is_ok()
+            })
         }
     }
 }
 
 /// Sends the bytes `r` yields as chunks of at most `OBJECT_CHUNK`. `Ok(false)`: the host left.
-fn pump(
-    mut r: impl Read,
-    hash: &Bytes,
-    size: u64,
-    encoding: pb::Encoding,
-    tx: &mpsc::Sender<Result<pb::ObjectChunk, Status>>,
-) -> std::io::Result<bool> {
+fn pump(mut r: impl Read, hash: &Bytes, size: u64, encoding: pb::Encoding, tx: &mut Batcher) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; proto::OBJECT_CHUNK];
     loop {
-        let mut buf = vec![0u8; proto::OBJECT_CHUNK];
         let mut filled = 0;
         while filled < buf.len() {
             match r.read(&mut buf[filled..]) {
@@ -290,17 +330,44 @@ fn pump(
         if filled == 0 {
             return Ok(true);
         }
-        buf.truncate(filled);
         let chunk = pb::ObjectChunk {
             hash: hash.clone(),
             size,
             encoding: encoding as i32,
-            data: buf.into(),
+            data: Bytes::copy_from_slice(&buf[..filled]),
             ..Default::default()
         };
-        if tx.blocking_send(Ok(chunk)).is_err() {
+        if !tx.push(chunk) {
             return Ok(false);
         }
+    }
+}
+
+/// Packs chunks into `ObjectBatch` messages of about `BATCH_BYTES`.
+struct Batcher {
+    tx: mpsc::Sender<Result<pb::ObjectBatch, Status>>,
+    chunks: Vec<pb::ObjectChunk>,
+    bytes: usize,
+}
+
+impl Batcher {
+    /// Queues a chunk, sending the batch once it is full. False: the host left.
+    fn push(&mut self, chunk: pb::ObjectChunk) -> bool {
+        self.bytes += chunk.data.len();
+        self.chunks.push(chunk);
+        if self.bytes >= proto::BATCH_BYTES || self.chunks.len() >= proto::BATCH_CHUNKS {
+            return self.flush();
+        }
+        true
+    }
+
+    fn flush(&mut self) -> bool {
+        if self.chunks.is_empty() {
+            return true;
+        }
+        self.bytes = 0;
+        let chunks = std::mem::take(&mut self.chunks);
+        self.tx.blocking_send(Ok(pb::ObjectBatch { chunks })).is_ok()
     }
 }
 
@@ -318,12 +385,14 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Binds `listen`, prints the bound address, and serves `image` until `shutdown` resolves.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     published: Arc<publish::Published>,
     fleet: Arc<fleet::Fleet>,
     inventory: Arc<inventory::Inventory>,
     listen: SocketAddr,
     zstd_level: i32,
+    security: Security,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
@@ -335,12 +404,21 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let service = Service::new(published, fleet, inventory, zstd_level, &security, stop_rx);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = security.tls {
+        builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS configuration refused: {e}"))?;
+    }
     on_ready(addr);
-    tonic::transport::Server::builder()
-        .add_service(Service::new(published, fleet, inventory, zstd_level, stop_rx).into_server())
+    builder
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = stopped.wait_for(|s| *s).await;
         })
         .await?;
     Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -21,6 +21,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
     /// Scan a golden root tree and serve it over gRPC until SIGINT or SIGTERM.
     Serve {
@@ -55,15 +56,97 @@ enum Cmd {
         /// zstd level for objects on the wire (1-19).
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: i32,
+        /// Sign every manifest with this ed25519 key (made by `syncmaster keygen`).
+        #[arg(long, value_name = "FILE")]
+        signing_key: Option<PathBuf>,
+        /// How long a manifest signature stays valid; hosts refuse it after that (freeze attack).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
+        signature_ttl: Duration,
+        #[command(flatten)]
+        tls: ServerTls,
     },
     /// Show the fleet as a running master sees it: one row per host.
     Status {
-        /// URL of the running master.
-        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7411")]
+        /// URL of the running master (https:// with mTLS; http:// needs --insecure).
+        #[arg(long, value_name = "URL", default_value = "https://127.0.0.1:7411")]
         master: String,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        #[command(flatten)]
+        tls: ClientTls,
     },
+    /// Make an ed25519 signing key: the secret goes to FILE (mode 0600, never overwritten), the
+    /// public key (for syncd's trusted_keys) to FILE.pub and stdout.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+/// Transport security of `serve`: mTLS, or plain TCP only when asked for by name.
+#[derive(clap::Args)]
+struct ServerTls {
+    /// This master's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA whose certificates hosts must present; a host's identity is its certificate's name.
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// Serve plain TCP without TLS (tests and demos only): hosts are who they claim to be.
+    #[arg(long)]
+    insecure: bool,
+}
+
+/// Transport security of a client of the master.
+#[derive(clap::Args)]
+struct ClientTls {
+    /// CA that signed the master's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Allow a plain http:// master (tests and demos only).
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl ServerTls {
+    fn config(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.client_ca, self.insecure) {
+            (None, None, None, true) => {
+                tracing::warn!("--insecure: serving plain TCP; anyone who can connect can claim to be any host");
+                Ok(None)
+            }
+            (Some(c), Some(k), Some(ca), false) => proto::tls::server(c, k, ca).map(Some),
+            (None, None, None, false) => Err("refusing to serve without TLS: give --tls-cert, --tls-key and --client-ca (see README, Trust), or --insecure for a test or demo".into()),
+            (_, _, _, true) => Err("--insecure cannot be combined with --tls-cert/--tls-key/--client-ca".into()),
+            _ => Err("mTLS needs all three of --tls-cert, --tls-key and --client-ca".into()),
+        }
+    }
+}
+
+impl ClientTls {
+    fn endpoint(&self, url: &str) -> Result<tonic::transport::Endpoint, String> {
+        let e =
+            tonic::transport::Endpoint::from_shared(url.to_owned()).map_err(|e| format!("master URL {url:?}: {e}"))?;
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(c), Some(k)) => {
+                e.tls_config(proto::tls::client(ca, c, k)?).map_err(|e| format!("TLS configuration refused: {e}"))
+            }
+            (None, None, None) if self.insecure && url.starts_with("http://") => Ok(e),
+            (None, None, None) => Err(format!(
+                "no TLS material for {url} (hint: --tls-ca, --tls-cert and --tls-key; or an http:// URL with --insecure)"
+            )),
+            _ => Err("mTLS needs all three of --tls-ca, --tls-cert and --tls-key".into()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -95,8 +178,32 @@ fn main() -> ExitCode {
             down_after,
             out_after,
             zstd_level,
+            signing_key,
+            signature_ttl,
+            tls,
         } => {
             // Validate configuration before scanning or opening a port.
+            let tls = match tls.config() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("syncmaster: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let signing_key = match signing_key.as_deref().map(manifest::trust::SigningKey::load).transpose() {
+                Ok(k) => k.map(Arc::new),
+                Err(e) => {
+                    eprintln!("syncmaster: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match &signing_key {
+                Some(k) => tracing::info!(key = %k.public(), ttl = ?signature_ttl, "signing manifests"),
+                None => {
+                    tracing::warn!("no --signing-key: manifests are unsigned, and hosts with trusted_keys refuse them")
+                }
+            }
+            let security = syncmaster::Security { signing_key, signature_ttl, tls };
             let tree = match (&image, &images) {
                 (Some(dir), _) => dir.clone(),
                 // Resolved once, so a flip during the first scan cannot mix two trees.
@@ -129,8 +236,18 @@ fn main() -> ExitCode {
                 }
             };
             let state_dir = state_dir.or_else(|| images.as_ref().map(|_| PathBuf::from("/var/lib/syncmaster")));
-            let opts =
-                ServeOpts { tree, images, listen, state_dir, image_version, poll, down_after, out_after, zstd_level };
+            let opts = ServeOpts {
+                tree,
+                images,
+                listen,
+                state_dir,
+                image_version,
+                poll,
+                down_after,
+                out_after,
+                zstd_level,
+                security,
+            };
             match rt.block_on(serve(opts, Arc::new(inventory))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -139,13 +256,42 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Status { master, format } => match rt.block_on(status(&master, format)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("syncmaster: {e:#}");
-                ExitCode::from(3)
+        Cmd::Status { master, format, tls } => {
+            let endpoint = match tls.endpoint(&master) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("syncmaster: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match rt.block_on(status(&master, endpoint, format)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("syncmaster: {e:#}");
+                    ExitCode::from(3)
+                }
             }
-        },
+        }
+        Cmd::Keygen { out } => {
+            let key = manifest::trust::SigningKey::generate();
+            let public = key.public().to_string();
+            let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+            if let Err(e) = key.save(&out) {
+                eprintln!("syncmaster: cannot write {}: {e} (an existing key is never overwritten)", out.display());
+                return ExitCode::from(2);
+            }
+            if let Err(e) = std::fs::write(&pub_path, format!("{public}\n")) {
+                eprintln!("syncmaster: cannot write {}: {e}", pub_path.display());
+                return ExitCode::from(2);
+            }
+            println!("{public}");
+            eprintln!(
+                "syncmaster: secret key in {} (mode 0600; keep it on the master only), public key in {}",
+                out.display(),
+                pub_path.display()
+            );
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -159,6 +305,7 @@ struct ServeOpts {
     down_after: Duration,
     out_after: Duration,
     zstd_level: i32,
+    security: syncmaster::Security,
 }
 
 async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Result<()> {
@@ -189,7 +336,7 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         tokio::spawn(w);
     }
     let fleet = Arc::new(fleet::Fleet::new(o.down_after, o.out_after));
-    syncmaster::serve(published, fleet, inventory, o.listen, o.zstd_level, shutdown, |addr| {
+    syncmaster::serve(published, fleet, inventory, o.listen, o.zstd_level, o.security, shutdown, |addr| {
         // A stable, parseable line for scripts and tests; logs go to stderr.
         println!("listening on {addr}");
         use std::io::Write;
@@ -199,11 +346,13 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
     .await
 }
 
-async fn status(url: &str, format: Format) -> anyhow::Result<()> {
+async fn status(url: &str, endpoint: tonic::transport::Endpoint, format: Format) -> anyhow::Result<()> {
     use proto::v1::image_sync_client::ImageSyncClient;
-    let mut client = ImageSyncClient::connect(url.to_owned())
+    let channel = endpoint
+        .connect()
         .await
         .map_err(|e| anyhow::anyhow!("master {url} is unreachable: {e} (hint: is syncmaster serve running there?)"))?;
+    let mut client = ImageSyncClient::new(channel);
     let s = client.fleet_status(proto::v1::StatusRequest {}).await?.into_inner();
     let out = match format {
         Format::Json => syncmaster::status::json(&s),

@@ -7,6 +7,7 @@
 //! - [`fixture`]: the one realistic tree builder;
 //! - [`tree`]: the one tree comparator, the rsync cross-check and the outside-tree sentinel.
 
+pub mod fake;
 pub mod fixture;
 pub mod tree;
 
@@ -116,6 +117,10 @@ impl Master {
         );
         let mut cmd = Command::new(bin("syncmaster"));
         cmd.arg("serve").args(args);
+        // Plain TCP unless the test sets up mTLS (tests/tests/attacks.rs does).
+        if !args.iter().any(|a| *a == "--tls-cert") {
+            cmd.arg("--insecure");
+        }
         if !args.iter().any(|a| *a == "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -172,6 +177,11 @@ impl Master {
         &self.url
     }
 
+    /// The URL for a master started with `--tls-cert`.
+    pub fn https_url(&self) -> String {
+        self.url.replacen("http://", "https://", 1)
+    }
+
     /// What the master logged so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
@@ -199,7 +209,10 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// `syncmaster status --format json` against `url`, parsed.
 pub fn fleet_status(url: &str) -> serde_json::Value {
-    let out = Command::new(bin("syncmaster")).args(["status", "--master", url, "--format", "json"]).output().unwrap();
+    let out = Command::new(bin("syncmaster"))
+        .args(["status", "--master", url, "--insecure", "--format", "json"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "syncmaster status failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("status JSON")
 }
@@ -236,11 +249,67 @@ where
     }
 }
 
+/// Runs `syncd` with `args`, killing it after `deadline`; also returns its peak RSS in KiB
+/// (from `wait4`, so it is this process's own figure).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives the peak RSS
+pub fn run_syncd_limited(args: &[&OsStr], deadline: Duration) -> (Output, u64) {
+    let bin = bin("syncd");
+    let command = std::iter::once(bin.as_os_str())
+        .chain(args.iter().copied())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run syncd");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let pid = child.id() as libc::pid_t;
+    let start = std::time::Instant::now();
+    let (mut status, mut usage): (libc::c_int, libc::rusage) = (0, unsafe { std::mem::zeroed() });
+    let mut killed = false;
+    loop {
+        // SAFETY: plain syscall on our own child; status and usage are valid out-pointers.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break;
+        }
+        if start.elapsed() > deadline && !killed {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let code = if killed {
+        -2
+    } else if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let mut stderr = err.join().unwrap();
+    if killed {
+        stderr.push_str(&format!("\n[killed by the test after {deadline:?}]"));
+    }
+    (Output { command, code, stdout: out.join().unwrap(), stderr }, usage.ru_maxrss as u64)
+}
+
 /// `syncd sync` against `master` on `root`, plus `extra` flags (`--dry-run`, …).
 pub fn sync(master: &Master, root: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<&OsStr> = ["sync", "--master", master.url(), "--root"].map(OsStr::new).to_vec();
     args.push(root.as_os_str());
-    args.extend(["--host-id", "e2e-host"].map(OsStr::new));
+    args.extend(["--host-id", "e2e-host", "--insecure"].map(OsStr::new));
     args.extend(extra.iter().map(OsStr::new));
     run_syncd(args)
 }

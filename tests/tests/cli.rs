@@ -28,7 +28,7 @@ fn unreachable_master_exits_3_and_names_it() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
 
-    let out = run_syncd(["sync", "--master", &url, "--root", &root.to_string_lossy()]);
+    let out = run_syncd(["sync", "--insecure", "--master", &url, "--root", &root.to_string_lossy()]);
     out.expect_code(3, &[]);
     out.check(out.stderr.contains(&url), "stderr does not name the master URL", &[]);
     host.assert_unchanged("a pass that could not reach its master");
@@ -39,7 +39,7 @@ fn malformed_master_url_exits_2() {
     let s = scratch();
     let root = s.dir("root");
 
-    let out = run_syncd(["sync", "--master", "not-a-url", "--root", &root.to_string_lossy()]);
+    let out = run_syncd(["sync", "--insecure", "--master", "not-a-url", "--root", &root.to_string_lossy()]);
     out.expect_code(2, &[]);
     out.check(out.stderr.contains("not-a-url"), "stderr does not name the bad URL", &[]);
 }

@@ -58,7 +58,7 @@ fn daemon(s: &Scratch, url: &str, root: &Path) -> KillOnDrop {
     .unwrap();
     let log = fs::File::create(s.join("syncd.log")).unwrap();
     let child = Command::new(bin("syncd"))
-        .args(["run", "--config", cfg.to_str().unwrap()])
+        .args(["run", "--insecure", "--config", cfg.to_str().unwrap()])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

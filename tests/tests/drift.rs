@@ -9,7 +9,7 @@ use std::path::Path;
 use gis_tests::{converged_host, run_syncd, scratch, sync, Builder, Master, Output};
 
 fn drift(master: &Master, root: &Path, extra: &[&str]) -> Output {
-    let mut args: Vec<&OsStr> = ["drift", "--master", master.url(), "--root"].map(OsStr::new).to_vec();
+    let mut args: Vec<&OsStr> = ["drift", "--insecure", "--master", master.url(), "--root"].map(OsStr::new).to_vec();
     args.push(root.as_os_str());
     args.extend(["--host-id", "web01", "--format", "json"].map(OsStr::new));
     args.extend(extra.iter().map(OsStr::new));
@@ -17,7 +17,7 @@ fn drift(master: &Master, root: &Path, extra: &[&str]) -> Output {
 }
 
 fn sync_as(master: &Master, root: &Path, host: &str, extra: &[&str]) -> Output {
-    let mut args: Vec<&OsStr> = ["sync", "--master", master.url(), "--root"].map(OsStr::new).to_vec();
+    let mut args: Vec<&OsStr> = ["sync", "--insecure", "--master", master.url(), "--root"].map(OsStr::new).to_vec();
     args.push(root.as_os_str());
     args.extend([OsStr::new("--host-id"), OsStr::new(host)]);
     args.extend(extra.iter().map(OsStr::new));
@@ -144,6 +144,7 @@ fn the_three_sources_combine_in_order_group_host_local() {
 
     let explain = run_syncd([
         "explain",
+        "--insecure",
         "--master",
         master.url(),
         "--host-id",

@@ -18,7 +18,7 @@ fn bad_rates_and_priorities_exit_2_naming_the_value() {
         ("--io-priority", "realtime"),
         ("--nice", "42"),
     ] {
-        let out = run_syncd(["sync", "--master", "http://127.0.0.1:9", "--root", &r, flag, value]);
+        let out = run_syncd(["sync", "--insecure", "--master", "http://127.0.0.1:9", "--root", &r, flag, value]);
         out.expect_code(2, &[]);
         out.check(out.stderr.contains(value), format!("stderr does not name {value:?}"), &[]);
     }
@@ -26,13 +26,22 @@ fn bad_rates_and_priorities_exit_2_naming_the_value() {
     for (key, value) in [("write_bytes_per_sec", "\"20 parsecs\""), ("io_priority", "\"realtime\""), ("nice", "-21")] {
         let cfg = s.join("syncd.toml");
         fs::write(&cfg, format!("{key} = {value}\n")).unwrap();
-        let out =
-            run_syncd(["sync", "--master", "http://127.0.0.1:9", "--root", &r, "--config", cfg.to_str().unwrap()]);
+        let out = run_syncd([
+            "sync",
+            "--insecure",
+            "--master",
+            "http://127.0.0.1:9",
+            "--root",
+            &r,
+            "--config",
+            cfg.to_str().unwrap(),
+        ]);
         out.expect_code(2, &[]);
         out.check(out.stderr.contains(key.split('_').next().unwrap()), format!("stderr does not name {key}"), &[]);
     }
     // Drift keeps its own code for a configuration error.
-    let out = run_syncd(["drift", "--master", "http://127.0.0.1:9", "--root", &r, "--io-priority", "realtime"]);
+    let out =
+        run_syncd(["drift", "--insecure", "--master", "http://127.0.0.1:9", "--root", &r, "--io-priority", "realtime"]);
     out.expect_code(16, &[]);
 }
 
@@ -71,6 +80,7 @@ fn throttled_sync_is_exact_and_runs_in_the_idle_class_at_the_nice_level() {
     fs::write(root.join("big.bin"), random_bytes(8, 3 << 20)).unwrap();
     let out = run_syncd([
         "drift",
+        "--insecure",
         "--master",
         master.url(),
         "--root",

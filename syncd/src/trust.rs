@@ -1,0 +1,111 @@
+//! The host's side of signed versions: which keys it trusts, and the highest version it has
+//! applied (kept in the state dir, so a restart cannot be talked into a rollback).
+
+use std::path::{Path, PathBuf};
+
+use manifest::trust::{self, PublicKey, VersionSignature};
+use manifest::{Hash, Manifest};
+use serde::{Deserialize, Serialize};
+
+use crate::SyncError;
+
+/// What this host accepts.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Keys whose signatures are accepted. Empty only with `--insecure`: nothing is verified.
+    pub keys: Vec<PublicKey>,
+    /// The operator's one-off override for a deliberate downgrade.
+    pub allow_downgrade: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Applied {
+    version: u64,
+    identity: String,
+}
+
+/// Where the highest applied version for `root` is kept.
+pub fn record_path(state_dir: &Path, root: &Path) -> PathBuf {
+    let key = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
+    state_dir.join(format!("applied-version-{}.json", &key[..16]))
+}
+
+fn load(path: &Path) -> Result<Option<(u64, Hash)>, SyncError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SyncError::Config(format!("cannot read {}: {e}", path.display()))),
+    };
+    let damaged = |why: String| {
+        SyncError::Config(format!(
+            "{} is damaged ({why}); refusing to guess the highest version applied (hint: if you trust the master's current version, delete the file and run `syncd sync` once)",
+            path.display()
+        ))
+    };
+    let a: Applied = serde_json::from_str(&text).map_err(|e| damaged(e.to_string()))?;
+    let id = Hash::from_hex(&a.identity).ok_or_else(|| damaged("bad identity".into()))?;
+    Ok(Some((a.version, id)))
+}
+
+/// Checks a received manifest before anything is read or written for it.
+pub fn check(
+    policy: &Policy,
+    record: &Path,
+    manifest: &Manifest,
+    sig: Option<&VersionSignature>,
+) -> Result<(), SyncError> {
+    if policy.keys.is_empty() {
+        tracing::warn!(version = manifest.version, "--insecure: the manifest's signature is not checked");
+        return Ok(());
+    }
+    let identity = manifest.identity();
+    trust::verify(&policy.keys, sig, &identity, manifest.version, now_unix()).map_err(SyncError::Untrusted)?;
+    let applied = load(record)?;
+    trust::check_not_rollback(
+        applied.as_ref().map(|(v, h)| (*v, h)),
+        manifest.version,
+        &identity,
+        policy.allow_downgrade,
+    )
+    .map_err(SyncError::Untrusted)?;
+    if policy.allow_downgrade && applied.is_some_and(|(v, _)| v > manifest.version) {
+        tracing::warn!(
+            offered = manifest.version,
+            "--allow-downgrade: accepting a version lower than one applied before"
+        );
+    }
+    Ok(())
+}
+
+/// Records version `version` (identity `identity`) as applied: later passes refuse anything older.
+pub fn record(policy: &Policy, record: &Path, version: u64, identity: &Hash) -> Result<(), String> {
+    if policy.keys.is_empty() {
+        return Ok(());
+    }
+    if !policy.allow_downgrade {
+        if let Ok(Some((v, _))) = load(record) {
+            if v > version {
+                return Ok(());
+            }
+        }
+    }
+    let a = Applied { version, identity: identity.to_hex() };
+    let write = || -> std::io::Result<()> {
+        let dir = record.parent().unwrap_or(Path::new("."));
+        std::fs::DirBuilder::new().recursive(true).create(dir)?;
+        let tmp = record.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(serde_json::to_string(&a).expect("plain struct").as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, record)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| format!("cannot record the applied version in {}: {e}", record.display()))
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
