@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# sync-vs-rsync.sh: wall-time benchmark of `syncd sync` against
-# `rsync -aHAX --numeric-ids --delete` from an rsync daemon, on real root trees.
+# sync-vs-rsync.sh: benchmark of `syncd sync` against `rsync -aHAX --numeric-ids --delete`
+# from an rsync daemon, on real root trees: wall time, bytes on the wire, client peak RSS.
 #
-# Usage: bench/sync-vs-rsync.sh [SCENARIO...]     (default: cold upgrade)
-#   cold     image bookworm-big, host dir starts empty
-#   upgrade  image bookworm-minbase, host dir starts as a fresh copy of bullseye-minbase
+# Usage: bench/sync-vs-rsync.sh [SCENARIO...]   (default: cold upgrade-bookworm upgrade-trixie)
+#   cold              image bookworm-big, host dir starts empty
+#   upgrade-bookworm  image bookworm-minbase, host dir starts as a fresh copy of
+#                     bullseye-minbase (alias: upgrade)
+#   upgrade-trixie    image trixie-minbase, host dir starts as a fresh copy of bookworm-minbase
 #
-# Corpora come from bench/corpora.sh (run it first). Needs root, rsync, util-linux.
+# Corpora come from bench/corpora.sh (run it first). Needs root, rsync, python3, util-linux;
+# GNU time (/usr/bin/time, package `time`) for exact peak RSS (see bench/measure.py).
 #
 # Env:
 #   RUNS=5            timed runs per tool per scenario (after one untimed warm-up each)
+#   RSYNC_Z=upgrades  scenarios that also get the compressed-rsync series, one
+#                     `rsync -aHAX --numeric-ids --delete -z --stats` run per iteration
+#                     from a freshly prepared host dir (its own series; not part of the
+#                     rsync wall-time median): upgrades | all | none
 #   CORPORA=/var/tmp/gis-corpora   where corpora.sh put the trees
 #   SCRATCH=/var/tmp/gis-bench     scratch space (host dirs, configs, logs); the
 #                     per-invocation work dir is removed on exit, logs are kept in
@@ -26,15 +33,27 @@
 #                     effect once the current run ends, Ctrl-C at once
 #   RESULTS=bench/RESULTS.md   markdown file the dated result section is appended to
 #
+# syncmaster/syncd builds whose --help lists --insecure (TLS builds) get --insecure (plain
+# TCP, like the rsync daemon); the report shows the exact commands.
+#
 # Timing: warm page cache (no cache dropping). Each run starts from a freshly
 # prepared host dir (untimed, followed by an untimed `sync`). Tools alternate,
-# and which tool goes first alternates per iteration. syncmaster is started
-# (and finishes its scan) before any timing, once per scenario; likewise one
-# rsync daemon per scenario.
+# and which tool goes first alternates per iteration; the rsync -z run comes last in
+# each iteration. syncmaster is started (and finishes its scan) before any timing,
+# once per scenario; likewise one rsync daemon per scenario.
+#
+# Per run, bench/measure.py records: wall time (monotonic clock from fork to reap of
+# the client), bytes on the wire (growth of the RX byte counter of `lo` in
+# /proc/net/dev across the run: both directions of the loopback connection, IP/TCP
+# headers included, and any unrelated loopback traffic on the host), the client's peak
+# RSS (ru_maxrss via GNU time: syncd's process; for rsync the larger of its generator
+# and receiver processes, not their sum) and its CPU time. For syncd the summary line's
+# "(X on the wire)" figure, and for rsync -z its "Total bytes received", are also kept.
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RUNS=${RUNS:-5}
+RSYNC_Z=${RSYNC_Z:-upgrades}
 CORPORA=${CORPORA:-/var/tmp/gis-corpora}
 SCRATCH=${SCRATCH:-/var/tmp/gis-bench}
 SYNCD=${SYNCD:-/work/main/target/release/syncd}
@@ -45,31 +64,64 @@ SYNC_AFTER=${SYNC_AFTER:-0}
 MASTER_TIMEOUT=${MASTER_TIMEOUT:-900}
 TOOL_TIMEOUT=${TOOL_TIMEOUT:-1800}
 RESULTS=${RESULTS:-$BENCH_DIR/RESULTS.md}
+MEASURE=$BENCH_DIR/measure.py
 
 die() { echo "sync-vs-rsync: $*" >&2; exit 1; }
 log() { echo "[$(date +%T)] $*" >&2; }
 
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
 case $VERIFY in once|all|none) ;; *) die "VERIFY must be once|all|none" ;; esac
+case $RSYNC_Z in upgrades|all|none) ;; *) die "RSYNC_Z must be upgrades|all|none" ;; esac
 [ "$(id -u)" -eq 0 ] || die "must run as root (trees contain root-owned files, devices, caps)"
 command -v rsync >/dev/null || die "rsync missing: apt-get install -y rsync"
+command -v python3 >/dev/null || die "python3 missing"
+# the interpreter itself, not a version-manager shim (its start-up is outside the timed
+# window anyway, but a shim adds a shell and ~0.1 s per run)
+PY=$(python3 -c 'import sys; print(sys.executable)')
+[ -r "$MEASURE" ] || die "missing $MEASURE"
+grep -q '^ *lo:' /proc/net/dev || die "no loopback interface in /proc/net/dev"
+MASTER_FLAGS=() SYNCD_FLAGS=()
 if [ "$SKIP_SYNCD" != 1 ]; then
     [ -x "$SYNCD" ] || die "syncd not found at $SYNCD (cargo build --release, set SYNCD, or SKIP_SYNCD=1)"
     [ -x "$SYNCMASTER" ] || die "syncmaster not found at $SYNCMASTER (set SYNCMASTER, or SKIP_SYNCD=1)"
+    # Builds with TLS refuse plain TCP unless told --insecure (plain TCP, like the rsync
+    # daemon); older builds do not know the flag. Pass it only where --help lists it.
+    h=$("$SYNCMASTER" serve --help 2>&1 || true); [[ $h != *--insecure* ]] || MASTER_FLAGS=(--insecure)
+    h=$("$SYNCD" sync --help 2>&1 || true); [[ $h != *--insecure* ]] || SYNCD_FLAGS=(--insecure)
 fi
+RSS_METHOD="GNU time \`%M\` (wait4 ru_maxrss of the client)"
+[ -x "${GNU_TIME:-/usr/bin/time}" ] ||
+    RSS_METHOD="getrusage(RUSAGE_CHILDREN) in measure.py (no GNU time: figures include a ~10-15 MiB floor from the forking Python process)"
 
-scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(cold upgrade)
+KNOWN="cold upgrade-bookworm upgrade-trixie (alias: upgrade = upgrade-bookworm)"
+scenarios=()
+for s in "${@:-cold upgrade-bookworm upgrade-trixie}"; do
+    for s in $s; do
+        [ "$s" != upgrade ] || s=upgrade-bookworm
+        case " ${scenarios[*]} " in *" $s "*) ;; *) scenarios+=("$s") ;; esac
+    done
+done
 
 # scenario -> image corpus, host start corpus ("" = empty dir)
-scenario_image() { case $1 in cold) echo bookworm-big ;; upgrade) echo bookworm-minbase ;; *) return 1 ;; esac; }
-scenario_base()  { case $1 in cold) echo "" ;; upgrade) echo bullseye-minbase ;; *) return 1 ;; esac; }
+scenario_image() {
+    case $1 in cold) echo bookworm-big ;; upgrade-bookworm) echo bookworm-minbase ;;
+        upgrade-trixie) echo trixie-minbase ;; *) return 1 ;; esac
+}
+scenario_base() {
+    case $1 in cold) echo "" ;; upgrade-bookworm) echo bullseye-minbase ;;
+        upgrade-trixie) echo bookworm-minbase ;; *) return 1 ;; esac
+}
+# targets (issue): syncd/rsync wall time; syncd/rsync -z wire bytes; syncd peak RSS MiB
+target_wall()  { case $1 in cold) echo 1.0 ;; upgrade-*) echo 0.7 ;; esac; }
+target_bytes() { case $1 in upgrade-*) echo 0.9 ;; esac; }
+target_rss()   { case $1 in cold) echo 64 ;; esac; }
+want_z() { [ "$RSYNC_Z" = all ] || { [ "$RSYNC_Z" = upgrades ] && [[ $1 == upgrade-* ]]; }; }
 need_corpus() {
     [ -d "$CORPORA/$1" ] && [ -e "$CORPORA/$1.done" ] ||
         die "corpus $1 missing under $CORPORA: run bench/corpora.sh $1"
 }
 for s in "${scenarios[@]}"; do
-    scenario_image "$s" >/dev/null || die "unknown scenario '$s' (known: cold upgrade)"
+    scenario_image "$s" >/dev/null || die "unknown scenario '$s' (known: $KNOWN)"
     need_corpus "$(scenario_image "$s")"
     b=$(scenario_base "$s"); [ -z "$b" ] || need_corpus "$b"
 done
@@ -97,10 +149,21 @@ trap 'exit 130' INT TERM
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-median() { tr ' ' '\n' | awk NF | sort -g | awk '{ a[NR] = $1 } END {
+# median [PRINTF-FORMAT] < numbers (spaces or newlines) -> median, or n/a if none
+median() { tr ' ' '\n' | awk NF | sort -g | awk -v f="${1:-%.3f}" '{ a[NR] = $1 } END {
     if (NR == 0) { print "n/a"; exit }
-    if (NR % 2) printf "%.3f", a[(NR + 1) / 2]; else printf "%.3f", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+    if (NR % 2) printf f, a[(NR + 1) / 2]; else printf f, (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+# ratio A B -> B/A with 2 decimals (n/a unless both are numbers and A > 0)
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && a + 0 > 0) printf "%.2f", b / a; else print "n/a" }'; }
+# met VALUE TARGET -> yes / **no** (VALUE <= TARGET), n/a, or - when there is no target
+met() {
+    [ -n "$2" ] || { echo "-"; return; }
+    awk -v v="$1" -v t="$2" 'BEGIN { if (v !~ /^[0-9.]+$/) print "n/a"; else if (v + 0 <= t + 0) print "yes"; else print "**no**" }'
+}
+tgt() { if [ -n "$1" ]; then echo "≤ $1${2:-}"; else echo "-"; fi; }  # TARGET [UNIT] -> "≤ T" or -
+mib() { awk -v b="$1" 'BEGIN { if (b ~ /^[0-9.]+$/) printf "%.2f", b / 1048576; else print b }'; }  # bytes
+kib2mib() { awk -v k="$1" 'BEGIN { if (k ~ /^[0-9.]+$/) printf "%.1f", k / 1024; else print k }'; }
+lo_rx() { awk -F: '{ gsub(/ /, "", $1) } $1 == "lo" { split($2, a, " "); print a[1]; exit }' /proc/net/dev; }
 
 port_in_use() { ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
 random_port() {
@@ -156,7 +219,7 @@ start_master() {
     local out="$LOGS/syncmaster-$name.out"
     : >"$out"
     t0=$(now)
-    "$SYNCMASTER" serve --image "$image" --listen 127.0.0.1:0 >"$out" 2>"$LOGS/syncmaster-$name.err" &
+    "$SYNCMASTER" serve "${MASTER_FLAGS[@]}" --image "$image" --listen 127.0.0.1:0 >"$out" 2>"$LOGS/syncmaster-$name.err" &
     MASTER_PID=$!
     local deadline=$((SECONDS + MASTER_TIMEOUT))
     while :; do
@@ -196,63 +259,90 @@ verify() {
     log "fidelity OK: $label"
 }
 
-# run_tool TOOL DEST LOGFILE -> prints elapsed seconds; nonzero exit if the tool failed
+# run_tool TOOL DEST OUTFILE -> prints measure.py's line "wall_s rx_bytes maxrss_kib cpu_s rc
+# method"; the tool's output goes to OUTFILE; exit status is the tool's
 run_tool() {
-    local tool=$1 dest=$2 logf=$3 t0 t1 rc=0
-    t0=$(now)
+    local tool=$1 dest=$2 out=$3 cmd=() m=(--log "$3" --timeout "$TOOL_TIMEOUT")
     case $tool in
-        rsync) timeout --foreground -k 10 "$TOOL_TIMEOUT" rsync -aHAX --numeric-ids --delete "$RSYNC_URL" "$dest/" >>"$logf" 2>&1 || rc=$? ;;
-        syncd) timeout --foreground -k 10 "$TOOL_TIMEOUT" "$SYNCD" sync --master "http://$MASTER_ADDR" --root "$dest" >>"$logf" 2>&1 || rc=$? ;;
+        rsync)  cmd=(rsync -aHAX --numeric-ids --delete "$RSYNC_URL" "$dest/") ;;
+        rsyncz) cmd=(rsync -aHAX --numeric-ids --delete -z --stats "$RSYNC_URL" "$dest/") ;;
+        syncd)  cmd=("$SYNCD" sync "${SYNCD_FLAGS[@]}" --master "http://$MASTER_ADDR" --root "$dest") ;;
     esac
-    [ "$SYNC_AFTER" != 1 ] || sync
-    t1=$(now)
-    elapsed "$t0" "$t1"
-    return $rc
+    [ "$SYNC_AFTER" != 1 ] || m+=(--sync)
+    "$PY" "$MEASURE" "${m[@]}" -- "${cmd[@]}"
+}
+
+# syncd_wire FILE -> bytes of the last summary line's "(X UNIT on the wire)", or n/a
+syncd_wire() {
+    sed -n 's/.*(\([0-9.]*\) \([KMGT]*i*B\) on the wire).*/\1 \2/p' "$1" | tail -n 1 | awk '
+        { m = ($2 == "B") ? 1 : ($2 == "KiB") ? 2^10 : ($2 == "MiB") ? 2^20 : ($2 == "GiB") ? 2^30 : ($2 == "TiB") ? 2^40 : 0
+          if (m) { printf "%.0f", $1 * m; found = 1 } }
+        END { if (!found) print "n/a" }'
+}
+# rsync_received FILE -> rsync --stats "Total bytes received" (digit grouping removed), or n/a
+rsync_received() {
+    local v
+    v=$(sed -n 's/^Total bytes received: *\([0-9][0-9,.]*\).*/\1/p' "$1" | tail -n 1 | tr -d ',.')
+    echo "${v:-n/a}"
 }
 
 corpus_info() { printf '%s (%s, %s entries)' "$1" "$(du -sh "$CORPORA/$1" | cut -f1)" "$(find "$CORPORA/$1" | wc -l)"; }
 
-declare -A MED_RSYNC MED_SYNCD RAW_RSYNC RAW_SYNCD FID SCAN FAILS
+# Per scenario:tool series. Only runs whose tool exited 0 enter T RX RSS CPU XB (the
+# medians); RAW* show every timed run, failed ones marked (exitN).
+declare -A T RX RSS CPU XB RAWT RAWRX RAWRSS RAWXB FID SCAN FAILS
 ANY_FAIL=0
 
 run_scenario() {
-    local s=$1 image base dest tools t i tt label rc
+    local s=$1 image base dest tools t i label rc res tt rx rss cpu rrc method k xb
     image="$CORPORA/$(scenario_image "$s")"
     base=$(scenario_base "$s"); [ -z "$base" ] || base="$CORPORA/$base"
     dest="$WORK/host-$s"
-    local times_rsync="" times_syncd="" raw_rsync="" raw_syncd="" fid="" fails=0
+    local fid="" fails=0 out="$WORK/run.out"
     declare -A verified=()
 
-    log "=== scenario $s: image $image, host start ${base:-<empty>}, $RUNS runs"
+    log "=== scenario $s: image $image, host start ${base:-<empty>}, $RUNS runs$(want_z "$s" && echo ", plus rsync -z series")"
     start_rsyncd "$image" "$s"
     tools=(rsync)
     if [ "$SKIP_SYNCD" != 1 ]; then start_master "$image" "$s"; tools+=(syncd); SCAN[$s]=$MASTER_SCAN; fi
 
     for t in "${tools[@]}"; do
         prepare "$dest" "$base"
-        if tt=$(run_tool "$t" "$dest" "$LOGS/$t-$s.log"); then
-            log "warm-up $t: ${tt}s"
+        rc=0; res=$(run_tool "$t" "$dest" "$out") || rc=$?
+        cat "$out" >>"$LOGS/$t-$s.log"
+        if [ $rc -eq 0 ]; then
+            log "warm-up $t: ${res%% *}s"
         else
-            echo "!!!!!!!! FAIL: warm-up $t exited non-zero (see $LOGS/$t-$s.log)" >&2; fails=$((fails + 1))
+            echo "!!!!!!!! FAIL: warm-up $t exited $rc (see $LOGS/$t-$s.log)" >&2; fails=$((fails + 1))
         fi
     done
 
     for i in $(seq "$RUNS"); do
         local order=("${tools[@]}")
         if [ $((i % 2)) -eq 0 ] && [ ${#tools[@]} -eq 2 ]; then order=(syncd rsync); fi
+        ! want_z "$s" || order+=(rsyncz)
         for t in "${order[@]}"; do
+            k="$s:$t"
             prepare "$dest" "$base"
-            rc=0; tt=$(run_tool "$t" "$dest" "$LOGS/$t-$s.log") || rc=$?
+            rc=0; res=$(run_tool "$t" "$dest" "$out") || rc=$?
+            cat "$out" >>"$LOGS/$t-$s.log"
+            read -r tt rx rss cpu rrc method <<<"${res:-n/a n/a n/a n/a $rc none}" || true
+            [ "$rc" -ne 0 ] || [ "${rrc:-0}" = 0 ] || rc=$rrc
+            case $t in
+                syncd)  xb=$(syncd_wire "$out") ;;
+                rsyncz) xb=$(rsync_received "$out") ;;
+                *)      xb="" ;;
+            esac
             if [ $rc -ne 0 ]; then
                 echo "!!!!!!!! FAIL: $s run $i: $t exited $rc (see $LOGS/$t-$s.log)" >&2
                 fails=$((fails + 1))
             fi
-            log "$s run $i/$RUNS $t: ${tt}s"
-            # failed runs are shown in the raw list but kept out of the median
-            if [ "$t" = rsync ]; then
-                raw_rsync+=" $tt$([ $rc -eq 0 ] || echo "(exit$rc)")"; [ $rc -ne 0 ] || times_rsync+=" $tt"
-            else
-                raw_syncd+=" $tt$([ $rc -eq 0 ] || echo "(exit$rc)")"; [ $rc -ne 0 ] || times_syncd+=" $tt"
+            log "$s run $i/$RUNS $t: ${tt}s, lo RX $rx B, peak RSS $rss KiB, CPU ${cpu}s${xb:+, self-reported $xb B}"
+            RAWT[$k]+=" $tt$([ $rc -eq 0 ] || echo "(exit$rc)")"
+            RAWRX[$k]+=" $rx"; RAWRSS[$k]+=" $rss"; [ -z "$xb" ] || RAWXB[$k]+=" $xb"
+            if [ $rc -eq 0 ]; then
+                T[$k]+=" $tt"; RX[$k]+=" $rx"; RSS[$k]+=" $rss"; CPU[$k]+=" $cpu"
+                [ -z "$xb" ] || XB[$k]+=" $xb"
             fi
             if [ "$VERIFY" = all ] || { [ "$VERIFY" = once ] && [ -z "${verified[$t]:-}" ]; }; then
                 verified[$t]=1; label="$s-$t-run$i"
@@ -265,50 +355,102 @@ run_scenario() {
     stop_pid "$MASTER_PID"; MASTER_PID=""
     rm -rf --one-file-system "$dest"
 
-    MED_RSYNC[$s]=$(echo "$times_rsync" | median)
-    RAW_RSYNC[$s]=${raw_rsync# }
-    if [ "$SKIP_SYNCD" = 1 ]; then
-        MED_SYNCD[$s]="skipped"; RAW_SYNCD[$s]="skipped"
-    else
-        MED_SYNCD[$s]=$(echo "$times_syncd" | median); RAW_SYNCD[$s]=${raw_syncd# }
-    fi
     FID[$s]=$(echo "${fid:-not checked}" | sed 's/ *$//')
     FAILS[$s]=$fails
     [ $fails -eq 0 ] || ANY_FAIL=1
 }
 
+# Loopback background: RX growth while nothing of ours runs (the counter is host-wide).
+lo0=$(lo_rx); sleep 2; lo1=$(lo_rx)
+LO_IDLE=$(( (lo1 - lo0) / 2 ))
+
 for s in "${scenarios[@]}"; do run_scenario "$s"; done
+lo0=$(lo_rx); sleep 2; lo1=$(lo_rx)
+LO_IDLE_AFTER=$(( (lo1 - lo0) / 2 ))
 
 # ---- report ----
+# med SCENARIO TOOL ARRAY [FORMAT] -> median of that series ("skipped" without syncd)
+med() {
+    local -n arr=$3
+    if [ "$2" = syncd ] && [ "$SKIP_SYNCD" = 1 ]; then echo skipped; return; fi
+    if [ "$2" = rsyncz ] && ! want_z "$1"; then echo "-"; return; fi
+    echo "${arr[$1:$2]:-}" | median "${4:-%.3f}"
+}
+raw() { local -n arr=$3; local v="${arr[$1:$2]:-}"; echo "${v# }"; }
+
 fstype=$(findmnt -n -o FSTYPE -T "$SCRATCH" 2>/dev/null || stat -f -c %T "$SCRATCH")
-cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 rev=$(git -C "$BENCH_DIR/.." rev-parse --short HEAD 2>/dev/null || echo unknown)
 git -C "$BENCH_DIR/.." diff --quiet HEAD 2>/dev/null || rev+=" (dirty tree)"
+zlist=""; for s in "${scenarios[@]}"; do ! want_z "$s" || zlist+=" $s"; done
 report=$(
     echo "## $(date -u '+%Y-%m-%d %H:%M:%S UTC')$([ "$SKIP_SYNCD" = 1 ] && echo ' (rsync only, SKIP_SYNCD=1)')"
     echo
-    echo "- machine: $(nproc) cores, kernel $(uname -r), CPU: ${cpu:-unknown}"
+    echo "- machine: $(nproc) cores, kernel $(uname -r), CPU: ${cpu_model:-unknown}, RAM $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "- scratch: \`$SCRATCH\` on $fstype; page cache warm, one untimed warm-up per tool; host dir recreated (untimed, then \`sync\`) before every run"
     echo "- runs: $RUNS per tool per scenario, tools alternated; SYNC_AFTER=$SYNC_AFTER; source rev: $rev"
     echo "- rsync: $(rsync --version | head -n1 | sed 's/  */ /g')"
     echo "- commands:"
     echo "  - rsync: \`rsync -aHAX --numeric-ids --delete rsync://127.0.0.1:PORT/img/ DEST/\` (daemon: \`rsync --daemon --no-detach --config=FILE --port=PORT\`, module \`img\` read only, uid/gid root, no chroot, numeric ids)"
-    if [ "$SKIP_SYNCD" != 1 ]; then
-        echo "  - syncd: \`$SYNCD sync --master http://127.0.0.1:PORT --root DEST\` (master: \`$SYNCMASTER serve --image IMAGE --listen 127.0.0.1:0\`, started and scanned before timing)"
+    if [ -n "$zlist" ]; then
+        echo "  - rsync -z (scenarios:$zlist): \`rsync -aHAX --numeric-ids --delete -z --stats rsync://127.0.0.1:PORT/img/ DEST/\`, one run per iteration after the timed pair, from a freshly prepared host dir; a separate series, not in the rsync wall-time median"
     fi
+    if [ "$SKIP_SYNCD" != 1 ]; then
+        echo "  - syncd: \`$SYNCD sync ${SYNCD_FLAGS[*]:+${SYNCD_FLAGS[*]} }--master http://127.0.0.1:PORT --root DEST\` (master: \`$SYNCMASTER serve ${MASTER_FLAGS[*]:+${MASTER_FLAGS[*]} }--image IMAGE --listen 127.0.0.1:0\`, started and scanned before timing)"
+    fi
+    echo "  - every client run goes through \`bench/measure.py --log FILE --timeout $TOOL_TIMEOUT$([ "$SYNC_AFTER" != 1 ] || echo ' --sync') -- CMD\`"
     echo "  - medians exclude runs whose tool exited non-zero (marked \`(exitN)\` in the raw lists)"
     echo "  - fidelity: \`rsync -aHAXcn --numeric-ids --delete -i IMAGE/ DEST/\` must list nothing but \`./\` (VERIFY=$VERIFY)"
+    echo "- measurement:"
+    echo "  - wall: monotonic clock from fork to reap of the client (measure.py)"
+    echo "  - wire bytes: growth of the \`lo\` RX byte counter (/proc/net/dev) across the run, the same way for every tool. On loopback every byte sent is also received on \`lo\`, so this is everything the client received plus the request direction (file lists, checksums, acks) and IP/TCP header overhead; it is host-wide, so unrelated loopback traffic counts too (idle background over 2 s before the runs: $LO_IDLE B/s, after: $LO_IDLE_AFTER B/s)"
+    echo "  - self-reported bytes, for comparison: syncd's summary \"(X on the wire)\" (rounded to 0.1 of its unit) and rsync -z's \"Total bytes received\" (rsync protocol bytes received by the client, no TCP/IP overhead)"
+    echo "  - peak RSS: $RSS_METHOD; for rsync that is the larger of its generator and receiver processes, not their sum; MiB = KiB/1024"
     echo
-    echo "| scenario | image | host starts as | rsync median s | syncd median s | syncd/rsync | fidelity | master scan s |"
-    echo "|---|---|---|---:|---:|---:|---|---:|"
+    echo "### Wall time (median s)"
+    echo
+    echo "| scenario | image | host starts as | rsync | syncd | syncd/rsync | target | met | rsync -z | fidelity | master scan s |"
+    echo "|---|---|---|---:|---:|---:|---:|---|---:|---|---:|"
     for s in "${scenarios[@]}"; do
         b=$(scenario_base "$s")
         f=${FID[$s]}; [ "${FAILS[$s]}" -eq 0 ] || f+=" ; ${FAILS[$s]} tool run(s) FAILED"
-        echo "| $s | $(corpus_info "$(scenario_image "$s")") | $([ -n "$b" ] && corpus_info "$b" || echo empty) | ${MED_RSYNC[$s]} | ${MED_SYNCD[$s]} | $(ratio "${MED_RSYNC[$s]}" "${MED_SYNCD[$s]}") | $f | ${SCAN[$s]:-n/a} |"
+        mr=$(med "$s" rsync T); ms=$(med "$s" syncd T); r=$(ratio "$mr" "$ms"); tg=$(target_wall "$s")
+        echo "| $s | $(corpus_info "$(scenario_image "$s")") | $([ -n "$b" ] && corpus_info "$b" || echo empty) | $mr | $ms | $r | $(tgt "$tg") | $(met "$r" "$tg") | $(med "$s" rsyncz T) | $f | ${SCAN[$s]:-n/a} |"
     done
     echo
+    echo "### Bytes on the wire (median MiB per run; lo RX growth unless noted)"
+    echo
+    echo "| scenario | rsync | syncd | syncd/rsync | rsync -z | syncd/rsync -z | target | met | rsync -z \"Total bytes received\" | syncd \"on the wire\" | same, syncd/rsync -z |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     for s in "${scenarios[@]}"; do
-        echo "- raw $s: rsync [${RAW_RSYNC[$s]}]; syncd [${RAW_SYNCD[$s]}]"
+        rr=$(med "$s" rsync RX %.0f); rs=$(med "$s" syncd RX %.0f); rz=$(med "$s" rsyncz RX %.0f)
+        xz=$(med "$s" rsyncz XB %.0f); xs=$(med "$s" syncd XB %.0f)
+        r=$(ratio "$rz" "$rs"); tg=$(target_bytes "$s")
+        echo "| $s | $(mib "$rr") | $(mib "$rs") | $(ratio "$rr" "$rs") | $(mib "$rz") | $r | $(tgt "$tg") | $(met "$r" "$tg") | $(mib "$xz") | $(mib "$xs") | $(ratio "$xz" "$xs") |"
+    done
+    echo
+    echo "### Client resources (median peak RSS MiB, median CPU s)"
+    echo
+    echo "| scenario | rsync RSS | rsync CPU | rsync -z RSS | rsync -z CPU | syncd RSS | syncd CPU | syncd RSS target | met |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    for s in "${scenarios[@]}"; do
+        ss_=$(kib2mib "$(med "$s" syncd RSS %.0f)"); tg=$(target_rss "$s")
+        echo "| $s | $(kib2mib "$(med "$s" rsync RSS %.0f)") | $(med "$s" rsync CPU %.2f) | $(kib2mib "$(med "$s" rsyncz RSS %.0f)") | $(med "$s" rsyncz CPU %.2f) | $ss_ | $(med "$s" syncd CPU %.2f) | $(tgt "$tg" " MiB") | $(met "$ss_" "$tg") |"
+    done
+    echo
+    echo "Raw numbers, in run order:"
+    echo
+    for s in "${scenarios[@]}"; do
+        for t in rsync syncd rsyncz; do
+            [ -n "$(raw "$s" "$t" RAWT)" ] || continue
+            n=$t; [ "$t" != rsyncz ] || n="rsync -z"
+            line="- $s $n: wall s [$(raw "$s" "$t" RAWT)]; lo RX B [$(raw "$s" "$t" RAWRX)]; peak RSS KiB [$(raw "$s" "$t" RAWRSS)]"
+            case $t in
+                syncd)  line+="; \"on the wire\" B [$(raw "$s" "$t" RAWXB)]" ;;
+                rsyncz) line+="; \"Total bytes received\" B [$(raw "$s" "$t" RAWXB)]" ;;
+            esac
+            echo "$line"
+        done
     done
     echo
 )
