@@ -49,7 +49,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf --one-file-system "$work"; }
 trap cleanup EXIT
 
-"$SYNCMASTER" serve --image "$image" --listen 127.0.0.1:0 >"$work/m.out" 2>"$work/m.err" & pids+=($!)
+"$SYNCMASTER" serve --insecure --image "$image" --listen 127.0.0.1:0 >"$work/m.out" 2>"$work/m.err" & pids+=($!)
 for _ in $(seq 3000); do grep -q '^listening on ' "$work/m.out" 2>/dev/null && break; sleep 0.1; done
 addr=$(sed -n 's/^listening on //p' "$work/m.out")
 [ -n "$addr" ] || die "syncmaster did not start (see $work/m.err)"
@@ -83,12 +83,12 @@ run_check() {
     local root=$work/root-$kind args=() pid rows n i ok=1 judged=0
     case $kind in
         write) rm -rf --one-file-system "$root"; mkdir "$root"; sync
-               args=(sync -q --master "http://$addr" --root "$root" --write-bytes-per-sec "$RATE") ;;
-        read) if [ ! -d "$root" ]; then mkdir "$root"; "$SYNCD" sync -q --master "http://$addr" --root "$root" 2>/dev/null; fi
+               args=(sync -q --insecure --master "http://$addr" --root "$root" --write-bytes-per-sec "$RATE") ;;
+        read) if [ ! -d "$root" ]; then mkdir "$root"; "$SYNCD" sync -q --insecure --master "http://$addr" --root "$root" 2>/dev/null; fi
               sync; echo 3 >/proc/sys/vm/drop_caches
-              args=(drift --master "http://$addr" --root "$root" --read-bytes-per-sec "$RATE") ;;
+              args=(drift --insecure --master "http://$addr" --root "$root" --read-bytes-per-sec "$RATE") ;;
         net) rm -rf --one-file-system "$root"; mkdir "$root"; sync
-             args=(sync -q --master "http://$addr" --root "$root" --net-bytes-per-sec "$RATE") ;;
+             args=(sync -q --insecure --master "http://$addr" --root "$root" --net-bytes-per-sec "$RATE") ;;
     esac
     echo "== $kind: syncd ${args[*]}" >&2
     "$SYNCD" "${args[@]}" >/dev/null 2>"$work/$kind.err" & pid=$!; pids+=($pid)
