@@ -68,7 +68,8 @@ sample() {
     local kind=$1 pid=$2 prev now t0 t1 v
     prev=$(counter "$kind" "$pid"); t0=$(date +%s.%N)
     while kill -0 "$pid" 2>/dev/null; do
-        for _ in $(seq $((WINDOW * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        while kill -0 "$pid" 2>/dev/null &&
+            awk -v s="$t0" -v n="$(date +%s.%N)" -v w="$WINDOW" 'BEGIN { exit !(n - s < w) }'; do sleep 0.1; done
         v=$(counter "$kind" "$pid" || true)
         [ -n "$v" ] || break  # exited between the check and the read
         now=$v; t1=$(date +%s.%N)

@@ -351,7 +351,8 @@ impl Write for VerifyingWriter<'_> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.throttle.charge(self.buf.len() as u64);
+        // Whole pages, as the kernel writes them (only a file's last flush is not aligned).
+        self.throttle.charge(throttle::pages(self.buf.len() as u64));
         (&mut &*self.file).write_all(&self.buf)?;
         self.buf.clear();
         Ok(())

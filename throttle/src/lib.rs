@@ -180,7 +180,17 @@ impl Limiter {
     }
 }
 
-/// A reader whose every byte is charged to a limiter.
+/// The kernel moves file data in pages: a 100-byte file costs a 4 KiB page of disk I/O (and
+/// counts as such in `/proc/PID/io`). Disk limits charge whole pages so the limit holds for
+/// trees of small files too.
+pub const PAGE: u64 = 4096;
+
+/// `n` bytes rounded up to whole pages.
+pub fn pages(n: u64) -> u64 {
+    n.div_ceil(PAGE) * PAGE
+}
+
+/// A reader whose every read is charged to a limiter, in whole pages.
 pub struct Throttled<'l, R> {
     inner: R,
     limiter: &'l Limiter,
@@ -195,7 +205,7 @@ impl<'l, R> Throttled<'l, R> {
 impl<R: Read> Read for Throttled<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.limiter.charge(n as u64);
+        self.limiter.charge(pages(n as u64));
         Ok(n)
     }
 }
@@ -387,6 +397,14 @@ mod tests {
         assert!(!l.is_limited());
         l.charge(u64::MAX);
         assert_eq!(l.totals(), (0, Duration::ZERO));
+    }
+
+    #[test]
+    fn disk_charges_are_whole_pages() {
+        assert_eq!(pages(0), 0);
+        assert_eq!(pages(1), 4096);
+        assert_eq!(pages(4096), 4096);
+        assert_eq!(pages(256 * 1024 + 1), 256 * 1024 + 4096);
     }
 
     #[test]
