@@ -73,28 +73,10 @@ impl ImageSync for Fake {
                 };
                 let chunks: Box<dyn Iterator<Item = pb::ObjectChunk> + Send> = match objects(&hash) {
                     Reply::Raw { size, data } => {
-                        let n = data.len().div_ceil(65536).max(1);
-                        Box::new(
-                            (0..n)
-                                .map(move |i| {
-                                    let part = &data[(i * 65536).min(data.len())..((i + 1) * 65536).min(data.len())];
-                                    chunk(size, pb::Encoding::Raw, part, i + 1 == n)
-                                })
-                                .collect::<Vec<_>>()
-                                .into_iter(),
-                        )
+                        Box::new(split(&data, |p, last| chunk(size, pb::Encoding::Raw, p, last)))
                     }
                     Reply::Zstd { size, frame } => {
-                        let n = frame.len().div_ceil(65536).max(1);
-                        Box::new(
-                            (0..n)
-                                .map(move |i| {
-                                    let part = &frame[(i * 65536).min(frame.len())..((i + 1) * 65536).min(frame.len())];
-                                    chunk(size, pb::Encoding::Zstd, part, i + 1 == n)
-                                })
-                                .collect::<Vec<_>>()
-                                .into_iter(),
-                        )
+                        Box::new(split(&frame, |p, last| chunk(size, pb::Encoding::Zstd, p, last)))
                     }
                     Reply::Endless => {
                         let junk = vec![0x5a; 65536];
@@ -122,6 +104,15 @@ impl ImageSync for Fake {
     async fn fleet_status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         Err(Status::unimplemented("fake master"))
     }
+}
+
+/// `data` in pieces of 64 KiB (at least one, empty for empty data), each made into a chunk.
+fn split(data: &[u8], mut chunk: impl FnMut(&[u8], bool) -> pb::ObjectChunk) -> std::vec::IntoIter<pb::ObjectChunk> {
+    let n = data.len().div_ceil(65536).max(1);
+    let pieces: Vec<_> = (0..n)
+        .map(|i| chunk(&data[(i * 65536).min(data.len())..((i + 1) * 65536).min(data.len())], i + 1 == n))
+        .collect();
+    pieces.into_iter()
 }
 
 /// A running fake master; stops when dropped.
