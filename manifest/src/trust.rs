@@ -125,6 +125,11 @@ impl fmt::Debug for PublicKey {
     }
 }
 
+/// Seconds since the Unix epoch, the clock signatures expire by.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Why a manifest was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TrustError {

@@ -102,10 +102,15 @@ pub struct SyncOptions {
     pub trust: trust::Policy,
 }
 
+/// A short, stable key for `root`, naming its files in the state dir (one host may converge
+/// several roots).
+pub fn root_key(root: &std::path::Path) -> String {
+    blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex()[..16].to_owned()
+}
+
 impl SyncOptions {
     fn index_path(&self) -> Option<PathBuf> {
-        let key = blake3::hash(self.root.as_os_str().as_encoded_bytes()).to_hex();
-        self.index.then(|| self.state_dir.join(format!("host-index-{}.bin", &key[..16])))
+        self.index.then(|| self.state_dir.join(format!("host-index-{}.bin", root_key(&self.root))))
     }
 }
 

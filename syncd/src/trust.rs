@@ -26,8 +26,7 @@ struct Applied {
 
 /// Where the highest applied version for `root` is kept.
 pub fn record_path(state_dir: &Path, root: &Path) -> PathBuf {
-    let key = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
-    state_dir.join(format!("applied-version-{}.json", &key[..16]))
+    state_dir.join(format!("applied-version-{}.json", crate::root_key(root)))
 }
 
 fn load(path: &Path) -> Result<Option<(u64, Hash)>, SyncError> {
@@ -59,7 +58,7 @@ pub fn check(
         return Ok(());
     }
     let identity = manifest.identity();
-    trust::verify(&policy.keys, sig, &identity, manifest.version, now_unix()).map_err(SyncError::Untrusted)?;
+    trust::verify(&policy.keys, sig, &identity, manifest.version, trust::now_unix()).map_err(SyncError::Untrusted)?;
     let applied = load(record)?;
     trust::check_not_rollback(
         applied.as_ref().map(|(v, h)| (*v, h)),
@@ -104,8 +103,4 @@ pub fn record(policy: &Policy, record: &Path, version: u64, identity: &Hash) -> 
         std::fs::File::open(dir)?.sync_all()
     };
     write().map_err(|e| format!("cannot record the applied version in {}: {e}", record.display()))
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

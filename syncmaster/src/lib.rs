@@ -169,7 +169,7 @@ impl ImageSync for Service {
                 if let Some(pb::manifest_message::Msg::Header(h)) = &mut msg.msg {
                     h.exclusions = lists.take().unwrap_or_default();
                     if let (Some((key, ttl)), Some(id)) = (&signer, Hash::from_slice(&h.identity)) {
-                        let expires = unix_now() + ttl.as_secs().max(1);
+                        let expires = manifest::trust::now_unix() + ttl.as_secs().max(1);
                         h.signature = Some(manifest::wire::signature_to_wire(&key.sign(&id, h.version, expires)));
                     }
                 }
@@ -417,8 +417,4 @@ pub async fn serve(
         })
         .await?;
     Ok(())
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
