@@ -5,7 +5,7 @@
 //! userspace can set it: an edit that restores the mtime (`touch -r`) still changes the ctime and
 //! is caught.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::io::{self, Read, Write};
 use std::path::Path;
 

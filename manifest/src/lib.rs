@@ -15,7 +15,7 @@ pub mod units;
 pub mod wire;
 pub mod xattr;
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 pub use entry::{Entry, Hash, Kind, Meta, Xattr, PERM_MASK};
 pub use path::{escape_bytes, PathError, RelPath, MAX_NAME, MAX_PATH};

@@ -4,14 +4,18 @@
 //! filesystem: a live root has /proc, /sys and /run mounted beneath it. A mount point itself is
 //! recorded (flagged), but its contents are not.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use rustix::fs::{Mode, OFlags};
+use std::ffi::CStr;
+use std::os::fd::BorrowedFd;
+use std::sync::Mutex;
+
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::{xattr, Entry, Hash, Kind, Meta, RelPath, PERM_MASK};
 
@@ -55,6 +59,12 @@ pub enum ScanError {
         #[source]
         source: walkdir::Error,
     },
+    #[error("cannot list directory {path}: {source}")]
+    List {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path}: unusable name: {source} (hint: rename or remove it)")]
     Name {
         path: PathBuf,
@@ -70,11 +80,17 @@ pub enum ScanError {
 }
 
 impl ScanError {
+    /// A directory that could not be read: what lies beneath it is unknown.
+    pub fn is_unlisted_dir(&self) -> bool {
+        matches!(self, ScanError::Walk { .. } | ScanError::List { .. })
+    }
+
     /// The path the error is about.
     pub fn path(&self) -> &Path {
         match self {
             ScanError::Io { path, .. }
             | ScanError::Walk { path, .. }
+            | ScanError::List { path, .. }
             | ScanError::Name { path, .. }
             | ScanError::UnknownType { path, .. }
             | ScanError::Changed { path }
@@ -195,6 +211,171 @@ fn scan_one(root: &Path, root_dev: u64, path: &Path) -> Result<ScannedEntry, Sca
         // A bind-mounted file counts too: renaming over it would fail, deleting it would not stick.
         mount_point: md.dev() != root_dev,
     })
+}
+
+/// Like [`walk_filtered`], for a root someone else may be changing (a live host): every entry
+/// is reached from its parent directory's descriptor (`openat` with `O_NOFOLLOW`, `fstatat`,
+/// `readlinkat`, `listxattrat`), never by a path from the root, so a directory swapped for a
+/// symlink mid-walk is recorded as the symlink, not followed. Directories are read in
+/// parallel, and no syscall walks a long path, which also makes it cheaper than the path walk.
+pub fn walk_beneath(root: &Path, exclude: impl Fn(&RelPath, bool) -> bool + Sync) -> Result<Scan, ScanError> {
+    let root_md = std::fs::metadata(root).map_err(io_err(root))?;
+    if !root_md.is_dir() {
+        return Err(ScanError::RootNotDir { path: root.to_owned() });
+    }
+    let root_meta = meta_of(&root_md, xattr::read_path(root).map_err(io_err(root))?);
+    let root_dev = root_md.dev();
+    let fd = rustix::fs::open(root, DIR_FLAGS, Mode::empty()).map_err(|e| io_err(root)(e.into()))?;
+    let w = Beneath {
+        root,
+        root_dev,
+        exclude: &exclude,
+        entries: Mutex::new(Vec::new()),
+        errors: Mutex::new(Vec::new()),
+        excluded: Mutex::new(Vec::new()),
+    };
+    w.dir(fd, None);
+    let mut entries = w.entries.into_inner().unwrap_or_else(|p| p.into_inner());
+    let errors = w.errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut excluded = w.excluded.into_inner().unwrap_or_else(|p| p.into_inner());
+    entries.par_sort_unstable_by(|a, b| a.entry.path.cmp(&b.entry.path));
+    assign_link_groups(&mut entries);
+    excluded.sort();
+    Ok(Scan { root: root_meta, root_dev, entries, errors, excluded })
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC).union(OFlags::NOCTTY);
+
+struct Beneath<'a, F> {
+    root: &'a Path,
+    root_dev: u64,
+    exclude: &'a F,
+    entries: Mutex<Vec<ScannedEntry>>,
+    errors: Mutex<Vec<ScanError>>,
+    excluded: Mutex<Vec<(RelPath, bool)>>,
+}
+
+impl<F: Fn(&RelPath, bool) -> bool + Sync> Beneath<'_, F> {
+    fn full(&self, rel: Option<&RelPath>, name: &[u8]) -> PathBuf {
+        use std::os::unix::ffi::OsStrExt;
+        let mut p = rel.map_or_else(|| self.root.to_owned(), |r| self.root.join(r.as_path()));
+        if !name.is_empty() {
+            p.push(std::ffi::OsStr::from_bytes(name));
+        }
+        p
+    }
+
+    /// Records the directory open at `fd` (`rel`; `None` for the root) and, in parallel,
+    /// everything beneath it.
+    fn dir(&self, fd: std::os::fd::OwnedFd, rel: Option<&RelPath>) {
+        let mut dir = match rustix::fs::Dir::new(fd) {
+            Ok(d) => d,
+            Err(e) => return self.fail(ScanError::List { path: self.full(rel, b""), source: e.into() }),
+        };
+        let mut names: Vec<(std::ffi::CString, rustix::fs::FileType)> = Vec::new();
+        for item in dir.by_ref() {
+            match item {
+                Ok(d) if matches!(d.file_name().to_bytes(), b"." | b"..") => {}
+                Ok(d) => names.push((d.file_name().to_owned(), d.file_type())),
+                Err(e) => return self.fail(ScanError::List { path: self.full(rel, b""), source: e.into() }),
+            }
+        }
+        let Ok(dirfd) = dir.fd() else { return };
+        // Entries of one directory in parallel chunks (a flat directory of 100,000 files is
+        // as parallel as a deep tree); subdirectories recurse in parallel too.
+        let subdirs: Vec<(RelPath, std::ffi::CString)> = names
+            .par_iter()
+            .with_min_len(64)
+            .fold(
+                || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+                |(mut ents, mut errs, mut excl, mut subs), (name, ftype)| {
+                    let bytes = name.to_bytes();
+                    let rel = match rel.map_or_else(|| RelPath::new(bytes), |r| r.join(bytes)) {
+                        Ok(r) => r,
+                        Err(source) => {
+                            errs.push(ScanError::Name { path: self.full(rel, bytes), source });
+                            return (ents, errs, excl, subs);
+                        }
+                    };
+                    let is_dir = match *ftype {
+                        rustix::fs::FileType::Unknown => rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW)
+                            .is_ok_and(|st| {
+                                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+                            }),
+                        t => t == rustix::fs::FileType::Directory,
+                    };
+                    if (self.exclude)(&rel, is_dir) {
+                        excl.push((rel, is_dir));
+                        return (ents, errs, excl, subs);
+                    }
+                    match self.entry(dirfd, name, rel) {
+                        Ok(e) => {
+                            if e.entry.kind == Kind::Dir && !e.mount_point {
+                                subs.push((e.entry.path.clone(), name.clone()));
+                            }
+                            ents.push(e);
+                        }
+                        Err(e) => errs.push(e),
+                    }
+                    (ents, errs, excl, subs)
+                },
+            )
+            .map(|(ents, errs, excl, subs)| {
+                self.entries.lock().unwrap_or_else(|p| p.into_inner()).extend(ents);
+                self.errors.lock().unwrap_or_else(|p| p.into_inner()).extend(errs);
+                self.excluded.lock().unwrap_or_else(|p| p.into_inner()).extend(excl);
+                subs
+            })
+            .flatten()
+            .collect();
+        subdirs.par_iter().for_each(|(sub, name)| {
+            match rustix::fs::openat(dirfd, name, DIR_FLAGS | OFlags::NOFOLLOW, Mode::empty()) {
+                Ok(fd) => self.dir(fd, Some(sub)),
+                Err(e) => self.fail(ScanError::List { path: self.full(Some(sub), b""), source: e.into() }),
+            }
+        });
+    }
+
+    fn fail(&self, e: ScanError) {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+    }
+
+    fn entry(&self, dirfd: BorrowedFd, name: &CStr, rel: RelPath) -> Result<ScannedEntry, ScanError> {
+        let full = || self.full(None, rel.as_bytes());
+        let io = |e: rustix::io::Errno| ScanError::Io { path: full(), source: e.into() };
+        let st = rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
+        let mode = st.st_mode;
+        let kind = Kind::from_mode(mode).ok_or_else(|| ScanError::UnknownType { path: full(), mode })?;
+        let xattrs = xattr::read_at(dirfd, name, &full).map_err(|source| ScanError::Io { path: full(), source })?;
+        let target = match kind {
+            Kind::Symlink => Some(rustix::fs::readlinkat(dirfd, name, Vec::new()).map_err(io)?.into_bytes()),
+            _ => None,
+        };
+        let dev = st.st_dev;
+        Ok(ScannedEntry {
+            entry: Entry {
+                path: rel,
+                kind,
+                meta: Meta {
+                    mode: mode & PERM_MASK,
+                    uid: st.st_uid,
+                    gid: st.st_gid,
+                    mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+                    xattrs,
+                },
+                size: if kind == Kind::File { st.st_size as u64 } else { 0 },
+                hash: None,
+                target,
+                rdev: if matches!(kind, Kind::CharDevice | Kind::BlockDevice) { st.st_rdev } else { 0 },
+                link_group: 0,
+            },
+            dev,
+            ino: st.st_ino,
+            nlink: st.st_nlink,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
+            mount_point: dev != self.root_dev,
+        })
+    }
 }
 
 /// Numbers hard-link groups 1, 2, … in path order of each group's first member. A file whose

@@ -109,18 +109,28 @@ pub fn entry_from_wire(index: usize, w: &pb::Entry) -> Result<Entry, ManifestErr
     })
 }
 
+/// The header of `m`, whose identity (`m.identity()`, which the caller has at hand) is
+/// `identity`: no exclusions, no signature, entries not omitted.
+pub fn manifest_header(m: &Manifest, identity: &Hash) -> pb::ManifestHeader {
+    pb::ManifestHeader {
+        version: m.version,
+        identity: Bytes::copy_from_slice(&identity.0),
+        entry_count: m.entries.len() as u64,
+        root: Some(root_to_wire(&m.root)),
+        exclusions: Vec::new(),
+        signature: None,
+        entries_omitted: false,
+    }
+}
+
 /// Cuts a manifest into wire messages: a header, then batches of `batch` entries.
-pub fn manifest_messages(m: &Manifest, batch: usize) -> impl Iterator<Item = pb::ManifestMessage> + '_ {
-    let header = pb::ManifestMessage {
-        msg: Some(pb::manifest_message::Msg::Header(pb::ManifestHeader {
-            version: m.version,
-            identity: Bytes::copy_from_slice(&m.identity().0),
-            entry_count: m.entries.len() as u64,
-            root: Some(root_to_wire(&m.root)),
-            exclusions: Vec::new(),
-            signature: None,
-        })),
-    };
+/// `identity` must be `m.identity()` (computed once by the caller, not per stream).
+pub fn manifest_messages<'a>(
+    m: &'a Manifest,
+    identity: &Hash,
+    batch: usize,
+) -> impl Iterator<Item = pb::ManifestMessage> + 'a {
+    let header = pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Header(manifest_header(m, identity))) };
     std::iter::once(header).chain(m.entries.chunks(batch.max(1)).map(|chunk| pb::ManifestMessage {
         msg: Some(pb::manifest_message::Msg::Batch(pb::EntryBatch {
             entries: chunk.iter().map(entry_to_wire).collect(),
@@ -198,6 +208,16 @@ impl ManifestAssembler {
         Ok(())
     }
 
+    /// The identity the header claims (checked against the entries by `finish`).
+    pub fn identity(&self) -> Option<Hash> {
+        self.header.as_ref().map(|h| h.1)
+    }
+
+    /// The header's signature, once the header has been pushed (not yet checked).
+    pub fn signature(&self) -> Option<crate::trust::VersionSignature> {
+        self.signature.clone()
+    }
+
     /// Completes the manifest once the stream has ended.
     pub fn finish(self) -> Result<Manifest, ManifestError> {
         self.finish_signed().map(|(m, _)| m)
@@ -247,7 +267,7 @@ mod tests {
         tamper: impl FnOnce(&mut Vec<pb::ManifestMessage>),
     ) -> Result<Manifest, ManifestError> {
         let m = Manifest { version: 3, root: Meta::default(), entries };
-        let mut msgs: Vec<_> = manifest_messages(&m, 2).collect();
+        let mut msgs: Vec<_> = manifest_messages(&m, &m.identity(), 2).collect();
         tamper(&mut msgs);
         let mut asm = ManifestAssembler::default();
         for msg in msgs {

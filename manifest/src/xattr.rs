@@ -3,9 +3,11 @@
 //! POSIX ACLs (`system.posix_acl_*`) and file capabilities (`security.capability`) are xattrs
 //! on Linux, so copying every xattr verbatim also carries ACLs and capabilities.
 
+use std::ffi::CStr;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::io::Errno;
 
@@ -25,6 +27,64 @@ pub fn read_path(path: &Path) -> io::Result<Vec<Xattr>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Every xattr of `name` in the directory open at `dir` (not following a symlink), sorted by
+/// name; `full` names it for errors and for kernels without `listxattrat` (Linux < 6.13),
+/// where the list is read by path.
+pub fn read_at(dir: BorrowedFd, name: &CStr, full: &dyn Fn() -> std::path::PathBuf) -> io::Result<Vec<Xattr>> {
+    match list_at(dir, name) {
+        // Most entries have no xattrs: one syscall, no path walk.
+        Some(Ok(0)) => Ok(Vec::new()),
+        Some(Err(e)) if e != Errno::NOSYS => Err(e.into()),
+        // Some, or no listxattrat: the rare case goes by path.
+        _ => read_path(&full()),
+    }
+}
+
+static NO_LISTXATTRAT: AtomicBool = AtomicBool::new(false);
+
+/// The size of `name`'s xattr name list via `listxattrat(2)` (Linux 6.13), or `None` where the
+/// kernel or architecture lacks it.
+fn list_at(dir: BorrowedFd, name: &CStr) -> Option<rustix::io::Result<usize>> {
+    #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        use std::os::fd::AsRawFd;
+        // The syscall number is shared by every architecture since the syscall-table
+        // unification; libc does not name it yet.
+        const SYS_LISTXATTRAT: libc::c_long = 465;
+        if NO_LISTXATTRAT.load(Ordering::Relaxed) {
+            return None;
+        }
+        // SAFETY: `name` is NUL-terminated; a NULL list of size 0 only queries the size.
+        let r = unsafe {
+            libc::syscall(
+                SYS_LISTXATTRAT,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+                std::ptr::null_mut::<libc::c_char>(),
+                0usize,
+            )
+        };
+        if r >= 0 {
+            return Some(Ok(r as usize));
+        }
+        let e = Errno::from_raw_os_error(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        if e == Errno::NOSYS {
+            NO_LISTXATTRAT.store(true, Ordering::Relaxed);
+            return None;
+        }
+        if e == Errno::NOTSUP {
+            return Some(Ok(0));
+        }
+        Some(Err(e))
+    }
+    #[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
+    {
+        let _ = (dir, name, &NO_LISTXATTRAT);
+        None
+    }
 }
 
 /// Every xattr of the open file `fd`, sorted by name.

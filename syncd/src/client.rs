@@ -25,6 +25,22 @@ pub struct Transport {
     pub insecure: bool,
 }
 
+/// A manifest as received: whole, or only its header when the host's cached copy is current.
+pub struct Received {
+    /// `None`: the master sent the header alone, confirming the identity this host offered.
+    pub manifest: Option<Manifest>,
+    pub version: u64,
+    pub identity: Hash,
+    /// The header's signature, not yet checked.
+    pub signature: Option<manifest::trust::VersionSignature>,
+    /// This host's exclusion lists from the master's inventory.
+    pub lists: Vec<PatternList>,
+}
+
+fn bad_stream(what: &str) -> SyncError {
+    SyncError::BadManifest(manifest::ManifestError::BadField { path: "(stream)".into(), what: what.into() })
+}
+
 #[derive(Clone)]
 pub struct Master {
     url: String,
@@ -71,28 +87,52 @@ impl Master {
         &self.url
     }
 
-    /// Receives and validates the whole manifest, and this host's exclusion lists from the
-    /// master's inventory.
-    pub async fn manifest(
-        &self,
-        host_id: &str,
-    ) -> Result<(Manifest, Option<manifest::trust::VersionSignature>, Vec<PatternList>), SyncError> {
-        let mut stream = self.open_manifest(host_id).await?;
+    /// Receives and validates the manifest, and this host's exclusion lists from the master's
+    /// inventory. `cached` is the identity of the host's cached copy: if the image still has
+    /// that identity, the master may send the header alone ([`Received::manifest`] is `None`).
+    pub async fn manifest(&self, host_id: &str, cached: Option<&Hash>) -> Result<Received, SyncError> {
+        let mut stream = self.open_manifest(host_id, cached).await?;
         let mut asm = ManifestAssembler::default();
         let mut lists = Vec::new();
+        let mut omitted = None;
         while let Some(msg) = stream.message().await.map_err(|s| self.status_error(s))? {
             if let Some(pb::manifest_message::Msg::Header(h)) = &msg.msg {
                 lists = lists_from_wire(&h.exclusions);
+                if h.entries_omitted {
+                    omitted = Some(h.clone());
+                    continue;
+                }
+            }
+            if omitted.is_some() {
+                return Err(bad_stream("entries after a header that omitted them"));
             }
             asm.push(msg).map_err(SyncError::BadManifest)?;
         }
-        let (m, sig) = asm.finish_signed().map_err(SyncError::BadManifest)?;
-        Ok((m, sig, lists))
+        if let Some(h) = omitted {
+            // Only a header: it must name the very tree this host offered.
+            let identity = Hash::from_slice(&h.identity).ok_or_else(|| bad_stream("identity is not 32 bytes"))?;
+            if Some(&identity) != cached {
+                return Err(bad_stream(&format!(
+                    "the master omitted the entries of {}, which this host did not offer",
+                    identity.to_hex()
+                )));
+            }
+            let mut header = ManifestAssembler::default();
+            header
+                .push(pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Header(h.clone())) })
+                .map_err(SyncError::BadManifest)?;
+            return Ok(Received { manifest: None, version: h.version, identity, signature: header.signature(), lists });
+        }
+        let identity = asm.identity();
+        // `finish_signed` checks that the entries hash to the header's identity.
+        let (m, signature) = asm.finish_signed().map_err(SyncError::BadManifest)?;
+        let identity = identity.ok_or(SyncError::BadManifest(manifest::ManifestError::NoHeader))?;
+        Ok(Received { version: m.version, identity, manifest: Some(m), signature, lists })
     }
 
     /// Only this host's exclusion lists: reads the manifest header and hangs up.
     pub async fn exclusion_lists(&self, host_id: &str) -> Result<Vec<PatternList>, SyncError> {
-        let mut stream = self.open_manifest(host_id).await?;
+        let mut stream = self.open_manifest(host_id, None).await?;
         match stream.message().await.map_err(|s| self.status_error(s))? {
             Some(pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Header(h)) }) => {
                 Ok(lists_from_wire(&h.exclusions))
@@ -101,10 +141,15 @@ impl Master {
         }
     }
 
-    async fn open_manifest(&self, host_id: &str) -> Result<tonic::Streaming<pb::ManifestMessage>, SyncError> {
+    async fn open_manifest(
+        &self,
+        host_id: &str,
+        cached: Option<&Hash>,
+    ) -> Result<tonic::Streaming<pb::ManifestMessage>, SyncError> {
         let mut client = self.client.clone();
+        let cached_identity = cached.map_or_else(bytes::Bytes::new, |h| bytes::Bytes::copy_from_slice(&h.0));
         Ok(client
-            .get_manifest(pb::ManifestRequest { host_id: host_id.to_owned() })
+            .get_manifest(pb::ManifestRequest { host_id: host_id.to_owned(), cached_identity })
             .await
             .map_err(|s| self.status_error(s))?
             .into_inner())

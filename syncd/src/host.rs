@@ -4,7 +4,7 @@
 //! (to tell whether it changed), or when its size matches content the host still needs (it may
 //! be that content, moved: copying it locally beats downloading it).
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::path::Path;
 
 use exclusions::Exclusions;
@@ -23,17 +23,31 @@ pub fn scan(
     index: Option<&HashCache>,
     read: &throttle::Limiter,
 ) -> Result<(HostTree, Vec<ScanError>), ScanError> {
-    // Excluded paths are never read: not stat'ed beyond the directory listing, never hashed,
-    // never descended into.
+    Ok(hash(root, walk(root, rules)?, manifest, index, read))
+}
+
+/// The metadata walk of `root`, which needs no manifest (it can run while the manifest is
+/// still being loaded). Excluded paths are never read: not stat'ed beyond the directory
+/// listing, never hashed, never descended into.
+pub fn walk(root: &Path, rules: &Exclusions) -> Result<scan::Scan, ScanError> {
     let t = std::time::Instant::now();
-    let mut s = scan::walk_filtered(root, |p, is_dir| rules.matches_self(p, is_dir).is_excluded())?;
+    let s = scan::walk_beneath(root, |p, is_dir| rules.matches_self(p, is_dir).is_excluded())?;
     tracing::debug!(secs = t.elapsed().as_secs_f64(), "host walk");
+    Ok(s)
+}
+
+/// Completes a [`walk`]: hashes what the comparison with `manifest` needs.
+pub fn hash(
+    root: &Path,
+    mut s: scan::Scan,
+    manifest: &Manifest,
+    index: Option<&HashCache>,
+    read: &throttle::Limiter,
+) -> (HostTree, Vec<ScanError>) {
+    let t = std::time::Instant::now();
     let mut errors = std::mem::take(&mut s.errors);
-    let unreadable: Vec<RelPath> = errors
-        .iter()
-        .filter(|e| matches!(e, ScanError::Walk { .. }))
-        .filter_map(|e| RelPath::from_fs(root, e.path()).ok())
-        .collect();
+    let unreadable: Vec<RelPath> =
+        errors.iter().filter(|e| e.is_unlisted_dir()).filter_map(|e| RelPath::from_fs(root, e.path()).ok()).collect();
 
     // Files unchanged since they were last hashed (same dev, inode, size, mtime and ctime) take
     // their hash from the index instead of being read.
@@ -62,5 +76,5 @@ pub fn scan(
     tracing::debug!(secs = t.elapsed().as_secs_f64(), "host hashing done");
     // Files that changed while hashed simply stay unhashed: the plan replaces them.
     errors.retain(|e| !matches!(e, ScanError::Changed { .. }));
-    Ok((HostTree { root: s.root, entries: s.entries, unreadable, excluded: s.excluded }, errors))
+    (HostTree { root: s.root, entries: s.entries, unreadable, excluded: s.excluded }, errors)
 }

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod drift;
 pub mod fsops;
 pub mod host;
+pub mod mcache;
 pub mod plan;
 pub mod root;
 pub mod trust;
@@ -111,6 +112,75 @@ pub fn root_key(root: &std::path::Path) -> String {
 impl SyncOptions {
     fn index_path(&self) -> Option<PathBuf> {
         self.index.then(|| self.state_dir.join(format!("host-index-{}.bin", root_key(&self.root))))
+    }
+
+    fn manifest_cache_path(&self) -> Option<PathBuf> {
+        self.index.then(|| mcache::path(&self.state_dir, &self.root))
+    }
+}
+
+/// What a pass starts from: the validated manifest and the host's metadata walk.
+struct Started {
+    manifest: manifest::Manifest,
+    /// What the entries were checked to hash to.
+    identity: Hash,
+    rules: Exclusions,
+    /// Whether the entries came off the wire (and so should be cached).
+    fresh: bool,
+    walk: manifest::scan::Scan,
+}
+
+/// Gets the manifest and walks the host. The manifest comes from the host's cached copy when
+/// the master confirms it is current, else (or if the copy turns out damaged) whole from the
+/// master. Once the (signed) header has been checked, the walk of the host runs while the
+/// cached entries are read: it needs only the exclusion rules.
+async fn start_pass(
+    opts: &SyncOptions,
+    master: &client::Master,
+    local: &[PatternList],
+    applied_record: &std::path::Path,
+) -> Result<Started, SyncError> {
+    let cache = opts.manifest_cache_path();
+    let mut offered = cache.as_deref().and_then(mcache::peek_identity);
+    loop {
+        let t = Instant::now();
+        let mut got = master.manifest(&opts.host_id, offered.as_ref()).await?;
+        tracing::debug!(secs = t.elapsed().as_secs_f64(), omitted = got.manifest.is_none(), "manifest reply received");
+        // Signature, expiry and rollback are checked before the host is even read.
+        trust::check(&opts.trust, applied_record, got.version, &got.identity, got.signature.as_ref())?;
+        let rules = compile_rules(&got.lists, local)?;
+        let (root, walk_rules) = (opts.root.clone(), rules.clone());
+        let walk = tokio::task::spawn_blocking(move || host::walk(&root, &walk_rules));
+        let (manifest, fresh) = match got.manifest.take() {
+            Some(m) => (m, true),
+            None => {
+                let (path, identity, read) =
+                    (cache.clone().unwrap_or_default(), got.identity, opts.throttle.read.clone());
+                let loaded = tokio::task::spawn_blocking(move || mcache::load(&path, &identity, &read))
+                    .await
+                    .map_err(|e| SyncError::Internal(format!("manifest cache task failed: {e}")))?;
+                tracing::debug!(secs = t.elapsed().as_secs_f64(), "manifest cache loaded");
+                match loaded {
+                    Ok(mut m) => {
+                        // The identity leaves the version out: an identical tree may be republished.
+                        m.version = got.version;
+                        (m, false)
+                    }
+                    Err(why) => {
+                        // Not offered again, so the master must send the whole manifest.
+                        tracing::warn!("{why}; asking the master for the whole manifest");
+                        let _ = walk.await;
+                        offered = None;
+                        continue;
+                    }
+                }
+            }
+        };
+        let walk = walk
+            .await
+            .map_err(|e| SyncError::Internal(format!("host walk task failed: {e}")))?
+            .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
+        return Ok(Started { manifest, identity: got.identity, rules, fresh, walk });
     }
 }
 
@@ -252,34 +322,46 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let local = load_local_lists(&opts.exclude_from)?;
     let master =
         client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
-    let (manifest, signature, master_lists) = master.manifest(&opts.host_id).await?;
-    // Signature, expiry and rollback are checked before the host is even read.
+    tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: connected");
+    // The host index is read while the manifest arrives and the host is walked.
+    let index_path = opts.index_path();
+    let index = {
+        let (path, read) = (index_path.clone(), opts.throttle.read.clone());
+        tokio::task::spawn_blocking(move || {
+            path.as_deref().map(|p| {
+                let (index, problem) = manifest::cache::HashCache::load_checked(p);
+                read.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
+                if let Some(problem) = problem {
+                    tracing::warn!("host index: {problem}; rebuilding it from a full scan");
+                }
+                index
+            })
+        })
+    };
     let applied_record = trust::record_path(&opts.state_dir, &opts.root);
-    trust::check(&opts.trust, &applied_record, &manifest, signature.as_ref())?;
-    let rules = compile_rules(&master_lists, &local)?;
-    let identity = manifest.identity();
+    let Started { manifest, identity, rules, fresh, walk } = start_pass(opts, &master, &local, &applied_record).await?;
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
-    tracing::info!(version = manifest.version, entries = manifest.entries.len(), identity = %identity, rules = rules.rules().len(), "manifest received");
+    tracing::info!(version = manifest.version, entries = manifest.entries.len(), identity = %identity, rules = rules.rules().len(), cached = !fresh, "manifest received");
+    // A fresh, trusted manifest becomes the cached copy the next pass offers (not on a dry
+    // run, which writes nothing).
+    let cache_to_save = opts.manifest_cache_path().filter(|_| fresh && !opts.dry_run);
 
     let root = opts.root.clone();
-    let index_path = opts.index_path();
+    let index = index.await.map_err(|e| SyncError::Internal(format!("host index task failed: {e}")))?;
     // A dry run reads the index but writes nothing, not even that.
     let save_index = !opts.dry_run;
     let read_limit = opts.throttle.read.clone();
     let write_limit = opts.throttle.write.clone();
-    let (manifest, rules, host, scan_errors) = tokio::task::spawn_blocking(move || {
+    let (manifest, rules, (host, scan_errors)) = tokio::task::spawn_blocking(move || {
         let t = std::time::Instant::now();
-        let index = index_path.as_deref().map(|p| {
-            let (index, problem) = manifest::cache::HashCache::load_checked(p);
-            read_limit.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
-            if let Some(problem) = problem {
-                tracing::warn!("host index: {problem}; rebuilding it from a full scan");
+        if let Some(path) = cache_to_save {
+            if let Err(e) = mcache::save(&path, &manifest, &identity, &write_limit) {
+                tracing::warn!(path = %path.display(), "cannot save the manifest cache: {e}");
             }
-            index
-        });
-        tracing::debug!(secs = t.elapsed().as_secs_f64(), "index loaded");
-        let r = host::scan(&root, &manifest, &rules, index.as_ref(), &read_limit);
-        if let (Some(mut index), Some(path), Ok((host, _)), true) = (index, index_path, &r, save_index) {
+        }
+        tracing::debug!(secs = t.elapsed().as_secs_f64(), "manifest cache saved");
+        let r = host::hash(&root, walk, &manifest, index.as_ref(), &read_limit);
+        if let (Some(mut index), Some(path), (host, _), true) = (index, index_path, &r, save_index) {
             let changed = index.refresh(&host.entries);
             let saved = if !changed {
                 Ok(())
@@ -296,9 +378,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         (manifest, rules, r)
     })
     .await
-    .map(|(m, x, r)| r.map(|(h, e)| (m, x, h, e)))
-    .map_err(|e| SyncError::Internal(e.to_string()))?
-    .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
+    .map_err(|e| SyncError::Internal(e.to_string()))?;
 
     tracing::debug!(secs = started.elapsed().as_secs_f64(), entries = host.entries.len(), "phase: host scanned");
     let plan = Plan::compute(&manifest, &host, &rules);

@@ -4,7 +4,7 @@
 //! dry run prints a Plan, the real run executes the same Plan and prints the same lines for
 //! what it did, so the two cannot disagree.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::fmt;
 
 use exclusions::Exclusions;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use manifest::trust::{self, PublicKey, VersionSignature};
-use manifest::{Hash, Manifest};
+use manifest::Hash;
 use serde::{Deserialize, Serialize};
 
 use crate::SyncError;
@@ -46,32 +46,25 @@ fn load(path: &Path) -> Result<Option<(u64, Hash)>, SyncError> {
     Ok(Some((a.version, id)))
 }
 
-/// Checks a received manifest before anything is read or written for it.
+/// Checks a received manifest (version `version`, whose entries were checked to hash to
+/// `identity`) before anything is read or written for it.
 pub fn check(
     policy: &Policy,
     record: &Path,
-    manifest: &Manifest,
+    version: u64,
+    identity: &Hash,
     sig: Option<&VersionSignature>,
 ) -> Result<(), SyncError> {
     if policy.keys.is_empty() {
-        tracing::warn!(version = manifest.version, "--insecure: the manifest's signature is not checked");
+        tracing::warn!(version, "--insecure: the manifest's signature is not checked");
         return Ok(());
     }
-    let identity = manifest.identity();
-    trust::verify(&policy.keys, sig, &identity, manifest.version, trust::now_unix()).map_err(SyncError::Untrusted)?;
+    trust::verify(&policy.keys, sig, identity, version, trust::now_unix()).map_err(SyncError::Untrusted)?;
     let applied = load(record)?;
-    trust::check_not_rollback(
-        applied.as_ref().map(|(v, h)| (*v, h)),
-        manifest.version,
-        &identity,
-        policy.allow_downgrade,
-    )
-    .map_err(SyncError::Untrusted)?;
-    if policy.allow_downgrade && applied.is_some_and(|(v, _)| v > manifest.version) {
-        tracing::warn!(
-            offered = manifest.version,
-            "--allow-downgrade: accepting a version lower than one applied before"
-        );
+    trust::check_not_rollback(applied.as_ref().map(|(v, h)| (*v, h)), version, identity, policy.allow_downgrade)
+        .map_err(SyncError::Untrusted)?;
+    if policy.allow_downgrade && applied.is_some_and(|(v, _)| v > version) {
+        tracing::warn!(offered = version, "--allow-downgrade: accepting a version lower than one applied before");
     }
     Ok(())
 }

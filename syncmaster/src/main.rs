@@ -326,7 +326,7 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         version = scanned.manifest.version,
         entries = scanned.manifest.entries.len(),
         bytes = scanned.manifest.content_bytes(),
-        identity = %scanned.manifest.identity(),
+        identity = %scanned.identity,
         secs = started.elapsed().as_secs_f64(),
         "image scanned"
     );

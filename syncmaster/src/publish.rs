@@ -182,7 +182,7 @@ pub async fn watch_current(
         let scanned = tokio::task::spawn_blocking(move || versions.lock().expect("versions lock").scan(&dir)).await;
         match scanned {
             Ok(Ok(image)) => {
-                let same = image.manifest.identity() == published.current().manifest.identity();
+                let same = image.identity == published.current().identity;
                 tracing::info!(
                     version = image.manifest.version,
                     target = %target.display(),

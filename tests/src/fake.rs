@@ -171,7 +171,8 @@ impl Image {
 
     /// Header and batches, with `signature` in the header if given.
     pub fn messages(&self, signature: Option<&manifest::trust::VersionSignature>) -> Vec<pb::ManifestMessage> {
-        let mut msgs: Vec<_> = manifest::wire::manifest_messages(&self.manifest, 1024).collect();
+        let mut msgs: Vec<_> =
+            manifest::wire::manifest_messages(&self.manifest, &self.manifest.identity(), 1024).collect();
         if let Some(pb::manifest_message::Msg::Header(h)) = &mut msgs[0].msg {
             h.signature = signature.map(manifest::wire::signature_to_wire);
         }
@@ -201,6 +202,7 @@ pub fn raw_manifest(entries: Vec<pb::Entry>) -> Vec<pb::ManifestMessage> {
                 root: Some(root),
                 exclusions: Vec::new(),
                 signature: None,
+                entries_omitted: false,
             })),
         },
         pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Batch(pb::EntryBatch { entries })) },

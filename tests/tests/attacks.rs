@@ -326,6 +326,24 @@ fn the_real_master_signs_and_the_host_checks() {
     let out = sync(&master, &h.root, &["--trusted-key", &public, "--state-dir", st]);
     out.expect_code(0, &[&h.root]);
     assert_eq!(fs::read(h.root.join("etc/motd")).unwrap(), b"signed\n");
+    // The host now holds the manifest in its cache, and the master answers the next pass
+    // with the signed header alone: that header is checked just the same.
+    let out = sync(&master, &h.root, &["--trusted-key", &public, "--state-dir", st]);
+    out.expect_code(0, &[&h.root]);
+    assert!(master.stderr().contains("cached=true"), "the no-change pass did not use the cache");
+    drop(master);
+    let rogue_key = h.s.join("rogue.key");
+    let out = Command::new(gis_tests::bin("syncmaster")).args(["keygen", "--out"]).arg(&rogue_key).output().unwrap();
+    assert!(out.status.success());
+    let rogue = Master::start_with(&[
+        OsStr::new("--image"),
+        h.s.join("img").as_os_str(),
+        OsStr::new("--signing-key"),
+        rogue_key.as_os_str(),
+    ]);
+    let out = sync(&rogue, &h.root, &["--trusted-key", &public, "--state-dir", st]);
+    out.expect_code(4, &[&h.root]);
+    assert!(rogue.stderr().contains("cached=true"), "the rogue master was not offered the cached identity");
 }
 
 /// A CA, a master certificate for 127.0.0.1, and host certificates, made with the very
