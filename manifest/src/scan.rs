@@ -415,10 +415,22 @@ pub fn hash_files(
     read: &throttle::Limiter,
     select: impl Fn(&ScannedEntry) -> bool + Sync,
 ) -> Vec<ScanError> {
+    let want: Vec<bool> = entries.par_iter().map(&select).collect();
+    hash_selected(root, entries, read, &want)
+}
+
+/// Like [`hash_files`], hashing the regular files at the indices where `want` is true.
+pub fn hash_selected(
+    root: &Path,
+    entries: &mut [ScannedEntry],
+    read: &throttle::Limiter,
+    want: &[bool],
+) -> Vec<ScanError> {
     entries
         .par_iter_mut()
-        .filter(|e| e.entry.kind == Kind::File && e.entry.hash.is_none() && select(e))
-        .filter_map(|e| {
+        .zip(want.par_iter())
+        .filter(|(e, want)| **want && e.entry.kind == Kind::File && e.entry.hash.is_none())
+        .filter_map(|(e, _)| {
             let path = root.join(e.entry.path.as_path());
             match hash_path(&path, Some((e.dev, e.ino)), read) {
                 Ok((hash, size)) if size == e.entry.size => {

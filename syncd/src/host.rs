@@ -4,7 +4,7 @@
 //! (to tell whether it changed), or when its size matches content the host still needs (it may
 //! be that content, moved: copying it locally beats downloading it).
 
-use foldhash::{HashMap, HashSet};
+use foldhash::HashSet;
 use std::path::Path;
 
 use exclusions::Exclusions;
@@ -55,26 +55,47 @@ pub fn hash(
         let hits = index.apply(&mut s.entries);
         tracing::debug!(hits, "host index");
     }
-    let image_size: HashMap<&RelPath, u64> =
-        manifest.entries.iter().filter(|e| e.kind == Kind::File).map(|e| (&e.path, e.size)).collect();
+    // Both lists are sorted by path: pair them in one merge, no maps (a million entries).
+    let pairs = pair_by_path(&manifest.entries, &s.entries);
+    let image_file = |i: usize| pairs[i].map(|m| &manifest.entries[m as usize]).filter(|m| m.kind == Kind::File);
     // Round 1: files that may be unchanged.
-    errors
-        .extend(scan::hash_files(root, &mut s.entries, read, |h| image_size.get(&h.entry.path) == Some(&h.entry.size)));
+    let want: Vec<bool> =
+        (0..s.entries.len()).map(|i| image_file(i).is_some_and(|m| m.size == s.entries[i].entry.size)).collect();
+    errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
 
     // Round 2: files whose size matches content the host still lacks.
-    let host_hashes: HashMap<&RelPath, manifest::Hash> =
-        s.entries.iter().filter_map(|h| Some((&h.entry.path, h.entry.hash?))).collect();
+    let mut present = vec![false; manifest.entries.len()];
+    for (i, h) in s.entries.iter().enumerate() {
+        if let (Some(m), Some(hash)) = (pairs[i], h.entry.hash) {
+            present[m as usize] = manifest.entries[m as usize].hash == Some(hash);
+        }
+    }
     let needed_sizes: HashSet<u64> = manifest
         .entries
         .iter()
-        .filter(|e| e.kind == Kind::File && e.size > 0 && host_hashes.get(&e.path) != e.hash.as_ref())
-        .map(|e| e.size)
+        .zip(&present)
+        .filter(|(e, present)| e.kind == Kind::File && e.size > 0 && !**present)
+        .map(|(e, _)| e.size)
         .collect();
     if !needed_sizes.is_empty() {
-        errors.extend(scan::hash_files(root, &mut s.entries, read, |h| needed_sizes.contains(&h.entry.size)));
+        let want: Vec<bool> = s.entries.iter().map(|h| needed_sizes.contains(&h.entry.size)).collect();
+        errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
     }
     tracing::debug!(secs = t.elapsed().as_secs_f64(), "host hashing done");
     // Files that changed while hashed simply stay unhashed: the plan replaces them.
     errors.retain(|e| !matches!(e, ScanError::Changed { .. }));
     (HostTree { root: s.root, entries: s.entries, unreadable, excluded: s.excluded }, errors)
+}
+
+/// For each host entry, the index of the image entry at the same path (both sorted by path).
+fn pair_by_path(image: &[manifest::Entry], host: &[scan::ScannedEntry]) -> Vec<Option<u32>> {
+    let mut out = Vec::with_capacity(host.len());
+    let mut m = 0;
+    for h in host {
+        while m < image.len() && image[m].path < h.entry.path {
+            m += 1;
+        }
+        out.push((m < image.len() && image[m].path == h.entry.path).then_some(m as u32));
+    }
+    out
 }

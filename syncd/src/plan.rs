@@ -163,16 +163,11 @@ impl Plan {
             plan.root = Some((host.root.clone(), manifest.root.clone(), root_diff));
         }
 
-        // Host content available for local copies: hash -> a path holding it.
-        let mut local: HashMap<Hash, &RelPath> = HashMap::new();
-        for h in &host.entries {
-            if let (Kind::File, Some(hash)) = (h.entry.kind, h.entry.hash) {
-                local.entry(hash).or_insert(&h.entry.path);
-            }
-        }
+        // Host content available for local copies (built on first need: a pass with nothing
+        // to fetch never builds it).
+        let local = LocalContent { entries: &host.entries, map: std::cell::OnceCell::new() };
         let host_links = host_link_sets(&host.entries);
         let leaders = manifest.link_leaders();
-        let host_by_path: HashMap<&RelPath, &ScannedEntry> = host.entries.iter().map(|h| (&h.entry.path, h)).collect();
 
         // Paths that must not be touched: mount points, and whatever lies beneath a mount point
         // or beneath a directory that could not be listed.
@@ -206,22 +201,22 @@ impl Plan {
                 (Some(_), None) => (mi.next(), None),
                 _ => (None, hi.next()),
             };
-            let path = new.map(|n| &n.path).or(old.map(|o| &o.entry.path)).expect("one side is present").clone();
+            let path = new.map(|n| &n.path).or(old.map(|o| &o.entry.path)).expect("one side is present");
             let is_dir = new.is_some_and(|n| n.kind == Kind::Dir)
                 || old.is_some_and(|o| o.entry.kind == Kind::Dir)
-                || host_excluded.get(&path) == Some(&true);
+                || host_excluded.get(path) == Some(&true);
             let inside_excluded = excluded_dirs.iter().any(|d| path.is_within(d));
-            if inside_excluded || host_excluded.contains_key(&path) || rules.matches_self(&path, is_dir).is_excluded() {
+            if inside_excluded || host_excluded.contains_key(path) || rules.matches_self(path, is_dir).is_excluded() {
                 // Only the top of an excluded subtree is recorded: everything beneath it is
                 // covered by that one entry, which keeps this check short.
                 if is_dir && !inside_excluded {
                     excluded_dirs.push(path.clone());
                 }
-                excluded.insert(path);
+                excluded.insert(path.clone());
                 continue;
             }
-            if let Some(reason) = fence(&path) {
-                plan.skipped.push(Skip { path, reason });
+            if let Some(reason) = fence(path) {
+                plan.skipped.push(Skip { path: path.clone(), reason });
                 continue;
             }
             let op = match (new, old) {
@@ -242,7 +237,7 @@ impl Plan {
                     }
                     diff.target = old.entry.target != new.target;
                     diff.rdev = old.entry.rdev != new.rdev;
-                    diff.link = link_differs(new, old, manifest, &leaders, &host_links, &host_by_path, &fresh_leaders);
+                    diff.link = link_differs(new, old, manifest, &leaders, &host_links, &host.entries, &fresh_leaders);
                     if !diff.any() {
                         continue;
                     }
@@ -264,7 +259,7 @@ impl Plan {
                     fresh_leaders.insert(new.link_group);
                 }
             }
-            plan.changes.push(Change { path, op });
+            plan.changes.push(Change { path: path.clone(), op });
         }
 
         plan.excluded = excluded.len();
@@ -366,7 +361,28 @@ impl Op {
     }
 }
 
-fn plan_source(new: &Entry, leaders: &HashMap<u64, &RelPath>, local: &HashMap<Hash, &RelPath>) -> Source {
+/// Host content available for local copies: hash -> a path holding it, built on first use.
+struct LocalContent<'a> {
+    entries: &'a [ScannedEntry],
+    map: std::cell::OnceCell<HashMap<Hash, &'a RelPath>>,
+}
+
+impl<'a> LocalContent<'a> {
+    fn get(&self, hash: &Hash) -> Option<&'a RelPath> {
+        let map = self.map.get_or_init(|| {
+            let mut m = HashMap::new();
+            for h in self.entries {
+                if let (Kind::File, Some(hash)) = (h.entry.kind, h.entry.hash) {
+                    m.entry(hash).or_insert(&h.entry.path);
+                }
+            }
+            m
+        });
+        map.get(hash).copied()
+    }
+}
+
+fn plan_source(new: &Entry, leaders: &HashMap<u64, &RelPath>, local: &LocalContent) -> Source {
     if new.link_group != 0 {
         if let Some(&leader) = leaders.get(&new.link_group) {
             if *leader != new.path {
@@ -376,7 +392,7 @@ fn plan_source(new: &Entry, leaders: &HashMap<u64, &RelPath>, local: &HashMap<Ha
     }
     match (new.kind, new.hash) {
         (Kind::File, Some(h)) if new.size > 0 => match local.get(&h) {
-            Some(p) => Source::Local((*p).clone(), h),
+            Some(p) => Source::Local(p.clone(), h),
             None => Source::Fetch(h),
         },
         _ => Source::Nothing,
@@ -399,7 +415,7 @@ fn link_differs(
     manifest: &Manifest,
     leaders: &HashMap<u64, &RelPath>,
     host_links: &HashMap<(u64, u64), Vec<&RelPath>>,
-    host_by_path: &HashMap<&RelPath, &ScannedEntry>,
+    host: &[ScannedEntry],
     fresh_leaders: &HashSet<u64>,
 ) -> bool {
     // An inode with names the scan did not see (outside the root, or excluded) must never be
@@ -429,9 +445,10 @@ fn link_differs(
     if fresh_leaders.contains(&new.link_group) {
         return true;
     }
-    match host_by_path.get(leader) {
-        Some(l) => (l.dev, l.ino) != (old.dev, old.ino),
-        None => true,
+    // The host entries are sorted by path.
+    match host.binary_search_by(|h| h.entry.path.cmp(leader)) {
+        Ok(i) => (host[i].dev, host[i].ino) != (old.dev, old.ino),
+        Err(_) => true,
     }
 }
 
