@@ -128,6 +128,16 @@ done
 addr=$(sed -n 's/^listening on //p' "$work/m.out" | head -n 1)
 scan=$(elapsed "$t0" "$(now)")
 log "syncmaster pid $MASTER_PID ready at $addr after ${scan}s"
+# Builds with an object cache compress every object once, in the background, after the
+# scan: wait for it, so it does not compete with the timed rounds for the two cores.
+if [[ $("$SYNCMASTER" serve --help 2>&1 || true) == *--cache-level* ]]; then
+    until grep -q 'object cache ready' "$LOGS/nochange-syncmaster.err"; do
+        kill -0 "$MASTER_PID" 2>/dev/null || die "syncmaster exited while filling its object cache"
+        [ $SECONDS -lt $deadline ] || die "syncmaster's object cache not ready after ${MASTER_TIMEOUT}s"
+        sleep 0.1
+    done
+    log "syncmaster object cache ready after $(elapsed "$t0" "$(now)")s"
+fi
 
 cat >"$work/rsyncd.conf" <<CONF
 log file = $LOGS/nochange-rsyncd.log

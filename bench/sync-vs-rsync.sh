@@ -22,6 +22,8 @@
 #                     per-invocation work dir is removed on exit, logs are kept in
 #                     $SCRATCH/logs
 #   SYNCD, SYNCMASTER binaries (default /work/main/target/release/{syncd,syncmaster})
+#   MASTER_EXTRA=""   extra `syncmaster serve` flags, e.g. "--cache-level 0" (per-request
+#                     compression only) or "--zstd-level 1"
 #   SKIP_SYNCD=1      benchmark only the rsync side (syncd/syncmaster not needed)
 #   VERIFY=once       fidelity check (rsync -aHAXcn --delete -i IMAGE/ DEST/) after the
 #                     first timed run of each tool per scenario; `all` = after every
@@ -58,6 +60,7 @@ CORPORA=${CORPORA:-/var/tmp/gis-corpora}
 SCRATCH=${SCRATCH:-/var/tmp/gis-bench}
 SYNCD=${SYNCD:-/work/main/target/release/syncd}
 SYNCMASTER=${SYNCMASTER:-/work/main/target/release/syncmaster}
+MASTER_EXTRA=${MASTER_EXTRA:-}
 SKIP_SYNCD=${SKIP_SYNCD:-0}
 VERIFY=${VERIFY:-once}
 SYNC_AFTER=${SYNC_AFTER:-0}
@@ -87,6 +90,11 @@ if [ "$SKIP_SYNCD" != 1 ]; then
     # Builds with TLS refuse plain TCP unless told --insecure (plain TCP, like the rsync
     # daemon); older builds do not know the flag. Pass it only where --help lists it.
     h=$("$SYNCMASTER" serve --help 2>&1 || true); [[ $h != *--insecure* ]] || MASTER_FLAGS=(--insecure)
+    # Builds with an object cache: wait for it (unless MASTER_EXTRA turns it off).
+    CACHE_FLAG=""
+    [[ $h != *--cache-level* || " $MASTER_EXTRA " == *" --cache-level 0 "* ]] || CACHE_FLAG=1
+    # shellcheck disable=SC2206
+    MASTER_FLAGS+=($MASTER_EXTRA)
     h=$("$SYNCD" sync --help 2>&1 || true); [[ $h != *--insecure* ]] || SYNCD_FLAGS=(--insecure)
 fi
 RSS_METHOD="GNU time \`%M\` (wait4 ru_maxrss of the client)"
@@ -234,6 +242,18 @@ start_master() {
     MASTER_ADDR=${line#listening on }
     MASTER_SCAN=$(elapsed "$t0" "$(now)")
     log "syncmaster pid $MASTER_PID ready at $MASTER_ADDR after ${MASTER_SCAN}s (untimed)"
+    # Builds with an object cache compress every object once after the scan, in the
+    # background; timing starts once that is done (the steady state every later host sees).
+    MASTER_CACHE=n/a
+    if [ -n "$CACHE_FLAG" ]; then
+        until grep -q 'object cache ready' "$LOGS/syncmaster-$name.err"; do
+            kill -0 "$MASTER_PID" 2>/dev/null || die "syncmaster exited while filling its object cache"
+            [ $SECONDS -lt $deadline ] || die "syncmaster's object cache not ready after ${MASTER_TIMEOUT}s"
+            sleep 0.1
+        done
+        MASTER_CACHE=$(elapsed "$t0" "$(now)")
+        log "syncmaster object cache ready after ${MASTER_CACHE}s: $(grep -m1 'object cache ready' "$LOGS/syncmaster-$name.err" | sed 's/.*ready //')"
+    fi
 }
 
 # prepare DEST BASE: recreate host dir (empty, or a copy of BASE), untimed
@@ -304,7 +324,7 @@ run_scenario() {
     log "=== scenario $s: image $image, host start ${base:-<empty>}, $RUNS runs$(want_z "$s" && echo ", plus rsync -z series")"
     start_rsyncd "$image" "$s"
     tools=(rsync)
-    if [ "$SKIP_SYNCD" != 1 ]; then start_master "$image" "$s"; tools+=(syncd); SCAN[$s]=$MASTER_SCAN; fi
+    if [ "$SKIP_SYNCD" != 1 ]; then start_master "$image" "$s"; tools+=(syncd); SCAN[$s]="$MASTER_SCAN / $MASTER_CACHE"; fi
 
     for t in "${tools[@]}"; do
         prepare "$dest" "$base"
@@ -409,7 +429,7 @@ report=$(
     echo
     echo "### Wall time (median s)"
     echo
-    echo "| scenario | image | host starts as | rsync | syncd | syncd/rsync | target | met | rsync -z | fidelity | master scan s |"
+    echo "| scenario | image | host starts as | rsync | syncd | syncd/rsync | target | met | rsync -z | fidelity | master scan s / object cache ready s (untimed) |"
     echo "|---|---|---|---:|---:|---:|---:|---|---:|---|---:|"
     for s in "${scenarios[@]}"; do
         b=$(scenario_base "$s")

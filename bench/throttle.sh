@@ -53,6 +53,11 @@ trap cleanup EXIT
 for _ in $(seq 3000); do grep -q '^listening on ' "$work/m.out" 2>/dev/null && break; sleep 0.1; done
 addr=$(sed -n 's/^listening on //p' "$work/m.out")
 [ -n "$addr" ] || die "syncmaster did not start (see $work/m.err)"
+# The master's object cache (compress once, in the background): let it finish first, so its
+# CPU use does not overlap the sampled windows.
+if [[ $("$SYNCMASTER" serve --help 2>&1 || true) == *--cache-level* ]]; then
+    for _ in $(seq 6000); do grep -q 'object cache ready' "$work/m.err" && break; sleep 0.1; done
+fi
 
 lo_rx() { awk '$1 == "lo:" { print $2 }' /proc/net/dev; }
 counter() {  # counter KIND PID

@@ -7,6 +7,7 @@
 pub mod fleet;
 pub mod identity;
 pub mod inventory;
+pub mod objcache;
 pub mod publish;
 pub mod status;
 
@@ -26,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 /// Objects smaller than this go raw: a zstd frame header would cost more than it saves.
-const MIN_COMPRESS: u64 = 128;
+pub(crate) const MIN_COMPRESS: u64 = 128;
 
 /// An image loaded and ready to serve.
 pub struct Image {
@@ -276,6 +277,20 @@ fn send_object(published: &publish::Published, hash: Hash, level: i32, tx: &mut 
         tracing::warn!(object = %hash, "{error}");
         tx.push(pb::ObjectChunk { hash: hash_bytes.clone(), last: true, error, ..Default::default() })
     };
+    // Compressed once for the fleet, from content checked against its hash.
+    if let Some((size, frame)) = published.cache().get(&hash) {
+        return match pump(&frame[..], &hash_bytes, size, pb::Encoding::Zstd, tx) {
+            Ok(true) => tx.push(pb::ObjectChunk {
+                hash: hash_bytes,
+                size,
+                encoding: pb::Encoding::Zstd as i32,
+                last: true,
+                ..Default::default()
+            }),
+            Ok(false) => false,
+            Err(e) => fail(tx, format!("cannot send the cached frame of {hash}: {e}")),
+        };
+    }
     let Some((image, rel)) = published.find_object(&hash) else {
         return fail(tx, format!("object {hash} is in no image version this master serves"));
     };

@@ -56,6 +56,14 @@ enum Cmd {
         /// zstd level for objects on the wire (1-19).
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: i32,
+        /// zstd level at which each published image's objects are compressed once, in the
+        /// background, for every host (1-19); 0 compresses per request only.
+        #[arg(long, value_name = "N", default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
+        cache_level: i32,
+        /// Most memory the compressed objects may take (`512MiB`, `2GiB`); objects beyond it
+        /// are compressed per request.
+        #[arg(long, value_name = "BYTES", default_value = "1GiB", value_parser = throttle::parse_bytes)]
+        cache_size: u64,
         /// Sign every manifest with this ed25519 key (made by `syncmaster keygen`).
         #[arg(long, value_name = "FILE")]
         signing_key: Option<PathBuf>,
@@ -178,6 +186,8 @@ fn main() -> ExitCode {
             down_after,
             out_after,
             zstd_level,
+            cache_level,
+            cache_size,
             signing_key,
             signature_ttl,
             tls,
@@ -246,6 +256,8 @@ fn main() -> ExitCode {
                 down_after,
                 out_after,
                 zstd_level,
+                cache: (cache_level > 0 && cache_size > 0)
+                    .then_some(syncmaster::objcache::CacheConfig { level: cache_level, max_bytes: cache_size }),
                 security,
             };
             match rt.block_on(serve(opts, Arc::new(inventory))) {
@@ -305,6 +317,7 @@ struct ServeOpts {
     down_after: Duration,
     out_after: Duration,
     zstd_level: i32,
+    cache: Option<syncmaster::objcache::CacheConfig>,
     security: syncmaster::Security,
 }
 
@@ -330,7 +343,7 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         secs = started.elapsed().as_secs_f64(),
         "image scanned"
     );
-    let published = Arc::new(publish::Published::new(scanned));
+    let published = Arc::new(publish::Published::with_cache(scanned, o.cache));
     if let Some(images) = o.images {
         let w = publish::watch_current(images, published.clone(), Arc::new(Mutex::new(versions)), o.poll);
         tokio::spawn(w);

@@ -124,12 +124,26 @@ impl Versions {
 pub struct Published {
     tx: watch::Sender<Arc<Image>>,
     history: Mutex<VecDeque<Arc<Image>>>,
+    cache: Arc<crate::objcache::ObjectCache>,
 }
 
 impl Published {
+    /// Serves `first`, compressing objects per request only.
     pub fn new(first: Image) -> Published {
+        Published::with_cache(first, None)
+    }
+
+    /// Serves `first`; with `cache`, every published image's objects are compressed once in the
+    /// background and stored (see [`crate::objcache`]).
+    pub fn with_cache(first: Image, cache: Option<crate::objcache::CacheConfig>) -> Published {
         let first = Arc::new(first);
-        Published { tx: watch::Sender::new(first.clone()), history: Mutex::new(VecDeque::from([first])) }
+        let cache = Arc::new(crate::objcache::ObjectCache::new(cache));
+        cache.fill(first.clone(), vec![first.clone()]);
+        Published { tx: watch::Sender::new(first.clone()), history: Mutex::new(VecDeque::from([first])), cache }
+    }
+
+    pub fn cache(&self) -> &crate::objcache::ObjectCache {
+        &self.cache
     }
 
     pub fn current(&self) -> Arc<Image> {
@@ -145,7 +159,9 @@ impl Published {
         let mut h = self.history.lock().expect("history lock");
         h.push_front(image.clone());
         h.truncate(HISTORY);
+        let keep: Vec<Arc<Image>> = h.iter().cloned().collect();
         drop(h);
+        self.cache.fill(image.clone(), keep);
         self.tx.send_replace(image);
     }
 
