@@ -237,7 +237,16 @@ impl Master {
                 }
             }
         });
-        ObjectStream { rx, broken: None, abandoned: None, wire_bytes: 0, objects: 0, bytes: 0 }
+        ObjectStream {
+            rx,
+            broken: None,
+            abandoned: None,
+            decoder: None,
+            out: Vec::new(),
+            wire_bytes: 0,
+            objects: 0,
+            bytes: 0,
+        }
     }
 }
 
@@ -320,6 +329,10 @@ pub struct ObjectStream {
     /// Set when this host cut the stream (endless or undecodable object), as opposed to the
     /// master or the network breaking it.
     abandoned: Option<String>,
+    /// One zstd decoder and output buffer for every object of the stream (reset per object),
+    /// not a fresh context and a 256 KiB buffer per file.
+    decoder: Option<zstd::stream::raw::Decoder<'static>>,
+    out: Vec<u8>,
     pub wire_bytes: u64,
     pub objects: u64,
     pub bytes: u64,
@@ -351,8 +364,15 @@ impl ObjectStream {
         // under 1% plus headers.
         let wire_cap = size + size / 64 + 64 * 1024;
         let mut object_wire = 0u64;
-        let mut decoder: Option<zstd::stream::raw::Decoder<'static>> = None;
-        let mut out = vec![0u8; 256 * 1024];
+        if let Some(d) = self.decoder.as_mut() {
+            use zstd::stream::raw::Operation;
+            if d.reinit().is_err() {
+                self.decoder = None;
+            }
+        }
+        if self.out.is_empty() {
+            self.out = vec![0u8; 256 * 1024];
+        }
         loop {
             let chunk = match self.rx.blocking_recv() {
                 Some(Ok(c)) => c,
@@ -386,7 +406,7 @@ impl ObjectStream {
             if !chunk.data.is_empty() {
                 let r = match pb::Encoding::try_from(chunk.encoding) {
                     Ok(pb::Encoding::Raw) => sink.as_mut().map_or(Ok(()), |s| s.write_all(&chunk.data)),
-                    Ok(pb::Encoding::Zstd) => decode(&mut decoder, &chunk.data, &mut out, &mut sink),
+                    Ok(pb::Encoding::Zstd) => decode(&mut self.decoder, &chunk.data, &mut self.out, &mut sink),
                     Err(_) => Err(io::Error::other(format!("unknown encoding {}", chunk.encoding))),
                 };
                 if let Err(e) = r {
