@@ -24,6 +24,9 @@
 #   SYNCD, SYNCMASTER binaries (default /work/main/target/release/{syncd,syncmaster})
 #   MASTER_EXTRA=""   extra `syncmaster serve` flags, e.g. "--cache-level 0" (per-request
 #                     compression only) or "--zstd-level 1"
+#   DELTAS=1          upgrade scenarios: the master has published the host's release (v1)
+#                     before the image (v2), so it holds deltas of v2 against v1 (the fleet
+#                     case); DELTAS=0 serves the image alone (every changed file whole)
 #   SKIP_SYNCD=1      benchmark only the rsync side (syncd/syncmaster not needed)
 #   VERIFY=once       fidelity check (rsync -aHAXcn --delete -i IMAGE/ DEST/) after the
 #                     first timed run of each tool per scenario; `all` = after every
@@ -61,6 +64,7 @@ SCRATCH=${SCRATCH:-/var/tmp/gis-bench}
 SYNCD=${SYNCD:-/work/main/target/release/syncd}
 SYNCMASTER=${SYNCMASTER:-/work/main/target/release/syncmaster}
 MASTER_EXTRA=${MASTER_EXTRA:-}
+DELTAS=${DELTAS:-1}
 SKIP_SYNCD=${SKIP_SYNCD:-0}
 VERIFY=${VERIFY:-once}
 SYNC_AFTER=${SYNC_AFTER:-0}
@@ -221,13 +225,25 @@ EOF
     die "rsync daemon failed to start (see $LOGS/rsyncd-$name.*)"
 }
 
-# start_master IMAGE NAME -> sets MASTER_PID, MASTER_ADDR, MASTER_SCAN
+# start_master IMAGE NAME [PREV] -> sets MASTER_PID, MASTER_ADDR, MASTER_SCAN
+# With PREV (upgrade scenarios, unless DELTAS=0): the master serves an images dir whose
+# `current` first points at PREV (published as v1, the release the hosts run), then at IMAGE
+# (v2), as a fleet master that has served the hosts' release before; its object cache then
+# holds deltas of v2 against v1. Timing starts once v2's cache is ready.
 start_master() {
-    local image=$1 name=$2 t0 line
+    local image=$1 name=$2 prev=${3:-} t0 line
     local out="$LOGS/syncmaster-$name.out"
     : >"$out"
     t0=$(now)
-    "$SYNCMASTER" serve "${MASTER_FLAGS[@]}" --image "$image" --listen 127.0.0.1:0 >"$out" 2>"$LOGS/syncmaster-$name.err" &
+    local source=(--image "$image")
+    if [ -n "$prev" ]; then
+        local images="$WORK/images-$name"
+        rm -rf "$images" "$WORK/master-state-$name"; mkdir -p "$images"
+        ln -s "$prev" "$images/current"
+        source=(--images "$images" --state-dir "$WORK/master-state-$name" --poll 200ms)
+    fi
+    MASTER_SOURCE="${source[*]}"
+    "$SYNCMASTER" serve "${MASTER_FLAGS[@]}" "${source[@]}" --listen 127.0.0.1:0 >"$out" 2>"$LOGS/syncmaster-$name.err" &
     MASTER_PID=$!
     local deadline=$((SECONDS + MASTER_TIMEOUT))
     while :; do
@@ -251,8 +267,19 @@ start_master() {
             [ $SECONDS -lt $deadline ] || die "syncmaster's object cache not ready after ${MASTER_TIMEOUT}s"
             sleep 0.1
         done
+        if [ -n "$prev" ]; then
+            ln -sfn "$image" "$WORK/images-$name/current.new"
+            mv -T "$WORK/images-$name/current.new" "$WORK/images-$name/current"
+            until grep 'object cache ready' "$LOGS/syncmaster-$name.err" | grep -q 'version=2 '; do
+                kill -0 "$MASTER_PID" 2>/dev/null || die "syncmaster exited while filling its object cache"
+                [ $SECONDS -lt $deadline ] || die "syncmaster's object cache of v2 not ready after ${MASTER_TIMEOUT}s"
+                sleep 0.1
+            done
+        fi
         MASTER_CACHE=$(elapsed "$t0" "$(now)")
-        log "syncmaster object cache ready after ${MASTER_CACHE}s: $(grep -m1 'object cache ready' "$LOGS/syncmaster-$name.err" | sed 's/.*ready //')"
+        log "syncmaster object cache ready after ${MASTER_CACHE}s: $(grep 'object cache ready' "$LOGS/syncmaster-$name.err" | tail -n 1 | sed 's/.*ready //')"
+    elif [ -n "$prev" ]; then
+        die "DELTAS needs a syncmaster with an object cache (drop --cache-level 0, or set DELTAS=0)"
     fi
 }
 
@@ -324,7 +351,10 @@ run_scenario() {
     log "=== scenario $s: image $image, host start ${base:-<empty>}, $RUNS runs$(want_z "$s" && echo ", plus rsync -z series")"
     start_rsyncd "$image" "$s"
     tools=(rsync)
-    if [ "$SKIP_SYNCD" != 1 ]; then start_master "$image" "$s"; tools+=(syncd); SCAN[$s]="$MASTER_SCAN / $MASTER_CACHE"; fi
+    if [ "$SKIP_SYNCD" != 1 ]; then
+        local prev=""; [ "$DELTAS" = 0 ] || prev=$base
+        start_master "$image" "$s" "$prev"; tools+=(syncd); SCAN[$s]="$MASTER_SCAN / $MASTER_CACHE"
+    fi
 
     for t in "${tools[@]}"; do
         prepare "$dest" "$base"
@@ -417,6 +447,7 @@ report=$(
     fi
     if [ "$SKIP_SYNCD" != 1 ]; then
         echo "  - syncd: \`$SYNCD sync ${SYNCD_FLAGS[*]:+${SYNCD_FLAGS[*]} }--master http://127.0.0.1:PORT --root DEST\` (master: \`$SYNCMASTER serve ${MASTER_FLAGS[*]:+${MASTER_FLAGS[*]} }--image IMAGE --listen 127.0.0.1:0\`, started and scanned before timing)"
+        [ "$DELTAS" = 0 ] || echo "  - upgrade scenarios (DELTAS=1): the master is started with \`--images DIR --state-dir STATE --poll 200ms\` instead, DIR/current pointing first at the host's release (published as v1), then at IMAGE (v2); timing starts once v2's object cache (whole frames, and deltas against v1) is ready"
     fi
     echo "  - every client run goes through \`bench/measure.py --log FILE --timeout $TOOL_TIMEOUT$([ "$SYNC_AFTER" != 1 ] || echo ' --sync') -- CMD\`"
     echo "  - medians exclude runs whose tool exited non-zero (marked \`(exitN)\` in the raw lists)"

@@ -7,6 +7,7 @@
 //! - [`wire`]: conversion to and from the protocol messages, validating everything received.
 
 pub mod cache;
+pub mod delta;
 mod entry;
 mod path;
 pub mod scan;

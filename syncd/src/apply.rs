@@ -43,6 +43,8 @@ pub struct ApplyStats {
     pub fetched_objects: u64,
     pub fetched_bytes: u64,
     pub wire_bytes: u64,
+    /// Fetched objects that came as deltas against the host's old version.
+    pub delta_objects: u64,
     pub local_copies: u64,
     pub local_bytes: u64,
     /// True if the object stream broke (master gone mid-pass).
@@ -154,6 +156,7 @@ pub fn apply(
     }
     a.out.stats.fetched_objects = a.objects.objects;
     a.out.stats.wire_bytes = a.objects.wire_bytes;
+    a.out.stats.delta_objects = a.objects.deltas;
     a.out
 }
 
@@ -273,7 +276,7 @@ impl Applier<'_> {
             if self.next_fetch_is(h) {
                 let size = self.plan.fetch[self.fetch_next].1;
                 self.fetch_next += 1;
-                let _ = self.objects.next_into::<std::fs::File>(*h, size, None);
+                let _ = self.objects.next_into::<std::fs::File>(*h, size, None, None);
             }
         }
     }
@@ -340,8 +343,16 @@ impl Applier<'_> {
         // 2. The next object on the ordered stream, if this is its first use.
         if self.next_fetch_is(&hash) {
             let size = self.plan.fetch[self.fetch_next].1;
+            let base_path = self.plan.fetch_bases.get(self.fetch_next).cloned().flatten().map(|(p, _)| p);
             self.fetch_next += 1;
-            match self.objects.next_into(hash, size, Some(&mut *w)).map_err(|e| (w.check(hash).is_err(), e)) {
+            // Read only if the master does send a delta against it.
+            let (root, read) = (&mut self.root, &self.throttle.read);
+            let mut load = |_: &Hash| match &base_path {
+                Some(p) => read_base(root, p, read),
+                None => Err(io::Error::other("no base was offered for this object")),
+            };
+            let r = self.objects.next_into(hash, size, Some(&mut *w), Some(&mut load));
+            match r.map_err(|e| (w.check(hash).is_err(), e)) {
                 Ok(()) if w.check(hash).is_ok() => {
                     self.out.stats.fetched_bytes += w.written();
                     return Ok(());
@@ -359,7 +370,7 @@ impl Applier<'_> {
         if !self.out.stats.master_lost {
             tracing::debug!(hash = %hash, errors = ?errors, "fetching one object on its own");
             let mut one = self.master.spawn_fetch_aside(vec![hash], &self.rt);
-            let r = one.next_into(hash, w.limit(), Some(&mut *w));
+            let r = one.next_into(hash, w.limit(), Some(&mut *w), None);
             self.out.stats.wire_bytes += one.wire_bytes;
             if r.is_ok() {
                 one.finish();
@@ -601,6 +612,17 @@ impl Applier<'_> {
             }
         }
     }
+}
+
+/// The content of host file `path`, read without following symlinks, as a delta base (its
+/// caller checks the hash).
+fn read_base(root: &mut RootDir, path: &RelPath, read: &throttle::Limiter) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let (dir, name) = root.parent(path)?;
+    let file = fsops::open_regular(dir.as_fd(), name)?;
+    let mut data = Vec::new();
+    throttle::Throttled::new(file, read).take(manifest::delta::MAX_DELTA_BYTES + 1).read_to_end(&mut data)?;
+    Ok(data)
 }
 
 fn is_dir_at(dir: &OwnedFd, name: &[u8]) -> bool {

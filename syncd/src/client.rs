@@ -186,29 +186,46 @@ impl Master {
     /// Starts downloading `hashes` in order, in requests of at most `MAX_FETCH_HASHES`, into a
     /// bounded channel that the apply drains: the network runs ahead of the disk by at most the
     /// channel's capacity.
-    pub fn spawn_fetch(&self, hashes: Vec<Hash>, rt: &tokio::runtime::Handle) -> ObjectStream {
-        self.spawn_fetch_on(self.client.clone(), hashes, rt)
+    ///
+    /// `bases` is empty or has one entry per hash: content this host holds that the master may
+    /// send that object as a delta against.
+    pub fn spawn_fetch(
+        &self,
+        hashes: Vec<Hash>,
+        bases: Vec<Option<Hash>>,
+        rt: &tokio::runtime::Handle,
+    ) -> ObjectStream {
+        self.spawn_fetch_on(self.client.clone(), hashes, bases, rt)
     }
 
     /// Like [`Master::spawn_fetch`], on the side connection: for fetches made while the main
     /// object stream is still open.
     pub fn spawn_fetch_aside(&self, hashes: Vec<Hash>, rt: &tokio::runtime::Handle) -> ObjectStream {
-        self.spawn_fetch_on(self.side.clone(), hashes, rt)
+        self.spawn_fetch_on(self.side.clone(), hashes, Vec::new(), rt)
     }
 
     fn spawn_fetch_on(
         &self,
         client: ImageSyncClient<Channel>,
         hashes: Vec<Hash>,
+        bases: Vec<Option<Hash>>,
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
+        let bases = if bases.iter().any(Option::is_some) { bases } else { Vec::new() };
         let (tx, rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(64);
         let url = self.url.clone();
         let net = self.net.clone();
         rt.spawn(async move {
-            for batch in hashes.chunks(proto::MAX_FETCH_HASHES) {
-                let req =
-                    pb::FetchRequest { hashes: batch.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect() };
+            for (n, batch) in hashes.chunks(proto::MAX_FETCH_HASHES).enumerate() {
+                let at = n * proto::MAX_FETCH_HASHES;
+                let bases = bases.get(at..at + batch.len()).unwrap_or_default();
+                let req = pb::FetchRequest {
+                    hashes: batch.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
+                    bases: bases
+                        .iter()
+                        .map(|b| b.map_or_else(bytes::Bytes::new, |h| bytes::Bytes::copy_from_slice(&h.0)))
+                        .collect(),
+                };
                 let mut c = client.clone();
                 let mut stream = match c.fetch_objects(req).await {
                     Ok(r) => r.into_inner(),
@@ -242,10 +259,12 @@ impl Master {
             broken: None,
             abandoned: None,
             decoder: None,
+            delta: None,
             out: Vec::new(),
             wire_bytes: 0,
             objects: 0,
             bytes: 0,
+            deltas: 0,
         }
     }
 }
@@ -314,6 +333,10 @@ pub enum ObjectError {
     Abandoned(String),
     #[error("master sent object {got} where {want} was expected")]
     OutOfOrder { want: Hash, got: String },
+    /// A delta arrived but its base could not be read back intact; the object was read to
+    /// its end (the stream stays aligned) and should be fetched whole.
+    #[error("object {hash} came as a delta, but its base is unusable: {why}")]
+    Base { hash: Hash, why: String },
     #[error("object {hash}: {source}")]
     Content {
         hash: Hash,
@@ -321,6 +344,9 @@ pub enum ObjectError {
         source: io::Error,
     },
 }
+
+/// Reads back the host content a delta names (by its hash) as the delta's dictionary.
+pub type BaseLoader<'a> = dyn FnMut(&Hash) -> io::Result<Vec<u8>> + 'a;
 
 /// The receiving end of [`Master::spawn_fetch`], read from the blocking apply thread.
 pub struct ObjectStream {
@@ -332,10 +358,14 @@ pub struct ObjectStream {
     /// One zstd decoder and output buffer for every object of the stream (reset per object),
     /// not a fresh context and a 256 KiB buffer per file.
     decoder: Option<zstd::stream::raw::Decoder<'static>>,
+    /// The decoder of the delta object being read, with its base loaded as the dictionary.
+    delta: Option<zstd::stream::raw::Decoder<'static>>,
     out: Vec<u8>,
     pub wire_bytes: u64,
     pub objects: u64,
     pub bytes: u64,
+    /// Objects that came as deltas against a host file.
+    pub deltas: u64,
 }
 
 impl ObjectStream {
@@ -353,7 +383,16 @@ impl ObjectStream {
     /// when its content is wrong. One that runs past what `size` bytes can take on the wire
     /// (endless data), or fails to decode, breaks the stream at once: nothing more is read from
     /// it, and later objects fall back to fetches of their own.
-    pub fn next_into<W: Write>(&mut self, hash: Hash, size: u64, mut sink: Option<&mut W>) -> Result<(), ObjectError> {
+    ///
+    /// `base` loads the content a delta was made against (checked against the hash it is
+    /// given); without it, a delta is an error.
+    pub fn next_into<W: Write>(
+        &mut self,
+        hash: Hash,
+        size: u64,
+        mut sink: Option<&mut W>,
+        mut base: Option<&mut BaseLoader<'_>>,
+    ) -> Result<(), ObjectError> {
         if let Some(b) = &self.broken {
             return Err(ObjectError::Broken(b.clone()));
         }
@@ -373,6 +412,9 @@ impl ObjectStream {
         if self.out.is_empty() {
             self.out = vec![0u8; 256 * 1024];
         }
+        self.delta = None;
+        // A delta whose base cannot be used: the rest of the object is read and dropped.
+        let mut base_failed: Option<String> = None;
         loop {
             let chunk = match self.rx.blocking_recv() {
                 Some(Ok(c)) => c,
@@ -403,10 +445,22 @@ impl ObjectStream {
                 self.abandoned = Some(e.clone());
                 return Err(ObjectError::Content { hash, source: io::Error::new(io::ErrorKind::InvalidData, e) });
             }
-            if !chunk.data.is_empty() {
+            if !chunk.data.is_empty() && base_failed.is_none() {
                 let r = match pb::Encoding::try_from(chunk.encoding) {
                     Ok(pb::Encoding::Raw) => sink.as_mut().map_or(Ok(()), |s| s.write_all(&chunk.data)),
                     Ok(pb::Encoding::Zstd) => decode(&mut self.decoder, &chunk.data, &mut self.out, &mut sink),
+                    Ok(pb::Encoding::ZstdDelta) => {
+                        if self.delta.is_none() {
+                            match load_delta_decoder(&chunk.base, &mut base) {
+                                Ok(d) => self.delta = Some(d),
+                                Err(why) => base_failed = Some(why),
+                            }
+                        }
+                        match &base_failed {
+                            Some(_) => Ok(()),
+                            None => decode(&mut self.delta, &chunk.data, &mut self.out, &mut sink),
+                        }
+                    }
                     Err(_) => Err(io::Error::other(format!("unknown encoding {}", chunk.encoding))),
                 };
                 if let Err(e) = r {
@@ -420,9 +474,32 @@ impl ObjectStream {
                 break;
             }
         }
+        if let Some(why) = base_failed {
+            return Err(ObjectError::Base { hash, why });
+        }
+        if self.delta.take().is_some() {
+            self.deltas += 1;
+        }
         self.objects += 1;
         Ok(())
     }
+}
+
+/// A decoder for one delta object: its base, loaded by `load` and checked against the hash the
+/// chunk names, is the dictionary.
+fn load_delta_decoder(
+    base: &[u8],
+    load: &mut Option<&mut BaseLoader<'_>>,
+) -> Result<zstd::stream::raw::Decoder<'static>, String> {
+    let base = Hash::from_slice(base).ok_or("the master named no 32-byte base")?;
+    let load = load.as_mut().ok_or_else(|| format!("this host offered no base, the master named {base}"))?;
+    let content = load(&base).map_err(|e| e.to_string())?;
+    if Hash::of(&content) != base {
+        return Err(format!("the base read back does not hash to {base}"));
+    }
+    let mut d = zstd::stream::raw::Decoder::with_dictionary(&content).map_err(|e| e.to_string())?;
+    d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(MAX_WINDOW_LOG)).map_err(|e| e.to_string())?;
+    Ok(d)
 }
 
 fn decode<W: Write>(

@@ -10,7 +10,7 @@ use std::path::Path;
 use exclusions::Exclusions;
 use manifest::cache::HashCache;
 use manifest::scan::{self, ScanError};
-use manifest::{Kind, Manifest, RelPath};
+use manifest::{delta, Kind, Manifest, RelPath};
 
 use crate::plan::HostTree;
 
@@ -23,7 +23,7 @@ pub fn scan(
     index: Option<&HashCache>,
     read: &throttle::Limiter,
 ) -> Result<(HostTree, Vec<ScanError>), ScanError> {
-    Ok(hash(root, walk(root, rules)?, manifest, index, read))
+    Ok(hash(root, walk(root, rules)?, manifest, index, read, false))
 }
 
 /// The metadata walk of `root`, which needs no manifest (it can run while the manifest is
@@ -36,13 +36,15 @@ pub fn walk(root: &Path, rules: &Exclusions) -> Result<scan::Scan, ScanError> {
     Ok(s)
 }
 
-/// Completes a [`walk`]: hashes what the comparison with `manifest` needs.
+/// Completes a [`walk`]: hashes what the comparison with `manifest` needs and, with
+/// `delta_bases`, the old files that new content may be sent as a delta against.
 pub fn hash(
     root: &Path,
     mut s: scan::Scan,
     manifest: &Manifest,
     index: Option<&HashCache>,
     read: &throttle::Limiter,
+    delta_bases: bool,
 ) -> (HostTree, Vec<ScanError>) {
     let t = std::time::Instant::now();
     let mut errors = std::mem::take(&mut s.errors);
@@ -80,6 +82,40 @@ pub fn hash(
     if !needed_sizes.is_empty() {
         let want: Vec<bool> = s.entries.iter().map(|h| needed_sizes.contains(&h.entry.size)).collect();
         errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
+    }
+    // Round 3: old versions of changed files, and files gone from the image in a directory
+    // where it has new files (a renamed file's old name), as delta bases. Each is read once
+    // here and again only if the master sends a delta against it; a pass with nothing to fetch
+    // reads none.
+    if delta_bases {
+        let mut paired = vec![false; manifest.entries.len()];
+        for m in pairs.iter().flatten() {
+            paired[*m as usize] = true;
+        }
+        let dir_of = |p: &RelPath| p.parent().map(|d| d.as_bytes().to_vec()).unwrap_or_default();
+        let new_dirs: HashSet<Vec<u8>> = manifest
+            .entries
+            .iter()
+            .zip(&paired)
+            .filter(|(e, paired)| e.kind == Kind::File && !**paired)
+            .map(|(e, _)| dir_of(&e.path))
+            .collect();
+        let want: Vec<bool> = s
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let sized = (delta::MIN_DELTA_BYTES..=delta::MAX_DELTA_BYTES).contains(&h.entry.size);
+                sized
+                    && match image_file(i) {
+                        Some(m) => m.size != h.entry.size,
+                        None => !new_dirs.is_empty() && new_dirs.contains(&dir_of(&h.entry.path)),
+                    }
+            })
+            .collect();
+        if want.iter().any(|w| *w) {
+            errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
+        }
     }
     tracing::debug!(secs = t.elapsed().as_secs_f64(), "host hashing done");
     // Files that changed while hashed simply stay unhashed: the plan replaces them.

@@ -275,7 +275,7 @@ impl PassReport {
                 self.plan.skipped.len(),
             ),
             Some(o) => format!(
-                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed, {} excluded; fetched {} objects, {} ({} on the wire); copied {} locally ({}); {:.2}s",
+                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed, {} excluded; fetched {} objects, {} ({} on the wire){}; copied {} locally ({}); {:.2}s",
                 if fails == 0 { "converged to" } else { "partly applied" },
                 self.image_version,
                 &self.identity.to_hex()[..16],
@@ -283,6 +283,10 @@ impl PassReport {
                 o.stats.fetched_objects,
                 mib(o.stats.fetched_bytes),
                 mib(o.stats.wire_bytes),
+                match o.stats.delta_objects {
+                    0 => String::new(),
+                    n => format!(", {n} of them as deltas"),
+                },
                 o.stats.local_copies,
                 mib(o.stats.local_bytes),
                 self.duration.as_secs_f64(),
@@ -360,7 +364,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             }
         }
         tracing::debug!(secs = t.elapsed().as_secs_f64(), "manifest cache saved");
-        let r = host::hash(&root, walk, &manifest, index.as_ref(), &read_limit);
+        let r = host::hash(&root, walk, &manifest, index.as_ref(), &read_limit, save_index);
         if let (Some(mut index), Some(path), (host, _), true) = (index, index_path, &r, save_index) {
             let changed = index.refresh(&host.entries);
             let saved = if !changed {
@@ -439,7 +443,11 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let root = root::RootDir::open(&opts.root)
             .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
         let rt = tokio::runtime::Handle::current();
-        let objects = master.spawn_fetch(report.plan.fetch.iter().map(|(h, _)| *h).collect(), &rt);
+        let objects = master.spawn_fetch(
+            report.plan.fetch.iter().map(|(h, _)| *h).collect(),
+            report.plan.fetch_bases.iter().map(|b| b.as_ref().map(|(_, h)| *h)).collect(),
+            &rt,
+        );
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();
         let throttle = opts.throttle.clone();

@@ -9,7 +9,7 @@ use std::fmt;
 
 use exclusions::Exclusions;
 use manifest::scan::ScannedEntry;
-use manifest::{Entry, Hash, Kind, Manifest, Meta, RelPath};
+use manifest::{delta, Entry, Hash, Kind, Manifest, Meta, RelPath};
 
 /// What differs between a host entry and the image entry at the same path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -150,6 +150,9 @@ pub struct Plan {
     pub skipped: Vec<Skip>,
     /// Distinct objects to download, in the order the apply first needs them.
     pub fetch: Vec<(Hash, u64)>,
+    /// One per `fetch`: the host file (path and content hash) the master may send that object
+    /// as a delta against, chosen as [`manifest::delta`] says.
+    pub fetch_bases: Vec<Option<(RelPath, Hash)>>,
     /// Paths of the image or the host left alone because an exclusion rule covers them (the
     /// contents of an excluded host directory are never read, so it counts once).
     pub excluded: usize,
@@ -289,11 +292,24 @@ impl Plan {
             plan.changes = kept;
         }
 
+        let gone = delta::Gone::new(plan.changes.iter().filter_map(|c| match &c.op {
+            Op::Delete { old } | Op::Replace { old, .. } => candidate(old),
+            _ => None,
+        }));
         let mut seen = HashSet::new();
         for c in &plan.changes {
-            if let Some(Source::Fetch(h)) = c.op.source() {
+            if let (Some(Source::Fetch(h)), Some(new)) = (c.op.source(), c.op.new_entry()) {
                 if seen.insert(*h) {
-                    plan.fetch.push((*h, c.op.new_entry().map_or(0, |n| n.size)));
+                    plan.fetch.push((*h, new.size));
+                    let base = match &c.op {
+                        // An old file at the path: it is the base or there is none (the master,
+                        // seeing that file in its previous image, would not look further).
+                        Op::Update { old, .. } if old.entry.kind == Kind::File => {
+                            candidate(old).and_then(|b| delta::choose(&c.path, new.size, h, Some(b), &gone))
+                        }
+                        _ => delta::choose(&c.path, new.size, h, None, &gone),
+                    };
+                    plan.fetch_bases.push(base.map(|b| (b.path.clone(), b.hash)));
                 }
             }
         }
@@ -358,6 +374,14 @@ impl Op {
             Op::Update { diff, .. } => diff.needs_new_inode(),
             Op::Delete { .. } => false,
         }
+    }
+}
+
+/// A hashed host regular file, as a delta base.
+fn candidate(old: &ScannedEntry) -> Option<delta::Candidate<'_>> {
+    match (old.entry.kind, old.entry.hash) {
+        (Kind::File, Some(hash)) => Some(delta::Candidate { path: &old.entry.path, size: old.entry.size, hash }),
+        _ => None,
     }
 }
 

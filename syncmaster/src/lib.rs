@@ -194,7 +194,14 @@ impl ImageSync for Service {
         &self,
         req: Request<pb::FetchRequest>,
     ) -> Result<Response<Self::FetchObjectsStream>, Status> {
-        let hashes = req.into_inner().hashes;
+        let pb::FetchRequest { hashes, bases } = req.into_inner();
+        if !bases.is_empty() && bases.len() != hashes.len() {
+            return Err(Status::invalid_argument(format!(
+                "{} bases for {} hashes: send none, or one (possibly empty) per hash",
+                bases.len(),
+                hashes.len()
+            )));
+        }
         if hashes.len() > proto::MAX_FETCH_HASHES {
             return Err(Status::invalid_argument(format!(
                 "{} hashes requested, at most {} per request",
@@ -206,14 +213,24 @@ impl ImageSync for Service {
             .iter()
             .map(|h| Hash::from_slice(h).ok_or_else(|| Status::invalid_argument("a requested hash is not 32 bytes")))
             .collect::<Result<_, _>>()?;
+        let bases: Vec<Option<Hash>> = bases
+            .iter()
+            .map(|b| match b.len() {
+                0 => Ok(None),
+                _ => {
+                    Hash::from_slice(b).map(Some).ok_or_else(|| Status::invalid_argument("a base hash is not 32 bytes"))
+                }
+            })
+            .collect::<Result<_, _>>()?;
         let (tx, rx) = mpsc::channel(8);
         let published = self.published.clone();
         let level = self.zstd_level;
         // Reading and compressing are blocking work: keep them off the async workers.
         tokio::task::spawn_blocking(move || {
             let mut out = Batcher { tx, chunks: Vec::new(), bytes: 0 };
-            for h in hashes {
-                if !send_object(&published, h, level, &mut out) {
+            for (i, h) in hashes.into_iter().enumerate() {
+                let base = bases.get(i).copied().flatten();
+                if !send_object(&published, h, base, level, &mut out) {
                     return;
                 }
             }
@@ -270,26 +287,21 @@ impl ImageSync for Service {
     }
 }
 
-/// Streams one object as chunks. Returns false when the host has gone away.
-fn send_object(published: &publish::Published, hash: Hash, level: i32, tx: &mut Batcher) -> bool {
+/// Streams one object as chunks: as a delta against `base` when one is stored and the host
+/// offered that base. Returns false when the host has gone away.
+fn send_object(published: &publish::Published, hash: Hash, base: Option<Hash>, level: i32, tx: &mut Batcher) -> bool {
     let hash_bytes = Bytes::copy_from_slice(&hash.0);
     let fail = |tx: &mut Batcher, error: String| {
         tracing::warn!(object = %hash, "{error}");
         tx.push(pb::ObjectChunk { hash: hash_bytes.clone(), last: true, error, ..Default::default() })
     };
     // Compressed once for the fleet, from content checked against its hash.
+    if let Some((size, frame)) = base.and_then(|b| published.cache().get_delta(&hash, &b)) {
+        let base = Bytes::copy_from_slice(&base.expect("a delta has a base").0);
+        return send_frame(frame, &hash_bytes, size, pb::Encoding::ZstdDelta, base, tx);
+    }
     if let Some((size, frame)) = published.cache().get(&hash) {
-        return match pump(&frame[..], &hash_bytes, size, pb::Encoding::Zstd, tx) {
-            Ok(true) => tx.push(pb::ObjectChunk {
-                hash: hash_bytes,
-                size,
-                encoding: pb::Encoding::Zstd as i32,
-                last: true,
-                ..Default::default()
-            }),
-            Ok(false) => false,
-            Err(e) => fail(tx, format!("cannot send the cached frame of {hash}: {e}")),
-        };
+        return send_frame(frame, &hash_bytes, size, pb::Encoding::Zstd, Bytes::new(), tx);
     }
     let Some((image, rel)) = published.find_object(&hash) else {
         return fail(tx, format!("object {hash} is in no image version this master serves"));
@@ -305,12 +317,13 @@ fn send_object(published: &publish::Published, hash: Hash, level: i32, tx: &mut 
     };
     let mut hashing = HashingReader { inner: file, hasher: blake3::Hasher::new() };
     let encoding = if size >= MIN_COMPRESS { pb::Encoding::Zstd } else { pb::Encoding::Raw };
-    let result = match encoding {
-        pb::Encoding::Zstd => match zstd::stream::read::Encoder::new(&mut hashing, level) {
+    let result = if encoding == pb::Encoding::Zstd {
+        match zstd::stream::read::Encoder::new(&mut hashing, level) {
             Ok(enc) => pump(enc, &hash_bytes, size, encoding, tx),
             Err(e) => Err(e),
-        },
-        pb::Encoding::Raw => pump(&mut hashing, &hash_bytes, size, encoding, tx),
+        }
+    } else {
+        pump(&mut hashing, &hash_bytes, size, encoding, tx)
     };
     match result {
         Ok(false) => false,
@@ -333,6 +346,30 @@ fn send_object(published: &publish::Published, hash: Hash, level: i32, tx: &mut 
                 ..Default::default()
             })
         }
+    }
+}
+
+/// Sends a stored frame as slices of it (no copy), the last one marked. False: the host left.
+fn send_frame(frame: Bytes, hash: &Bytes, size: u64, encoding: pb::Encoding, base: Bytes, tx: &mut Batcher) -> bool {
+    let mut at = 0;
+    loop {
+        let end = (at + proto::OBJECT_CHUNK).min(frame.len());
+        let chunk = pb::ObjectChunk {
+            hash: hash.clone(),
+            size,
+            encoding: encoding as i32,
+            data: frame.slice(at..end),
+            last: end == frame.len(),
+            base: base.clone(),
+            ..Default::default()
+        };
+        if !tx.push(chunk) {
+            return false;
+        }
+        if end == frame.len() {
+            return true;
+        }
+        at = end;
     }
 }
 

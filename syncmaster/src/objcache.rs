@@ -9,6 +9,12 @@
 //!
 //! A frame is made from content that was read and checked against its hash; frames live in
 //! memory, bounded by `--cache-size`, and objects no longer in any served image are dropped.
+//!
+//! Deltas: when an image is published over an earlier one, each object that is new in it is
+//! also compressed with its base in the previous image as the zstd dictionary (see
+//! [`manifest::delta`] for how the base is chosen; hosts choose it the same way). A host at the
+//! previous image that offers that base is sent the delta frame, when it is smaller than the
+//! whole object's frame.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +40,19 @@ pub struct ObjectCache {
     config: Option<CacheConfig>,
     /// hash -> (uncompressed size, one zstd frame).
     frames: RwLock<HashMap<Hash, (u64, Bytes)>>,
+    /// (hash, base hash) -> (uncompressed size, one zstd frame made against the base).
+    deltas: RwLock<HashMap<(Hash, Hash), (u64, Bytes)>>,
     bytes: AtomicU64,
+}
+
+/// One delta to make: the object (in the new image) and its base (in the previous one).
+struct DeltaJob<'a> {
+    hash: Hash,
+    rel: &'a manifest::RelPath,
+    size: u64,
+    base: Hash,
+    base_rel: &'a manifest::RelPath,
+    base_size: u64,
 }
 
 impl ObjectCache {
@@ -47,7 +65,13 @@ impl ObjectCache {
         self.frames.read().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()
     }
 
-    /// Compresses, on a background pool, every object of `image` that has no frame yet, then
+    /// The stored delta frame of `hash` against `base`, with the object's size.
+    pub fn get_delta(&self, hash: &Hash, base: &Hash) -> Option<(u64, Bytes)> {
+        self.deltas.read().unwrap_or_else(|p| p.into_inner()).get(&(*hash, *base)).cloned()
+    }
+
+    /// Compresses, on a background pool, every object of `image` that has no frame yet and,
+    /// against `keep[1]` (the image before it), a delta of every object new in `image`; then
     /// drops frames of objects that no image in `keep` holds. Returns at once.
     pub fn fill(self: &Arc<Self>, image: Arc<Image>, keep: Vec<Arc<Image>>) {
         let Some(config) = self.config else { return };
@@ -85,15 +109,35 @@ impl ObjectCache {
                     })
                     .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
             });
+            let (mut deltas, mut delta_raw) = (0u64, 0u64);
+            if let Some(prev) = keep.get(1).filter(|p| p.identity != image.identity) {
+                let jobs = delta_jobs(&image, prev);
+                delta_raw = jobs.iter().map(|j| j.size).sum();
+                deltas = pool.install(|| {
+                    jobs.par_iter()
+                        .map(|j| match cache.compress_delta(&image, prev, j, config) {
+                            Ok(stored) => u64::from(stored),
+                            Err(e) => {
+                                tracing::debug!(object = %j.hash, path = %j.rel, base = %j.base_rel, "no delta: {e}");
+                                0
+                            }
+                        })
+                        .sum()
+                });
+            }
             let live: HashSet<Hash> =
                 keep.iter().flat_map(|i| i.manifest.entries.iter().filter_map(|e| e.hash)).collect();
             let mut frames = cache.frames.write().unwrap_or_else(|p| p.into_inner());
             frames.retain(|h, _| live.contains(h));
-            let total: u64 = frames.values().map(|(_, f)| f.len() as u64).sum();
+            let mut delta_frames = cache.deltas.write().unwrap_or_else(|p| p.into_inner());
+            delta_frames.retain(|(h, b), _| live.contains(h) && live.contains(b));
+            let total: u64 = frames.values().chain(delta_frames.values()).map(|(_, f)| f.len() as u64).sum();
             cache.bytes.store(total, Ordering::Relaxed);
             tracing::info!(
                 version = image.manifest.version,
                 objects = stored,
+                deltas,
+                delta_raw_mib = delta_raw / (1 << 20),
                 not_cached = skipped,
                 raw_mib = raw / (1 << 20),
                 cached_mib = total / (1 << 20),
@@ -107,6 +151,31 @@ impl ObjectCache {
         }
     }
 
+    /// Makes and stores the delta frame of one job, if it is smaller than the object's whole
+    /// frame (or than the object, if it has none). `Ok(false)`: no gain, or the cache is full.
+    fn compress_delta(&self, image: &Image, prev: &Image, j: &DeltaJob, config: CacheConfig) -> std::io::Result<bool> {
+        if self.bytes.load(Ordering::Relaxed) + j.size / 4 > config.max_bytes {
+            return Ok(false);
+        }
+        let data = read_checked(image, j.rel, j.size, &j.hash)?;
+        let base = read_checked(prev, j.base_rel, j.base_size, &j.base)?;
+        if !manifest::delta::raw_content_ok(&base) {
+            return Ok(false);
+        }
+        let frame = delta_frame(&base, &data, config.level)?;
+        let whole = self.get(&j.hash).map_or(j.size, |(_, f)| f.len() as u64);
+        let len = frame.len() as u64;
+        if len >= whole {
+            return Ok(false);
+        }
+        if self.bytes.fetch_add(len, Ordering::Relaxed) + len > config.max_bytes {
+            self.bytes.fetch_sub(len, Ordering::Relaxed);
+            return Ok(false);
+        }
+        self.deltas.write().unwrap_or_else(|p| p.into_inner()).insert((j.hash, j.base), (j.size, Bytes::from(frame)));
+        Ok(true)
+    }
+
     /// Reads, checks and compresses one object. `Ok(false)`: not worth storing (no gain), or the
     /// cache is full.
     fn compress(
@@ -117,16 +186,10 @@ impl ObjectCache {
         size: u64,
         config: CacheConfig,
     ) -> std::io::Result<bool> {
-        use std::io::Read;
         if self.bytes.load(Ordering::Relaxed) + size / 2 > config.max_bytes {
             return Ok(false);
         }
-        let path = image.root.join(rel.as_path());
-        let mut data = Vec::with_capacity(size as usize);
-        manifest::scan::open_nofollow(&path)?.take(size + 1).read_to_end(&mut data)?;
-        if data.len() as u64 != size || Hash::of(&data) != *hash {
-            return Err(std::io::Error::other(format!("{} changed since the image was scanned", path.display())));
-        }
+        let data = read_checked(image, rel, size, hash)?;
         let frame = zstd::bulk::compress(&data, config.level)?;
         if frame.len() as u64 >= size {
             return Ok(false);
@@ -139,4 +202,71 @@ impl ObjectCache {
         self.frames.write().unwrap_or_else(|p| p.into_inner()).insert(*hash, (size, Bytes::from(frame)));
         Ok(true)
     }
+}
+
+/// The content of `rel` in `image`, checked to be `size` bytes hashing to `hash`.
+fn read_checked(image: &Image, rel: &manifest::RelPath, size: u64, hash: &Hash) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let path = image.root.join(rel.as_path());
+    let mut data = Vec::with_capacity(size as usize);
+    manifest::scan::open_nofollow(&path)?.take(size + 1).read_to_end(&mut data)?;
+    if data.len() as u64 != size || Hash::of(&data) != *hash {
+        return Err(std::io::Error::other(format!("{} changed since the image was scanned", path.display())));
+    }
+    Ok(data)
+}
+
+/// One zstd frame of `data` with `base` as its (raw content) dictionary, as `zstd --patch-from`
+/// makes: the window spans base and data, and long-distance matching finds far matches.
+pub fn delta_frame(base: &[u8], data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let err = |what: &str, code: usize| {
+        std::io::Error::other(format!("zstd {what}: {}", zstd::zstd_safe::get_error_name(code)))
+    };
+    let window = manifest::delta::window_log(base.len() as u64, data.len() as u64);
+    let mut cctx = CCtx::create();
+    cctx.set_parameter(CParameter::CompressionLevel(level)).map_err(|c| err("level", c))?;
+    cctx.set_parameter(CParameter::WindowLog(window)).map_err(|c| err("window", c))?;
+    cctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(|c| err("long matching", c))?;
+    cctx.load_dictionary(base).map_err(|c| err("dictionary", c))?;
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+    cctx.compress2(&mut out, data).map_err(|c| err("compression", c))?;
+    Ok(out)
+}
+
+/// The deltas to make for `image` over `prev`: for each object new in `image`, its base in
+/// `prev` as [`manifest::delta::choose`] picks it (hosts at `prev` pick the same).
+fn delta_jobs<'a>(image: &'a Image, prev: &'a Image) -> Vec<DeltaJob<'a>> {
+    use manifest::delta::{choose, Candidate, Gone};
+    let file = |e: &'a manifest::Entry| match (e.kind, e.hash) {
+        (Kind::File, Some(hash)) => Some(Candidate { path: &e.path, size: e.size, hash }),
+        _ => None,
+    };
+    let gone = Gone::new(
+        prev.manifest
+            .entries
+            .iter()
+            .filter_map(file)
+            .filter(|c| image.manifest.get(c.path).is_none_or(|e| e.kind != Kind::File)),
+    );
+    let mut seen = HashSet::new();
+    let mut jobs = Vec::new();
+    for e in &image.manifest.entries {
+        let Some(new) = file(e) else { continue };
+        if prev.object_path(&new.hash).is_some() || !seen.insert(new.hash) {
+            continue;
+        }
+        let same = prev.manifest.get(&e.path).and_then(file);
+        if let Some(b) = choose(&e.path, e.size, &new.hash, same, &gone) {
+            jobs.push(DeltaJob {
+                hash: new.hash,
+                rel: &e.path,
+                size: e.size,
+                base: b.hash,
+                base_rel: b.path,
+                base_size: b.size,
+            });
+        }
+    }
+    jobs
 }

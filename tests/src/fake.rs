@@ -70,6 +70,7 @@ impl ImageSync for Fake {
                     data: Bytes::copy_from_slice(data),
                     last,
                     error: String::new(),
+                    base: Bytes::new(),
                 };
                 let chunks: Box<dyn Iterator<Item = pb::ObjectChunk> + Send> = match objects(&hash) {
                     Reply::Raw { size, data } => {
