@@ -3,8 +3,9 @@
 //! Order, chosen so that every path always holds either its old or its new entry:
 //! 1. directories that must exist are created (or swapped in for a non-directory), parents first;
 //! 2. new content is staged as temp files beside its target: written, verified against its
-//!    hash, given owner, mode, xattrs and mtime; a batch is flushed with one `syncfs`, then each
-//!    temp file is renamed over its path. Hard links follow their committed leaders;
+//!    hash, given owner, mode, xattrs and mtime; a batch is flushed with one `syncfs` (on a
+//!    helper thread, while the next batch is staged), then each temp file is renamed over its
+//!    path. Hard links follow their committed leaders;
 //! 3. metadata-only changes are made in place;
 //! 4. deletions, deepest first, only once new content is in place;
 //! 5. directory metadata, deepest first, so mtimes are not disturbed by later work.
@@ -97,6 +98,9 @@ struct Applier<'a> {
     fetch_next: usize,
     staged: Vec<Staged>,
     staged_bytes: u64,
+    /// The previous batch, whose `syncfs` runs on a helper thread while the next batch is
+    /// staged; it is renamed into place only once that `syncfs` has returned.
+    flushing: Option<(Vec<Staged>, std::thread::JoinHandle<io::Result<()>>)>,
     cancel: Option<Arc<AtomicBool>>,
     throttle: throttle::Throttle,
 }
@@ -130,6 +134,7 @@ pub fn apply(
         fetch_next: 0,
         staged: Vec::new(),
         staged_bytes: 0,
+        flushing: None,
         cancel: None,
         throttle: throttle.clone(),
     };
@@ -257,7 +262,7 @@ impl Applier<'_> {
                     self.staged_bytes += new.size;
                     self.staged.push(Staged { index: i, dir, temp, hash, exchange });
                     if self.staged.len() >= BATCH_FILES || self.staged_bytes >= BATCH_BYTES {
-                        self.commit_batch();
+                        self.seal_batch();
                     }
                 }
                 Err(e) => {
@@ -266,7 +271,8 @@ impl Applier<'_> {
                 }
             }
         }
-        self.commit_batch();
+        self.seal_batch();
+        self.commit_flushed();
     }
 
     /// Keeps the object stream aligned when the path that was to consume its next object did
@@ -311,7 +317,6 @@ impl Applier<'_> {
             self.content_into(hash, source, &mut w)?;
         }
         w.finish(hash)?;
-        fsops::start_writeback(&file);
         fsops::set_fd_meta(file.as_fd(), &new.meta, MetaParts::ALL)
     }
 
@@ -398,20 +403,47 @@ impl Applier<'_> {
         fsops::copy(throttle::Throttled::new(file, &self.throttle.read), w)
     }
 
-    fn commit_batch(&mut self) {
+    /// Closes the batch being staged: the batch before it is committed, then this one's
+    /// `syncfs` starts on a helper thread, so staging the next batch overlaps its writeback.
+    fn seal_batch(&mut self) {
         if self.staged.is_empty() {
             return;
         }
-        // One syncfs makes every staged file durable before any of them is renamed into place.
-        if let Err(e) = rustix::fs::syncfs(self.root.fd()) {
-            for s in std::mem::take(&mut self.staged) {
-                let _ = rustix::fs::unlinkat(&*s.dir, s.temp.as_str(), AtFlags::empty());
-                let path = self.plan.changes[s.index].path.clone();
-                self.fail(&path, "cannot flush staged content (syncfs)", e);
-            }
-            return;
+        self.commit_flushed();
+        let batch = std::mem::take(&mut self.staged);
+        self.staged_bytes = 0;
+        let flush = self.root.fd().try_clone_to_owned().and_then(|fd| {
+            std::thread::Builder::new()
+                .name("syncfs".into())
+                .spawn(move || rustix::fs::syncfs(&fd).map_err(io::Error::from))
+        });
+        match flush {
+            Ok(handle) => self.flushing = Some((batch, handle)),
+            Err(e) => self.discard(batch, &e),
         }
-        for s in std::mem::take(&mut self.staged) {
+    }
+
+    /// Removes the temp files of a batch that could not be made durable, failing their paths.
+    fn discard(&mut self, batch: Vec<Staged>, e: &io::Error) {
+        for s in batch {
+            let _ = rustix::fs::unlinkat(&*s.dir, s.temp.as_str(), AtFlags::empty());
+            if let Some(h) = s.hash {
+                self.materialized.remove(&h);
+            }
+            let path = self.plan.changes[s.index].path.clone();
+            self.fail(&path, "cannot flush staged content (syncfs)", e);
+        }
+    }
+
+    /// Waits for the sealed batch's `syncfs` (one syncfs makes every file of the batch durable
+    /// before any of them is renamed into place), then renames each file over its path.
+    fn commit_flushed(&mut self) {
+        let Some((batch, handle)) = self.flushing.take() else { return };
+        let flushed = handle.join().unwrap_or_else(|_| Err(io::Error::other("the syncfs thread panicked")));
+        if let Err(e) = flushed {
+            return self.discard(batch, &e);
+        }
+        for s in batch {
             let path = self.plan.changes[s.index].path.clone();
             match self.commit(&s, &path) {
                 Ok(()) => {
@@ -429,7 +461,6 @@ impl Applier<'_> {
                 }
             }
         }
-        self.staged_bytes = 0;
     }
 
     fn commit(&mut self, s: &Staged, path: &RelPath) -> io::Result<()> {

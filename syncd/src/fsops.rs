@@ -364,17 +364,6 @@ pub fn link_temp(ldir: BorrowedFd, lname: &[u8], dir: BorrowedFd) -> io::Result<
     Ok(with_fresh_name(|n| rustix::fs::linkat(ldir, lname, dir, n, AtFlags::empty()))?.1)
 }
 
-/// Starts writing a staged file's data to disk now, without waiting (dpkg's trick), so the
-/// batch's `syncfs` before the renames finds most of it already written and disk I/O overlaps
-/// the fetching of the next files.
-pub fn start_writeback(file: &std::fs::File) {
-    // SAFETY: sync_file_range only reads its integer arguments; the fd is open for the call.
-    // Failure only loses the head start: the syncfs before the rename is what guarantees it.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
-
 /// Copies all of `r` into `w`.
 pub fn copy(mut r: impl Read, w: &mut impl Write) -> io::Result<u64> {
     let mut buf = vec![0u8; 256 * 1024];

@@ -20,6 +20,8 @@ pub enum Reply {
     Raw { size: u64, data: Vec<u8> },
     /// A zstd frame, declared as `size` bytes.
     Zstd { size: u64, frame: Vec<u8> },
+    /// A zstd delta frame against `base` (a 32-byte hash), declared as `size` bytes.
+    Delta { size: u64, base: Vec<u8>, frame: Vec<u8> },
     /// Chunks with `last = false`, forever.
     Endless,
 }
@@ -63,14 +65,8 @@ impl ImageSync for Fake {
         tokio::spawn(async move {
             for h in hashes {
                 let hash = Hash::from_slice(&h).expect("32-byte hash");
-                let chunk = |size: u64, encoding: pb::Encoding, data: &[u8], last: bool| pb::ObjectChunk {
-                    hash: h.clone(),
-                    size,
-                    encoding: encoding as i32,
-                    data: Bytes::copy_from_slice(data),
-                    last,
-                    error: String::new(),
-                    base: Bytes::new(),
+                let chunk = |size: u64, encoding: pb::Encoding, data: &[u8], last: bool| {
+                    chunk_with(&h, size, encoding, data, last, &[])
                 };
                 let chunks: Box<dyn Iterator<Item = pb::ObjectChunk> + Send> = match objects(&hash) {
                     Reply::Raw { size, data } => {
@@ -78,6 +74,9 @@ impl ImageSync for Fake {
                     }
                     Reply::Zstd { size, frame } => {
                         Box::new(split(&frame, |p, last| chunk(size, pb::Encoding::Zstd, p, last)))
+                    }
+                    Reply::Delta { size, base, frame } => {
+                        Box::new(split(&frame, |p, last| chunk_with(&h, size, pb::Encoding::ZstdDelta, p, last, &base)))
                     }
                     Reply::Endless => {
                         let junk = vec![0x5a; 65536];
@@ -104,6 +103,25 @@ impl ImageSync for Fake {
 
     async fn fleet_status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         Err(Status::unimplemented("fake master"))
+    }
+}
+
+fn chunk_with(
+    hash: &Bytes,
+    size: u64,
+    encoding: pb::Encoding,
+    data: &[u8],
+    last: bool,
+    base: &[u8],
+) -> pb::ObjectChunk {
+    pb::ObjectChunk {
+        hash: hash.clone(),
+        size,
+        encoding: encoding as i32,
+        data: Bytes::copy_from_slice(data),
+        last,
+        error: String::new(),
+        base: Bytes::copy_from_slice(base),
     }
 }
 

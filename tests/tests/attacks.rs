@@ -235,6 +235,15 @@ fn a_decompression_bomb_costs_no_memory() {
     out.check(rss_kib < 200 * 1024, format!("syncd peaked at {rss_kib} KiB decoding a bomb"), &[]);
 }
 
+#[test]
+fn a_delta_against_a_base_the_host_never_offered_is_refused() {
+    // The host is empty, so it offers no base; the master sends a delta anyway (against
+    // whatever base it names): it must be read to its end, refused, and the path reported.
+    let frame = zstd::bulk::compress(&random_bytes(11, 100 * 1024), 3).unwrap();
+    let (_, out, _) = bad_object_case(Reply::Delta { size: 100 * 1024, base: vec![7; 32], frame });
+    out.check(out.stderr.contains("base is unusable"), "no refusal of the delta reported", &[]);
+}
+
 /// A signed image served by a fake master: (host, image, trusted key).
 fn signed_setup() -> (Host, Image, SigningKey) {
     let h = Host::new();
