@@ -48,8 +48,8 @@ pub fn raw_content_ok(base: &[u8]) -> bool {
     !base.starts_with(&[0x37, 0xA4, 0x30, 0xEC])
 }
 
-/// The directory part of `path` (empty at the top).
-fn dir_of(path: &RelPath) -> &[u8] {
+/// The directory part of `path` (empty at the top): the scope of a renamed file's search.
+pub fn dir_of(path: &RelPath) -> &[u8] {
     let b = path.as_bytes();
     b.iter().rposition(|&c| c == b'/').map_or(&b[..0], |i| &b[..i])
 }

@@ -348,11 +348,12 @@ impl Applier<'_> {
         // 2. The next object on the ordered stream, if this is its first use.
         if self.next_fetch_is(&hash) {
             let size = self.plan.fetch[self.fetch_next].1;
-            let base_path = self.plan.fetch_bases.get(self.fetch_next).cloned().flatten().map(|(p, _)| p);
+            let plan = self.plan;
+            let base_path = plan.fetch_bases.get(self.fetch_next).and_then(Option::as_ref).map(|(p, _)| p);
             self.fetch_next += 1;
             // Read only if the master does send a delta against it.
             let (root, read) = (&mut self.root, &self.throttle.read);
-            let mut load = |_: &Hash| match &base_path {
+            let mut load = |_: &Hash| match base_path {
                 Some(p) => read_base(root, p, read),
                 None => Err(io::Error::other("no base was offered for this object")),
             };

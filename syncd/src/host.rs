@@ -88,17 +88,20 @@ pub fn hash(
     // here and again only if the master sends a delta against it; a pass with nothing to fetch
     // reads none.
     if delta_bases {
-        let mut paired = vec![false; manifest.entries.len()];
-        for m in pairs.iter().flatten() {
-            paired[*m as usize] = true;
+        // Image files with no host file at their path: the ones a renamed file's base is
+        // looked for beside.
+        let mut host_file = vec![false; manifest.entries.len()];
+        for (m, h) in pairs.iter().zip(&s.entries) {
+            if let Some(m) = m {
+                host_file[*m as usize] = h.entry.kind == Kind::File;
+            }
         }
-        let dir_of = |p: &RelPath| p.parent().map(|d| d.as_bytes().to_vec()).unwrap_or_default();
-        let new_dirs: HashSet<Vec<u8>> = manifest
+        let new_dirs: HashSet<&[u8]> = manifest
             .entries
             .iter()
-            .zip(&paired)
-            .filter(|(e, paired)| e.kind == Kind::File && !**paired)
-            .map(|(e, _)| dir_of(&e.path))
+            .zip(&host_file)
+            .filter(|(e, host_file)| e.kind == Kind::File && !**host_file)
+            .map(|(e, _)| delta::dir_of(&e.path))
             .collect();
         let want: Vec<bool> = s
             .entries
@@ -109,7 +112,7 @@ pub fn hash(
                 sized
                     && match image_file(i) {
                         Some(m) => m.size != h.entry.size,
-                        None => !new_dirs.is_empty() && new_dirs.contains(&dir_of(&h.entry.path)),
+                        None => !new_dirs.is_empty() && new_dirs.contains(delta::dir_of(&h.entry.path)),
                     }
             })
             .collect();

@@ -296,9 +296,8 @@ fn send_object(published: &publish::Published, hash: Hash, base: Option<Hash>, l
         tx.push(pb::ObjectChunk { hash: hash_bytes.clone(), last: true, error, ..Default::default() })
     };
     // Compressed once for the fleet, from content checked against its hash.
-    if let Some((size, frame)) = base.and_then(|b| published.cache().get_delta(&hash, &b)) {
-        let base = Bytes::copy_from_slice(&base.expect("a delta has a base").0);
-        return send_frame(frame, &hash_bytes, size, pb::Encoding::ZstdDelta, base, tx);
+    if let Some((b, (size, frame))) = base.and_then(|b| Some((b, published.cache().get_delta(&hash, &b)?))) {
+        return send_frame(frame, &hash_bytes, size, pb::Encoding::ZstdDelta, Bytes::copy_from_slice(&b.0), tx);
     }
     if let Some((size, frame)) = published.cache().get(&hash) {
         return send_frame(frame, &hash_bytes, size, pb::Encoding::Zstd, Bytes::new(), tx);
