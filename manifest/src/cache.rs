@@ -61,41 +61,12 @@ impl HashCache {
 
     /// Reads record by record (no second copy of the file in memory), checking the checksum.
     fn read(path: &Path) -> io::Result<HashCache> {
-        let damaged = || io::Error::new(io::ErrorKind::InvalidData, "damaged");
-        let f = std::fs::File::open(path)?;
-        let len = f.metadata()?.len();
-        if len < (MAGIC.len() + 32) as u64 || !(len - MAGIC.len() as u64 - 32).is_multiple_of(RECORD as u64) {
-            return Err(damaged());
+        let mut r = RecordReader::open(path)?;
+        let mut records = Vec::with_capacity(r.remaining);
+        while let Some(rec) = r.next_record()? {
+            records.push(rec);
         }
-        let mut r = io::BufReader::with_capacity(256 * 1024, f);
-        let mut magic = [0u8; 8];
-        r.read_exact(&mut magic)?;
-        if &magic != MAGIC {
-            return Err(damaged());
-        }
-        let n = ((len - MAGIC.len() as u64 - 32) / RECORD as u64) as usize;
-        let mut records = Vec::with_capacity(n);
-        let mut sum = blake3::Hasher::new();
-        let mut rec = [0u8; RECORD];
-        let u = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-        for _ in 0..n {
-            r.read_exact(&mut rec)?;
-            sum.update(&rec);
-            records.push(Record {
-                key: (u(&rec[0..8]), u(&rec[8..16])),
-                stamp: Stamp {
-                    size: u(&rec[16..24]),
-                    mtime_ns: u(&rec[24..32]) as i64,
-                    ctime_ns: u(&rec[32..40]) as i64,
-                },
-                hash: Hash(rec[40..72].try_into().expect("32 bytes")),
-            });
-        }
-        let mut expect = [0u8; 32];
-        r.read_exact(&mut expect)?;
-        if sum.finalize().as_bytes() != &expect {
-            return Err(damaged());
-        }
+        r.finish()?;
         // Files written before the records were kept sorted are in any order.
         if !records.is_sorted_by_key(|r| r.key) {
             records.sort_unstable_by_key(|r| r.key);
@@ -162,27 +133,197 @@ impl HashCache {
 
     /// Writes the cache atomically (temp file, fsync, rename), with a checksum over the records.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let mut w = io::BufWriter::with_capacity(256 * 1024, std::fs::File::create(&tmp)?);
-        w.write_all(MAGIC)?;
-        let mut sum = blake3::Hasher::new();
-        let mut rec = [0u8; RECORD];
-        for r in &self.records {
-            let (dev, ino) = r.key;
-            for (i, v) in [dev, ino, r.stamp.size, r.stamp.mtime_ns as u64, r.stamp.ctime_ns as u64].iter().enumerate()
-            {
-                rec[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
-            }
-            rec[40..72].copy_from_slice(&r.hash.0);
-            sum.update(&rec);
-            w.write_all(&rec)?;
-        }
-        w.write_all(sum.finalize().as_bytes())?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
+        write_records(path, self.records.iter().copied())
     }
+}
+
+fn damaged() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "damaged")
+}
+
+/// Reads a cache file's records in file order, summing them for the checksum at its end.
+struct RecordReader {
+    r: io::BufReader<std::fs::File>,
+    remaining: usize,
+    sum: blake3::Hasher,
+}
+
+impl RecordReader {
+    fn open(path: &Path) -> io::Result<RecordReader> {
+        let f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        if len < (MAGIC.len() + 32) as u64 || !(len - MAGIC.len() as u64 - 32).is_multiple_of(RECORD as u64) {
+            return Err(damaged());
+        }
+        let mut r = io::BufReader::with_capacity(256 * 1024, f);
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic)?;
+        if &magic != MAGIC {
+            return Err(damaged());
+        }
+        let remaining = ((len - MAGIC.len() as u64 - 32) / RECORD as u64) as usize;
+        Ok(RecordReader { r, remaining, sum: blake3::Hasher::new() })
+    }
+
+    fn next_record(&mut self) -> io::Result<Option<Record>> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        self.remaining -= 1;
+        let mut rec = [0u8; RECORD];
+        self.r.read_exact(&mut rec)?;
+        self.sum.update(&rec);
+        let u = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        Ok(Some(Record {
+            key: (u(&rec[0..8]), u(&rec[8..16])),
+            stamp: Stamp { size: u(&rec[16..24]), mtime_ns: u(&rec[24..32]) as i64, ctime_ns: u(&rec[32..40]) as i64 },
+            hash: Hash(rec[40..72].try_into().expect("32 bytes")),
+        }))
+    }
+
+    /// Checks the checksum, once every record has been read.
+    fn finish(mut self) -> io::Result<()> {
+        while self.next_record()?.is_some() {}
+        let mut expect = [0u8; 32];
+        self.r.read_exact(&mut expect)?;
+        if self.sum.finalize().as_bytes() != &expect {
+            return Err(damaged());
+        }
+        Ok(())
+    }
+}
+
+/// Writes `records` (sorted by key, one per key) as a cache file, atomically: temp file, fsync,
+/// rename.
+fn write_records(path: &Path, records: impl Iterator<Item = Record>) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut w = io::BufWriter::with_capacity(256 * 1024, std::fs::File::create(&tmp)?);
+    w.write_all(MAGIC)?;
+    let mut sum = blake3::Hasher::new();
+    let mut rec = [0u8; RECORD];
+    for r in records {
+        let (dev, ino) = r.key;
+        for (i, v) in [dev, ino, r.stamp.size, r.stamp.mtime_ns as u64, r.stamp.ctime_ns as u64].iter().enumerate() {
+            rec[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        rec[40..72].copy_from_slice(&r.hash.0);
+        sum.update(&rec);
+        w.write_all(&rec)?;
+    }
+    w.write_all(sum.finalize().as_bytes())?;
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// Indices of the regular files of `entries`, sorted by (dev, inode): the order of a cache
+/// file's records. Four bytes per file, where a loaded cache costs 72.
+fn files_by_inode(entries: &[ScannedEntry]) -> Vec<u32> {
+    let mut order: Vec<u32> =
+        (0..entries.len() as u32).filter(|i| entries[*i as usize].entry.kind == Kind::File).collect();
+    order.sort_unstable_by_key(|i| (entries[*i as usize].dev, entries[*i as usize].ino));
+    order
+}
+
+/// What [`apply_file`] did: how many files took their hash from the cache, and whether the
+/// cache file already holds exactly what [`save_entries`] would write for these entries
+/// once the rest are hashed (see [`Applied::unchanged`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Applied {
+    /// Entries given their hash from a record (hard links: several per record).
+    pub filled: usize,
+    /// Records in the file.
+    records: usize,
+    /// Records some entry matched.
+    matched: usize,
+    /// The file was damaged or unreadable: whatever is hashed, write it anew.
+    rewrite: bool,
+}
+
+impl Applied {
+    /// Whether saving `entries` (hashed since [`apply_file`]) would write the same records:
+    /// every hashed file took its hash from a record, and every record was used.
+    pub fn unchanged(&self, entries: &[ScannedEntry]) -> bool {
+        let hashed = entries.iter().filter(|e| e.entry.kind == Kind::File && e.entry.hash.is_some()).count();
+        !self.rewrite && hashed == self.filled && self.matched == self.records
+    }
+}
+
+/// Fills in the hash of every regular file of `entries` whose (dev, inode) and stamp match a
+/// record of the cache file at `path`, reading the file as a stream merged with the files in
+/// inode order: the records are never all in memory. A file that is missing is an empty
+/// cache; one that cannot be read, is damaged (checksum) or is not in key order (written by
+/// an old version) fills nothing, and the returned message says why.
+pub fn apply_file(path: &Path, entries: &mut [ScannedEntry]) -> (Applied, Option<String>) {
+    let order = files_by_inode(entries);
+    let mut filled: Vec<u32> = Vec::new();
+    let mut applied = Applied::default();
+    let result = (|| -> io::Result<()> {
+        let mut r = RecordReader::open(path)?;
+        applied.records = r.remaining;
+        let mut at = 0;
+        let mut last: Option<(u64, u64)> = None;
+        while let Some(rec) = r.next_record()? {
+            if last.is_some_and(|k| k >= rec.key) {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "not in inode order (an old format)"));
+            }
+            last = Some(rec.key);
+            let key = |entries: &[ScannedEntry], i: u32| (entries[i as usize].dev, entries[i as usize].ino);
+            while at < order.len() && key(entries, order[at]) < rec.key {
+                at += 1;
+            }
+            let mut used = false;
+            while at < order.len() && key(entries, order[at]) == rec.key {
+                let e = &mut entries[order[at] as usize];
+                if e.entry.hash.is_none() && stamp(e) == rec.stamp {
+                    e.entry.hash = Some(rec.hash);
+                    filled.push(order[at]);
+                    used = true;
+                }
+                at += 1;
+            }
+            applied.matched += used as usize;
+        }
+        // Nothing read is trusted until the checksum over all of it holds.
+        r.finish()
+    })();
+    match result {
+        Ok(()) => {
+            applied.filled = filled.len();
+            (applied, None)
+        }
+        Err(e) => {
+            for i in filled {
+                entries[i as usize].entry.hash = None;
+            }
+            let problem = match e.kind() {
+                io::ErrorKind::NotFound => None,
+                io::ErrorKind::InvalidData => Some(format!("{} is damaged ({e})", path.display())),
+                _ => Some(format!("cannot read {}: {e}", path.display())),
+            };
+            (Applied { rewrite: problem.is_some(), ..Applied::default() }, problem)
+        }
+    }
+}
+
+/// Writes the hashed regular files of `entries` as the cache file at `path` (atomically), one
+/// record per inode, without building the records in memory first.
+pub fn save_entries(path: &Path, entries: &[ScannedEntry]) -> io::Result<()> {
+    let order = files_by_inode(entries);
+    let mut last = None;
+    let records = order.into_iter().filter_map(|i| {
+        let e = &entries[i as usize];
+        let key = (e.dev, e.ino);
+        // Hard links: one record per inode.
+        if last == Some(key) {
+            return None;
+        }
+        let hash = e.entry.hash?;
+        last = Some(key);
+        Some(Record { key, stamp: stamp(e), hash })
+    });
+    write_records(path, records)
 }
 
 #[cfg(test)]
@@ -248,6 +389,89 @@ mod tests {
         // A file hashed by nobody this time (not selected) drops out too.
         assert!(c.refresh(&[]));
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_streamed_cache_fills_hashes_and_tells_whether_it_changed() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        for name in ["a", "b", "c"] {
+            std::fs::write(tree.join(name), name).unwrap();
+        }
+        std::fs::hard_link(tree.join("a"), tree.join("a-link")).unwrap();
+        let walk = || scan::walk(&tree).unwrap().entries;
+        let hash_rest = |entries: &mut [ScannedEntry]| {
+            assert!(scan::hash_files(&tree, entries, &throttle::Limiter::unlimited(), |_| true).is_empty());
+        };
+        let file = d.path().join("index.bin");
+        let hashed = |entries: &[ScannedEntry]| entries.iter().filter(|e| e.entry.hash.is_some()).count();
+
+        // No file yet: nothing filled, and saving is needed once anything is hashed.
+        let mut e = walk();
+        let (applied, problem) = apply_file(&file, &mut e);
+        assert!(problem.is_none(), "a missing index is no problem");
+        assert_eq!(applied.filled, 0);
+        hash_rest(&mut e);
+        assert!(!applied.unchanged(&e));
+        save_entries(&file, &e).unwrap();
+        assert_eq!(HashCache::load(&file).len(), 3, "one record per inode");
+
+        // Unchanged: every file filled from the index (both names of the hard link).
+        let mut e = walk();
+        let (applied, _) = apply_file(&file, &mut e);
+        assert_eq!(applied.filled, 4);
+        let all = walk();
+        let mut rehashed = all.clone();
+        hash_rest(&mut rehashed);
+        for (a, b) in e.iter().zip(&rehashed) {
+            assert_eq!(a.entry.hash, b.entry.hash, "{}", a.entry.path);
+        }
+        hash_rest(&mut e);
+        assert!(applied.unchanged(&e));
+
+        // An edited file misses, is hashed afresh, and the index must be rewritten.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(tree.join("b"), "changed").unwrap();
+        let mut e = walk();
+        assert_eq!(apply_file(&file, &mut e).0.filled, 3);
+        hash_rest(&mut e);
+        assert!(!apply_file(&file, &mut walk()).0.unchanged(&e));
+        save_entries(&file, &e).unwrap();
+        let mut e = walk();
+        let (applied, _) = apply_file(&file, &mut e);
+        assert_eq!(applied.filled, 4);
+        assert!(applied.unchanged(&e));
+
+        // A record no file uses (a deleted file) means a rewrite too.
+        std::fs::remove_file(tree.join("c")).unwrap();
+        let mut e = walk();
+        let (applied, _) = apply_file(&file, &mut e);
+        assert_eq!(applied.filled, 3);
+        assert!(!applied.unchanged(&e));
+
+        // A damaged file fills nothing, even the records before the damage, and is rewritten.
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&file, &bytes).unwrap();
+        let mut e = walk();
+        let (applied, problem) = apply_file(&file, &mut e);
+        assert!(problem.unwrap().contains("damaged"));
+        assert_eq!((applied.filled, hashed(&e)), (0, 0));
+        assert!(!applied.unchanged(&e));
+
+        // Records out of inode order (an old format) are refused rather than half-merged.
+        let mut c = HashCache::default();
+        let mut all = walk();
+        hash_rest(&mut all);
+        c.refresh(&all);
+        c.records.reverse();
+        write_records(&file, c.records.iter().copied()).unwrap();
+        let mut e = walk();
+        let (applied, problem) = apply_file(&file, &mut e);
+        assert!(problem.unwrap().contains("inode order"));
+        assert_eq!((applied.filled, hashed(&e)), (0, 0));
     }
 
     #[test]

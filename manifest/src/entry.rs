@@ -141,6 +141,47 @@ pub struct Xattr {
     pub value: Vec<u8>,
 }
 
+/// An entry's xattrs, sorted by name, names unique. Most entries have none, and a million-entry
+/// tree is held twice in a pass (image and host), so the empty list costs one word and no
+/// allocation, where a `Vec` costs three.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+// The box is the point: one thin pointer, where a `Vec` or a boxed slice is two or three words.
+#[allow(clippy::box_collection)]
+pub struct Xattrs(Option<Box<Vec<Xattr>>>);
+
+impl std::ops::Deref for Xattrs {
+    type Target = [Xattr];
+    fn deref(&self) -> &[Xattr] {
+        self.0.as_deref().map_or(&[], |v| v.as_slice())
+    }
+}
+
+impl From<Vec<Xattr>> for Xattrs {
+    fn from(v: Vec<Xattr>) -> Xattrs {
+        Xattrs((!v.is_empty()).then(|| Box::new(v)))
+    }
+}
+
+impl FromIterator<Xattr> for Xattrs {
+    fn from_iter<I: IntoIterator<Item = Xattr>>(it: I) -> Xattrs {
+        it.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl<'a> IntoIterator for &'a Xattrs {
+    type Item = &'a Xattr;
+    type IntoIter = std::slice::Iter<'a, Xattr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl fmt::Debug for Xattrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
 /// Metadata every kind of entry has, the root directory included.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Meta {
@@ -149,8 +190,7 @@ pub struct Meta {
     pub uid: u32,
     pub gid: u32,
     pub mtime_ns: i64,
-    /// Sorted by name; names are unique.
-    pub xattrs: Vec<Xattr>,
+    pub xattrs: Xattrs,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,7 +203,7 @@ pub struct Entry {
     /// Content hash, for regular files. `None` on a host entry that was not hashed.
     pub hash: Option<Hash>,
     /// Symlink target bytes, for symlinks.
-    pub target: Option<Vec<u8>>,
+    pub target: Option<Box<[u8]>>,
     /// Device number, for char and block devices.
     pub rdev: u64,
     /// Non-zero: all entries with this value are one hard-linked inode. The first in path
@@ -230,6 +270,16 @@ fn put_bytes(h: &mut blake3::Hasher, b: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_stay_compact() {
+        // A million-file tree is held twice per pass (image and host): every word counts.
+        assert_eq!(std::mem::size_of::<Xattrs>(), 8);
+        assert!(std::mem::size_of::<Entry>() <= 128, "Entry is {} bytes", std::mem::size_of::<Entry>());
+        let x: Xattrs = vec![Xattr { name: b"user.a".to_vec(), value: b"1".to_vec() }].into();
+        assert_eq!(x.len(), 1);
+        assert_eq!(Xattrs::from(Vec::new()), Xattrs::default(), "an empty list is the unallocated one");
+    }
 
     #[test]
     fn mode_string_shows_special_bits() {

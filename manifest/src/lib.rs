@@ -18,7 +18,7 @@ pub mod xattr;
 
 use foldhash::{HashMap, HashMapExt};
 
-pub use entry::{Entry, Hash, Kind, Meta, Xattr, PERM_MASK};
+pub use entry::{Entry, Hash, Kind, Meta, Xattr, Xattrs, PERM_MASK};
 pub use path::{escape_bytes, PathError, RelPath, MAX_NAME, MAX_PATH};
 
 /// A golden image: its version, the metadata of its top directory, and every entry beneath it,

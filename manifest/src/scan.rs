@@ -25,7 +25,8 @@ pub struct ScannedEntry {
     pub entry: Entry,
     pub dev: u64,
     pub ino: u64,
-    pub nlink: u64,
+    /// Link count, saturating at `u32::MAX` (only "more than one" and small counts matter).
+    pub nlink: u32,
     pub ctime_ns: i64,
     /// On another filesystem than the scan's root (a mount point, or a bind-mounted file): never
     /// descended into, and never deleted or replaced.
@@ -104,6 +105,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ScanError + '_ {
 }
 
 fn meta_of(md: &std::fs::Metadata, xattrs: Vec<crate::Xattr>) -> Meta {
+    let xattrs = xattrs.into();
     Meta {
         mode: md.mode() & PERM_MASK,
         uid: md.uid(),
@@ -189,7 +191,7 @@ fn scan_one(root: &Path, root_dev: u64, path: &Path) -> Result<ScannedEntry, Sca
     let target = match kind {
         Kind::Symlink => {
             use std::os::unix::ffi::OsStrExt;
-            Some(std::fs::read_link(path).map_err(io_err(path))?.as_os_str().as_bytes().to_vec())
+            Some(std::fs::read_link(path).map_err(io_err(path))?.as_os_str().as_bytes().into())
         }
         _ => None,
     };
@@ -206,7 +208,7 @@ fn scan_one(root: &Path, root_dev: u64, path: &Path) -> Result<ScannedEntry, Sca
         },
         dev: md.dev(),
         ino: md.ino(),
-        nlink: md.nlink(),
+        nlink: u32::try_from(md.nlink()).unwrap_or(u32::MAX),
         ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
         // A bind-mounted file counts too: renaming over it would fail, deleting it would not stick.
         mount_point: md.dev() != root_dev,
@@ -348,7 +350,7 @@ impl<F: Fn(&RelPath, bool) -> bool + Sync> Beneath<'_, F> {
         let kind = Kind::from_mode(mode).ok_or_else(|| ScanError::UnknownType { path: full(), mode })?;
         let xattrs = xattr::read_at(dirfd, name, &full).map_err(|source| ScanError::Io { path: full(), source })?;
         let target = match kind {
-            Kind::Symlink => Some(rustix::fs::readlinkat(dirfd, name, Vec::new()).map_err(io)?.into_bytes()),
+            Kind::Symlink => Some(rustix::fs::readlinkat(dirfd, name, Vec::new()).map_err(io)?.into_bytes().into()),
             _ => None,
         };
         let dev = st.st_dev;
@@ -361,7 +363,7 @@ impl<F: Fn(&RelPath, bool) -> bool + Sync> Beneath<'_, F> {
                     uid: st.st_uid,
                     gid: st.st_gid,
                     mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
-                    xattrs,
+                    xattrs: xattrs.into(),
                 },
                 size: if kind == Kind::File { st.st_size as u64 } else { 0 },
                 hash: None,
@@ -371,7 +373,7 @@ impl<F: Fn(&RelPath, bool) -> bool + Sync> Beneath<'_, F> {
             },
             dev,
             ino: st.st_ino,
-            nlink: st.st_nlink,
+            nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
             ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
             mount_point: dev != self.root_dev,
         })

@@ -90,7 +90,7 @@ pub fn entry_from_wire(index: usize, w: &pb::Entry) -> Result<Entry, ManifestErr
         _ => return Err(bad("hash is not 32 bytes, or is set on an entry that is not a regular file")),
     };
     let target = match kind {
-        Kind::Symlink => Some(w.target.to_vec()),
+        Kind::Symlink => Some(w.target.as_ref().into()),
         _ if w.target.is_empty() => None,
         _ => return Err(bad("symlink target on an entry that is not a symlink")),
     };
@@ -315,7 +315,7 @@ mod tests {
         evil.kind = Kind::Symlink;
         evil.size = 0;
         evil.hash = None;
-        evil.target = Some(b"/etc".to_vec());
+        evil.target = Some(b"/etc".as_slice().into());
         let err = roundtrip(vec![evil, file("evil/passwd")], |_| {}).unwrap_err();
         assert!(matches!(err, ManifestError::ParentNotDir { .. }), "{err}");
         assert!(err.to_string().contains("evil/passwd"), "{err}");

@@ -8,23 +8,10 @@ use foldhash::HashSet;
 use std::path::Path;
 
 use exclusions::Exclusions;
-use manifest::cache::HashCache;
 use manifest::scan::{self, ScanError};
 use manifest::{delta, Kind, Manifest, RelPath};
 
 use crate::plan::HostTree;
-
-/// Scans `root` for comparison with `manifest`. Errors below the root are returned alongside
-/// the tree; the plan fences off what they make unknown.
-pub fn scan(
-    root: &Path,
-    manifest: &Manifest,
-    rules: &Exclusions,
-    index: Option<&HashCache>,
-    read: &throttle::Limiter,
-) -> Result<(HostTree, Vec<ScanError>), ScanError> {
-    Ok(hash(root, walk(root, rules)?, manifest, index, read, false))
-}
 
 /// The metadata walk of `root`, which needs no manifest (it can run while the manifest is
 /// still being loaded). Excluded paths are never read: not stat'ed beyond the directory
@@ -37,12 +24,12 @@ pub fn walk(root: &Path, rules: &Exclusions) -> Result<scan::Scan, ScanError> {
 }
 
 /// Completes a [`walk`]: hashes what the comparison with `manifest` needs and, with
-/// `delta_bases`, the old files that new content may be sent as a delta against.
+/// `delta_bases`, the old files that new content may be sent as a delta against. Files that
+/// already have a hash (from the host index, [`manifest::cache::apply_file`]) are not read.
 pub fn hash(
     root: &Path,
     mut s: scan::Scan,
     manifest: &Manifest,
-    index: Option<&HashCache>,
     read: &throttle::Limiter,
     delta_bases: bool,
 ) -> (HostTree, Vec<ScanError>) {
@@ -51,12 +38,6 @@ pub fn hash(
     let unreadable: Vec<RelPath> =
         errors.iter().filter(|e| e.is_unlisted_dir()).filter_map(|e| RelPath::from_fs(root, e.path()).ok()).collect();
 
-    // Files unchanged since they were last hashed (same dev, inode, size, mtime and ctime) take
-    // their hash from the index instead of being read.
-    if let Some(index) = index {
-        let hits = index.apply(&mut s.entries);
-        tracing::debug!(hits, "host index");
-    }
     // Both lists are sorted by path: pair them in one merge, no maps (a million entries).
     let pairs = pair_by_path(&manifest.entries, &s.entries);
     let image_file = |i: usize| pairs[i].map(|m| &manifest.entries[m as usize]).filter(|m| m.kind == Kind::File);

@@ -327,21 +327,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let master =
         client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: connected");
-    // The host index is read while the manifest arrives and the host is walked.
     let index_path = opts.index_path();
-    let index = {
-        let (path, read) = (index_path.clone(), opts.throttle.read.clone());
-        tokio::task::spawn_blocking(move || {
-            path.as_deref().map(|p| {
-                let (index, problem) = manifest::cache::HashCache::load_checked(p);
-                read.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
-                if let Some(problem) = problem {
-                    tracing::warn!("host index: {problem}; rebuilding it from a full scan");
-                }
-                index
-            })
-        })
-    };
     let applied_record = trust::record_path(&opts.state_dir, &opts.root);
     let Started { manifest, identity, rules, fresh, walk } = start_pass(opts, &master, &local, &applied_record).await?;
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
@@ -351,7 +337,6 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let cache_to_save = opts.manifest_cache_path().filter(|_| fresh && !opts.dry_run);
 
     let root = opts.root.clone();
-    let index = index.await.map_err(|e| SyncError::Internal(format!("host index task failed: {e}")))?;
     // A dry run reads the index but writes nothing, not even that.
     let save_index = !opts.dry_run;
     let read_limit = opts.throttle.read.clone();
@@ -364,15 +349,27 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             }
         }
         tracing::debug!(secs = t.elapsed().as_secs_f64(), "manifest cache saved");
-        let r = host::hash(&root, walk, &manifest, index.as_ref(), &read_limit, save_index);
-        if let (Some(mut index), Some(path), (host, _), true) = (index, index_path, &r, save_index) {
-            let changed = index.refresh(&host.entries);
-            let saved = if !changed {
+        // Files unchanged since they were last hashed (same dev, inode, size, mtime and ctime)
+        // take their hash from the host index instead of being read. The index is merged in
+        // as a stream, never loaded whole: on a million files it would be another 72 MB.
+        let mut walk = walk;
+        let applied = index_path.as_deref().map(|p| {
+            let (applied, problem) = manifest::cache::apply_file(p, &mut walk.entries);
+            read_limit.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
+            if let Some(problem) = problem {
+                tracing::warn!("host index: {problem}; rebuilding it from a full scan");
+            }
+            tracing::debug!(hits = applied.filled, "host index");
+            applied
+        });
+        let r = host::hash(&root, walk, &manifest, &read_limit, save_index);
+        if let (Some(applied), Some(path), (host, _), true) = (applied, index_path, &r, save_index) {
+            let saved = if applied.unchanged(&host.entries) {
                 Ok(())
             } else {
                 path.parent()
                     .map_or(Ok(()), |d| std::fs::DirBuilder::new().recursive(true).create(d))
-                    .and_then(|()| index.save(&path))
+                    .and_then(|()| manifest::cache::save_entries(&path, &host.entries))
                     .map(|()| write_limit.charge(std::fs::metadata(&path).map_or(0, |m| m.len())))
             };
             if let Err(e) = saved {

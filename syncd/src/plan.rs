@@ -446,7 +446,8 @@ fn link_differs(
     // changed in place: that would change those files too. It gets a fresh inode instead.
     if old.nlink > 1 && new.kind != Kind::Dir {
         let seen = host_links.get(&(old.dev, old.ino)).map_or(1, Vec::len) as u64;
-        if old.nlink > seen {
+        let nlink = u64::from(old.nlink);
+        if nlink > seen {
             return true;
         }
     }
@@ -559,7 +560,7 @@ mod tests {
             meta: Meta { mode: 0o644, ..Meta::default() },
             size: if kind == Kind::File { content.len() as u64 } else { 0 },
             hash: (kind == Kind::File).then(|| Hash::of(content)),
-            target: (kind == Kind::Symlink).then(|| content.to_vec()),
+            target: (kind == Kind::Symlink).then(|| content.into()),
             rdev: 0,
             link_group: 0,
         }
