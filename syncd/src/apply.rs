@@ -93,6 +93,8 @@ struct Applier<'a> {
     removed_dirs: Vec<RelPath>,
     /// Directories whose mtime our own work changed (`None`: the root).
     touched: BTreeSet<Option<RelPath>>,
+    /// Where this pass put content that later changes need again (`plan.reused` only: on a
+    /// cold sync of a million files, a map of every file would cost ~130 MB).
     materialized: HashMap<Hash, Location>,
     /// Index in `plan.fetch` of the next object on the ordered stream.
     fetch_next: usize,
@@ -256,7 +258,7 @@ impl Applier<'_> {
             match self.stage(new, source) {
                 Ok((dir, temp)) => {
                     let hash = new.hash;
-                    if let Some(h) = hash {
+                    if let Some(h) = hash.filter(|h| self.plan.reused.contains(h)) {
                         self.materialized.entry(h).or_insert_with(|| Location::Staged(dir.clone(), temp.clone()));
                     }
                     self.staged_bytes += new.size;
@@ -449,7 +451,7 @@ impl Applier<'_> {
             match self.commit(&s, &path) {
                 Ok(()) => {
                     self.out.done[s.index] = true;
-                    if let Some(h) = s.hash {
+                    if let Some(h) = s.hash.filter(|h| self.plan.reused.contains(h)) {
                         self.materialized.insert(h, Location::Committed(path));
                     }
                 }

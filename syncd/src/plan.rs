@@ -151,8 +151,12 @@ pub struct Plan {
     /// Distinct objects to download, in the order the apply first needs them.
     pub fetch: Vec<(Hash, u64)>,
     /// One per `fetch`: the host file (path and content hash) the master may send that object
-    /// as a delta against, chosen as [`manifest::delta`] says.
+    /// as a delta against, chosen as [`manifest::delta`] says. Empty when no object has one
+    /// (a cold sync): a million `None`s would cost 48 MB.
     pub fetch_bases: Vec<Option<(RelPath, Hash)>>,
+    /// Content that more than one change needs: the apply remembers where it put the first
+    /// copy of these (and only these) to copy it locally for the others.
+    pub reused: HashSet<Hash>,
     /// Paths of the image or the host left alone because an exclusion rule covers them (the
     /// contents of an excluded host directory are never read, so it counts once).
     pub excluded: usize,
@@ -296,22 +300,45 @@ impl Plan {
             Op::Delete { old } | Op::Replace { old, .. } => candidate(old),
             _ => None,
         }));
-        let mut seen = HashSet::new();
+        // Whether each content hash has been seen, and whether it is fetched already.
+        let mut seen: HashMap<Hash, bool> = HashMap::new();
         for c in &plan.changes {
-            if let (Some(Source::Fetch(h)), Some(new)) = (c.op.source(), c.op.new_entry()) {
-                if seen.insert(*h) {
-                    plan.fetch.push((*h, new.size));
-                    let base = match &c.op {
-                        // An old file at the path: it is the base or there is none (the master,
-                        // seeing that file in its previous image, would not look further).
-                        Op::Update { old, .. } if old.entry.kind == Kind::File => {
-                            candidate(old).and_then(|b| delta::choose(&c.path, new.size, h, Some(b), &gone))
-                        }
-                        _ => delta::choose(&c.path, new.size, h, None, &gone),
-                    };
-                    plan.fetch_bases.push(base.map(|b| (b.path.clone(), b.hash)));
+            let (h, fetch) = match (c.op.source(), c.op.new_entry()) {
+                (Some(Source::Fetch(h)), Some(_)) => (h, true),
+                (Some(Source::Local(_, h)), Some(_)) => (h, false),
+                _ => continue,
+            };
+            let first_fetch = match seen.entry(*h) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(fetch);
+                    fetch
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    plan.reused.insert(*h);
+                    let first = fetch && !*o.get();
+                    *o.get_mut() |= fetch;
+                    first
+                }
+            };
+            if first_fetch {
+                let new = c.op.new_entry().expect("matched above");
+                plan.fetch.push((*h, new.size));
+                let base = match &c.op {
+                    // An old file at the path: it is the base or there is none (the master,
+                    // seeing that file in its previous image, would not look further).
+                    Op::Update { old, .. } if old.entry.kind == Kind::File => {
+                        candidate(old).and_then(|b| delta::choose(&c.path, new.size, h, Some(b), &gone))
+                    }
+                    _ => delta::choose(&c.path, new.size, h, None, &gone),
+                };
+                if let Some(b) = base {
+                    plan.fetch_bases.resize(plan.fetch.len() - 1, None);
+                    plan.fetch_bases.push(Some((b.path.clone(), b.hash)));
                 }
             }
+        }
+        if !plan.fetch_bases.is_empty() {
+            plan.fetch_bases.resize(plan.fetch.len(), None);
         }
         plan
     }
