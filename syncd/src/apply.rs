@@ -377,7 +377,7 @@ impl Applier<'_> {
         // 3. A fetch of this one object.
         if !self.out.stats.master_lost {
             tracing::debug!(hash = %hash, errors = ?errors, "fetching one object on its own");
-            let mut one = self.master.spawn_fetch_aside(vec![hash], &self.rt);
+            let mut one = self.master.spawn_fetch_aside(vec![(hash, w.limit())], &self.rt);
             let r = one.next_into(hash, w.limit(), Some(&mut *w), None);
             self.out.stats.wire_bytes += one.wire_bytes;
             if r.is_ok() {

@@ -191,28 +191,39 @@ impl Master {
     /// send that object as a delta against.
     pub fn spawn_fetch(
         &self,
-        hashes: Vec<Hash>,
+        objects: Vec<(Hash, u64)>,
         bases: Vec<Option<Hash>>,
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
-        self.spawn_fetch_on(self.client.clone(), hashes, bases, rt)
+        self.spawn_fetch_on(self.client.clone(), objects, bases, rt)
     }
 
     /// Like [`Master::spawn_fetch`], on the side connection: for fetches made while the main
     /// object stream is still open.
-    pub fn spawn_fetch_aside(&self, hashes: Vec<Hash>, rt: &tokio::runtime::Handle) -> ObjectStream {
-        self.spawn_fetch_on(self.side.clone(), hashes, Vec::new(), rt)
+    pub fn spawn_fetch_aside(&self, objects: Vec<(Hash, u64)>, rt: &tokio::runtime::Handle) -> ObjectStream {
+        self.spawn_fetch_on(self.side.clone(), objects, Vec::new(), rt)
     }
 
+    /// Requests `objects` (hash, declared size) in order. The stream is received on `rt`, and
+    /// whole-object zstd frames are decoded on a thread of their own ([`decode_stage`]), so the
+    /// apply thread only writes and verifies.
     fn spawn_fetch_on(
         &self,
         client: ImageSyncClient<Channel>,
-        hashes: Vec<Hash>,
+        objects: Vec<(Hash, u64)>,
         bases: Vec<Option<Hash>>,
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
         let bases = if bases.iter().any(Option::is_some) { bases } else { Vec::new() };
-        let (tx, rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(64);
+        let hashes: Vec<Hash> = objects.iter().map(|(h, _)| *h).collect();
+        let (tx, net_rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(64);
+        let (piece_tx, rx) = mpsc::channel::<Result<Piece, String>>(PIECES_IN_FLIGHT);
+        let spawned =
+            std::thread::Builder::new().name("decode".into()).spawn(move || decode_stage(net_rx, piece_tx, &objects));
+        if let Err(e) = spawned {
+            // No thread: the stream reads as broken, and each object is fetched on its own.
+            tracing::warn!("cannot start the object decode thread: {e}");
+        }
         let url = self.url.clone();
         let net = self.net.clone();
         rt.spawn(async move {
@@ -348,9 +359,117 @@ pub enum ObjectError {
 /// Reads back the host content a delta names (by its hash) as the delta's dictionary.
 pub type BaseLoader<'a> = dyn FnMut(&Hash) -> io::Result<Vec<u8>> + 'a;
 
+/// Decoded pieces queued between the decode thread and the apply thread (each at most
+/// [`PIECE_BYTES`]): bounds that memory to 1 MiB.
+const PIECES_IN_FLIGHT: usize = 8;
+const PIECE_BYTES: usize = 128 * 1024;
+
+/// What the apply thread reads: a chunk as it came from the master, or (encoding raw) a piece
+/// of the decoded content of a zstd chunk.
+struct Piece {
+    chunk: pb::ObjectChunk,
+    /// Bytes this piece took on the wire (a chunk decoded into several pieces counts once).
+    wire: u64,
+    /// The chunk could not be decoded, or decodes past the object's declared size.
+    undecodable: Option<String>,
+}
+
+/// Decodes the zstd chunks of the objects in `objects` (in order) into raw pieces of at most
+/// [`PIECE_BYTES`]; raw chunks, deltas (their base is on the host, read by the apply thread),
+/// errors and anything out of order pass through as they are, for [`ObjectStream::next_into`]
+/// to judge. An object decoding past its declared size (a bomb) or not decoding at all is
+/// reported once, and the stage stops: nothing after it is trusted to end.
+fn decode_stage(
+    mut rx: mpsc::Receiver<Result<pb::ObjectChunk, String>>,
+    tx: mpsc::Sender<Result<Piece, String>>,
+    objects: &[(Hash, u64)],
+) {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let mut decoder: Option<zstd::stream::raw::Decoder<'static>> = None;
+    let mut next = 0;
+    let mut decoded = 0u64;
+    let mut out = vec![0u8; PIECE_BYTES];
+    let send = |p: Piece| tx.blocking_send(Ok(p)).is_ok();
+    while let Some(item) = rx.blocking_recv() {
+        let chunk = match item {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        let expected = objects.get(next).filter(|(h, _)| chunk.hash.as_ref() == h.0);
+        let last = chunk.last;
+        let zstd = chunk.encoding == pb::Encoding::Zstd as i32 && chunk.error.is_empty();
+        let Some((_, size)) = expected.filter(|_| zstd && !chunk.data.is_empty()) else {
+            // Passed through as is.
+            let wire = chunk.data.len() as u64;
+            if expected.is_some() && last {
+                next += 1;
+                decoded = 0;
+                if let Some(d) = decoder.as_mut() {
+                    let _ = d.reinit();
+                }
+            }
+            if !send(Piece { chunk, wire, undecodable: None }) {
+                return;
+            }
+            continue;
+        };
+        let size = *size;
+        if decoder.is_none() {
+            match zstd::stream::raw::Decoder::new().and_then(|mut d| {
+                d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(MAX_WINDOW_LOG)).map(|()| d)
+            }) {
+                Ok(d) => decoder = Some(d),
+                Err(e) => {
+                    let _ = send(Piece { chunk, wire: 0, undecodable: Some(format!("no zstd decoder: {e}")) });
+                    return;
+                }
+            }
+        }
+        let d = decoder.as_mut().expect("just set");
+        let mut wire = chunk.data.len() as u64;
+        let mut inb = InBuffer::around(&chunk.data);
+        loop {
+            let mut outb = OutBuffer::around(&mut out[..]);
+            let run = d.run(&mut inb, &mut outb);
+            let n = outb.pos();
+            decoded += n as u64;
+            let problem = match run {
+                Err(e) => Some(e.to_string()),
+                Ok(_) if decoded > size => {
+                    Some(format!("content exceeds its declared size ({size} bytes) as it decodes"))
+                }
+                Ok(_) => None,
+            };
+            let done = inb.pos() == chunk.data.len() && n < PIECE_BYTES;
+            let piece = pb::ObjectChunk {
+                hash: chunk.hash.clone(),
+                data: bytes::Bytes::copy_from_slice(&out[..n]),
+                encoding: pb::Encoding::Raw as i32,
+                last: done && last,
+                ..Default::default()
+            };
+            let stop = problem.is_some();
+            if !send(Piece { chunk: piece, wire: std::mem::take(&mut wire), undecodable: problem }) || stop {
+                return;
+            }
+            if done {
+                break;
+            }
+        }
+        if last {
+            next += 1;
+            decoded = 0;
+            let _ = d.reinit();
+        }
+    }
+}
+
 /// The receiving end of [`Master::spawn_fetch`], read from the blocking apply thread.
 pub struct ObjectStream {
-    rx: mpsc::Receiver<Result<pb::ObjectChunk, String>>,
+    rx: mpsc::Receiver<Result<Piece, String>>,
     broken: Option<String>,
     /// Set when this host cut the stream (endless or undecodable object), as opposed to the
     /// master or the network breaking it.
@@ -416,7 +535,7 @@ impl ObjectStream {
         // A delta whose base cannot be used: the rest of the object is read and dropped.
         let mut base_failed: Option<String> = None;
         loop {
-            let chunk = match self.rx.blocking_recv() {
+            let Piece { chunk, wire, undecodable } = match self.rx.blocking_recv() {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
                     self.broken = Some(e.clone());
@@ -433,10 +552,15 @@ impl ObjectStream {
                 self.broken = Some(e.clone());
                 return Err(ObjectError::OutOfOrder { want: hash, got: hex::encode(&chunk.hash) });
             }
-            self.wire_bytes += chunk.data.len() as u64;
-            object_wire += chunk.data.len() as u64;
+            self.wire_bytes += wire;
+            object_wire += wire;
             if !chunk.error.is_empty() {
                 return Err(ObjectError::Missing { hash, message: chunk.error });
+            }
+            if let Some(e) = undecodable {
+                // Undecodable, or a bomb: whatever follows cannot be trusted to end.
+                self.abandoned = Some(format!("object {hash}: {e}"));
+                return Err(ObjectError::Content { hash, source: io::Error::new(io::ErrorKind::InvalidData, e) });
             }
             if object_wire > wire_cap {
                 let e = format!(
@@ -530,5 +654,83 @@ fn decode<W: Write>(
         if inb.pos() == input.len() && n < out.len() {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_stage(chunks: Vec<pb::ObjectChunk>, objects: Vec<(Hash, u64)>) -> Vec<Piece> {
+        let (tx, rx) = mpsc::channel(chunks.len().max(1));
+        for c in chunks {
+            tx.try_send(Ok(c)).unwrap();
+        }
+        drop(tx);
+        let (ptx, mut prx) = mpsc::channel(PIECES_IN_FLIGHT);
+        let t = std::thread::spawn(move || decode_stage(rx, ptx, &objects));
+        let mut out = Vec::new();
+        while let Some(p) = prx.blocking_recv() {
+            out.push(p.unwrap());
+        }
+        t.join().unwrap();
+        out
+    }
+
+    fn chunk(hash: Hash, data: &[u8], encoding: pb::Encoding, last: bool) -> pb::ObjectChunk {
+        pb::ObjectChunk {
+            hash: bytes::Bytes::copy_from_slice(&hash.0),
+            data: bytes::Bytes::copy_from_slice(data),
+            encoding: encoding as i32,
+            last,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_decode_stage_splits_objects_into_bounded_raw_pieces_and_counts_the_wire_once() {
+        // 1 MiB, compressible, sent as one zstd frame cut into three chunks; then a raw object.
+        let content: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 ^ (i >> 12) as u8).collect();
+        let frame = zstd::bulk::compress(&content, 3).unwrap();
+        let (a, b) = (Hash::of(&content), Hash::of(b"raw"));
+        let third = frame.len() / 3;
+        let chunks = vec![
+            chunk(a, &frame[..third], pb::Encoding::Zstd, false),
+            chunk(a, &frame[third..2 * third], pb::Encoding::Zstd, false),
+            chunk(a, &frame[2 * third..], pb::Encoding::Zstd, true),
+            chunk(b, b"raw", pb::Encoding::Raw, true),
+        ];
+        let pieces = run_stage(chunks, vec![(a, content.len() as u64), (b, 3)]);
+        let (of_a, of_b): (Vec<&Piece>, Vec<&Piece>) = pieces.iter().partition(|p| p.chunk.hash.as_ref() == a.0);
+        let decoded: Vec<u8> = of_a.iter().flat_map(|p| p.chunk.data.to_vec()).collect();
+        assert_eq!(decoded, content);
+        assert!(of_a.iter().all(|p| p.chunk.encoding == pb::Encoding::Raw as i32 && p.chunk.data.len() <= PIECE_BYTES));
+        assert!(of_a.len() >= 8, "1 MiB comes in pieces of at most 128 KiB");
+        assert_eq!(of_a.iter().filter(|p| p.chunk.last).count(), 1);
+        assert!(of_a.last().unwrap().chunk.last, "only the final piece ends the object");
+        assert_eq!(of_a.iter().map(|p| p.wire).sum::<u64>(), frame.len() as u64);
+        assert_eq!(of_b.len(), 1);
+        assert_eq!((of_b[0].chunk.data.as_ref(), of_b[0].wire, of_b[0].chunk.last), (&b"raw"[..], 3, true));
+    }
+
+    #[test]
+    fn the_decode_stage_reports_a_bomb_once_and_stops() {
+        let frame = zstd::bulk::compress(&vec![0u8; 4 << 20], 3).unwrap();
+        let (a, b) = (Hash::of(b"a"), Hash::of(b"b"));
+        let chunks = vec![chunk(a, &frame, pb::Encoding::Zstd, true), chunk(b, b"b", pb::Encoding::Raw, true)];
+        let pieces = run_stage(chunks, vec![(a, 1000), (b, 1)]);
+        let last = pieces.last().unwrap();
+        assert!(last.undecodable.as_deref().unwrap().contains("exceeds its declared size"));
+        assert!(pieces.iter().all(|p| p.chunk.hash.as_ref() == a.0), "nothing after the bomb is passed on");
+        assert!(pieces.iter().map(|p| p.chunk.data.len()).sum::<usize>() <= 1000 + PIECE_BYTES);
+    }
+
+    #[test]
+    fn chunks_out_of_order_pass_through_undecoded() {
+        let frame = zstd::bulk::compress(b"hello", 3).unwrap();
+        let (a, other) = (Hash::of(b"hello"), Hash::of(b"other"));
+        let pieces = run_stage(vec![chunk(other, &frame, pb::Encoding::Zstd, true)], vec![(a, 5)]);
+        assert_eq!(pieces.len(), 1);
+        assert_eq!(pieces[0].chunk.encoding, pb::Encoding::Zstd as i32, "left for next_into to refuse");
     }
 }

@@ -441,7 +441,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
         let rt = tokio::runtime::Handle::current();
         let objects = master.spawn_fetch(
-            report.plan.fetch.iter().map(|(h, _)| *h).collect(),
+            report.plan.fetch.clone(),
             report.plan.fetch_bases.iter().map(|b| b.as_ref().map(|(_, h)| *h)).collect(),
             &rt,
         );
