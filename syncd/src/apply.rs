@@ -149,14 +149,16 @@ pub fn apply(
             a.out.stats.cancelled = true;
             break;
         }
-        match phase {
-            0 => a.make_dirs(),
-            1 => a.stage_and_commit(),
-            2 => a.link_members(),
-            3 => a.update_in_place(),
-            4 => a.delete(),
-            _ => a.set_dir_meta(),
-        }
+        let t = std::time::Instant::now();
+        let name = match phase {
+            0 => (a.make_dirs(), "directories made").1,
+            1 => (a.stage_and_commit(), "content staged and committed").1,
+            2 => (a.link_members(), "hard links made").1,
+            3 => (a.update_in_place(), "metadata updated in place").1,
+            4 => (a.delete(), "deletions done").1,
+            _ => (a.set_dir_meta(), "directory metadata set").1,
+        };
+        tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: {name}");
     }
     if let Err(e) = rustix::fs::syncfs(a.root.fd()) {
         a.fail_str(&a.root.path().display().to_string(), format!("cannot flush the filesystem (syncfs): {e}"));
@@ -284,7 +286,7 @@ impl Applier<'_> {
             if self.next_fetch_is(h) {
                 let size = self.plan.fetch[self.fetch_next].1;
                 self.fetch_next += 1;
-                let _ = self.objects.next_into::<std::fs::File>(*h, size, None, None);
+                let _ = self.objects.next_into::<std::fs::File>(*h, size, None);
             }
         }
     }
@@ -350,16 +352,9 @@ impl Applier<'_> {
         // 2. The next object on the ordered stream, if this is its first use.
         if self.next_fetch_is(&hash) {
             let size = self.plan.fetch[self.fetch_next].1;
-            let plan = self.plan;
-            let base_path = plan.fetch_bases.get(self.fetch_next).and_then(Option::as_ref).map(|(p, _)| p);
             self.fetch_next += 1;
-            // Read only if the master does send a delta against it.
-            let (root, read) = (&mut self.root, &self.throttle.read);
-            let mut load = |_: &Hash| match base_path {
-                Some(p) => read_base(root, p, read),
-                None => Err(io::Error::other("no base was offered for this object")),
-            };
-            let r = self.objects.next_into(hash, size, Some(&mut *w), Some(&mut load));
+            // A delta was decoded against its base by the stream's decode stage.
+            let r = self.objects.next_into(hash, size, Some(&mut *w));
             match r.map_err(|e| (w.check(hash).is_err(), e)) {
                 Ok(()) if w.check(hash).is_ok() => {
                     self.out.stats.fetched_bytes += w.written();
@@ -378,7 +373,7 @@ impl Applier<'_> {
         if !self.out.stats.master_lost {
             tracing::debug!(hash = %hash, errors = ?errors, "fetching one object on its own");
             let mut one = self.master.spawn_fetch_aside(vec![(hash, w.limit())], &self.rt);
-            let r = one.next_into(hash, w.limit(), Some(&mut *w), None);
+            let r = one.next_into(hash, w.limit(), Some(&mut *w));
             self.out.stats.wire_bytes += one.wire_bytes;
             if r.is_ok() {
                 one.finish();
@@ -646,17 +641,6 @@ impl Applier<'_> {
             }
         }
     }
-}
-
-/// The content of host file `path`, read without following symlinks, as a delta base (its
-/// caller checks the hash).
-fn read_base(root: &mut RootDir, path: &RelPath, read: &throttle::Limiter) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    let (dir, name) = root.parent(path)?;
-    let file = fsops::open_regular(dir.as_fd(), name)?;
-    let mut data = Vec::new();
-    throttle::Throttled::new(file, read).take(manifest::delta::MAX_DELTA_BYTES + 1).read_to_end(&mut data)?;
-    Ok(data)
 }
 
 fn is_dir_at(dir: &OwnedFd, name: &[u8]) -> bool {

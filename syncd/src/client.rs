@@ -187,12 +187,12 @@ impl Master {
     /// bounded channel that the apply drains: the network runs ahead of the disk by at most the
     /// channel's capacity.
     ///
-    /// `bases` is empty or has one entry per hash: content this host holds that the master may
-    /// send that object as a delta against.
+    /// `bases`, if given, has no entries or one per object: the host file (and its hash) the
+    /// master may send that object as a delta against, read back from there to decode it.
     pub fn spawn_fetch(
         &self,
         objects: Vec<(Hash, u64)>,
-        bases: Vec<Option<Hash>>,
+        bases: Option<Bases>,
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
         self.spawn_fetch_on(self.client.clone(), objects, bases, rt)
@@ -201,7 +201,7 @@ impl Master {
     /// Like [`Master::spawn_fetch`], on the side connection: for fetches made while the main
     /// object stream is still open.
     pub fn spawn_fetch_aside(&self, objects: Vec<(Hash, u64)>, rt: &tokio::runtime::Handle) -> ObjectStream {
-        self.spawn_fetch_on(self.side.clone(), objects, Vec::new(), rt)
+        self.spawn_fetch_on(self.side.clone(), objects, None, rt)
     }
 
     /// Requests `objects` (hash, declared size) in order. The stream is received on `rt`, and
@@ -211,15 +211,18 @@ impl Master {
         &self,
         client: ImageSyncClient<Channel>,
         objects: Vec<(Hash, u64)>,
-        bases: Vec<Option<Hash>>,
+        bases: Option<Bases>,
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
-        let bases = if bases.iter().any(Option::is_some) { bases } else { Vec::new() };
+        let offered: Vec<Option<Hash>> =
+            bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
+        let bases_req = if offered.iter().any(Option::is_some) { offered } else { Vec::new() };
         let hashes: Vec<Hash> = objects.iter().map(|(h, _)| *h).collect();
         let (tx, net_rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(64);
         let (piece_tx, rx) = mpsc::channel::<Result<Piece, String>>(PIECES_IN_FLIGHT);
-        let spawned =
-            std::thread::Builder::new().name("decode".into()).spawn(move || decode_stage(net_rx, piece_tx, &objects));
+        let spawned = std::thread::Builder::new()
+            .name("decode".into())
+            .spawn(move || decode_stage(net_rx, piece_tx, &objects, bases));
         if let Err(e) = spawned {
             // No thread: the stream reads as broken, and each object is fetched on its own.
             tracing::warn!("cannot start the object decode thread: {e}");
@@ -229,7 +232,7 @@ impl Master {
         rt.spawn(async move {
             for (n, batch) in hashes.chunks(proto::MAX_FETCH_HASHES).enumerate() {
                 let at = n * proto::MAX_FETCH_HASHES;
-                let bases = bases.get(at..at + batch.len()).unwrap_or_default();
+                let bases = bases_req.get(at..at + batch.len()).unwrap_or_default();
                 let req = pb::FetchRequest {
                     hashes: batch.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
                     bases: bases
@@ -265,18 +268,7 @@ impl Master {
                 }
             }
         });
-        ObjectStream {
-            rx,
-            broken: None,
-            abandoned: None,
-            decoder: None,
-            delta: None,
-            out: Vec::new(),
-            wire_bytes: 0,
-            objects: 0,
-            bytes: 0,
-            deltas: 0,
-        }
+        ObjectStream { rx, broken: None, abandoned: None, wire_bytes: 0, objects: 0, bytes: 0, deltas: 0 }
     }
 }
 
@@ -356,113 +348,244 @@ pub enum ObjectError {
     },
 }
 
-/// Reads back the host content a delta names (by its hash) as the delta's dictionary.
-pub type BaseLoader<'a> = dyn FnMut(&Hash) -> io::Result<Vec<u8>> + 'a;
-
 /// Decoded pieces queued between the decode thread and the apply thread (each at most
 /// [`PIECE_BYTES`]): bounds that memory to 1 MiB.
 const PIECES_IN_FLIGHT: usize = 8;
 const PIECE_BYTES: usize = 128 * 1024;
 
 /// What the apply thread reads: a chunk as it came from the master, or (encoding raw) a piece
-/// of the decoded content of a zstd chunk.
+/// of the decoded content of a zstd or delta chunk.
 struct Piece {
     chunk: pb::ObjectChunk,
     /// Bytes this piece took on the wire (a chunk decoded into several pieces counts once).
     wire: u64,
     /// The chunk could not be decoded, or decodes past the object's declared size.
     undecodable: Option<String>,
+    /// The object came as a delta whose base could not be used: its data is dropped (the
+    /// stream stays aligned) and it is to be fetched whole.
+    base_failed: Option<String>,
+    /// Decoded from a delta.
+    delta: bool,
 }
 
-/// Decodes the zstd chunks of the objects in `objects` (in order) into raw pieces of at most
-/// [`PIECE_BYTES`]; raw chunks, deltas (their base is on the host, read by the apply thread),
-/// errors and anything out of order pass through as they are, for [`ObjectStream::next_into`]
-/// to judge. An object decoding past its declared size (a bomb) or not decoding at all is
-/// reported once, and the stage stops: nothing after it is trusted to end.
+impl Piece {
+    fn passed(chunk: pb::ObjectChunk) -> Piece {
+        let wire = chunk.data.len() as u64;
+        Piece { chunk, wire, undecodable: None, base_failed: None, delta: false }
+    }
+}
+
+/// Where the decode stage reads the host's delta bases: one per object (see
+/// [`Plan::fetch_bases`](crate::plan::Plan::fetch_bases)), beneath the root, never through a
+/// symlink, with every byte charged to `read`.
+pub struct Bases {
+    pub root: crate::root::RootDir,
+    pub paths: Vec<Option<(manifest::RelPath, Hash)>>,
+    pub read: throttle::Limiter,
+}
+
+/// How the current object's delta stands in the decode stage.
+enum DeltaState {
+    /// No delta chunk seen for this object.
+    None,
+    /// The delta context holds this object's base as its dictionary.
+    Ready,
+    Failed(String),
+}
+
+/// Decodes the zstd and delta chunks of the objects in `objects` (in order) into raw pieces of
+/// at most [`PIECE_BYTES`], so the apply thread only writes and verifies. A delta's base is the
+/// host file `bases` names for that object, read back and checked against the hash the host
+/// offered and the master named; if it cannot be used, the object's data is dropped and the
+/// object marked for a whole fetch. Raw chunks, errors and anything out of order pass through
+/// as they are, for [`ObjectStream::next_into`] to judge. An object decoding past its declared
+/// size (a bomb) or not decoding at all is reported once, and the stage stops: nothing after it
+/// is trusted to end.
 fn decode_stage(
     mut rx: mpsc::Receiver<Result<pb::ObjectChunk, String>>,
     tx: mpsc::Sender<Result<Piece, String>>,
     objects: &[(Hash, u64)],
+    mut bases: Option<Bases>,
 ) {
-    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    use zstd::stream::raw::Operation;
+    use zstd::zstd_safe;
     let mut decoder: Option<zstd::stream::raw::Decoder<'static>> = None;
+    // One context for every delta, its dictionary replaced per object: creating a context per
+    // object cost more than decoding most deltas.
+    let mut delta_ctx: Option<zstd_safe::DCtx<'static>> = None;
+    let mut delta = DeltaState::None;
     let mut next = 0;
     let mut decoded = 0u64;
     let mut out = vec![0u8; PIECE_BYTES];
     let send = |p: Piece| tx.blocking_send(Ok(p)).is_ok();
     while let Some(item) = rx.blocking_recv() {
-        let chunk = match item {
+        let mut chunk = match item {
             Ok(c) => c,
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));
                 return;
             }
         };
-        let expected = objects.get(next).filter(|(h, _)| chunk.hash.as_ref() == h.0);
+        let expected = objects.get(next).filter(|(h, _)| chunk.hash.as_ref() == h.0).copied();
         let last = chunk.last;
-        let zstd = chunk.encoding == pb::Encoding::Zstd as i32 && chunk.error.is_empty();
-        let Some((_, size)) = expected.filter(|_| zstd && !chunk.data.is_empty()) else {
-            // Passed through as is.
-            let wire = chunk.data.len() as u64;
-            if expected.is_some() && last {
-                next += 1;
-                decoded = 0;
-                if let Some(d) = decoder.as_mut() {
-                    let _ = d.reinit();
+        let usable = expected.is_some() && chunk.error.is_empty() && !chunk.data.is_empty();
+        let encoding = pb::Encoding::try_from(chunk.encoding);
+        let ok = match (expected, encoding) {
+            (Some((_, size)), Ok(pb::Encoding::Zstd)) if usable => {
+                if decoder.is_none() {
+                    match new_decoder() {
+                        Ok(d) => decoder = Some(d),
+                        Err(e) => {
+                            let piece =
+                                Piece { undecodable: Some(format!("no zstd decoder: {e}")), ..Piece::passed(chunk) };
+                            let _ = send(piece);
+                            return;
+                        }
+                    }
+                }
+                let d = decoder.as_mut().expect("just set");
+                let mut run =
+                    |i: &mut zstd_safe::InBuffer<'_>, o: &mut zstd_safe::OutBuffer<'_, [u8]>| d.run(i, o).map(drop);
+                decode_pieces(&mut run, &chunk, size, &mut decoded, &mut out, false, &send)
+            }
+            (Some((want, size)), Ok(pb::Encoding::ZstdDelta)) if usable => {
+                let ctx = delta_ctx.get_or_insert_with(zstd_safe::DCtx::create);
+                if matches!(delta, DeltaState::None) {
+                    let offered = bases.as_mut().and_then(|b| b.paths.get(next).cloned().flatten().map(|p| (b, p)));
+                    delta = match load_base(ctx, offered, &chunk.base, &want) {
+                        Ok(()) => DeltaState::Ready,
+                        Err(why) => DeltaState::Failed(why),
+                    };
+                }
+                match &mut delta {
+                    DeltaState::Ready => {
+                        let mut run = |i: &mut zstd_safe::InBuffer<'_>, o: &mut zstd_safe::OutBuffer<'_, [u8]>| {
+                            ctx.decompress_stream(o, i).map(drop).map_err(zstd_error)
+                        };
+                        decode_pieces(&mut run, &chunk, size, &mut decoded, &mut out, true, &send)
+                    }
+                    DeltaState::Failed(why) => {
+                        let why = why.clone();
+                        let wire = chunk.data.len() as u64;
+                        chunk.data = bytes::Bytes::new();
+                        send(Piece { wire, base_failed: Some(why), ..Piece::passed(chunk) })
+                    }
+                    DeltaState::None => unreachable!("set above"),
                 }
             }
-            if !send(Piece { chunk, wire, undecodable: None }) {
-                return;
-            }
-            continue;
+            _ => send(Piece::passed(chunk)),
         };
-        let size = *size;
-        if decoder.is_none() {
-            match zstd::stream::raw::Decoder::new().and_then(|mut d| {
-                d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(MAX_WINDOW_LOG)).map(|()| d)
-            }) {
-                Ok(d) => decoder = Some(d),
-                Err(e) => {
-                    let _ = send(Piece { chunk, wire: 0, undecodable: Some(format!("no zstd decoder: {e}")) });
-                    return;
-                }
-            }
+        if !ok {
+            return;
         }
-        let d = decoder.as_mut().expect("just set");
-        let mut wire = chunk.data.len() as u64;
-        let mut inb = InBuffer::around(&chunk.data);
-        loop {
-            let mut outb = OutBuffer::around(&mut out[..]);
-            let run = d.run(&mut inb, &mut outb);
-            let n = outb.pos();
-            decoded += n as u64;
-            let problem = match run {
-                Err(e) => Some(e.to_string()),
-                Ok(_) if decoded > size => {
-                    Some(format!("content exceeds its declared size ({size} bytes) as it decodes"))
-                }
-                Ok(_) => None,
-            };
-            let done = inb.pos() == chunk.data.len() && n < PIECE_BYTES;
-            let piece = pb::ObjectChunk {
-                hash: chunk.hash.clone(),
-                data: bytes::Bytes::copy_from_slice(&out[..n]),
-                encoding: pb::Encoding::Raw as i32,
-                last: done && last,
-                ..Default::default()
-            };
-            let stop = problem.is_some();
-            if !send(Piece { chunk: piece, wire: std::mem::take(&mut wire), undecodable: problem }) || stop {
-                return;
-            }
-            if done {
-                break;
-            }
-        }
-        if last {
+        if expected.is_some() && last {
             next += 1;
             decoded = 0;
-            let _ = d.reinit();
+            delta = DeltaState::None;
+            if let Some(d) = decoder.as_mut() {
+                let _ = d.reinit();
+            }
+        }
+    }
+}
+
+fn new_decoder() -> io::Result<zstd::stream::raw::Decoder<'static>> {
+    let mut d = zstd::stream::raw::Decoder::new()?;
+    d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(MAX_WINDOW_LOG))?;
+    Ok(d)
+}
+
+fn zstd_error(code: usize) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))
+}
+
+/// Prepares `ctx` to decode one delta object of content `want`: the base the host offered for
+/// it, read back and checked, becomes its dictionary. `named` is the base the master says it
+/// used.
+fn load_base(
+    ctx: &mut zstd::zstd_safe::DCtx<'static>,
+    offered: Option<(&mut Bases, (manifest::RelPath, Hash))>,
+    named: &[u8],
+    want: &Hash,
+) -> Result<(), String> {
+    let named = Hash::from_slice(named).ok_or("the master named no 32-byte base")?;
+    let Some((bases, (path, hash))) = offered else {
+        return Err(format!("this host offered no base for {want}, the master named {named}"));
+    };
+    if hash != named {
+        return Err(format!("the master named base {named}, this host offered {hash}"));
+    }
+    let content = read_base(&mut bases.root, &path, &bases.read).map_err(|e| format!("cannot read {path}: {e}"))?;
+    if Hash::of(&content) != named {
+        return Err(format!("{path} no longer hashes to {named}"));
+    }
+    let zerr = |code: usize| zstd_error(code).to_string();
+    ctx.reset(zstd::zstd_safe::ResetDirective::SessionAndParameters).map_err(zerr)?;
+    ctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(MAX_WINDOW_LOG)).map_err(zerr)?;
+    ctx.load_dictionary(&content).map_err(zerr)?;
+    Ok(())
+}
+
+/// Reads a delta base beneath the root (no symlink followed), at most one byte past the
+/// largest base a delta is made against.
+fn read_base(
+    root: &mut crate::root::RootDir,
+    path: &manifest::RelPath,
+    read: &throttle::Limiter,
+) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let (dir, name) = root.parent(path)?;
+    let file = crate::fsops::open_regular(dir.as_fd(), name)?;
+    let mut data = Vec::new();
+    throttle::Throttled::new(file, read).take(manifest::delta::MAX_DELTA_BYTES + 1).read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// One streaming zstd decode step, of whichever decoder.
+type ZstdStep<'a> =
+    dyn FnMut(&mut zstd::zstd_safe::InBuffer<'_>, &mut zstd::zstd_safe::OutBuffer<'_, [u8]>) -> io::Result<()> + 'a;
+
+/// Decodes one chunk with `run` (one zstd streaming step) into pieces, sent through `send`;
+/// false once the stage must stop (the apply thread left, or the content is undecodable or
+/// too long).
+fn decode_pieces(
+    run: &mut ZstdStep<'_>,
+    chunk: &pb::ObjectChunk,
+    size: u64,
+    decoded: &mut u64,
+    out: &mut [u8],
+    delta: bool,
+    send: &dyn Fn(Piece) -> bool,
+) -> bool {
+    use zstd::zstd_safe::{InBuffer, OutBuffer};
+    let mut wire = chunk.data.len() as u64;
+    let mut inb = InBuffer::around(&chunk.data);
+    loop {
+        let mut outb = OutBuffer::around(&mut out[..]);
+        let step = run(&mut inb, &mut outb);
+        let n = outb.pos();
+        *decoded += n as u64;
+        let problem = match step {
+            Err(e) => Some(e.to_string()),
+            Ok(_) if *decoded > size => Some(format!("content exceeds its declared size ({size} bytes) as it decodes")),
+            Ok(_) => None,
+        };
+        let done = inb.pos() == chunk.data.len() && n < out.len();
+        let piece = pb::ObjectChunk {
+            hash: chunk.hash.clone(),
+            data: bytes::Bytes::copy_from_slice(&out[..n]),
+            encoding: pb::Encoding::Raw as i32,
+            last: done && chunk.last,
+            ..Default::default()
+        };
+        let stop = problem.is_some();
+        let wire = std::mem::take(&mut wire);
+        if !send(Piece { chunk: piece, wire, undecodable: problem, base_failed: None, delta }) || stop {
+            return false;
+        }
+        if done {
+            return true;
         }
     }
 }
@@ -474,12 +597,6 @@ pub struct ObjectStream {
     /// Set when this host cut the stream (endless or undecodable object), as opposed to the
     /// master or the network breaking it.
     abandoned: Option<String>,
-    /// One zstd decoder and output buffer for every object of the stream (reset per object),
-    /// not a fresh context and a 256 KiB buffer per file.
-    decoder: Option<zstd::stream::raw::Decoder<'static>>,
-    /// The decoder of the delta object being read, with its base loaded as the dictionary.
-    delta: Option<zstd::stream::raw::Decoder<'static>>,
-    out: Vec<u8>,
     pub wire_bytes: u64,
     pub objects: u64,
     pub bytes: u64,
@@ -497,21 +614,13 @@ impl ObjectStream {
         }
     }
 
-    /// Reads the next object, which must be `hash` of `size` bytes, decoding it into `sink` (if
-    /// any). An object that arrives whole is read to its end, so the stream stays aligned even
-    /// when its content is wrong. One that runs past what `size` bytes can take on the wire
-    /// (endless data), or fails to decode, breaks the stream at once: nothing more is read from
-    /// it, and later objects fall back to fetches of their own.
-    ///
-    /// `base` loads the content a delta was made against (checked against the hash it is
-    /// given); without it, a delta is an error.
-    pub fn next_into<W: Write>(
-        &mut self,
-        hash: Hash,
-        size: u64,
-        mut sink: Option<&mut W>,
-        mut base: Option<&mut BaseLoader<'_>>,
-    ) -> Result<(), ObjectError> {
+    /// Reads the next object, which must be `hash` of `size` bytes, into `sink` (if any), as
+    /// the decode stage decoded it. An object that arrives whole is read to its end, so the
+    /// stream stays aligned even when its content is wrong or its delta base unusable. One that
+    /// runs past what `size` bytes can take on the wire (endless data), or fails to decode,
+    /// breaks the stream at once: nothing more is read from it, and later objects fall back to
+    /// fetches of their own.
+    pub fn next_into<W: Write>(&mut self, hash: Hash, size: u64, mut sink: Option<&mut W>) -> Result<(), ObjectError> {
         if let Some(b) = &self.broken {
             return Err(ObjectError::Broken(b.clone()));
         }
@@ -522,31 +631,23 @@ impl ObjectStream {
         // under 1% plus headers.
         let wire_cap = size + size / 64 + 64 * 1024;
         let mut object_wire = 0u64;
-        if let Some(d) = self.decoder.as_mut() {
-            use zstd::stream::raw::Operation;
-            if d.reinit().is_err() {
-                self.decoder = None;
-            }
-        }
-        if self.out.is_empty() {
-            self.out = vec![0u8; 256 * 1024];
-        }
-        self.delta = None;
         // A delta whose base cannot be used: the rest of the object is read and dropped.
         let mut base_failed: Option<String> = None;
+        let mut delta = false;
         loop {
-            let Piece { chunk, wire, undecodable } = match self.rx.blocking_recv() {
-                Some(Ok(c)) => c,
-                Some(Err(e)) => {
-                    self.broken = Some(e.clone());
-                    return Err(ObjectError::Broken(e));
-                }
-                None => {
-                    let e = "the master closed the stream early".to_owned();
-                    self.broken = Some(e.clone());
-                    return Err(ObjectError::Broken(e));
-                }
-            };
+            let Piece { chunk, wire, undecodable, base_failed: unusable, delta: decoded_delta } =
+                match self.rx.blocking_recv() {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => {
+                        self.broken = Some(e.clone());
+                        return Err(ObjectError::Broken(e));
+                    }
+                    None => {
+                        let e = "the master closed the stream early".to_owned();
+                        self.broken = Some(e.clone());
+                        return Err(ObjectError::Broken(e));
+                    }
+                };
             if chunk.hash.as_ref() != hash.0 {
                 let e = format!("master sent object {} where {hash} was expected", hex::encode(&chunk.hash));
                 self.broken = Some(e.clone());
@@ -569,22 +670,18 @@ impl ObjectStream {
                 self.abandoned = Some(e.clone());
                 return Err(ObjectError::Content { hash, source: io::Error::new(io::ErrorKind::InvalidData, e) });
             }
+            delta |= decoded_delta;
+            if base_failed.is_none() {
+                base_failed = unusable;
+            }
             if !chunk.data.is_empty() && base_failed.is_none() {
                 let r = match pb::Encoding::try_from(chunk.encoding) {
                     Ok(pb::Encoding::Raw) => sink.as_mut().map_or(Ok(()), |s| s.write_all(&chunk.data)),
-                    Ok(pb::Encoding::Zstd) => decode(&mut self.decoder, &chunk.data, &mut self.out, &mut sink),
-                    Ok(pb::Encoding::ZstdDelta) => {
-                        if self.delta.is_none() {
-                            match load_delta_decoder(&chunk.base, &mut base) {
-                                Ok(d) => self.delta = Some(d),
-                                Err(why) => base_failed = Some(why),
-                            }
-                        }
-                        match &base_failed {
-                            Some(_) => Ok(()),
-                            None => decode(&mut self.delta, &chunk.data, &mut self.out, &mut sink),
-                        }
-                    }
+                    // The decode stage decodes every chunk of the object it expects.
+                    Ok(e) => Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{} chunk left undecoded", e.as_str_name()),
+                    )),
                     Err(_) => Err(io::Error::other(format!("unknown encoding {}", chunk.encoding))),
                 };
                 if let Err(e) = r {
@@ -601,59 +698,11 @@ impl ObjectStream {
         if let Some(why) = base_failed {
             return Err(ObjectError::Base { hash, why });
         }
-        if self.delta.take().is_some() {
+        if delta {
             self.deltas += 1;
         }
         self.objects += 1;
         Ok(())
-    }
-}
-
-/// A decoder for one delta object: its base, loaded by `load` and checked against the hash the
-/// chunk names, is the dictionary.
-fn load_delta_decoder(
-    base: &[u8],
-    load: &mut Option<&mut BaseLoader<'_>>,
-) -> Result<zstd::stream::raw::Decoder<'static>, String> {
-    let base = Hash::from_slice(base).ok_or("the master named no 32-byte base")?;
-    let load = load.as_mut().ok_or_else(|| format!("this host offered no base, the master named {base}"))?;
-    let content = load(&base).map_err(|e| e.to_string())?;
-    if Hash::of(&content) != base {
-        return Err(format!("the base read back does not hash to {base}"));
-    }
-    let mut d = zstd::stream::raw::Decoder::with_dictionary(&content).map_err(|e| e.to_string())?;
-    d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(MAX_WINDOW_LOG)).map_err(|e| e.to_string())?;
-    Ok(d)
-}
-
-fn decode<W: Write>(
-    decoder: &mut Option<zstd::stream::raw::Decoder<'static>>,
-    input: &[u8],
-    out: &mut [u8],
-    sink: &mut Option<&mut W>,
-) -> io::Result<()> {
-    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
-    if decoder.is_none() {
-        let mut d = zstd::stream::raw::Decoder::new()?;
-        d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(MAX_WINDOW_LOG))?;
-        *decoder = Some(d);
-    }
-    let d = decoder.as_mut().expect("just set");
-    let mut inb = InBuffer::around(input);
-    // Decode in bounded steps straight into the sink: a decompression bomb is cut off by the
-    // sink's size limit long before it could fill memory.
-    loop {
-        let mut outb = OutBuffer::around(out);
-        d.run(&mut inb, &mut outb)?;
-        let n = outb.pos();
-        if n > 0 {
-            if let Some(s) = sink.as_mut() {
-                s.write_all(&out[..n])?;
-            }
-        }
-        if inb.pos() == input.len() && n < out.len() {
-            return Ok(());
-        }
     }
 }
 
@@ -668,7 +717,7 @@ mod tests {
         }
         drop(tx);
         let (ptx, mut prx) = mpsc::channel(PIECES_IN_FLIGHT);
-        let t = std::thread::spawn(move || decode_stage(rx, ptx, &objects));
+        let t = std::thread::spawn(move || decode_stage(rx, ptx, &objects, None));
         let mut out = Vec::new();
         while let Some(p) = prx.blocking_recv() {
             out.push(p.unwrap());

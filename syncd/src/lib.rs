@@ -440,11 +440,13 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let root = root::RootDir::open(&opts.root)
             .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
         let rt = tokio::runtime::Handle::current();
-        let objects = master.spawn_fetch(
-            report.plan.fetch.clone(),
-            report.plan.fetch_bases.iter().map(|b| b.as_ref().map(|(_, h)| *h)).collect(),
-            &rt,
-        );
+        // Delta bases are read by the stream's decode thread, beneath the same root.
+        let bases = (!report.plan.fetch_bases.is_empty()).then(|| client::Bases {
+            root: root.share(),
+            paths: report.plan.fetch_bases.clone(),
+            read: opts.throttle.read.clone(),
+        });
+        let objects = master.spawn_fetch(report.plan.fetch.clone(), bases, &rt);
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();
         let throttle = opts.throttle.clone();

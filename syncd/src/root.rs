@@ -39,6 +39,12 @@ impl RootDir {
         Ok(RootDir { path: path.to_owned(), fd: Arc::new(fd), dev, cache: HashMap::new() })
     }
 
+    /// Another handle on the same root directory (the same open descriptor, its own cache of
+    /// the directories beneath it), for a second thread.
+    pub fn share(&self) -> RootDir {
+        RootDir { path: self.path.clone(), fd: self.fd.clone(), dev: self.dev, cache: HashMap::new() }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
