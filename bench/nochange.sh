@@ -31,12 +31,17 @@
 #   MASTER_TIMEOUT=900   seconds to wait for syncmaster's `listening on` line
 #   TOOL_TIMEOUT=3600    a single run (including the setup sync) is killed after this
 #   RESULTS=bench/RESULTS.md   markdown file the dated section is appended to
+#   WALK_ONLY=1          1: syncd passes run as deployed, so a pass after one that found the
+#                        host matching stops after the walk (the unchanged-host record);
+#                        0: the record is removed (untimed) before every syncd run, so each
+#                        pass loads the manifest, merges the host index and plans
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CORPORA=${CORPORA:-/var/tmp/gis-corpora}
 IMAGE_NAME=${IMAGE:-bookworm-big}
 image=$CORPORA/$IMAGE_NAME
 RUNS=${RUNS:-7}
+WALK_ONLY=${WALK_ONLY:-1}
 SCRATCH=${SCRATCH:-/var/tmp/gis-bench}
 SYNCD=${SYNCD:-/work/main/target/release/syncd}
 SYNCMASTER=${SYNCMASTER:-/work/main/target/release/syncmaster}
@@ -206,7 +211,8 @@ for i in $(seq "$RUNS"); do
         rc=0
         case $t in
             find)  res=$(measure /dev/null "${FIND_CMD[@]}") || rc=$? ;;
-            syncd) a=$(ticks "$MASTER_PID" self)
+            syncd) [ "$WALK_ONLY" != 0 ] || rm -f "$state"/unchanged-*.bin
+                   a=$(ticks "$MASTER_PID" self)
                    res=$(measure "$work/syncd.out" "${SYNCD_CMD[@]}") || rc=$?
                    b=$(ticks "$MASTER_PID" self)
                    m_ticks+=" $((b - a))"; m_total=$((m_total + b - a))
@@ -247,7 +253,7 @@ f4() { set -- $1; echo "wall ${1}s, peak RSS $(kib2mib "$3") MiB, CPU ${4}s"; }
 report=$(cat <<MD
 ## $(date -u '+%Y-%m-%d %H:%M:%S UTC') no-change pass ($IMAGE_NAME, $entries entries, $RUNS rounds, alternated)
 
-- machine: $(nproc) cores, kernel $(uname -r), CPU: ${cpu_model:-unknown}, RAM $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo); scratch \`$SCRATCH\` on $fstype; page cache warm; syncd host index warm; source rev: $rev
+- machine: $(nproc) cores, kernel $(uname -r), CPU: ${cpu_model:-unknown}, RAM $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo); scratch \`$SCRATCH\` on $fstype; page cache warm; syncd host index warm; WALK_ONLY=$WALK_ONLY ($([ "$WALK_ONLY" != 0 ] && echo "timed passes may stop after the walk: the unchanged-host record" || echo "the unchanged-host record removed before each pass: full passes")); source rev: $rev
 - rsync: $(rsync --version | head -n1 | sed 's/  */ /g'); CLK_TCK $HZ
 - setup (untimed): master scan ${scan}s; cold \`syncd sync\` into the empty root: $(f4 "$setup_sync") ($setup_summary); index-warming syncd pass: $(f4 "$setup_index"); warming rsync pass: $(f4 "$setup_rsync"); fidelity: $fidelity
 - commands (each round runs all three once, rotating which goes first; each through \`bench/measure.py\`):

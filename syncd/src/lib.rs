@@ -14,6 +14,7 @@ pub mod mcache;
 pub mod plan;
 pub mod root;
 pub mod trust;
+pub mod unchanged;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -117,11 +118,18 @@ impl SyncOptions {
     fn manifest_cache_path(&self) -> Option<PathBuf> {
         self.index.then(|| mcache::path(&self.state_dir, &self.root))
     }
+
+    fn unchanged_path(&self) -> Option<PathBuf> {
+        self.index.then(|| unchanged::path(&self.state_dir, &self.root))
+    }
 }
 
 /// What a pass starts from: the validated manifest and the host's metadata walk.
 struct Started {
-    manifest: manifest::Manifest,
+    /// `None` when the walk proved the host unchanged since it last matched this image (see
+    /// [`unchanged`]): the manifest is then not even loaded.
+    manifest: Option<manifest::Manifest>,
+    version: u64,
     /// What the entries were checked to hash to.
     identity: Hash,
     rules: Exclusions,
@@ -150,7 +158,31 @@ async fn start_pass(
         trust::check(&opts.trust, applied_record, got.version, &got.identity, got.signature.as_ref())?;
         let rules = compile_rules(&got.lists, local)?;
         let (root, walk_rules) = (opts.root.clone(), rules.clone());
-        let walk = tokio::task::spawn_blocking(move || host::walk(&root, &walk_rules));
+        let mut walk = tokio::task::spawn_blocking(move || host::walk(&root, &walk_rules));
+        // The image is the one the host holds a copy of, and the host last matched it with
+        // these rules: the walk alone may prove it still does, so it goes first.
+        let record = opts.unchanged_path().filter(|p| {
+            got.manifest.is_none() && unchanged::exists_for(p, &got.identity, &unchanged::rules_digest(&rules))
+        });
+        if let Some(record) = record {
+            let done = walk
+                .await
+                .map_err(|e| SyncError::Internal(format!("host walk task failed: {e}")))?
+                .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
+            let rd = unchanged::rules_digest(&rules);
+            if unchanged::digest(&done).is_some_and(|d| unchanged::holds(&record, &got.identity, &rd, &d)) {
+                tracing::debug!(secs = t.elapsed().as_secs_f64(), "host unchanged since it last matched this image");
+                return Ok(Started {
+                    manifest: None,
+                    version: got.version,
+                    identity: got.identity,
+                    rules,
+                    fresh: false,
+                    walk: done,
+                });
+            }
+            walk = tokio::task::spawn_blocking(move || Ok(done));
+        }
         let (manifest, fresh) = match got.manifest.take() {
             Some(m) => (m, true),
             None => {
@@ -180,7 +212,14 @@ async fn start_pass(
             .await
             .map_err(|e| SyncError::Internal(format!("host walk task failed: {e}")))?
             .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
-        return Ok(Started { manifest, identity: got.identity, rules, fresh, walk });
+        return Ok(Started {
+            manifest: Some(manifest),
+            version: got.version,
+            identity: got.identity,
+            rules,
+            fresh,
+            walk,
+        });
     }
 }
 
@@ -223,6 +262,9 @@ pub struct PassReport {
     /// On a dry run: the triggers the plan would fire, with the changes that fire them, and
     /// those already pending from an earlier pass.
     pub would_fire: Vec<(String, Vec<triggers::ChangeRecord>)>,
+    /// The host walk matched the record of the last pass that found it identical to this image
+    /// (see [`unchanged`]): the pass stopped there, with `walked` entries seen.
+    pub walk_only: Option<usize>,
     pub duration: Duration,
 }
 
@@ -264,6 +306,16 @@ impl PassReport {
         };
         let mib = human_bytes;
         let fails = self.failures().count();
+        if let (Some(n), 0) = (self.walk_only, fails) {
+            return format!(
+                "{} image v{} ({}): the host is unchanged since it last matched (its {n} entries walked, nothing read); {}{:.2}s",
+                if self.outcome.is_some() { "converged to" } else { "dry run against" },
+                self.image_version,
+                &self.identity.to_hex()[..16],
+                if self.outcome.is_some() { "" } else { "changed nothing; " },
+                self.duration.as_secs_f64(),
+            );
+        }
         match &self.outcome {
             None => format!(
                 "dry run against image v{} ({}): would create {c}, update {u}, delete {d}; would fetch {} objects ({}); {} excluded, {} skipped; changed nothing",
@@ -327,11 +379,143 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let master =
         client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: connected");
-    let index_path = opts.index_path();
     let applied_record = trust::record_path(&opts.state_dir, &opts.root);
-    let Started { manifest, identity, rules, fresh, walk } = start_pass(opts, &master, &local, &applied_record).await?;
+    let Started { manifest, version, identity, rules, fresh, walk } =
+        start_pass(opts, &master, &local, &applied_record).await?;
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
-    tracing::info!(version = manifest.version, entries = manifest.entries.len(), identity = %identity, rules = rules.rules().len(), cached = !fresh, "manifest received");
+    let rules_digest = unchanged::rules_digest(&rules);
+    // The digest of this walk, recorded if the pass finds the host matching the image.
+    let mut walk_digest = None;
+    let walk_only = manifest.is_none().then_some(walk.entries.len());
+    let (manifest, plan, scan_errors) = match manifest {
+        None => {
+            tracing::info!(version, identity = %identity, entries = walk.entries.len(), "host unchanged since it last matched this image");
+            drop(walk);
+            (None, Plan { image_version: version, ..Plan::default() }, Vec::new())
+        }
+        Some(manifest) => {
+            tracing::info!(version = manifest.version, entries = manifest.entries.len(), identity = %identity, rules = rules.rules().len(), cached = !fresh, "manifest received");
+            if opts.unchanged_path().is_some() && !opts.dry_run {
+                walk_digest = unchanged::digest(&walk);
+            }
+            let (manifest, plan, errors) = plan_pass(opts, manifest, identity, &rules, fresh, walk).await?;
+            (Some(manifest), plan, errors)
+        }
+    };
+    let mut scan_failures: Vec<Failure> =
+        scan_errors.iter().map(|e| Failure { path: e.path().display().to_string(), error: e.to_string() }).collect();
+    for s in &plan.skipped {
+        if s.reason.is_failure() {
+            scan_failures.push(Failure { path: s.path.to_string(), error: format!("left alone: {}", s.reason) });
+        }
+    }
+    let mut report = PassReport {
+        host_id: opts.host_id.clone(),
+        root: opts.root.clone(),
+        image_version: version,
+        identity,
+        plan,
+        outcome: None,
+        scan_failures,
+        triggers: Vec::new(),
+        deferred: Vec::new(),
+        would_fire: Vec::new(),
+        walk_only,
+        duration: Duration::ZERO,
+    };
+    let firing = triggers::select(&opts.triggers, &trigger_changes(&report.plan));
+    if opts.dry_run {
+        report.would_fire = firing.iter().map(|(t, c)| (t.name.clone(), c.clone())).collect();
+        for p in triggers::journal::peek(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))? {
+            if !report.would_fire.iter().any(|(n, _)| *n == p.trigger)
+                && opts.triggers.iter().any(|t| t.name == p.trigger)
+            {
+                report.would_fire.push((p.trigger.clone(), p.changes.into_iter().map(|s| s.record).collect()));
+            }
+        }
+    }
+    // The triggers this batch will fire go to the journal, durably, before anything commits.
+    let mut journal = match (opts.dry_run, opts.triggers.is_empty()) {
+        (false, false) => Some(triggers::Journal::open(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))?),
+        _ => None,
+    };
+    let batch = triggers::journal::now_ms();
+    if let Some(j) = &mut journal {
+        let pending = firing
+            .into_iter()
+            .map(|(t, changes)| triggers::Pending {
+                trigger: t.name.clone(),
+                image_version: version,
+                changes: changes.into_iter().map(|record| triggers::Stored { record, batch }).collect(),
+                attempts: 0,
+                last_error: None,
+                not_before_ms: 0,
+            })
+            .collect();
+        j.add(pending).map_err(|e| SyncError::Config(e.to_string()))?;
+    }
+    // A record of a host that matched says nothing once it is about to change.
+    if let (Some(p), false, false) = (opts.unchanged_path(), report.plan.is_empty(), opts.dry_run) {
+        unchanged::clear(&p);
+    }
+    if let (Some(manifest), false, false) = (manifest, opts.dry_run, report.plan.is_empty()) {
+        let root = root::RootDir::open(&opts.root)
+            .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
+        let rt = tokio::runtime::Handle::current();
+        // Delta bases are read by the stream's decode thread, beneath the same root.
+        let bases = (!report.plan.fetch_bases.is_empty()).then(|| client::Bases {
+            root: root.share(),
+            paths: report.plan.fetch_bases.clone(),
+            read: opts.throttle.read.clone(),
+        });
+        let objects = master.spawn_fetch(report.plan.fetch.clone(), bases, &rt);
+        let plan = std::mem::take(&mut report.plan);
+        let cancel = opts.cancel.clone();
+        let throttle = opts.throttle.clone();
+        let (plan, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = apply::apply(root, &manifest, &plan, objects, master, rt, cancel, &throttle);
+            (plan, outcome)
+        })
+        .await
+        .map_err(|e| SyncError::Internal(format!("apply task failed: {e}")))?;
+        report.plan = plan;
+        report.outcome = Some(outcome);
+    } else if !opts.dry_run {
+        report.outcome = Some(Outcome::default());
+    }
+    if let Some(o) = &mut report.outcome {
+        // Applied, even in part: from now on anything older is a rollback.
+        if let Err(error) = trust::record(&opts.trust, &applied_record, report.image_version, &report.identity) {
+            o.failures.push(Failure { path: applied_record.display().to_string(), error });
+        }
+    }
+    if let (Some(j), Some(o)) = (&mut journal, &report.outcome) {
+        run_triggers(j, opts, &report.plan, o, batch, &mut report.triggers, &mut report.deferred);
+    }
+    // The host matched the image with nothing to do and nothing wrong: record the walk that
+    // showed it, so the next pass can tell the same from a walk alone.
+    if let (Some(p), Some(d), true) = (opts.unchanged_path(), walk_digest, report.plan.is_empty()) {
+        if report.outcome.is_some() && report.failures().next().is_none() {
+            if let Err(e) = unchanged::record(&p, &identity, &rules_digest, &d) {
+                tracing::warn!(path = %p.display(), "cannot record the unchanged host: {e}");
+            }
+        }
+    }
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// Completes a pass that has the manifest: hashes what the comparison needs (the host index
+/// first), saves the caches, and plans.
+async fn plan_pass(
+    opts: &SyncOptions,
+    manifest: manifest::Manifest,
+    identity: Hash,
+    rules: &Exclusions,
+    fresh: bool,
+    walk: manifest::scan::Scan,
+) -> Result<(manifest::Manifest, Plan, Vec<manifest::scan::ScanError>), SyncError> {
+    let started = Instant::now();
     // A fresh, trusted manifest becomes the cached copy the next pass offers (not on a dry
     // run, which writes nothing).
     let cache_to_save = opts.manifest_cache_path().filter(|_| fresh && !opts.dry_run);
@@ -341,7 +525,10 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let save_index = !opts.dry_run;
     let read_limit = opts.throttle.read.clone();
     let write_limit = opts.throttle.write.clone();
+    let index_path = opts.index_path();
+    let rules_owned = rules.clone();
     let (manifest, rules, (host, scan_errors)) = tokio::task::spawn_blocking(move || {
+        let rules = rules_owned;
         let t = std::time::Instant::now();
         if let Some(path) = cache_to_save {
             if let Err(e) = mcache::save(&path, &manifest, &identity, &write_limit) {
@@ -385,93 +572,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let plan = Plan::compute(&manifest, &host, &rules);
     tracing::debug!(secs = started.elapsed().as_secs_f64(), changes = plan.changes.len(), "phase: plan computed");
     drop(host);
-    let mut scan_failures: Vec<Failure> =
-        scan_errors.iter().map(|e| Failure { path: e.path().display().to_string(), error: e.to_string() }).collect();
-    for s in &plan.skipped {
-        if s.reason.is_failure() {
-            scan_failures.push(Failure { path: s.path.to_string(), error: format!("left alone: {}", s.reason) });
-        }
-    }
-    let mut report = PassReport {
-        host_id: opts.host_id.clone(),
-        root: opts.root.clone(),
-        image_version: manifest.version,
-        identity,
-        plan,
-        outcome: None,
-        scan_failures,
-        triggers: Vec::new(),
-        deferred: Vec::new(),
-        would_fire: Vec::new(),
-        duration: Duration::ZERO,
-    };
-    let firing = triggers::select(&opts.triggers, &trigger_changes(&report.plan));
-    if opts.dry_run {
-        report.would_fire = firing.iter().map(|(t, c)| (t.name.clone(), c.clone())).collect();
-        for p in triggers::journal::peek(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))? {
-            if !report.would_fire.iter().any(|(n, _)| *n == p.trigger)
-                && opts.triggers.iter().any(|t| t.name == p.trigger)
-            {
-                report.would_fire.push((p.trigger.clone(), p.changes.into_iter().map(|s| s.record).collect()));
-            }
-        }
-    }
-    // The triggers this batch will fire go to the journal, durably, before anything commits.
-    let mut journal = match (opts.dry_run, opts.triggers.is_empty()) {
-        (false, false) => Some(triggers::Journal::open(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))?),
-        _ => None,
-    };
-    let batch = triggers::journal::now_ms();
-    if let Some(j) = &mut journal {
-        let pending = firing
-            .into_iter()
-            .map(|(t, changes)| triggers::Pending {
-                trigger: t.name.clone(),
-                image_version: manifest.version,
-                changes: changes.into_iter().map(|record| triggers::Stored { record, batch }).collect(),
-                attempts: 0,
-                last_error: None,
-                not_before_ms: 0,
-            })
-            .collect();
-        j.add(pending).map_err(|e| SyncError::Config(e.to_string()))?;
-    }
-    if !opts.dry_run && !report.plan.is_empty() {
-        let root = root::RootDir::open(&opts.root)
-            .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
-        let rt = tokio::runtime::Handle::current();
-        // Delta bases are read by the stream's decode thread, beneath the same root.
-        let bases = (!report.plan.fetch_bases.is_empty()).then(|| client::Bases {
-            root: root.share(),
-            paths: report.plan.fetch_bases.clone(),
-            read: opts.throttle.read.clone(),
-        });
-        let objects = master.spawn_fetch(report.plan.fetch.clone(), bases, &rt);
-        let plan = std::mem::take(&mut report.plan);
-        let cancel = opts.cancel.clone();
-        let throttle = opts.throttle.clone();
-        let (plan, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = apply::apply(root, &manifest, &plan, objects, master, rt, cancel, &throttle);
-            (plan, outcome)
-        })
-        .await
-        .map_err(|e| SyncError::Internal(format!("apply task failed: {e}")))?;
-        report.plan = plan;
-        report.outcome = Some(outcome);
-    } else if !opts.dry_run {
-        report.outcome = Some(Outcome::default());
-    }
-    if let Some(o) = &mut report.outcome {
-        // Applied, even in part: from now on anything older is a rollback.
-        if let Err(error) = trust::record(&opts.trust, &applied_record, report.image_version, &report.identity) {
-            o.failures.push(Failure { path: applied_record.display().to_string(), error });
-        }
-    }
-    if let (Some(j), Some(o)) = (&mut journal, &report.outcome) {
-        run_triggers(j, opts, &report.plan, o, batch, &mut report.triggers, &mut report.deferred);
-    }
-    report.duration = started.elapsed();
-    Ok(report)
+    Ok((manifest, plan, scan_errors))
 }
 
 /// Every change of a plan as the trigger matcher sees it.
