@@ -211,11 +211,63 @@ pub struct Entry {
     pub link_group: u64,
 }
 
+/// Where canonical encodings are fed: a blake3 hasher, or a [`BufferedHasher`] in front of one.
+pub trait HashSink {
+    fn update(&mut self, bytes: &[u8]);
+}
+
+impl HashSink for blake3::Hasher {
+    fn update(&mut self, bytes: &[u8]) {
+        blake3::Hasher::update(self, bytes);
+    }
+}
+
+/// A blake3 hasher fed in 64 KiB blocks. An entry's encoding is a dozen updates of a few bytes
+/// each, and blake3 pays per call: over a million entries, buffering makes hashing the
+/// encodings several times faster. Same digest as feeding the hasher directly.
+pub struct BufferedHasher {
+    hasher: blake3::Hasher,
+    buf: Vec<u8>,
+}
+
+impl BufferedHasher {
+    const BLOCK: usize = 64 * 1024;
+
+    pub fn new() -> BufferedHasher {
+        BufferedHasher { hasher: blake3::Hasher::new(), buf: Vec::with_capacity(Self::BLOCK) }
+    }
+
+    pub fn finalize(mut self) -> Hash {
+        self.hasher.update(&self.buf);
+        self.hasher.finalize().into()
+    }
+}
+
+impl Default for BufferedHasher {
+    fn default() -> BufferedHasher {
+        BufferedHasher::new()
+    }
+}
+
+impl HashSink for BufferedHasher {
+    fn update(&mut self, bytes: &[u8]) {
+        if self.buf.len() + bytes.len() > Self::BLOCK {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+            if bytes.len() >= Self::BLOCK {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+}
+
 impl Entry {
     /// Feeds the canonical encoding of this entry into `h`: every field, length-prefixed,
     /// in a fixed order, so equal entries always hash equal and different ones never collide
     /// by concatenation.
-    pub fn hash_into(&self, h: &mut blake3::Hasher) {
+    pub fn hash_into(&self, h: &mut impl HashSink) {
         put_bytes(h, self.path.as_bytes());
         h.update(&[self.kind.code()]);
         self.meta.hash_into(h);
@@ -231,7 +283,7 @@ impl Entry {
 }
 
 impl Meta {
-    pub fn hash_into(&self, h: &mut blake3::Hasher) {
+    pub fn hash_into(&self, h: &mut impl HashSink) {
         h.update(&self.mode.to_le_bytes());
         h.update(&self.uid.to_le_bytes());
         h.update(&self.gid.to_le_bytes());
@@ -262,7 +314,7 @@ impl Meta {
     }
 }
 
-fn put_bytes(h: &mut blake3::Hasher, b: &[u8]) {
+fn put_bytes(h: &mut impl HashSink, b: &[u8]) {
     h.update(&(b.len() as u64).to_le_bytes());
     h.update(b);
 }
@@ -270,6 +322,21 @@ fn put_bytes(h: &mut blake3::Hasher, b: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffered_hashing_gives_the_same_digest() {
+        let mut direct = blake3::Hasher::new();
+        let mut buffered = BufferedHasher::new();
+        for i in 0..50_000u32 {
+            let piece = vec![i as u8; (i % 97) as usize];
+            HashSink::update(&mut direct, &piece);
+            buffered.update(&piece);
+        }
+        let big = vec![7u8; 200 * 1024];
+        HashSink::update(&mut direct, &big);
+        buffered.update(&big);
+        assert_eq!(Hash::from(direct.finalize()), buffered.finalize());
+    }
 
     #[test]
     fn entries_stay_compact() {

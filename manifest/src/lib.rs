@@ -18,7 +18,7 @@ pub mod xattr;
 
 use foldhash::{HashMap, HashMapExt};
 
-pub use entry::{Entry, Hash, Kind, Meta, Xattr, Xattrs, PERM_MASK};
+pub use entry::{BufferedHasher, Entry, Hash, HashSink, Kind, Meta, Xattr, Xattrs, PERM_MASK};
 pub use path::{escape_bytes, PathError, RelPath, MAX_NAME, MAX_PATH};
 
 /// A golden image: its version, the metadata of its top directory, and every entry beneath it,
@@ -64,14 +64,14 @@ impl Manifest {
     /// Content identity: blake3 over the canonical encoding of the root and every entry.
     /// Two images with the same identity are the same tree; the version is not part of it.
     pub fn identity(&self) -> Hash {
-        let mut h = blake3::Hasher::new();
+        let mut h = BufferedHasher::new();
         h.update(b"golden-image-sync manifest v1\0");
         self.root.hash_into(&mut h);
         h.update(&(self.entries.len() as u64).to_le_bytes());
         for e in &self.entries {
             e.hash_into(&mut h);
         }
-        h.finalize().into()
+        h.finalize()
     }
 
     /// Looks up an entry by path.

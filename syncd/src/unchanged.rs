@@ -18,7 +18,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use manifest::scan::Scan;
-use manifest::Hash;
+use manifest::{BufferedHasher, Hash, HashSink};
 
 const MAGIC: &[u8; 8] = b"GISUC01\n";
 
@@ -31,7 +31,7 @@ pub fn digest(walk: &Scan) -> Option<Hash> {
     if !walk.errors.is_empty() {
         return None;
     }
-    let mut h = blake3::Hasher::new();
+    let mut h = BufferedHasher::new();
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     walk.root.hash_into(&mut h);
     h.update(&walk.root_dev.to_le_bytes());
@@ -48,7 +48,7 @@ pub fn digest(walk: &Scan) -> Option<Hash> {
         h.update(p.as_bytes());
         h.update(&[u8::from(*is_dir)]);
     }
-    Some(h.finalize().into())
+    Some(h.finalize())
 }
 
 /// A digest of the exclusion rules a pass runs with.
