@@ -144,21 +144,29 @@ pub fn apply(
     // complete and verified), the remaining phases are skipped, and the next pass resumes.
     let stop = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
     a.cancel = cancel.clone();
-    for phase in 0..6 {
+    const DONE: [&str; 6] = [
+        "directories made",
+        "content staged and committed",
+        "hard links made",
+        "metadata updated in place",
+        "deletions done",
+        "directory metadata set",
+    ];
+    for (phase, done) in DONE.iter().enumerate() {
         if stop() {
             a.out.stats.cancelled = true;
             break;
         }
         let t = std::time::Instant::now();
-        let name = match phase {
-            0 => (a.make_dirs(), "directories made").1,
-            1 => (a.stage_and_commit(), "content staged and committed").1,
-            2 => (a.link_members(), "hard links made").1,
-            3 => (a.update_in_place(), "metadata updated in place").1,
-            4 => (a.delete(), "deletions done").1,
-            _ => (a.set_dir_meta(), "directory metadata set").1,
-        };
-        tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: {name}");
+        match phase {
+            0 => a.make_dirs(),
+            1 => a.stage_and_commit(),
+            2 => a.link_members(),
+            3 => a.update_in_place(),
+            4 => a.delete(),
+            _ => a.set_dir_meta(),
+        }
+        tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: {done}");
     }
     if let Err(e) = rustix::fs::syncfs(a.root.fd()) {
         a.fail_str(&a.root.path().display().to_string(), format!("cannot flush the filesystem (syncfs): {e}"));

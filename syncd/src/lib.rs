@@ -133,6 +133,8 @@ struct Started {
     /// What the entries were checked to hash to.
     identity: Hash,
     rules: Exclusions,
+    /// [`unchanged::rules_digest`] of `rules`.
+    rules_digest: Hash,
     /// Whether the entries came off the wire (and so should be cached).
     fresh: bool,
     walk: manifest::scan::Scan,
@@ -161,22 +163,24 @@ async fn start_pass(
         let mut walk = tokio::task::spawn_blocking(move || host::walk(&root, &walk_rules));
         // The image is the one the host holds a copy of, and the host last matched it with
         // these rules: the walk alone may prove it still does, so it goes first.
-        let record = opts.unchanged_path().filter(|p| {
-            got.manifest.is_none() && unchanged::exists_for(p, &got.identity, &unchanged::rules_digest(&rules))
-        });
-        if let Some(record) = record {
+        let rules_digest = unchanged::rules_digest(&rules);
+        let recorded = opts
+            .unchanged_path()
+            .filter(|_| got.manifest.is_none())
+            .and_then(|p| unchanged::recorded_walk(&p, &got.identity, &rules_digest));
+        if let Some(recorded) = recorded {
             let done = walk
                 .await
                 .map_err(|e| SyncError::Internal(format!("host walk task failed: {e}")))?
                 .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
-            let rd = unchanged::rules_digest(&rules);
-            if unchanged::digest(&done).is_some_and(|d| unchanged::holds(&record, &got.identity, &rd, &d)) {
+            if unchanged::digest(&done) == Some(recorded) {
                 tracing::debug!(secs = t.elapsed().as_secs_f64(), "host unchanged since it last matched this image");
                 return Ok(Started {
                     manifest: None,
                     version: got.version,
                     identity: got.identity,
                     rules,
+                    rules_digest,
                     fresh: false,
                     walk: done,
                 });
@@ -217,6 +221,7 @@ async fn start_pass(
             version: got.version,
             identity: got.identity,
             rules,
+            rules_digest,
             fresh,
             walk,
         });
@@ -380,10 +385,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: connected");
     let applied_record = trust::record_path(&opts.state_dir, &opts.root);
-    let Started { manifest, version, identity, rules, fresh, walk } =
+    let Started { manifest, version, identity, rules, rules_digest, fresh, walk } =
         start_pass(opts, &master, &local, &applied_record).await?;
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
-    let rules_digest = unchanged::rules_digest(&rules);
     // The digest of this walk, recorded if the pass finds the host matching the image.
     let mut walk_digest = None;
     let walk_only = manifest.is_none().then_some(walk.entries.len());

@@ -65,16 +65,12 @@ fn body(identity: &Hash, rules: &Hash, walk: &Hash) -> Vec<u8> {
     b
 }
 
-/// Whether a record for this image and these rules exists (a walk may then prove the host
-/// unchanged, so the manifest is worth loading only after the walk).
-pub fn exists_for(path: &Path, identity: &Hash, rules: &Hash) -> bool {
-    std::fs::read(path)
-        .is_ok_and(|b| b.len() == 8 + 96 && b[..8] == MAGIC[..] && b[8..40] == identity.0 && b[40..72] == rules.0)
-}
-
-/// Whether the record proves the host, walked as `walk`, unchanged since it matched `identity`.
-pub fn holds(path: &Path, identity: &Hash, rules: &Hash, walk: &Hash) -> bool {
-    std::fs::read(path).is_ok_and(|b| b == body(identity, rules, walk))
+/// The walk digest recorded for this image and these rules, if the record is for them (a walk
+/// may then prove the host unchanged, so the manifest is worth loading only after the walk).
+pub fn recorded_walk(path: &Path, identity: &Hash, rules: &Hash) -> Option<Hash> {
+    let b = std::fs::read(path).ok()?;
+    let ours = b.len() == 8 + 96 && b[..8] == MAGIC[..] && b[8..40] == identity.0 && b[40..72] == rules.0;
+    ours.then(|| Hash::from_slice(&b[72..104])).flatten()
 }
 
 /// Writes the record (temp file, fsync, rename).
