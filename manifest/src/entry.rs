@@ -207,8 +207,9 @@ pub struct Entry {
     /// Device number, for char and block devices.
     pub rdev: u64,
     /// Non-zero: all entries with this value are one hard-linked inode. The first in path
-    /// order is the group's leader; the others are links to it.
-    pub link_group: u64,
+    /// order is the group's leader; the others are links to it. (u32 keeps `Entry` at 120
+    /// bytes; a tree has fewer groups than entries. The wire and the identity carry a u64.)
+    pub link_group: u32,
 }
 
 /// Where canonical encodings are fed: a blake3 hasher, or a [`BufferedHasher`] in front of one.
@@ -278,7 +279,7 @@ impl Entry {
         };
         put_bytes(h, self.target.as_deref().unwrap_or(b""));
         h.update(&self.rdev.to_le_bytes());
-        h.update(&self.link_group.to_le_bytes());
+        h.update(&u64::from(self.link_group).to_le_bytes());
     }
 }
 
@@ -342,7 +343,7 @@ mod tests {
     fn entries_stay_compact() {
         // A million-file tree is held twice per pass (image and host): every word counts.
         assert_eq!(std::mem::size_of::<Xattrs>(), 8);
-        assert!(std::mem::size_of::<Entry>() <= 128, "Entry is {} bytes", std::mem::size_of::<Entry>());
+        assert!(std::mem::size_of::<Entry>() <= 120, "Entry is {} bytes", std::mem::size_of::<Entry>());
         let x: Xattrs = vec![Xattr { name: b"user.a".to_vec(), value: b"1".to_vec() }].into();
         assert_eq!(x.len(), 1);
         assert_eq!(Xattrs::from(Vec::new()), Xattrs::default(), "an empty list is the unallocated one");

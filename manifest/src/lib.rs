@@ -80,7 +80,7 @@ impl Manifest {
     }
 
     /// The leader (first member in path order) of each hard-link group.
-    pub fn link_leaders(&self) -> HashMap<u64, &RelPath> {
+    pub fn link_leaders(&self) -> HashMap<u32, &RelPath> {
         let mut m = HashMap::new();
         for e in &self.entries {
             if e.link_group != 0 {
@@ -99,19 +99,30 @@ impl Manifest {
     /// directory in the manifest (so no entry can sit beneath a symlink), and fields that fit
     /// each entry's kind.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        check_meta("(root)", &self.root)?;
-        let mut groups: HashMap<u64, &Entry> = HashMap::new();
+        check_meta(&"(root)", &self.root)?;
+        let mut groups: HashMap<u32, &Entry> = HashMap::new();
+        // The last parent found to be a directory: siblings are neighbours in path order, so
+        // most entries share it, and skip the lookup (on a million entries, a binary search
+        // each cost more than the rest of the checks together).
+        let mut known_dir: &[u8] = &[];
         for (i, e) in self.entries.iter().enumerate() {
             if i > 0 && self.entries[i - 1].path >= e.path {
                 return Err(ManifestError::NotSorted { path: e.path.clone(), prev: self.entries[i - 1].path.clone() });
             }
-            if let Some(parent) = e.path.parent() {
-                if self.get(&parent).is_none_or(|p| p.kind != Kind::Dir) {
-                    return Err(ManifestError::ParentNotDir { path: e.path.clone(), parent });
+            if let Some(parent) = e.path.parent_bytes() {
+                if parent != known_dir {
+                    let found = self.entries[..i].binary_search_by(|p| p.path.as_bytes().cmp(parent));
+                    match found.ok().map(|j| &self.entries[j]) {
+                        Some(p) if p.kind == Kind::Dir => known_dir = p.path.as_bytes(),
+                        _ => {
+                            let parent = e.path.parent().expect("a path with a parent");
+                            return Err(ManifestError::ParentNotDir { path: e.path.clone(), parent });
+                        }
+                    }
                 }
             }
             let bad = |what: &str| ManifestError::BadField { path: e.path.to_string(), what: what.to_owned() };
-            check_meta(&e.path.to_string(), &e.meta)?;
+            check_meta(&e.path, &e.meta)?;
             match e.kind {
                 Kind::File if e.hash.is_none() => return Err(bad("regular file without a content hash")),
                 Kind::Symlink if e.target.as_ref().is_none_or(|t| t.is_empty() || t.contains(&0)) => {
@@ -153,8 +164,9 @@ impl Manifest {
     }
 }
 
-fn check_meta(path: &str, m: &Meta) -> Result<(), ManifestError> {
-    let bad = |what: String| ManifestError::BadField { path: path.to_owned(), what };
+/// `path` is only formatted when a check fails (most manifests have a million entries that pass).
+fn check_meta(path: &dyn std::fmt::Display, m: &Meta) -> Result<(), ManifestError> {
+    let bad = |what: String| ManifestError::BadField { path: path.to_string(), what };
     if m.mode & !PERM_MASK != 0 {
         return Err(bad(format!("mode {:#o} has bits beyond permissions", m.mode)));
     }

@@ -9,13 +9,32 @@ use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use compact_bytes::CompactBytesSlice;
+
 /// Longest path accepted, in bytes (Linux `PATH_MAX`, less the terminating NUL).
 pub const MAX_PATH: usize = 4095;
 /// Longest single component accepted, in bytes (Linux `NAME_MAX`).
 pub const MAX_NAME: usize = 255;
 
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RelPath(Box<[u8]>);
+/// Stored as a [`CompactBytesSlice`]: the same 16 bytes as a `Box<[u8]>`, but a path of up to
+/// 15 bytes lives inline, with no allocation. A tree holds one path per entry, and most
+/// names near the top of a root, or in a flat tree of many small files, are that short:
+/// on a million-file tree this saves two allocations per file (the host's and the
+/// manifest's copy), about 64 MB.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RelPath(CompactBytesSlice);
+
+impl Ord for RelPath {
+    fn cmp(&self, other: &RelPath) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl PartialOrd for RelPath {
+    fn partial_cmp(&self, other: &RelPath) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 /// Why a byte string is not a valid [`RelPath`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,7 +85,7 @@ impl RelPath {
                 _ => {}
             }
         }
-        Ok(RelPath(b.into()))
+        Ok(RelPath(CompactBytesSlice::new(b)))
     }
 
     /// The path of `rel` beneath `root`, if `rel` is a valid relative path under it.
@@ -76,7 +95,7 @@ impl RelPath {
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        self.0.as_slice()
     }
 
     pub fn as_path(&self) -> &Path {
@@ -91,7 +110,13 @@ impl RelPath {
     /// The containing directory, or `None` for a top-level name.
     pub fn parent(&self) -> Option<RelPath> {
         let i = self.0.iter().rposition(|&c| c == b'/')?;
-        Some(RelPath(self.0[..i].into()))
+        Some(RelPath(CompactBytesSlice::new(&self.0[..i])))
+    }
+
+    /// The bytes of [`RelPath::parent`], without building it.
+    pub fn parent_bytes(&self) -> Option<&[u8]> {
+        let i = self.0.iter().rposition(|&c| c == b'/')?;
+        Some(&self.0[..i])
     }
 
     /// The last component.
@@ -204,5 +229,31 @@ mod tests {
         v.sort();
         let got: Vec<String> = v.iter().map(|p| p.to_string()).collect();
         assert_eq!(got, ["B", "a", "a.b", "a/b"]);
+    }
+
+    #[test]
+    fn short_and_long_paths_behave_alike() {
+        // 15 bytes and less live inline, longer ones on the heap: nothing else may differ.
+        let names = ["a", "d486/f312", "fifteen_bytes_x", "sixteen_bytes_xy", "usr/share/doc/libc6/copyright"];
+        let mut v: Vec<RelPath> = names.iter().map(|s| RelPath::new(s).unwrap()).collect();
+        for (p, s) in v.iter().zip(names) {
+            assert_eq!(p.as_bytes(), s.as_bytes());
+            assert_eq!(p.clone(), *p);
+            assert_eq!(p.parent_bytes(), p.parent().as_ref().map(RelPath::as_bytes));
+        }
+        let long = RelPath::new("usr/share/doc/libc6/copyright").unwrap();
+        assert_eq!(long.parent().unwrap().as_bytes(), b"usr/share/doc/libc6");
+        assert_eq!(long.parent().unwrap().parent().unwrap().as_bytes(), b"usr/share/doc");
+        assert!(long.is_within(&RelPath::new("usr/share").unwrap()));
+        v.reverse();
+        v.sort();
+        let mut want: Vec<&str> = names.to_vec();
+        want.sort();
+        assert_eq!(v.iter().map(|p| p.to_string()).collect::<Vec<_>>(), want);
+        let hash = |p: &RelPath| {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(p)
+        };
+        assert_eq!(hash(&RelPath::new("sixteen_bytes_xy").unwrap()), hash(&RelPath::new("sixteen_bytes_xy").unwrap()));
     }
 }

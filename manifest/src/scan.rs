@@ -384,8 +384,8 @@ impl<F: Fn(&RelPath, bool) -> bool + Sync> Beneath<'_, F> {
 /// other links all lie outside the tree is not in a group.
 fn assign_link_groups(entries: &mut [ScannedEntry]) {
     let mut first: HashMap<(u64, u64), usize> = HashMap::new();
-    let mut group_of_first: HashMap<usize, u64> = HashMap::new();
-    let mut next = 1;
+    let mut group_of_first: HashMap<usize, u32> = HashMap::new();
+    let mut next: u32 = 1;
     for i in 0..entries.len() {
         let e = &entries[i];
         if e.entry.kind == Kind::Dir || e.nlink < 2 {

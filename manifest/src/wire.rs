@@ -66,7 +66,7 @@ pub fn entry_to_wire(e: &Entry) -> pb::Entry {
         hash: e.hash.map(|h| Bytes::copy_from_slice(&h.0)).unwrap_or_default(),
         target: e.target.as_deref().map(Bytes::copy_from_slice).unwrap_or_default(),
         rdev: e.rdev,
-        link_group: e.link_group,
+        link_group: e.link_group.into(),
         ..Default::default()
     };
     meta_to_wire(&e.meta, &mut w);
@@ -97,16 +97,9 @@ pub fn entry_from_wire(index: usize, w: &pb::Entry) -> Result<Entry, ManifestErr
     if !matches!(kind, Kind::CharDevice | Kind::BlockDevice) && w.rdev != 0 {
         return Err(bad("device number on an entry that is not a device"));
     }
-    Ok(Entry {
-        path,
-        kind,
-        meta: meta_from_wire(w),
-        size: w.size,
-        hash,
-        target,
-        rdev: w.rdev,
-        link_group: w.link_group,
-    })
+    let link_group = u32::try_from(w.link_group)
+        .map_err(|_| bad("hard-link group number above 4294967295 (a tree has fewer groups than entries)"))?;
+    Ok(Entry { path, kind, meta: meta_from_wire(w), size: w.size, hash, target, rdev: w.rdev, link_group })
 }
 
 /// The header of `m`, whose identity (`m.identity()`, which the caller has at hand) is
@@ -325,6 +318,19 @@ mod tests {
     fn missing_parent_is_rejected() {
         let err = roundtrip(vec![file("nodir/x")], |_| {}).unwrap_err();
         assert!(matches!(err, ManifestError::ParentNotDir { .. }), "{err}");
+        // Siblings share a parent checked once; a missing parent after them is still caught.
+        let err = roundtrip(vec![dir("d"), file("d/a"), file("d/b"), file("e/c")], |_| {}).unwrap_err();
+        assert!(matches!(&err, ManifestError::ParentNotDir { path, .. } if path.as_bytes() == b"e/c"), "{err}");
+        // A file's children: its name is a parent, but not a directory.
+        let err = roundtrip(vec![dir("d"), file("d/a"), file("d/a/x")], |_| {}).unwrap_err();
+        assert!(matches!(&err, ManifestError::ParentNotDir { path, .. } if path.as_bytes() == b"d/a/x"), "{err}");
+        roundtrip(vec![dir("d"), file("d/a"), dir("d/b"), file("d/b/c"), file("d/c")], |_| {}).unwrap();
+    }
+
+    #[test]
+    fn a_hard_link_group_beyond_u32_is_rejected() {
+        let err = roundtrip(vec![file("a")], |m| batch(m, 1)[0].link_group = 1 << 32).unwrap_err();
+        assert!(err.to_string().contains("hard-link group"), "{err}");
     }
 
     #[test]

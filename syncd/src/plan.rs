@@ -197,7 +197,7 @@ impl Plan {
         let mut excluded: HashSet<RelPath> = host.excluded.iter().map(|(p, _)| p.clone()).collect();
 
         // Leaders whose inode is replaced: their members must be linked again.
-        let mut fresh_leaders: HashSet<u64> = HashSet::new();
+        let mut fresh_leaders: HashSet<u32> = HashSet::new();
         let mut mi = manifest.entries.iter().peekable();
         let mut hi = host.entries.iter().peekable();
         loop {
@@ -433,7 +433,7 @@ impl<'a> LocalContent<'a> {
     }
 }
 
-fn plan_source(new: &Entry, leaders: &HashMap<u64, &RelPath>, local: &LocalContent) -> Source {
+fn plan_source(new: &Entry, leaders: &HashMap<u32, &RelPath>, local: &LocalContent) -> Source {
     if new.link_group != 0 {
         if let Some(&leader) = leaders.get(&new.link_group) {
             if *leader != new.path {
@@ -464,10 +464,10 @@ fn link_differs(
     new: &Entry,
     old: &ScannedEntry,
     manifest: &Manifest,
-    leaders: &HashMap<u64, &RelPath>,
+    leaders: &HashMap<u32, &RelPath>,
     host_links: &HashMap<(u64, u64), Vec<&RelPath>>,
     host: &[ScannedEntry],
-    fresh_leaders: &HashSet<u64>,
+    fresh_leaders: &HashSet<u32>,
 ) -> bool {
     // An inode with names the scan did not see (outside the root, or excluded) must never be
     // changed in place: that would change those files too. It gets a fresh inode instead.

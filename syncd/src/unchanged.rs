@@ -19,12 +19,17 @@ use std::path::{Path, PathBuf};
 
 use manifest::scan::Scan;
 use manifest::{BufferedHasher, Hash, HashSink};
+use rayon::prelude::*;
 
 const MAGIC: &[u8; 8] = b"GISUC01\n";
 
 pub fn path(state_dir: &Path, root: &Path) -> PathBuf {
     state_dir.join(format!("unchanged-{}.bin", crate::root_key(root)))
 }
+
+/// Entries per chunk of the walk digest (part of its definition: changing it changes every
+/// digest, which costs each host one full pass).
+const DIGEST_CHUNK: usize = 8192;
 
 /// The digest of a walk, or `None` if the walk met any error (then nothing is known for sure).
 pub fn digest(walk: &Scan) -> Option<Hash> {
@@ -36,11 +41,25 @@ pub fn digest(walk: &Scan) -> Option<Hash> {
     walk.root.hash_into(&mut h);
     h.update(&walk.root_dev.to_le_bytes());
     h.update(&(walk.entries.len() as u64).to_le_bytes());
-    for e in &walk.entries {
-        e.entry.hash_into(&mut h);
-        for v in [e.dev, e.ino, u64::from(e.nlink), e.ctime_ns as u64, u64::from(e.mount_point)] {
-            h.update(&v.to_le_bytes());
-        }
+    // Entries are digested in fixed chunks, in parallel, and the chunks' digests in order:
+    // the same tree gives the same digest on any number of threads, and a million entries
+    // take half the time on two cores.
+    let chunks: Vec<Hash> = walk
+        .entries
+        .par_chunks(DIGEST_CHUNK)
+        .map(|chunk| {
+            let mut h = BufferedHasher::new();
+            for e in chunk {
+                e.entry.hash_into(&mut h);
+                for v in [e.dev, e.ino, u64::from(e.nlink), e.ctime_ns as u64, u64::from(e.mount_point)] {
+                    h.update(&v.to_le_bytes());
+                }
+            }
+            h.finalize()
+        })
+        .collect();
+    for c in &chunks {
+        h.update(&c.0);
     }
     h.update(&(walk.excluded.len() as u64).to_le_bytes());
     for (p, is_dir) in &walk.excluded {
