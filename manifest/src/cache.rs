@@ -227,14 +227,56 @@ fn write_records(path: &Path, records: impl Iterator<Item = Record>) -> io::Resu
     std::fs::rename(&tmp, path)
 }
 
-/// Indices of the regular files of `entries`, sorted by (dev, inode): the order of a cache
-/// file's records. Four bytes per file, where a loaded cache costs 72.
-fn files_by_inode(entries: &[ScannedEntry]) -> Vec<u32> {
-    use rayon::slice::ParallelSliceMut;
-    let mut order: Vec<u32> =
-        (0..entries.len() as u32).filter(|i| entries[*i as usize].entry.kind == Kind::File).collect();
-    order.par_sort_unstable_by_key(|i| (entries[*i as usize].dev, entries[*i as usize].ino));
-    order
+/// The regular files of `entries` in (dev, inode) order, the order of a cache file's
+/// records: each as its inode number and its index in `entries`. `dev` is the device they all
+/// share, when they do (the usual case): the merge then reads every key from here, in order,
+/// instead of from a million entries in random order. 16 bytes per file, where a loaded
+/// cache costs 72.
+struct InodeOrder {
+    dev: Option<u64>,
+    files: Vec<InodeOf>,
+}
+
+/// A file's inode number and index, packed into 12 bytes (a million files: 12 MB, not 16).
+#[derive(Clone, Copy)]
+#[repr(C, packed(4))]
+struct InodeOf {
+    ino: u64,
+    at: u32,
+}
+
+impl InodeOf {
+    fn key(self) -> (u64, u32) {
+        (self.ino, self.at)
+    }
+}
+
+impl InodeOrder {
+    fn of(entries: &[ScannedEntry]) -> InodeOrder {
+        use rayon::slice::ParallelSliceMut;
+        let (mut dev, mut one_dev) = (None, true);
+        let mut files: Vec<InodeOf> = Vec::new();
+        for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.entry.kind == Kind::File) {
+            match dev {
+                None => dev = Some(e.dev),
+                Some(d) if d != e.dev => one_dev = false,
+                Some(_) => {}
+            }
+            files.push(InodeOf { ino: e.ino, at: i as u32 });
+        }
+        if one_dev {
+            files.par_sort_unstable_by_key(|f| f.key());
+        } else {
+            files.par_sort_unstable_by_key(|f| (entries[f.at as usize].dev, f.ino, f.at));
+            dev = None;
+        }
+        InodeOrder { dev, files }
+    }
+
+    fn key(&self, entries: &[ScannedEntry], at: usize) -> (u64, u64) {
+        let InodeOf { ino, at } = self.files[at];
+        (self.dev.unwrap_or_else(|| entries[at as usize].dev), ino)
+    }
 }
 
 /// What [`apply_file`] did: how many files took their hash from the cache, and whether the
@@ -267,8 +309,9 @@ impl Applied {
 /// cache; one that cannot be read, is damaged (checksum) or is not in key order (written by
 /// an old version) fills nothing, and the returned message says why.
 pub fn apply_file(path: &Path, entries: &mut [ScannedEntry]) -> (Applied, Option<String>) {
-    let order = files_by_inode(entries);
-    let mut filled: Vec<u32> = Vec::new();
+    let order = InodeOrder::of(entries);
+    // Which files (by position in `order`) took a hash, to take it back if the checksum fails.
+    let mut filled = vec![0u64; order.files.len().div_ceil(64)];
     let mut applied = Applied::default();
     let result = (|| -> io::Result<()> {
         let mut r = RecordReader::open(path)?;
@@ -280,16 +323,15 @@ pub fn apply_file(path: &Path, entries: &mut [ScannedEntry]) -> (Applied, Option
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "not in inode order (an old format)"));
             }
             last = Some(rec.key);
-            let key = |entries: &[ScannedEntry], i: u32| (entries[i as usize].dev, entries[i as usize].ino);
-            while at < order.len() && key(entries, order[at]) < rec.key {
+            while at < order.files.len() && order.key(entries, at) < rec.key {
                 at += 1;
             }
             let mut used = false;
-            while at < order.len() && key(entries, order[at]) == rec.key {
-                let e = &mut entries[order[at] as usize];
+            while at < order.files.len() && order.key(entries, at) == rec.key {
+                let e = &mut entries[order.files[at].at as usize];
                 if e.entry.hash.is_none() && stamp(e) == rec.stamp {
                     e.entry.hash = Some(rec.hash);
-                    filled.push(order[at]);
+                    filled[at / 64] |= 1 << (at % 64);
                     used = true;
                 }
                 at += 1;
@@ -301,12 +343,14 @@ pub fn apply_file(path: &Path, entries: &mut [ScannedEntry]) -> (Applied, Option
     })();
     match result {
         Ok(()) => {
-            applied.filled = filled.len();
+            applied.filled = filled.iter().map(|w| w.count_ones() as usize).sum();
             (applied, None)
         }
         Err(e) => {
-            for i in filled {
-                entries[i as usize].entry.hash = None;
+            for (at, f) in order.files.iter().enumerate() {
+                if filled[at / 64] & (1 << (at % 64)) != 0 {
+                    entries[f.at as usize].entry.hash = None;
+                }
             }
             let problem = match e.kind() {
                 io::ErrorKind::NotFound => None,
@@ -321,9 +365,9 @@ pub fn apply_file(path: &Path, entries: &mut [ScannedEntry]) -> (Applied, Option
 /// Writes the hashed regular files of `entries` as the cache file at `path` (atomically), one
 /// record per inode, without building the records in memory first.
 pub fn save_entries(path: &Path, entries: &[ScannedEntry]) -> io::Result<()> {
-    let order = files_by_inode(entries);
+    let order = InodeOrder::of(entries);
     let mut last = None;
-    let records = order.into_iter().filter_map(|i| {
+    let records = order.files.iter().filter_map(|&InodeOf { at: i, .. }| {
         let e = &entries[i as usize];
         let key = (e.dev, e.ino);
         // Hard links: one record per inode.
@@ -483,6 +527,48 @@ mod tests {
         let (applied, problem) = apply_file(&file, &mut e);
         assert!(problem.unwrap().contains("inode order"));
         assert_eq!((applied.filled, hashed(&e)), (0, 0));
+    }
+
+    #[test]
+    fn files_on_several_devices_merge_in_device_then_inode_order() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("t");
+        std::fs::create_dir(&tree).unwrap();
+        for n in ["a", "b", "c", "d", "e"] {
+            std::fs::write(tree.join(n), n).unwrap();
+        }
+        // As if b and d were bind-mounted files from other filesystems.
+        let fake_devs = |mut e: Vec<ScannedEntry>| {
+            for x in e.iter_mut() {
+                match x.entry.path.as_bytes() {
+                    b"b" => x.dev = 1,
+                    b"d" => x.dev = u64::MAX,
+                    _ => {}
+                }
+            }
+            e
+        };
+        let walk = || fake_devs(scan::walk(&tree).unwrap().entries);
+        let order = InodeOrder::of(&walk());
+        assert_eq!(order.dev, None, "no one device");
+        let e = walk();
+        let keys: Vec<(u64, u64)> = (0..order.files.len()).map(|at| order.key(&e, at)).collect();
+        assert!(keys.is_sorted(), "{keys:?}");
+        assert_eq!(keys.len(), 5);
+
+        let mut hashed = scan::walk(&tree).unwrap().entries;
+        assert!(scan::hash_files(&tree, &mut hashed, &throttle::Limiter::unlimited(), |_| true).is_empty());
+        let hashed = fake_devs(hashed);
+        let file = d.path().join("index.bin");
+        save_entries(&file, &hashed).unwrap();
+        let mut e = walk();
+        let (applied, problem) = apply_file(&file, &mut e);
+        assert!(problem.is_none());
+        assert_eq!(applied.filled, 5);
+        assert!(applied.unchanged(&e));
+        for (a, b) in e.iter().zip(&hashed) {
+            assert_eq!(a.entry.hash, b.entry.hash, "{}", a.entry.path);
+        }
     }
 
     #[test]

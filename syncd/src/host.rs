@@ -53,10 +53,35 @@ pub fn hash(
             present[m as usize] = manifest.entries[m as usize].hash == Some(hash);
         }
     }
+    // Every image file already at its path with its content (the usual pass): no content is
+    // missing, so no other file is worth hashing and nothing will be sent as a delta.
+    let missing = manifest.entries.iter().zip(&present).any(|(e, present)| e.kind == Kind::File && !*present);
+    if missing {
+        find_content_and_bases(root, &mut s, manifest, &pairs, &present, read, delta_bases, &mut errors);
+    }
+    tracing::debug!(secs = t.elapsed().as_secs_f64(), missing, "host hashing done");
+    // Files that changed while hashed simply stay unhashed: the plan replaces them.
+    errors.retain(|e| !matches!(e, ScanError::Changed { .. }));
+    (HostTree { root: s.root, entries: s.entries, unreadable, excluded: s.excluded }, errors)
+}
+
+/// Rounds 2 and 3 of [`hash`], for a host that lacks some of the image's content.
+#[allow(clippy::too_many_arguments)]
+fn find_content_and_bases(
+    root: &Path,
+    s: &mut scan::Scan,
+    manifest: &Manifest,
+    pairs: &[Option<u32>],
+    present: &[bool],
+    read: &throttle::Limiter,
+    delta_bases: bool,
+    errors: &mut Vec<ScanError>,
+) {
+    let image_file = |i: usize| pairs[i].map(|m| &manifest.entries[m as usize]).filter(|m| m.kind == Kind::File);
     let needed_sizes: HashSet<u64> = manifest
         .entries
         .iter()
-        .zip(&present)
+        .zip(present)
         .filter(|(e, present)| e.kind == Kind::File && e.size > 0 && !**present)
         .map(|(e, _)| e.size)
         .collect();
@@ -101,10 +126,6 @@ pub fn hash(
             errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
         }
     }
-    tracing::debug!(secs = t.elapsed().as_secs_f64(), "host hashing done");
-    // Files that changed while hashed simply stay unhashed: the plan replaces them.
-    errors.retain(|e| !matches!(e, ScanError::Changed { .. }));
-    (HostTree { root: s.root, entries: s.entries, unreadable, excluded: s.excluded }, errors)
 }
 
 /// For each host entry, the index of the image entry at the same path (both sorted by path).
@@ -112,10 +133,18 @@ fn pair_by_path(image: &[manifest::Entry], host: &[scan::ScannedEntry]) -> Vec<O
     let mut out = Vec::with_capacity(host.len());
     let mut m = 0;
     for h in host {
-        while m < image.len() && image[m].path < h.entry.path {
-            m += 1;
+        let mut found = None;
+        while m < image.len() {
+            match image[m].path.cmp(&h.entry.path) {
+                std::cmp::Ordering::Less => m += 1,
+                std::cmp::Ordering::Equal => {
+                    found = Some(m as u32);
+                    break;
+                }
+                std::cmp::Ordering::Greater => break,
+            }
         }
-        out.push((m < image.len() && image[m].path == h.entry.path).then_some(m as u32));
+        out.push(found);
     }
     out
 }
