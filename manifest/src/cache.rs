@@ -230,7 +230,7 @@ fn write_records(path: &Path, records: impl Iterator<Item = Record>) -> io::Resu
 /// The regular files of `entries` in (dev, inode) order, the order of a cache file's
 /// records: each as its inode number and its index in `entries`. `dev` is the device they all
 /// share, when they do (the usual case): the merge then reads every key from here, in order,
-/// instead of from a million entries in random order. 16 bytes per file, where a loaded
+/// instead of from a million entries in random order. 12 bytes per file, where a loaded
 /// cache costs 72.
 struct InodeOrder {
     dev: Option<u64>,

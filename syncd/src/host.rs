@@ -57,75 +57,59 @@ pub fn hash(
     // missing, so no other file is worth hashing and nothing will be sent as a delta.
     let missing = manifest.entries.iter().zip(&present).any(|(e, present)| e.kind == Kind::File && !*present);
     if missing {
-        find_content_and_bases(root, &mut s, manifest, &pairs, &present, read, delta_bases, &mut errors);
+        let needed_sizes: HashSet<u64> = manifest
+            .entries
+            .iter()
+            .zip(&present)
+            .filter(|(e, present)| e.kind == Kind::File && e.size > 0 && !**present)
+            .map(|(e, _)| e.size)
+            .collect();
+        if !needed_sizes.is_empty() {
+            let want: Vec<bool> = s.entries.iter().map(|h| needed_sizes.contains(&h.entry.size)).collect();
+            errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
+        }
+        // Round 3: old versions of changed files, and files gone from the image in a directory
+        // where it has new files (a renamed file's old name), as delta bases. Each is read once
+        // here and again only if the master sends a delta against it; a pass with nothing to fetch
+        // reads none.
+        if delta_bases {
+            // Image files with no host file at their path: the ones a renamed file's base is
+            // looked for beside.
+            let mut host_file = vec![false; manifest.entries.len()];
+            for (m, h) in pairs.iter().zip(&s.entries) {
+                if let Some(m) = m {
+                    host_file[*m as usize] = h.entry.kind == Kind::File;
+                }
+            }
+            let new_dirs: HashSet<&[u8]> = manifest
+                .entries
+                .iter()
+                .zip(&host_file)
+                .filter(|(e, host_file)| e.kind == Kind::File && !**host_file)
+                .map(|(e, _)| delta::dir_of(&e.path))
+                .collect();
+            let want: Vec<bool> = s
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let sized = (delta::MIN_DELTA_BYTES..=delta::MAX_DELTA_BYTES).contains(&h.entry.size);
+                    sized
+                        && match image_file(i) {
+                            Some(m) => m.size != h.entry.size,
+                            None => !new_dirs.is_empty() && new_dirs.contains(delta::dir_of(&h.entry.path)),
+                        }
+                })
+                .collect();
+            if want.iter().any(|w| *w) {
+                errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
+            }
+        }
     }
     tracing::debug!(secs = t.elapsed().as_secs_f64(), missing, "host hashing done");
     // Files that changed while hashed simply stay unhashed: the plan replaces them.
     errors.retain(|e| !matches!(e, ScanError::Changed { .. }));
     (HostTree { root: s.root, entries: s.entries, unreadable, excluded: s.excluded }, errors)
-}
-
-/// Rounds 2 and 3 of [`hash`], for a host that lacks some of the image's content.
-#[allow(clippy::too_many_arguments)]
-fn find_content_and_bases(
-    root: &Path,
-    s: &mut scan::Scan,
-    manifest: &Manifest,
-    pairs: &[Option<u32>],
-    present: &[bool],
-    read: &throttle::Limiter,
-    delta_bases: bool,
-    errors: &mut Vec<ScanError>,
-) {
-    let image_file = |i: usize| pairs[i].map(|m| &manifest.entries[m as usize]).filter(|m| m.kind == Kind::File);
-    let needed_sizes: HashSet<u64> = manifest
-        .entries
-        .iter()
-        .zip(present)
-        .filter(|(e, present)| e.kind == Kind::File && e.size > 0 && !**present)
-        .map(|(e, _)| e.size)
-        .collect();
-    if !needed_sizes.is_empty() {
-        let want: Vec<bool> = s.entries.iter().map(|h| needed_sizes.contains(&h.entry.size)).collect();
-        errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
-    }
-    // Round 3: old versions of changed files, and files gone from the image in a directory
-    // where it has new files (a renamed file's old name), as delta bases. Each is read once
-    // here and again only if the master sends a delta against it; a pass with nothing to fetch
-    // reads none.
-    if delta_bases {
-        // Image files with no host file at their path: the ones a renamed file's base is
-        // looked for beside.
-        let mut host_file = vec![false; manifest.entries.len()];
-        for (m, h) in pairs.iter().zip(&s.entries) {
-            if let Some(m) = m {
-                host_file[*m as usize] = h.entry.kind == Kind::File;
-            }
-        }
-        let new_dirs: HashSet<&[u8]> = manifest
-            .entries
-            .iter()
-            .zip(&host_file)
-            .filter(|(e, host_file)| e.kind == Kind::File && !**host_file)
-            .map(|(e, _)| delta::dir_of(&e.path))
-            .collect();
-        let want: Vec<bool> = s
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let sized = (delta::MIN_DELTA_BYTES..=delta::MAX_DELTA_BYTES).contains(&h.entry.size);
-                sized
-                    && match image_file(i) {
-                        Some(m) => m.size != h.entry.size,
-                        None => !new_dirs.is_empty() && new_dirs.contains(delta::dir_of(&h.entry.path)),
-                    }
-            })
-            .collect();
-        if want.iter().any(|w| *w) {
-            errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
-        }
-    }
 }
 
 /// For each host entry, the index of the image entry at the same path (both sorted by path).
