@@ -343,6 +343,12 @@ impl Write for VerifyingWriter<'_> {
         }
         self.hasher.update(data);
         self.written += data.len() as u64;
+        if self.buf.is_empty() && data.len() >= WRITE_BUF / 2 {
+            // A large piece goes to the file as it is: no copy through the buffer.
+            self.throttle.charge(throttle::pages(data.len() as u64));
+            (&mut &*self.file).write_all(data)?;
+            return Ok(data.len());
+        }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= WRITE_BUF {
             self.flush()?;

@@ -315,7 +315,11 @@ fn send_object(published: &publish::Published, hash: Hash, base: Option<Hash>, l
         Err(e) => return fail(tx, format!("cannot stat {}: {e}", path.display())),
     };
     let mut hashing = HashingReader { inner: file, hasher: blake3::Hasher::new() };
-    let encoding = if size >= MIN_COMPRESS { pb::Encoding::Zstd } else { pb::Encoding::Raw };
+    let encoding = if size >= MIN_COMPRESS && !published.cache().is_incompressible(&hash) {
+        pb::Encoding::Zstd
+    } else {
+        pb::Encoding::Raw
+    };
     let result = if encoding == pb::Encoding::Zstd {
         match zstd::stream::read::Encoder::new(&mut hashing, level) {
             Ok(enc) => pump(enc, &hash_bytes, size, encoding, tx),

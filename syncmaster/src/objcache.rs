@@ -5,7 +5,9 @@
 //! image is published, a background pool of low-priority threads compresses each of its objects
 //! at a high level (`--cache-level`, 19 by default), and every host after that is served the
 //! stored frame: no compression work per host, and fewer bytes on the wire. Until an object's
-//! frame is ready (or when the cache is full), it is compressed on the fly as before.
+//! frame is ready (or when the cache is full), it is compressed on the fly as before. Objects
+//! zstd cannot shrink by about 3% (already-compressed files: `.gz`, `.xz`, images) are
+//! remembered as incompressible and sent raw: neither the master nor the host spends CPU on them.
 //!
 //! A frame is made from content that was read and checked against its hash; frames live in
 //! memory, bounded by `--cache-size`, and objects no longer in any served image are dropped.
@@ -42,8 +44,15 @@ pub struct ObjectCache {
     frames: RwLock<HashMap<Hash, (u64, Bytes)>>,
     /// (hash, base hash) -> (uncompressed size, one zstd frame made against the base).
     deltas: RwLock<HashMap<(Hash, Hash), (u64, Bytes)>>,
+    /// Objects zstd does not shrink by at least [`MIN_GAIN`]: served raw, with no compression
+    /// attempt per request (and no decode work on the host).
+    incompressible: RwLock<HashSet<Hash>>,
     bytes: AtomicU64,
 }
+
+/// A frame is kept only if it saves at least 1/32 (about 3%) of the object; otherwise the
+/// object is marked incompressible and sent raw.
+const MIN_GAIN: u64 = 32;
 
 /// One delta to make: the object (in the new image) and its base (in the previous one).
 struct DeltaJob<'a> {
@@ -63,6 +72,11 @@ impl ObjectCache {
     /// The stored frame of `hash`, with the object's size.
     pub fn get(&self, hash: &Hash) -> Option<(u64, Bytes)> {
         self.frames.read().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()
+    }
+
+    /// True if compressing `hash` was found not to pay: send it raw.
+    pub fn is_incompressible(&self, hash: &Hash) -> bool {
+        self.incompressible.read().unwrap_or_else(|p| p.into_inner()).contains(hash)
     }
 
     /// The stored delta frame of `hash` against `base`, with the object's size.
@@ -95,8 +109,8 @@ impl ObjectCache {
                 .collect();
             todo.sort_unstable_by_key(|(h, _, _)| **h);
             todo.dedup_by_key(|(h, _, _)| **h);
-            todo.retain(|(h, _, _)| cache.get(h).is_none());
-            let raw: u64 = todo.iter().map(|(_, _, s)| s).sum();
+            todo.retain(|(h, _, _)| cache.get(h).is_none() && !cache.is_incompressible(h));
+            let raw_bytes: u64 = todo.iter().map(|(_, _, s)| s).sum();
             let (stored, skipped) = pool.install(|| {
                 todo.par_iter()
                     .map(|(hash, rel, size)| match cache.compress(&image, hash, rel, *size, config) {
@@ -131,6 +145,10 @@ impl ObjectCache {
             frames.retain(|h, _| live.contains(h));
             let mut delta_frames = cache.deltas.write().unwrap_or_else(|p| p.into_inner());
             delta_frames.retain(|(h, b), _| live.contains(h) && live.contains(b));
+            let mut raw = cache.incompressible.write().unwrap_or_else(|p| p.into_inner());
+            raw.retain(|h| live.contains(h));
+            let incompressible = raw.len();
+            drop(raw);
             let total: u64 = frames.values().chain(delta_frames.values()).map(|(_, f)| f.len() as u64).sum();
             cache.bytes.store(total, Ordering::Relaxed);
             tracing::info!(
@@ -139,7 +157,8 @@ impl ObjectCache {
                 deltas,
                 delta_raw_mib = delta_raw / (1 << 20),
                 not_cached = skipped,
-                raw_mib = raw / (1 << 20),
+                incompressible,
+                raw_mib = raw_bytes / (1 << 20),
                 cached_mib = total / (1 << 20),
                 level = config.level,
                 secs = t.elapsed().as_secs_f64(),
@@ -176,8 +195,8 @@ impl ObjectCache {
         Ok(true)
     }
 
-    /// Reads, checks and compresses one object. `Ok(false)`: not worth storing (no gain), or the
-    /// cache is full.
+    /// Reads, checks and compresses one object. `Ok(false)`: not worth storing (less than
+    /// 1/[`MIN_GAIN`] saved: then marked incompressible), or the cache is full.
     fn compress(
         &self,
         image: &Image,
@@ -191,7 +210,8 @@ impl ObjectCache {
         }
         let data = read_checked(image, rel, size, hash)?;
         let frame = zstd::bulk::compress(&data, config.level)?;
-        if frame.len() as u64 >= size {
+        if (frame.len() as u64).saturating_mul(MIN_GAIN) >= size.saturating_mul(MIN_GAIN - 1) {
+            self.incompressible.write().unwrap_or_else(|p| p.into_inner()).insert(*hash);
             return Ok(false);
         }
         let len = frame.len() as u64;

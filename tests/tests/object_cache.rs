@@ -13,6 +13,17 @@ fn hosts_are_served_the_frames_compressed_once() {
     build_fixture(&img);
     let text: String = (0..40_000).map(|i| format!("line {i}: the quick brown fox {}\n", i % 97)).collect();
     std::fs::write(img.join("etc/big.txt"), &text).unwrap();
+    // Already compressed (here: xorshift noise): zstd cannot shrink it, so it is sent raw.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..96 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(img.join("usr/noise.gz"), &noise).unwrap();
 
     let master = Master::start_with(&[OsStr::new("--image"), img.as_os_str()]);
     assert!(
@@ -23,6 +34,7 @@ fn hosts_are_served_the_frames_compressed_once() {
     let log = master.stderr();
     let ready = log.lines().find(|l| l.contains("object cache ready")).unwrap();
     assert!(!ready.contains(" objects=0 "), "nothing was cached: {ready}");
+    assert!(!ready.contains(" incompressible=0 "), "the noise file is not marked incompressible: {ready}");
 
     // Once its frame is stored, an object no longer depends on the image file: edit the file
     // (same size) and the host still gets the content the manifest names, from the frame.
@@ -38,6 +50,7 @@ fn hosts_are_served_the_frames_compressed_once() {
     let out = sync(&master, &root, &[]);
     out.expect_code(0, &[&root]);
     assert_eq!(std::fs::read_to_string(root.join("etc/big.txt")).unwrap(), text, "not served from the cache");
+    assert_eq!(std::fs::read(root.join("usr/noise.gz")).unwrap(), noise, "the raw object arrived changed");
     std::fs::write(img.join("etc/big.txt"), &text).unwrap();
     set_mtime(&img.join("etc/big.txt"), mtime);
     assert_converged(&img, &root, &out);
