@@ -1,7 +1,6 @@
 //! Talking to syncmaster: the manifest stream and the ordered object stream.
 
 use std::io::{self, Write};
-use std::sync::Arc;
 use std::time::Duration;
 
 use exclusions::PatternList;
@@ -206,8 +205,8 @@ impl Master {
     }
 
     /// Requests `objects` (hash, declared size) in order. The stream is received on `rt`, and
-    /// zstd frames and deltas are decoded on threads of their own ([`dispatch`], [`decode_worker`]),
-    /// so the apply thread only writes and verifies.
+    /// whole-object zstd frames are decoded on a thread of their own ([`decode_stage`]), so the
+    /// apply thread only writes and verifies.
     fn spawn_fetch_on(
         &self,
         client: ImageSyncClient<Channel>,
@@ -219,10 +218,15 @@ impl Master {
             bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
         let bases_req = if offered.iter().any(Option::is_some) { offered } else { Vec::new() };
         let hashes: Vec<Hash> = objects.iter().map(|(h, _)| *h).collect();
-        let (tx, net_rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(32);
-        // Single-object fetches need no second decoder.
-        let decoders = if objects.len() > 1 { DECODERS } else { 1 };
-        let rxs = start_decoders(net_rx, objects, bases, decoders);
+        let (tx, net_rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(64);
+        let (piece_tx, rx) = mpsc::channel::<Result<Piece, String>>(PIECES_IN_FLIGHT);
+        let spawned = std::thread::Builder::new()
+            .name("decode".into())
+            .spawn(move || decode_stage(net_rx, piece_tx, &objects, bases));
+        if let Err(e) = spawned {
+            // No thread: the stream reads as broken, and each object is fetched on its own.
+            tracing::warn!("cannot start the object decode thread: {e}");
+        }
         let url = self.url.clone();
         let net = self.net.clone();
         rt.spawn(async move {
@@ -264,7 +268,7 @@ impl Master {
                 }
             }
         });
-        ObjectStream { rxs, at: 0, broken: None, abandoned: None, wire_bytes: 0, objects: 0, bytes: 0, deltas: 0 }
+        ObjectStream { rx, broken: None, abandoned: None, wire_bytes: 0, objects: 0, bytes: 0, deltas: 0 }
     }
 }
 
@@ -344,14 +348,9 @@ pub enum ObjectError {
     },
 }
 
-/// Decoded pieces queued between the decode threads and the apply thread, shared out among
-/// the decoders (each piece at most [`PIECE_BYTES`]): bounds that memory to 2 MiB.
+/// Decoded pieces queued between the decode thread and the apply thread (each at most
+/// [`PIECE_BYTES`]): bounds that memory to 2 MiB.
 const PIECES_IN_FLIGHT: usize = 16;
-/// Objects are decoded by this many threads, object `k` by decoder `k % DECODERS`: an upgrade
-/// is thousands of small deltas, and one thread decoding them all was its critical path.
-const DECODERS: usize = 2;
-/// Chunks (each at most `proto::OBJECT_CHUNK` on the wire) queued for each decoder.
-const CHUNKS_PER_DECODER: usize = 16;
 const PIECE_BYTES: usize = 128 * 1024;
 
 /// What the apply thread reads: a chunk as it came from the master, or (encoding raw) a piece
@@ -381,23 +380,8 @@ impl Piece {
 /// symlink, with every byte charged to `read`.
 pub struct Bases {
     pub root: crate::root::RootDir,
-    pub paths: Arc<Vec<Option<(manifest::RelPath, Hash)>>>,
+    pub paths: Vec<Option<(manifest::RelPath, Hash)>>,
     pub read: throttle::Limiter,
-}
-
-impl Bases {
-    /// Another handle on the same bases, for another decoder.
-    fn share(&self) -> Bases {
-        Bases { root: self.root.share(), paths: self.paths.clone(), read: self.read.clone() }
-    }
-}
-
-/// What the dispatcher hands a decoder: a chunk, with the object it belongs to if it is the
-/// one expected (its index in the fetch list, and the object's hash and declared size), or the
-/// stream's failure.
-enum Work {
-    Chunk { chunk: pb::ObjectChunk, expected: Option<(usize, Hash, u64)> },
-    Failed(String),
 }
 
 /// How the current object's delta stands in the decode stage.
@@ -409,80 +393,18 @@ enum DeltaState {
     Failed(String),
 }
 
-/// Starts the dispatcher and `decoders` decode threads on the chunks from `net_rx`; returns
-/// each decoder's output, for [`ObjectStream`] to read in turn. A thread that cannot start
-/// leaves the stream reading as broken, and each object is then fetched on its own.
-fn start_decoders(
-    net_rx: mpsc::Receiver<Result<pb::ObjectChunk, String>>,
-    objects: Vec<(Hash, u64)>,
-    bases: Option<Bases>,
-    decoders: usize,
-) -> Vec<mpsc::Receiver<Result<Piece, String>>> {
-    let mut rxs = Vec::with_capacity(decoders);
-    let mut inputs = Vec::with_capacity(decoders);
-    let mut started = Ok(());
-    for n in 0..decoders {
-        let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<Work>(CHUNKS_PER_DECODER);
-        let (piece_tx, rx) = mpsc::channel::<Result<Piece, String>>(PIECES_IN_FLIGHT / decoders);
-        let bases = bases.as_ref().map(Bases::share);
-        let spawned = std::thread::Builder::new()
-            .name(format!("decode-{n}"))
-            .spawn(move || decode_worker(work_rx, piece_tx, bases));
-        started = started.and(spawned.map(drop));
-        inputs.push(work_tx);
-        rxs.push(rx);
-    }
-    let spawned = std::thread::Builder::new().name("decode".into()).spawn(move || dispatch(net_rx, inputs, &objects));
-    if let Err(e) = started.and(spawned.map(drop)) {
-        tracing::warn!("cannot start the object decode threads: {e}");
-    }
-    rxs
-}
-
-/// Hands the chunks of `objects` (in order), as they come off the connection, to the decoders
-/// in turn, one whole object each, so that small objects (an upgrade's deltas) decode in
-/// parallel; [`ObjectStream`] reads the decoders' outputs back in the same turn. Each decoder
-/// ([`decode_worker`]) turns zstd and delta chunks into raw pieces of at most [`PIECE_BYTES`],
-/// so the apply thread only writes and verifies. A delta's base is the host file `bases` names
-/// for that object, read back (the base the host offered must be the one the master named; the
-/// decoded content is verified downstream); if it cannot be used, the object's data is dropped
-/// and the object marked for a whole fetch. Raw chunks, errors and anything out of order pass
-/// through as they are, for [`ObjectStream::next_into`] to judge. An object decoding past its
-/// declared size (a bomb) or not decoding at all is reported once, and its decoder stops (and
-/// with it the stream): nothing after it is trusted to end.
-fn dispatch(
+/// Decodes the zstd and delta chunks of the objects in `objects` (in order) into raw pieces of
+/// at most [`PIECE_BYTES`], so the apply thread only writes and verifies. A delta's base is the
+/// host file `bases` names for that object, read back (the base the host offered must be the
+/// one the master named; the decoded content is verified downstream); if it cannot be used, the object's data is dropped and the
+/// object marked for a whole fetch. Raw chunks, errors and anything out of order pass through
+/// as they are, for [`ObjectStream::next_into`] to judge. An object decoding past its declared
+/// size (a bomb) or not decoding at all is reported once, and the stage stops: nothing after it
+/// is trusted to end.
+fn decode_stage(
     mut rx: mpsc::Receiver<Result<pb::ObjectChunk, String>>,
-    inputs: Vec<std::sync::mpsc::SyncSender<Work>>,
-    objects: &[(Hash, u64)],
-) {
-    // Object `next` goes to decoder `next % n`; every chunk marked last ends an object, the
-    // same rule by which `ObjectStream` moves on to the next decoder's output.
-    let mut next = 0;
-    while let Some(item) = rx.blocking_recv() {
-        let to = &inputs[next % inputs.len()];
-        let chunk = match item {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = to.send(Work::Failed(e));
-                return;
-            }
-        };
-        let expected = objects.get(next).filter(|(h, _)| chunk.hash.as_ref() == h.0).map(|(h, size)| (next, *h, *size));
-        let last = chunk.last;
-        if to.send(Work::Chunk { chunk, expected }).is_err() {
-            return;
-        }
-        if last {
-            next += 1;
-        }
-    }
-}
-
-/// One decoder: decodes the chunks of the objects the dispatcher hands it, in order, into raw
-/// pieces on `tx`. It stops once its reader is gone or an object cannot be decoded.
-fn decode_worker(
-    rx: std::sync::mpsc::Receiver<Work>,
     tx: mpsc::Sender<Result<Piece, String>>,
+    objects: &[(Hash, u64)],
     mut bases: Option<Bases>,
 ) {
     use zstd::stream::raw::Operation;
@@ -492,21 +414,23 @@ fn decode_worker(
     // object cost more than decoding most deltas.
     let mut delta_ctx: Option<zstd_safe::DCtx<'static>> = None;
     let mut delta = DeltaState::None;
+    let mut next = 0;
     let mut decoded = 0u64;
     let send = |p: Piece| tx.blocking_send(Ok(p)).is_ok();
-    while let Ok(work) = rx.recv() {
-        let (mut chunk, expected) = match work {
-            Work::Chunk { chunk, expected } => (chunk, expected),
-            Work::Failed(e) => {
+    while let Some(item) = rx.blocking_recv() {
+        let mut chunk = match item {
+            Ok(c) => c,
+            Err(e) => {
                 let _ = tx.blocking_send(Err(e));
                 return;
             }
         };
+        let expected = objects.get(next).filter(|(h, _)| chunk.hash.as_ref() == h.0).copied();
         let last = chunk.last;
         let usable = expected.is_some() && chunk.error.is_empty() && !chunk.data.is_empty();
         let encoding = pb::Encoding::try_from(chunk.encoding);
         let ok = match (expected, encoding) {
-            (Some((_, _, size)), Ok(pb::Encoding::Zstd)) if usable => {
+            (Some((_, size)), Ok(pb::Encoding::Zstd)) if usable => {
                 if decoder.is_none() {
                     match new_decoder() {
                         Ok(d) => decoder = Some(d),
@@ -523,10 +447,10 @@ fn decode_worker(
                     |i: &mut zstd_safe::InBuffer<'_>, o: &mut zstd_safe::OutBuffer<'_, Vec<u8>>| d.run(i, o).map(drop);
                 decode_pieces(&mut run, &chunk, size, &mut decoded, false, &send)
             }
-            (Some((at, want, size)), Ok(pb::Encoding::ZstdDelta)) if usable => {
+            (Some((want, size)), Ok(pb::Encoding::ZstdDelta)) if usable => {
                 let ctx = delta_ctx.get_or_insert_with(zstd_safe::DCtx::create);
                 if matches!(delta, DeltaState::None) {
-                    let offered = bases.as_mut().and_then(|b| b.paths.get(at).cloned().flatten().map(|p| (b, p)));
+                    let offered = bases.as_mut().and_then(|b| b.paths.get(next).cloned().flatten().map(|p| (b, p)));
                     delta = match load_base(ctx, offered, &chunk.base, &want) {
                         Ok(()) => DeltaState::Ready,
                         Err(why) => DeltaState::Failed(why),
@@ -553,7 +477,8 @@ fn decode_worker(
         if !ok {
             return;
         }
-        if last {
+        if expected.is_some() && last {
+            next += 1;
             decoded = 0;
             delta = DeltaState::None;
             if let Some(d) = decoder.as_mut() {
@@ -669,10 +594,7 @@ fn decode_pieces(
 
 /// The receiving end of [`Master::spawn_fetch`], read from the blocking apply thread.
 pub struct ObjectStream {
-    /// One output per decoder; object `k` comes from `rxs[k % rxs.len()]`.
-    rxs: Vec<mpsc::Receiver<Result<Piece, String>>>,
-    /// The number of objects read so far (every chunk marked last ends one).
-    at: usize,
+    rx: mpsc::Receiver<Result<Piece, String>>,
     broken: Option<String>,
     /// Set when this host cut the stream (endless or undecodable object), as opposed to the
     /// master or the network breaking it.
@@ -690,22 +612,8 @@ impl ObjectStream {
     /// be told to go away (ENHANCE_YOUR_CALM), taking the main stream with it.
     pub fn finish(mut self) {
         if self.broken.is_none() && self.abandoned.is_none() {
-            // In object order, as the decoders hand them out: a decoder whose output is not
-            // read would hold up the others.
-            while let Some(Ok(_)) = self.recv() {}
+            while self.rx.blocking_recv().is_some() {}
         }
-    }
-
-    /// The next piece, from the decoder of the current object.
-    fn recv(&mut self) -> Option<Result<Piece, String>> {
-        let n = self.rxs.len();
-        let piece = self.rxs.get_mut(self.at % n.max(1))?.blocking_recv();
-        if let Some(Ok(p)) = &piece {
-            if p.chunk.last {
-                self.at += 1;
-            }
-        }
-        piece
     }
 
     /// Reads the next object, which must be `hash` of `size` bytes, into `sink` (if any), as
@@ -729,18 +637,19 @@ impl ObjectStream {
         let mut base_failed: Option<String> = None;
         let mut delta = false;
         loop {
-            let Piece { chunk, wire, undecodable, base_failed: unusable, delta: decoded_delta } = match self.recv() {
-                Some(Ok(c)) => c,
-                Some(Err(e)) => {
-                    self.broken = Some(e.clone());
-                    return Err(ObjectError::Broken(e));
-                }
-                None => {
-                    let e = "the master closed the stream early".to_owned();
-                    self.broken = Some(e.clone());
-                    return Err(ObjectError::Broken(e));
-                }
-            };
+            let Piece { chunk, wire, undecodable, base_failed: unusable, delta: decoded_delta } =
+                match self.rx.blocking_recv() {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => {
+                        self.broken = Some(e.clone());
+                        return Err(ObjectError::Broken(e));
+                    }
+                    None => {
+                        let e = "the master closed the stream early".to_owned();
+                        self.broken = Some(e.clone());
+                        return Err(ObjectError::Broken(e));
+                    }
+                };
             if chunk.hash.as_ref() != hash.0 {
                 let e = format!("master sent object {} where {hash} was expected", hex::encode(&chunk.hash));
                 self.broken = Some(e.clone());
@@ -809,14 +718,13 @@ mod tests {
             tx.try_send(Ok(c)).unwrap();
         }
         drop(tx);
-        // Two decoders, read back in object order as the apply thread reads them.
-        let rxs = start_decoders(rx, objects, None, DECODERS);
-        let mut stream =
-            ObjectStream { rxs, at: 0, broken: None, abandoned: None, wire_bytes: 0, objects: 0, bytes: 0, deltas: 0 };
+        let (ptx, mut prx) = mpsc::channel(PIECES_IN_FLIGHT);
+        let t = std::thread::spawn(move || decode_stage(rx, ptx, &objects, None));
         let mut out = Vec::new();
-        while let Some(p) = stream.recv() {
+        while let Some(p) = prx.blocking_recv() {
             out.push(p.unwrap());
         }
+        t.join().unwrap();
         out
     }
 
@@ -854,49 +762,6 @@ mod tests {
         assert_eq!(of_a.iter().map(|p| p.wire).sum::<u64>(), frame.len() as u64);
         assert_eq!(of_b.len(), 1);
         assert_eq!((of_b[0].chunk.data.as_ref(), of_b[0].wire, of_b[0].chunk.last), (&b"raw"[..], 3, true));
-    }
-
-    #[test]
-    fn objects_decoded_by_turns_come_back_in_fetch_order() {
-        // Small and large, compressed and raw, one chunk or several: decoder k % 2 takes
-        // object k, and the stream must still read them back in the order fetched.
-        let mut chunks = Vec::new();
-        let mut objects = Vec::new();
-        let mut contents = Vec::new();
-        for i in 0..41u32 {
-            let len = if i % 7 == 3 { 300_000 } else { 200 + i as usize * 13 };
-            let content: Vec<u8> = (0..len).map(|j| (j as u32 % (i + 5)) as u8).collect();
-            let h = Hash::of(&content);
-            if i % 3 == 0 {
-                chunks.push(chunk(h, &content, pb::Encoding::Raw, true));
-            } else {
-                let frame = zstd::bulk::compress(&content, 3).unwrap();
-                let half = frame.len() / 2;
-                chunks.push(chunk(h, &frame[..half], pb::Encoding::Zstd, false));
-                chunks.push(chunk(h, &frame[half..], pb::Encoding::Zstd, true));
-            }
-            objects.push((h, content.len() as u64));
-            contents.push((h, content));
-        }
-        let pieces = run_stage(chunks, objects);
-        let mut got: Vec<(Hash, Vec<u8>)> = Vec::new();
-        let mut open = false;
-        for p in &pieces {
-            let h = Hash::from_slice(&p.chunk.hash).unwrap();
-            if !open {
-                got.push((h, Vec::new()));
-            }
-            let k = got.len() - 1;
-            let cur = got.last_mut().unwrap();
-            assert_eq!(cur.0, h, "a piece of another object inside object {k}");
-            cur.1.extend_from_slice(&p.chunk.data);
-            open = !p.chunk.last;
-        }
-        assert_eq!(got.len(), contents.len());
-        for (k, (g, want)) in got.iter().zip(&contents).enumerate() {
-            assert_eq!(g.0, want.0, "object {k} out of order");
-            assert!(g.1 == want.1, "object {k} decoded wrong");
-        }
     }
 
     #[test]

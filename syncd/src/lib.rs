@@ -469,7 +469,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         // Delta bases are read by the stream's decode thread, beneath the same root.
         let bases = (!report.plan.fetch_bases.is_empty()).then(|| client::Bases {
             root: root.share(),
-            paths: std::sync::Arc::new(report.plan.fetch_bases.clone()),
+            paths: report.plan.fetch_bases.clone(),
             read: opts.throttle.read.clone(),
         });
         let objects = master.spawn_fetch(report.plan.fetch.clone(), bases, &rt);
