@@ -349,8 +349,8 @@ pub enum ObjectError {
 }
 
 /// Decoded pieces queued between the decode thread and the apply thread (each at most
-/// [`PIECE_BYTES`]): bounds that memory to 2 MiB.
-const PIECES_IN_FLIGHT: usize = 16;
+/// [`PIECE_BYTES`]): bounds that memory to 1 MiB.
+const PIECES_IN_FLIGHT: usize = 8;
 const PIECE_BYTES: usize = 128 * 1024;
 
 /// What the apply thread reads: a chunk as it came from the master, or (encoding raw) a piece
@@ -416,6 +416,7 @@ fn decode_stage(
     let mut delta = DeltaState::None;
     let mut next = 0;
     let mut decoded = 0u64;
+    let mut out = Vec::with_capacity(PIECE_BYTES);
     let send = |p: Piece| tx.blocking_send(Ok(p)).is_ok();
     while let Some(item) = rx.blocking_recv() {
         let mut chunk = match item {
@@ -445,7 +446,7 @@ fn decode_stage(
                 let d = decoder.as_mut().expect("just set");
                 let mut run =
                     |i: &mut zstd_safe::InBuffer<'_>, o: &mut zstd_safe::OutBuffer<'_, Vec<u8>>| d.run(i, o).map(drop);
-                decode_pieces(&mut run, &chunk, size, &mut decoded, false, &send)
+                decode_pieces(&mut run, &chunk, size, &mut decoded, &mut out, false, &send)
             }
             (Some((want, size)), Ok(pb::Encoding::ZstdDelta)) if usable => {
                 let ctx = delta_ctx.get_or_insert_with(zstd_safe::DCtx::create);
@@ -461,7 +462,7 @@ fn decode_stage(
                         let mut run = |i: &mut zstd_safe::InBuffer<'_>, o: &mut zstd_safe::OutBuffer<'_, Vec<u8>>| {
                             ctx.decompress_stream(o, i).map(drop).map_err(zstd_error)
                         };
-                        decode_pieces(&mut run, &chunk, size, &mut decoded, true, &send)
+                        decode_pieces(&mut run, &chunk, size, &mut decoded, &mut out, true, &send)
                     }
                     DeltaState::Failed(why) => {
                         let why = why.clone();
@@ -548,13 +549,14 @@ type ZstdStep<'a> =
 
 /// Decodes one chunk with `run` (one zstd streaming step) into pieces, sent through `send`;
 /// false once the stage must stop (the apply thread left, or the content is undecodable or
-/// too long). Each piece is decoded straight into its own buffer (uninitialized capacity, no
-/// copy and no zero-fill).
+/// too long). Pieces are decoded into `out` (uninitialized capacity: no zero-fill); a large
+/// piece is sent in that buffer itself, and `out` replaced.
 fn decode_pieces(
     run: &mut ZstdStep<'_>,
     chunk: &pb::ObjectChunk,
     size: u64,
     decoded: &mut u64,
+    out: &mut Vec<u8>,
     delta: bool,
     send: &dyn Fn(Piece) -> bool,
 ) -> bool {
@@ -562,11 +564,18 @@ fn decode_pieces(
     let mut wire = chunk.data.len() as u64;
     let mut inb = InBuffer::around(&chunk.data);
     loop {
-        let mut buf = Vec::with_capacity(PIECE_BYTES);
-        let mut outb = OutBuffer::around(&mut buf);
+        out.clear();
+        let mut outb = OutBuffer::around(&mut *out);
         let step = run(&mut inb, &mut outb);
         let n = outb.pos();
-        buf.truncate(n);
+        out.truncate(n);
+        // A large piece takes the buffer with it (no copy); a small one is copied out, so it
+        // holds only its own bytes while it waits in the queue.
+        let data = if n >= PIECE_BYTES / 2 {
+            bytes::Bytes::from(std::mem::replace(out, Vec::with_capacity(PIECE_BYTES)))
+        } else {
+            bytes::Bytes::copy_from_slice(out)
+        };
         *decoded += n as u64;
         let problem = match step {
             Err(e) => Some(e.to_string()),
@@ -576,7 +585,7 @@ fn decode_pieces(
         let done = inb.pos() == chunk.data.len() && n < PIECE_BYTES;
         let piece = pb::ObjectChunk {
             hash: chunk.hash.clone(),
-            data: bytes::Bytes::from(buf),
+            data,
             encoding: pb::Encoding::Raw as i32,
             last: done && chunk.last,
             ..Default::default()
