@@ -396,9 +396,10 @@ enum DeltaState {
 /// Decodes the zstd and delta chunks of the objects in `objects` (in order) into raw pieces of
 /// at most [`PIECE_BYTES`], so the apply thread only writes and verifies. A delta's base is the
 /// host file `bases` names for that object, read back (the base the host offered must be the
-/// one the master named; the decoded content is verified downstream); if it cannot be used, the object's data is dropped and the
-/// object marked for a whole fetch. Raw chunks, errors and anything out of order pass through
-/// as they are, for [`ObjectStream::next_into`] to judge. An object decoding past its declared
+/// one the master named; the decoded content is verified downstream); if it cannot be used,
+/// the object's data is dropped and the object marked for a whole fetch. Raw chunks, errors
+/// and anything out of order pass through as they are, for [`ObjectStream::next_into`] to
+/// judge. An object decoding past its declared
 /// size (a bomb) or not decoding at all is reported once, and the stage stops: nothing after it
 /// is trusted to end.
 fn decode_stage(
@@ -500,8 +501,7 @@ fn zstd_error(code: usize) -> io::Error {
 }
 
 /// Prepares `ctx` to decode one delta object of content `want`: the base the host offered for
-/// it, read back, becomes its dictionary. `named` is the base the master says it
-/// used.
+/// it, read back, becomes its dictionary. `named` is the base the master says it used.
 fn load_base(
     ctx: &mut zstd::zstd_safe::DCtx<'static>,
     offered: Option<(&mut Bases, (manifest::RelPath, Hash))>,

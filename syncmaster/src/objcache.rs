@@ -44,7 +44,7 @@ pub struct ObjectCache {
     frames: RwLock<HashMap<Hash, (u64, Bytes)>>,
     /// (hash, base hash) -> (uncompressed size, one zstd frame made against the base).
     deltas: RwLock<HashMap<(Hash, Hash), (u64, Bytes)>>,
-    /// Objects zstd does not shrink by at least [`MIN_GAIN`]: served raw, with no compression
+    /// Objects zstd does not shrink by at least 1/[`MIN_GAIN`]: served raw, with no compression
     /// attempt per request (and no decode work on the host).
     incompressible: RwLock<HashSet<Hash>>,
     bytes: AtomicU64,
