@@ -37,6 +37,8 @@
 #                        pass loads the manifest, merges the host index and plans
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+source "$here/lib.sh"
 CORPORA=${CORPORA:-/var/tmp/gis-corpora}
 IMAGE_NAME=${IMAGE:-bookworm-big}
 image=$CORPORA/$IMAGE_NAME
@@ -245,14 +247,7 @@ m_ms=$(div "$((m_total * 1000))" "$((HZ * RUNS))" %.1f); d_ms=$(div "$((d_total 
 cpu_ratio=$(div "$m_total" "$d_total" %.4f)
 cpu_inv=$(div "$d_total" "$m_total" %.0f)
 entries=$(find "$image" | wc -l)
-fstype=$(findmnt -n -o FSTYPE -T "$SCRATCH" 2>/dev/null || stat -f -c %T "$SCRATCH")
-# A loop device: say how it is backed (buffered, the default, copies every written block
-# once more into the backing file's page cache; direct I/O does not, like a real disk).
-scratch_src=$(findmnt -n -o SOURCE -T "$SCRATCH" 2>/dev/null || true)
-if [[ $scratch_src == /dev/loop* ]]; then
-    dio=$(cat "/sys/block/${scratch_src#/dev/}/loop/dio" 2>/dev/null || echo "?")
-    fstype="$fstype (loop device $scratch_src, direct I/O: $([ "$dio" = 1 ] && echo on || echo off))"
-fi
+fstype=$(scratch_fs "$SCRATCH")
 cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 rev=$(git -C "$here/.." rev-parse --short HEAD 2>/dev/null || echo unknown)
 git -C "$here/.." diff --quiet HEAD 2>/dev/null || rev+=" (dirty tree)"

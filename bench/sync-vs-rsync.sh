@@ -57,6 +57,8 @@
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
 RUNS=${RUNS:-5}
 RSYNC_Z=${RSYNC_Z:-upgrades}
 CORPORA=${CORPORA:-/var/tmp/gis-corpora}
@@ -428,14 +430,7 @@ med() {
 }
 raw() { local -n arr=$3; local v="${arr[$1:$2]:-}"; echo "${v# }"; }
 
-fstype=$(findmnt -n -o FSTYPE -T "$SCRATCH" 2>/dev/null || stat -f -c %T "$SCRATCH")
-# A loop device: say how it is backed (buffered, the default, copies every written block
-# once more into the backing file's page cache; direct I/O does not, like a real disk).
-scratch_src=$(findmnt -n -o SOURCE -T "$SCRATCH" 2>/dev/null || true)
-if [[ $scratch_src == /dev/loop* ]]; then
-    dio=$(cat "/sys/block/${scratch_src#/dev/}/loop/dio" 2>/dev/null || echo "?")
-    fstype="$fstype (loop device $scratch_src, direct I/O: $([ "$dio" = 1 ] && echo on || echo off))"
-fi
+fstype=$(scratch_fs "$SCRATCH")
 cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 rev=$(git -C "$BENCH_DIR/.." rev-parse --short HEAD 2>/dev/null || echo unknown)
 git -C "$BENCH_DIR/.." diff --quiet HEAD 2>/dev/null || rev+=" (dirty tree)"

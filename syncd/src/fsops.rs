@@ -345,8 +345,7 @@ impl Write for VerifyingWriter<'_> {
         self.written += data.len() as u64;
         if self.buf.is_empty() && data.len() >= WRITE_BUF / 2 {
             // A large piece goes to the file as it is: no copy through the buffer.
-            self.throttle.charge(throttle::pages(data.len() as u64));
-            (&mut &*self.file).write_all(data)?;
+            self.write_out(data)?;
             return Ok(data.len());
         }
         self.buf.extend_from_slice(data);
@@ -357,11 +356,18 @@ impl Write for VerifyingWriter<'_> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        // Whole pages, as the kernel writes them (only a file's last flush is not aligned).
-        self.throttle.charge(throttle::pages(self.buf.len() as u64));
-        (&mut &*self.file).write_all(&self.buf)?;
+        self.write_out(&self.buf)?;
         self.buf.clear();
         Ok(())
+    }
+}
+
+impl VerifyingWriter<'_> {
+    /// Writes `data` to the file, charged to the throttle in whole pages, as the kernel writes
+    /// them (only a file's last write is not aligned).
+    fn write_out(&self, data: &[u8]) -> io::Result<()> {
+        self.throttle.charge(throttle::pages(data.len() as u64));
+        (&mut &*self.file).write_all(data)
     }
 }
 

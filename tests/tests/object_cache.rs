@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use gis_tests::{assert_converged, build_fixture, scratch, set_mtime, sync, wait_until, Master};
+use gis_tests::{assert_converged, build_fixture, random_bytes, scratch, set_mtime, sync, wait_until, Master};
 
 #[test]
 fn hosts_are_served_the_frames_compressed_once() {
@@ -13,16 +13,8 @@ fn hosts_are_served_the_frames_compressed_once() {
     build_fixture(&img);
     let text: String = (0..40_000).map(|i| format!("line {i}: the quick brown fox {}\n", i % 97)).collect();
     std::fs::write(img.join("etc/big.txt"), &text).unwrap();
-    // Already compressed (here: xorshift noise): zstd cannot shrink it, so it is sent raw.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..96 * 1024)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    // Already compressed (here: random bytes): zstd cannot shrink it, so it is sent raw.
+    let noise = random_bytes(0x9e37_79b9, 96 * 1024);
     std::fs::write(img.join("usr/noise.gz"), &noise).unwrap();
 
     let master = Master::start_with(&[OsStr::new("--image"), img.as_os_str()]);
