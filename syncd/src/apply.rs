@@ -23,7 +23,7 @@ use manifest::{Entry, Hash, Kind, Manifest, RelPath};
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
-use crate::client::{Master, ObjectError, ObjectStream};
+use crate::client::{Master, ObjectError, ObjectStream, Stopwatch};
 use crate::fsops::{self, MetaParts, VerifyingWriter};
 use crate::plan::{Op, Plan, Source};
 use crate::root::RootDir;
@@ -103,6 +103,8 @@ struct Applier<'a> {
     /// The previous batch, whose `syncfs` runs on a helper thread while the next batch is
     /// staged; it is renamed into place only once that `syncfs` has returned.
     flushing: Option<(Vec<Staged>, std::thread::JoinHandle<io::Result<()>>)>,
+    /// Time spent waiting for a batch's `syncfs` before its renames.
+    syncfs_wait: Stopwatch,
     cancel: Option<Arc<AtomicBool>>,
     throttle: throttle::Throttle,
 }
@@ -137,6 +139,7 @@ pub fn apply(
         staged: Vec::new(),
         staged_bytes: 0,
         flushing: None,
+        syncfs_wait: Stopwatch::default(),
         cancel: None,
         throttle: throttle.clone(),
     };
@@ -167,10 +170,19 @@ pub fn apply(
             _ => a.set_dir_meta(),
         }
         tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: {done}");
+        if phase == 1 {
+            tracing::debug!(
+                waiting_for_objects = a.objects.waited.secs(),
+                waiting_for_syncfs = a.syncfs_wait.secs(),
+                "apply: content stage waits"
+            );
+        }
     }
+    let t = std::time::Instant::now();
     if let Err(e) = rustix::fs::syncfs(a.root.fd()) {
         a.fail_str(&a.root.path().display().to_string(), format!("cannot flush the filesystem (syncfs): {e}"));
     }
+    tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: final syncfs");
     a.out.stats.fetched_objects = a.objects.objects;
     a.out.stats.wire_bytes = a.objects.wire_bytes;
     a.out.stats.delta_objects = a.objects.deltas;
@@ -445,7 +457,10 @@ impl Applier<'_> {
     /// before any of them is renamed into place), then renames each file over its path.
     fn commit_flushed(&mut self) {
         let Some((batch, handle)) = self.flushing.take() else { return };
-        let flushed = handle.join().unwrap_or_else(|_| Err(io::Error::other("the syncfs thread panicked")));
+        let flushed = self
+            .syncfs_wait
+            .time(|| handle.join())
+            .unwrap_or_else(|_| Err(io::Error::other("the syncfs thread panicked")));
         if let Err(e) = flushed {
             return self.discard(batch, &e);
         }

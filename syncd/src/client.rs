@@ -268,7 +268,16 @@ impl Master {
                 }
             }
         });
-        ObjectStream { rx, broken: None, abandoned: None, wire_bytes: 0, objects: 0, bytes: 0, deltas: 0 }
+        ObjectStream {
+            rx,
+            broken: None,
+            abandoned: None,
+            wire_bytes: 0,
+            objects: 0,
+            bytes: 0,
+            deltas: 0,
+            waited: Stopwatch::default(),
+        }
     }
 }
 
@@ -418,8 +427,10 @@ fn decode_stage(
     let mut next = 0;
     let mut decoded = 0u64;
     let mut out = Vec::with_capacity(PIECE_BYTES);
-    let send = |p: Piece| tx.blocking_send(Ok(p)).is_ok();
-    while let Some(item) = rx.blocking_recv() {
+    let times = StageTimes::default();
+    let _report = times.report_on_drop();
+    let send = |p: Piece| times.apply.time(|| tx.blocking_send(Ok(p)).is_ok());
+    while let Some(item) = times.net.time(|| rx.blocking_recv()) {
         let mut chunk = match item {
             Ok(c) => c,
             Err(e) => {
@@ -453,7 +464,7 @@ fn decode_stage(
                 let ctx = delta_ctx.get_or_insert_with(zstd_safe::DCtx::create);
                 if matches!(delta, DeltaState::None) {
                     let offered = bases.as_mut().and_then(|b| b.paths.get(next).cloned().flatten().map(|p| (b, p)));
-                    delta = match load_base(ctx, offered, &chunk.base, &want) {
+                    delta = match times.base.time(|| load_base(ctx, offered, &chunk.base, &want)) {
                         Ok(()) => DeltaState::Ready,
                         Err(why) => DeltaState::Failed(why),
                     };
@@ -487,6 +498,51 @@ fn decode_stage(
                 let _ = d.reinit();
             }
         }
+    }
+}
+
+/// Where the decode thread's time went, logged at debug level when it ends: waiting for the
+/// network, waiting for the apply thread to take pieces, and reading delta bases.
+#[derive(Default)]
+struct StageTimes {
+    net: Stopwatch,
+    apply: Stopwatch,
+    base: Stopwatch,
+}
+
+impl StageTimes {
+    fn report_on_drop(&self) -> impl Drop + '_ {
+        struct Report<'a>(&'a StageTimes, std::time::Instant);
+        impl Drop for Report<'_> {
+            fn drop(&mut self) {
+                let t = self.0;
+                tracing::debug!(
+                    secs = self.1.elapsed().as_secs_f64(),
+                    waiting_for_network = t.net.secs(),
+                    waiting_for_apply = t.apply.secs(),
+                    reading_bases = t.base.secs(),
+                    "object decode thread done"
+                );
+            }
+        }
+        Report(self, std::time::Instant::now())
+    }
+}
+
+/// Time summed over the calls it wraps (one thread's).
+#[derive(Default)]
+pub struct Stopwatch(std::cell::Cell<Duration>);
+
+impl Stopwatch {
+    pub fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let r = f();
+        self.0.set(self.0.get() + t.elapsed());
+        r
+    }
+
+    pub fn secs(&self) -> f64 {
+        self.0.get().as_secs_f64()
     }
 }
 
@@ -538,8 +594,11 @@ fn read_base(
     use std::os::fd::AsFd;
     let (dir, name) = root.parent(path)?;
     let file = crate::fsops::open_regular(dir.as_fd(), name)?;
-    let mut data = Vec::new();
-    throttle::Throttled::new(file, read).take(manifest::delta::MAX_DELTA_BYTES + 1).read_to_end(&mut data)?;
+    let cap = manifest::delta::MAX_DELTA_BYTES + 1;
+    // Sized from fstat, so the read needs no regrowth (the Take below hides the size).
+    let size = file.metadata().map_or(0, |m| m.len()).min(cap);
+    let mut data = Vec::with_capacity(size as usize + 1);
+    throttle::Throttled::new(file, read).take(cap).read_to_end(&mut data)?;
     Ok(data)
 }
 
@@ -613,6 +672,8 @@ pub struct ObjectStream {
     pub bytes: u64,
     /// Objects that came as deltas against a host file.
     pub deltas: u64,
+    /// Time the reader spent waiting for pieces.
+    pub waited: Stopwatch,
 }
 
 impl ObjectStream {
@@ -647,7 +708,7 @@ impl ObjectStream {
         let mut delta = false;
         loop {
             let Piece { chunk, wire, undecodable, base_failed: unusable, delta: decoded_delta } =
-                match self.rx.blocking_recv() {
+                match self.waited.time(|| self.rx.blocking_recv()) {
                     Some(Ok(c)) => c,
                     Some(Err(e)) => {
                         self.broken = Some(e.clone());
