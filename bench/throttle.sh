@@ -30,6 +30,8 @@ SYNCD=${SYNCD:-$here/../target/release/syncd}
 SYNCMASTER=${SYNCMASTER:-$here/../target/release/syncmaster}
 RESULTS=${RESULTS:-$here/RESULTS.md}
 die() { echo "throttle.sh: $*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$here/lib.sh"
 [ "$(id -u)" -eq 0 ] || die "must run as root (drop_caches, root-owned trees)"
 [ -d "$image" ] || die "no corpus at $image (run bench/corpora.sh $IMAGE_NAME)"
 [ -x "$SYNCD" ] && [ -x "$SYNCMASTER" ] || die "build first: cargo build --release (or set SYNCD/SYNCMASTER)"
@@ -128,7 +130,7 @@ report=$(
     echo
     echo "## $(date -u '+%Y-%m-%d %H:%M:%S UTC') throttling: $RATE on $IMAGE_NAME"
     echo
-    echo "- machine: $(nproc) cores, kernel $(uname -r); scratch on $(stat -f -c %T "$SCRATCH"); rev $(git -C "$here/.." rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- machine: $(nproc) cores, kernel $(uname -r); scratch on $(scratch_fs "$SCRATCH"); rev $(git -C "$here/.." rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "- command: \`RATE=$RATE WINDOW=$WINDOW bench/throttle.sh ${checks[*]}\`; windows of ${WINDOW}s; the first and the last window are not judged"
     for c in "${checks[@]}"; do
         echo
