@@ -170,14 +170,12 @@ pub fn apply(
             _ => a.set_dir_meta(),
         }
         tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: {done}");
-        if phase == 1 {
-            tracing::debug!(
-                waiting_for_objects = a.objects.waited.secs(),
-                waiting_for_syncfs = a.syncfs_wait.secs(),
-                "apply: content stage waits"
-            );
-        }
     }
+    tracing::debug!(
+        waiting_for_objects = a.objects.waited.secs(),
+        waiting_for_syncfs = a.syncfs_wait.secs(),
+        "apply: content stage waits"
+    );
     let t = std::time::Instant::now();
     if let Err(e) = rustix::fs::syncfs(a.root.fd()) {
         a.fail_str(&a.root.path().display().to_string(), format!("cannot flush the filesystem (syncfs): {e}"));

@@ -593,10 +593,10 @@ fn read_base(
     use std::io::Read;
     use std::os::fd::AsFd;
     let (dir, name) = root.parent(path)?;
-    let file = crate::fsops::open_regular(dir.as_fd(), name)?;
+    let (file, size) = crate::fsops::open_regular_sized(dir.as_fd(), name)?;
     let cap = manifest::delta::MAX_DELTA_BYTES + 1;
     // Sized from fstat, so the read needs no regrowth (the Take below hides the size).
-    let size = file.metadata().map_or(0, |m| m.len()).min(cap);
+    let size = size.min(cap);
     let mut data = Vec::with_capacity(size as usize + 1);
     throttle::Throttled::new(file, read).take(cap).read_to_end(&mut data)?;
     Ok(data)

@@ -394,14 +394,20 @@ pub fn copy(mut r: impl Read, w: &mut impl Write) -> io::Result<u64> {
 
 /// Opens a regular file in `dir` for reading, refusing anything that is not one.
 pub fn open_regular(dir: BorrowedFd, name: impl rustix::path::Arg) -> io::Result<std::fs::File> {
+    open_regular_sized(dir, name).map(|(f, _)| f)
+}
+
+/// [`open_regular`], with the file's size from the same `fstat`.
+pub fn open_regular_sized(dir: BorrowedFd, name: impl rustix::path::Arg) -> io::Result<(std::fs::File, u64)> {
     let fd = rustix::fs::openat(
         dir,
         name,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
         Mode::empty(),
     )?;
-    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+    let st = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err(io::Error::other("not a regular file"));
     }
-    Ok(std::fs::File::from(fd))
+    Ok((std::fs::File::from(fd), st.st_size as u64))
 }
