@@ -8,10 +8,12 @@ use manifest::wire::ManifestAssembler;
 use manifest::{Hash, Manifest};
 use proto::v1 as pb;
 use proto::v1::image_sync_client::ImageSyncClient;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::SyncError;
+use crate::{queue, SyncError};
 
 /// Largest zstd window a host accepts (32 MiB): bounds decoder memory whatever the master sends.
 const MAX_WINDOW_LOG: u32 = 25;
@@ -218,11 +220,13 @@ impl Master {
             bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
         let bases_req = if offered.iter().any(Option::is_some) { offered } else { Vec::new() };
         let hashes: Vec<Hash> = objects.iter().map(|(h, _)| *h).collect();
-        let (tx, net_rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(64);
-        let (piece_tx, rx) = mpsc::channel::<Result<Piece, String>>(PIECES_IN_FLIGHT);
+        let (tx, net_rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(NET_CHUNKS);
+        let received = Arc::new(Semaphore::new(NET_BYTES));
+        let held = received.clone();
+        let (piece_tx, rx) = queue::bounded::<Result<Piece, String>>(QUEUE_BYTES, QUEUE_PIECES);
         let spawned = std::thread::Builder::new()
             .name("decode".into())
-            .spawn(move || decode_stage(net_rx, piece_tx, &objects, bases));
+            .spawn(move || decode_stage(net_rx, &held, piece_tx, &objects, bases));
         if let Err(e) = spawned {
             // No thread: the stream reads as broken, and each object is fetched on its own.
             tracing::warn!("cannot start the object decode thread: {e}");
@@ -254,6 +258,11 @@ impl Master {
                             let bytes: usize = batch.chunks.iter().map(|c| c.data.len()).sum();
                             net.charge_async(bytes as u64).await;
                             for chunk in batch.chunks {
+                                // Released by the decode thread once it is done with the chunk.
+                                match received.acquire_many(net_weight(&chunk)).await {
+                                    Ok(p) => p.forget(),
+                                    Err(_) => return,
+                                }
                                 if tx.send(Ok(chunk)).await.is_err() {
                                     return;
                                 }
@@ -357,10 +366,21 @@ pub enum ObjectError {
     },
 }
 
-/// Decoded pieces queued between the decode thread and the apply thread (each at most
-/// [`PIECE_BYTES`]): bounds that memory to 1 MiB.
-const PIECES_IN_FLIGHT: usize = 8;
+/// Decoded pieces (each at most [`PIECE_BYTES`]) queued between the decode thread and the
+/// apply thread: at most this many bytes of content (a large piece's buffer can be up to twice
+/// its content, so the memory bound is twice this) …
+const QUEUE_BYTES: usize = 4 * 1024 * 1024;
+/// … and at most this many pieces, so a stretch of small files lets the decoder run ahead.
+const QUEUE_PIECES: usize = 4096;
 const PIECE_BYTES: usize = 128 * 1024;
+/// Chunks received off the connection and waiting for the decode thread: at most this many
+/// bytes of (mostly compressed) data, in at most this many chunks. Each holds a slice of the
+/// connection's receive buffers, which stay allocated while it waits; beyond this bound, the
+/// master waits on HTTP/2 flow control.
+const NET_BYTES: usize = 2 * 1024 * 1024;
+const NET_CHUNKS: usize = 1024;
+/// What a queued piece is charged for besides its content (its struct and allocation).
+const PIECE_OVERHEAD: usize = 128;
 
 /// What the apply thread reads: a chunk as it came from the master, or (encoding raw) a piece
 /// of the decoded content of a zstd or delta chunk.
@@ -375,6 +395,12 @@ struct Piece {
     base_failed: Option<String>,
     /// Decoded from a delta.
     delta: bool,
+}
+
+impl queue::Weighed for Result<Piece, String> {
+    fn weight(&self) -> usize {
+        PIECE_OVERHEAD + self.as_ref().map_or(0, |p| p.chunk.data.len())
+    }
 }
 
 impl Piece {
@@ -413,7 +439,8 @@ enum DeltaState {
 /// is trusted to end.
 fn decode_stage(
     mut rx: mpsc::Receiver<Result<pb::ObjectChunk, String>>,
-    tx: mpsc::Sender<Result<Piece, String>>,
+    received: &Semaphore,
+    tx: queue::Sender<Result<Piece, String>>,
     objects: &[(Hash, u64)],
     mut bases: Option<Bases>,
 ) {
@@ -429,15 +456,25 @@ fn decode_stage(
     let mut out = Vec::with_capacity(PIECE_BYTES);
     let times = StageTimes::default();
     let _report = times.report_on_drop();
-    let send = |p: Piece| times.apply.time(|| tx.blocking_send(Ok(p)).is_ok());
+    // Whatever ends this stage also ends the receiving task, should it wait for permits.
+    struct Close<'a>(&'a Semaphore);
+    impl Drop for Close<'_> {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = Close(received);
+    let send = |p: Piece| times.apply.time(|| tx.send(Ok(p)));
     while let Some(item) = times.net.time(|| rx.blocking_recv()) {
         let mut chunk = match item {
             Ok(c) => c,
             Err(e) => {
-                let _ = tx.blocking_send(Err(e));
+                let _ = tx.send(Err(e));
                 return;
             }
         };
+        // The chunk's receive buffer is freed (or, passed on, counted in the piece queue).
+        let _release = Release(received, net_weight(&chunk));
         let expected = objects.get(next).filter(|(h, _)| chunk.hash.as_ref() == h.0).copied();
         let last = chunk.last;
         let usable = expected.is_some() && chunk.error.is_empty() && !chunk.data.is_empty();
@@ -485,7 +522,14 @@ fn decode_stage(
                     DeltaState::None => unreachable!("set above"),
                 }
             }
-            _ => send(Piece::passed(chunk)),
+            _ => {
+                // A chunk's data is a slice of the connection's receive buffer, which a small
+                // one would keep alive (with every other message in it) while it is queued.
+                if chunk.data.len() < PIECE_BYTES / 2 {
+                    chunk.data = bytes::Bytes::copy_from_slice(&chunk.data);
+                }
+                send(Piece::passed(chunk))
+            }
         };
         if !ok {
             return;
@@ -499,6 +543,21 @@ fn decode_stage(
             }
         }
     }
+}
+
+/// Permits the receiving task took for a chunk, given back when the decode stage is done with it.
+struct Release<'a>(&'a Semaphore, u32);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.add_permits(self.1 as usize);
+    }
+}
+
+/// What a received chunk takes of [`NET_BYTES`] (a chunk larger than all of it, which no
+/// master sends, takes all of it, and passes alone).
+fn net_weight(chunk: &pb::ObjectChunk) -> u32 {
+    chunk.data.len().min(NET_BYTES) as u32
 }
 
 /// Where the decode thread's time went, logged at debug level when it ends: waiting for the
@@ -662,7 +721,7 @@ fn decode_pieces(
 
 /// The receiving end of [`Master::spawn_fetch`], read from the blocking apply thread.
 pub struct ObjectStream {
-    rx: mpsc::Receiver<Result<Piece, String>>,
+    rx: queue::Receiver<Result<Piece, String>>,
     broken: Option<String>,
     /// Set when this host cut the stream (endless or undecodable object), as opposed to the
     /// master or the network breaking it.
@@ -680,9 +739,9 @@ impl ObjectStream {
     /// Reads the stream to its end, so its HTTP/2 stream closes cleanly instead of being
     /// reset: a server counts resets, and a host that reset many single-object fetches would
     /// be told to go away (ENHANCE_YOUR_CALM), taking the main stream with it.
-    pub fn finish(mut self) {
+    pub fn finish(self) {
         if self.broken.is_none() && self.abandoned.is_none() {
-            while self.rx.blocking_recv().is_some() {}
+            while self.rx.recv().is_some() {}
         }
     }
 
@@ -708,7 +767,7 @@ impl ObjectStream {
         let mut delta = false;
         loop {
             let Piece { chunk, wire, undecodable, base_failed: unusable, delta: decoded_delta } =
-                match self.waited.time(|| self.rx.blocking_recv()) {
+                match self.waited.time(|| self.rx.recv()) {
                     Some(Ok(c)) => c,
                     Some(Err(e)) => {
                         self.broken = Some(e.clone());
@@ -788,10 +847,11 @@ mod tests {
             tx.try_send(Ok(c)).unwrap();
         }
         drop(tx);
-        let (ptx, mut prx) = mpsc::channel(PIECES_IN_FLIGHT);
-        let t = std::thread::spawn(move || decode_stage(rx, ptx, &objects, None));
+        let (ptx, prx) = queue::bounded(QUEUE_BYTES, QUEUE_PIECES);
+        let sem = Semaphore::new(NET_BYTES);
+        let t = std::thread::spawn(move || decode_stage(rx, &sem, ptx, &objects, None));
         let mut out = Vec::new();
-        while let Some(p) = prx.blocking_recv() {
+        while let Some(p) = prx.recv() {
             out.push(p.unwrap());
         }
         t.join().unwrap();

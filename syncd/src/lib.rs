@@ -12,6 +12,7 @@ pub mod fsops;
 pub mod host;
 pub mod mcache;
 pub mod plan;
+pub mod queue;
 pub mod root;
 pub mod trust;
 pub mod unchanged;
