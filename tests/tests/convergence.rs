@@ -187,3 +187,35 @@ fn host_at_v1_upgrades_to_v2() {
     again.expect_code(0, &[&root]);
     again.check(again.stdout.is_empty(), "a second pass after the upgrade itemized changes", &[&root]);
 }
+
+/// More than the object stream holds at once (2 MiB of received chunks, 4 MiB or 4,096 decoded
+/// pieces): incompressible files (sent raw), compressible ones (zstd frames) and thousands of
+/// small files, so both queues fill, block and drain many times over. The host must converge
+/// with every byte in place, neither hanging nor dropping a piece.
+#[test]
+fn a_stream_larger_than_its_queues_converges() {
+    let s = scratch();
+    let img = s.dir("img");
+    let root = s.dir("root");
+    let mut b = Builder::new(&img);
+    b.dir("", 0o755).dir("big", 0o755).dir("small", 0o755);
+    for n in 0..8u64 {
+        b.file(format!("big/raw{n}"), 0o644, &random_bytes(100 + n, 1536 * 1024 + 7 * n as usize));
+        let text: String = (0..60_000).map(|i| format!("line {i} of text file {n}\n")).collect();
+        b.file(format!("big/text{n}"), 0o644, text.as_bytes());
+    }
+    for d in 0..10 {
+        b.dir(format!("small/{d}"), 0o755);
+        for f in 0..500 {
+            let body = format!("small file {d}/{f}\n").repeat(1 + f % 7);
+            b.file(format!("small/{d}/{f}"), 0o644, body.as_bytes());
+        }
+    }
+    b.finish();
+    let master = Master::start(&img);
+
+    let out = sync(&master, &root, &["--quiet"]);
+    out.expect_code(0, &[&root]);
+    assert_converged(&img, &root, &out);
+    out.check(out.summary().contains("created 5028,"), "not every entry was created", &[&root]);
+}
