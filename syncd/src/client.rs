@@ -1,6 +1,7 @@
 //! Talking to syncmaster: the manifest stream and the ordered object stream.
 
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
 use exclusions::PatternList;
@@ -8,8 +9,6 @@ use manifest::wire::ManifestAssembler;
 use manifest::{Hash, Manifest};
 use proto::v1 as pb;
 use proto::v1::image_sync_client::ImageSyncClient;
-use std::sync::Arc;
-
 use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
