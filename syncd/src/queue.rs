@@ -172,9 +172,14 @@ mod tests {
     }
 
     fn wait_for_blocked_sender<T>(rx: &Receiver<T>) {
+        wait_for(rx, "the sender never blocked", |s| s.sender_waits);
+    }
+
+    /// Polls the queue's state until `cond` holds; fails after 20 s.
+    fn wait_for<T>(rx: &Receiver<T>, what: &str, cond: impl Fn(&State<T>) -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !rx.0.lock().sender_waits {
-            assert!(std::time::Instant::now() < deadline, "the sender never blocked");
+        while !cond(&rx.0.lock()) {
+            assert!(std::time::Instant::now() < deadline, "{what}");
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -186,14 +191,7 @@ mod tests {
         assert_eq!(n, 10);
         assert_eq!(rx.recv().unwrap().len(), 100);
         // One taken, one more let in, and the sender blocks again.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !{
-            let s = rx.0.lock();
-            s.sender_waits && s.items.len() == 10
-        } {
-            assert!(std::time::Instant::now() < deadline, "the sender was not let in again");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for(&rx, "the sender was not let in again", |s| s.sender_waits && s.items.len() == 10);
         // Empty items weigh nothing: the count bound holds them.
         let (n, _rx) = queued_before_blocking(1000, 7, vec![0; 50]);
         assert_eq!(n, 7);
