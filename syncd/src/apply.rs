@@ -3,9 +3,10 @@
 //! Order, chosen so that every path always holds either its old or its new entry:
 //! 1. directories that must exist are created (or swapped in for a non-directory), parents first;
 //! 2. new content is staged as temp files beside its target: written, verified against its
-//!    hash, given owner, mode, xattrs and mtime; a batch is flushed with one `syncfs` (on a
-//!    helper thread, while the next batch is staged), then each temp file is renamed over its
-//!    path. Hard links follow their committed leaders;
+//!    hash, given owner, mode, xattrs and mtime; a batch is flushed with one `syncfs`, then
+//!    each temp file is renamed over its path, both on a helper thread while the next batch is
+//!    staged (a directory swapped for a file is committed by the applier itself, once that
+//!    thread is done). Hard links follow their committed leaders;
 //! 3. metadata-only changes are made in place;
 //! 4. deletions, deepest first, only once new content is in place;
 //! 5. directory metadata, deepest first, so mtimes are not disturbed by later work.
@@ -66,9 +67,16 @@ pub struct Outcome {
 /// Where a verified copy of some content can be read during this pass.
 #[derive(Clone)]
 enum Location {
-    Staged(Arc<OwnedFd>, String),
+    /// A temp file in this directory, to be renamed to this path (maybe already, by the
+    /// flushing thread).
+    Staged(Arc<OwnedFd>, String, RelPath),
     Committed(RelPath),
 }
+
+/// What the flushing thread did with a sealed batch: `Err` if its `syncfs` failed (nothing
+/// was renamed), else the result of each rename, in the order of the batch's non-exchange
+/// entries.
+type Flushed = io::Result<Vec<io::Result<()>>>;
 
 struct Staged {
     index: usize,
@@ -100,10 +108,10 @@ struct Applier<'a> {
     fetch_next: usize,
     staged: Vec<Staged>,
     staged_bytes: u64,
-    /// The previous batch, whose `syncfs` runs on a helper thread while the next batch is
-    /// staged; it is renamed into place only once that `syncfs` has returned.
-    flushing: Option<(Vec<Staged>, std::thread::JoinHandle<io::Result<()>>)>,
-    /// Time spent waiting for a batch's `syncfs` before its renames.
+    /// The previous batch, whose `syncfs` and then renames run on a helper thread while the
+    /// next batch is staged; nothing of it is renamed before that `syncfs` has returned.
+    flushing: Option<(Vec<Staged>, std::thread::JoinHandle<Flushed>)>,
+    /// Time spent waiting for a batch's `syncfs` and renames.
     syncfs_wait: Stopwatch,
     cancel: Option<Arc<AtomicBool>>,
     throttle: throttle::Throttle,
@@ -279,7 +287,9 @@ impl Applier<'_> {
                 Ok((dir, temp)) => {
                     let hash = new.hash;
                     if let Some(h) = hash.filter(|h| self.plan.reused.contains(h)) {
-                        self.materialized.entry(h).or_insert_with(|| Location::Staged(dir.clone(), temp.clone()));
+                        self.materialized
+                            .entry(h)
+                            .or_insert_with(|| Location::Staged(dir.clone(), temp.clone(), new.path.clone()));
                     }
                     self.staged_bytes += new.size;
                     self.staged.push(Staged { index: i, dir, temp, hash, exchange });
@@ -410,7 +420,11 @@ impl Applier<'_> {
 
     fn copy_local(&mut self, loc: &Location, w: &mut VerifyingWriter) -> io::Result<u64> {
         let file = match loc {
-            Location::Staged(dir, temp) => fsops::open_regular(dir.as_fd(), temp.as_str())?,
+            Location::Staged(dir, temp, path) => match fsops::open_regular(dir.as_fd(), temp.as_str()) {
+                // Renamed meanwhile by the flushing thread (the content is verified anyway).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => fsops::open_regular(dir.as_fd(), path.file_name())?,
+                r => r?,
+            },
             Location::Committed(p) => {
                 let (dir, name) = self.root.parent(p)?;
                 fsops::open_regular(dir.as_fd(), name)?
@@ -420,7 +434,9 @@ impl Applier<'_> {
     }
 
     /// Closes the batch being staged: the batch before it is committed, then this one's
-    /// `syncfs` starts on a helper thread, so staging the next batch overlaps its writeback.
+    /// `syncfs` and renames start on a helper thread, so staging the next batch overlaps its
+    /// writeback and its renames (a rename over an old file frees that file's blocks, which
+    /// is most of an upgrade's rename cost).
     fn seal_batch(&mut self) {
         if self.staged.is_empty() {
             return;
@@ -428,10 +444,19 @@ impl Applier<'_> {
         self.commit_flushed();
         let batch = std::mem::take(&mut self.staged);
         self.staged_bytes = 0;
+        let renames: Vec<(Arc<OwnedFd>, String, RelPath)> = batch
+            .iter()
+            .filter(|s| !s.exchange)
+            .map(|s| (s.dir.clone(), s.temp.clone(), self.plan.changes[s.index].path.clone()))
+            .collect();
         let flush = self.root.fd().try_clone_to_owned().and_then(|fd| {
-            std::thread::Builder::new()
-                .name("syncfs".into())
-                .spawn(move || rustix::fs::syncfs(&fd).map_err(io::Error::from))
+            std::thread::Builder::new().name("syncfs".into()).spawn(move || {
+                rustix::fs::syncfs(&fd)?;
+                Ok(renames
+                    .iter()
+                    .map(|(dir, temp, path)| fsops::commit_rename(dir.as_fd(), temp, path.file_name(), false))
+                    .collect())
+            })
         });
         match flush {
             Ok(handle) => self.flushing = Some((batch, handle)),
@@ -451,20 +476,26 @@ impl Applier<'_> {
         }
     }
 
-    /// Waits for the sealed batch's `syncfs` (one syncfs makes every file of the batch durable
-    /// before any of them is renamed into place), then renames each file over its path.
+    /// Waits for the sealed batch's helper thread (one syncfs makes every file of the batch
+    /// durable before any of them is renamed into place; then it renames each file over its
+    /// path), records what it did, and commits the batch's directory swaps.
     fn commit_flushed(&mut self) {
         let Some((batch, handle)) = self.flushing.take() else { return };
         let flushed = self
             .syncfs_wait
             .time(|| handle.join())
             .unwrap_or_else(|_| Err(io::Error::other("the syncfs thread panicked")));
-        if let Err(e) = flushed {
-            return self.discard(batch, &e);
-        }
+        let mut renamed = match flushed {
+            Ok(r) => r.into_iter(),
+            Err(e) => return self.discard(batch, &e),
+        };
         for s in batch {
             let path = self.plan.changes[s.index].path.clone();
-            match self.commit(&s, &path) {
+            let r = match s.exchange {
+                false => renamed.next().unwrap_or_else(|| Err(io::Error::other("the syncfs thread lost a rename"))),
+                true => self.commit(&s, &path),
+            };
+            match r {
                 Ok(()) => {
                     self.out.done[s.index] = true;
                     if let Some(h) = s.hash.filter(|h| self.plan.reused.contains(h)) {

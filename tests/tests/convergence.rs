@@ -219,3 +219,33 @@ fn a_stream_larger_than_its_queues_converges() {
     assert_converged(&img, &root, &out);
     out.check(out.summary().contains("created 5028,"), "not every entry was created", &[&root]);
 }
+
+/// Content needed again later in a pass is copied from where the pass first put it, even
+/// when that copy is in a batch whose temp files the flushing thread has renamed meanwhile
+/// (syncd commits each batch of 2,048 files on a helper thread while it stages the next).
+/// Ten files in `z/` repeat the content of files spread over the first, second and third
+/// batches of `a/`: each must be copied locally, none fetched a second time.
+#[test]
+fn content_repeated_across_batches_is_copied_from_its_first_copy() {
+    let s = scratch();
+    let img = s.dir("img");
+    let root = s.dir("root");
+    let mut b = Builder::new(&img);
+    b.dir("", 0o755).dir("a", 0o755).dir("z", 0o755);
+    let body = |n: usize| format!("unique content of file {n}\n").repeat(1 + n % 5);
+    for n in 0..5000 {
+        b.file(format!("a/{n:04}"), 0o644, body(n).as_bytes());
+    }
+    for k in 0..10 {
+        b.file(format!("z/{k}"), 0o640, body(k * 500 + 17).as_bytes());
+    }
+    b.finish();
+    let master = Master::start(&img);
+
+    let out = sync(&master, &root, &["--quiet"]);
+    out.expect_code(0, &[&root]);
+    assert_converged(&img, &root, &out);
+    let summary = out.summary();
+    out.check(summary.contains("fetched 5000 objects"), "repeated content was fetched again", &[&root]);
+    out.check(summary.contains("copied 10 locally"), "repeated content was not copied locally", &[&root]);
+}
