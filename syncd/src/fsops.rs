@@ -378,18 +378,19 @@ pub fn link_temp(ldir: BorrowedFd, lname: &[u8], dir: BorrowedFd) -> io::Result<
 
 /// Copies all of `r` into `w`.
 pub fn copy(mut r: impl Read, w: &mut impl Write) -> io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        w.write_all(&buf[..n])?;
-        total += n as u64;
-    }
+    manifest::scan::with_scratch(|buf| {
+        let mut total = 0;
+        loop {
+            let n = match r.read(buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            w.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+    })
 }
 
 /// Opens a regular file in `dir` for reading, refusing anything that is not one.

@@ -378,29 +378,44 @@ fn send_frame(frame: Bytes, hash: &Bytes, size: u64, encoding: pb::Encoding, bas
 
 /// Sends the bytes `r` yields as chunks of at most `OBJECT_CHUNK`. `Ok(false)`: the host left.
 fn pump(mut r: impl Read, hash: &Bytes, size: u64, encoding: pb::Encoding, tx: &mut Batcher) -> std::io::Result<bool> {
-    let mut buf = vec![0u8; proto::OBJECT_CHUNK];
+    let mut sent = 0u64;
     loop {
+        // Each chunk is read straight into the buffer it is sent in, sized for what is left of
+        // the file and one byte more, to see its end in the same read: most files are small,
+        // and a full-size buffer would be zeroed and copied for each. Past the expected size
+        // (a compressed stream can be a little larger), chunks are of a modest fixed size.
+        let left = size.saturating_sub(sent);
+        let want = if left == 0 { 16 * 1024 } else { left.saturating_add(1).min(proto::OBJECT_CHUNK as u64) as usize };
+        let mut buf = bytes::BytesMut::zeroed(want);
         let mut filled = 0;
+        let mut end = false;
         while filled < buf.len() {
             match r.read(&mut buf[filled..]) {
-                Ok(0) => break,
+                Ok(0) => {
+                    end = true;
+                    break;
+                }
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        if filled == 0 {
-            return Ok(true);
+        if filled > 0 {
+            sent += filled as u64;
+            buf.truncate(filled);
+            let chunk = pb::ObjectChunk {
+                hash: hash.clone(),
+                size,
+                encoding: encoding as i32,
+                data: buf.freeze(),
+                ..Default::default()
+            };
+            if !tx.push(chunk) {
+                return Ok(false);
+            }
         }
-        let chunk = pb::ObjectChunk {
-            hash: hash.clone(),
-            size,
-            encoding: encoding as i32,
-            data: Bytes::copy_from_slice(&buf[..filled]),
-            ..Default::default()
-        };
-        if !tx.push(chunk) {
-            return Ok(false);
+        if end {
+            return Ok(true);
         }
     }
 }
