@@ -484,11 +484,10 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     })
 }
 
-/// blake3 of everything `r` yields, and its length.
-pub fn hash_reader(mut r: impl Read) -> io::Result<(Hash, u64)> {
-    let mut hasher = blake3::Hasher::new();
-    // Large reads let blake3 use its SIMD paths across many chunks at once.
-    let total = with_scratch(|buf| {
+/// Feeds everything `r` yields to `f`, a buffer at a time, through this thread's scratch
+/// buffer; returns how many bytes that was.
+pub fn for_each_read(mut r: impl Read, mut f: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<u64> {
+    with_scratch(|buf| {
         let mut total = 0u64;
         loop {
             let n = match r.read(buf) {
@@ -497,9 +496,19 @@ pub fn hash_reader(mut r: impl Read) -> io::Result<(Hash, u64)> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            hasher.update(&buf[..n]);
+            f(&buf[..n])?;
             total += n as u64;
         }
+    })
+}
+
+/// blake3 of everything `r` yields, and its length.
+pub fn hash_reader(r: impl Read) -> io::Result<(Hash, u64)> {
+    let mut hasher = blake3::Hasher::new();
+    // Large reads let blake3 use its SIMD paths across many chunks at once.
+    let total = for_each_read(r, |b| {
+        hasher.update(b);
+        Ok(())
     })?;
     Ok((hasher.finalize().into(), total))
 }

@@ -377,20 +377,8 @@ pub fn link_temp(ldir: BorrowedFd, lname: &[u8], dir: BorrowedFd) -> io::Result<
 }
 
 /// Copies all of `r` into `w`.
-pub fn copy(mut r: impl Read, w: &mut impl Write) -> io::Result<u64> {
-    manifest::scan::with_scratch(|buf| {
-        let mut total = 0;
-        loop {
-            let n = match r.read(buf) {
-                Ok(0) => return Ok(total),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            w.write_all(&buf[..n])?;
-            total += n as u64;
-        }
-    })
+pub fn copy(r: impl Read, w: &mut impl Write) -> io::Result<u64> {
+    manifest::scan::for_each_read(r, |b| w.write_all(b))
 }
 
 /// Opens a regular file in `dir` for reading, refusing anything that is not one.
