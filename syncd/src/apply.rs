@@ -1,26 +1,37 @@
 //! Executes a [`Plan`] on the host root.
 //!
-//! Order, chosen so that every path always holds either its old or its new entry:
-//! 1. directories that must exist are created (or swapped in for a non-directory), parents first;
-//! 2. new content is staged as temp files beside its target: written, verified against its
-//!    hash, given owner, mode, xattrs and mtime; a batch is flushed with one `syncfs`, then
-//!    each temp file is renamed over its path, both on a helper thread while the next batch is
-//!    staged (a directory swapped for a file is committed by the applier itself, once that
-//!    thread is done). Hard links follow their committed leaders;
-//! 3. metadata-only changes are made in place;
-//! 4. deletions, deepest first, only once new content is in place;
-//! 5. directory metadata, deepest first, so mtimes are not disturbed by later work.
+//! With whole-tree staging (the default, [`Staging::Whole`]), in this order:
+//! 0. leftovers of an interrupted pass that cannot be reused are removed;
+//! 1. new directories are made (a directory replacing a non-directory is built under a temp
+//!    name beside it, and everything beneath it is staged inside);
+//! 2. all new content is staged as temp files beside its target: written, verified against its
+//!    hash, given owner, mode, xattrs and mtime, then symlinks and other nodes, then hard links
+//!    to their (staged) leaders. A helper thread runs `syncfs` behind the staging, batch by
+//!    batch, so the writeback overlaps it. If anything systemic fails (the disk is full, the
+//!    master is lost, a stop is requested), every temp entry and every directory this pass made
+//!    is removed and the parents' mtimes put back: the root is exactly as it was;
+//! 3. commit: once everything is staged and durable, each temp entry is renamed over its path,
+//!    then directories built under temp names are swapped in;
+//! 4. metadata-only changes are made in place;
+//! 5. deletions, deepest first, only if no content failed;
+//! 6. directory metadata, deepest first, so mtimes are not disturbed by later work.
+//!
+//! With [`Staging::Batches`], step 3 runs per batch on the helper thread after each batch's
+//! `syncfs` (less room needed, but a failure leaves the tree part old, part new), hard links
+//! follow their committed leaders, and the same rule holds: after a content failure, nothing
+//! destructive is done (no deletes, no symlink to content that failed, no hard link to a leader
+//! that failed), and staging stops at the first systemic failure.
 //!
 //! A failure on one path is recorded and the rest goes on; paths beneath a directory that
 //! could not be made are skipped with an error naming that directory.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use manifest::{Entry, Hash, Kind, Manifest, RelPath};
+use manifest::{Entry, Hash, Kind, Manifest, Meta, RelPath};
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
@@ -29,9 +40,31 @@ use crate::fsops::{self, MetaParts, VerifyingWriter};
 use crate::plan::{Op, Plan, Source};
 use crate::root::RootDir;
 
-/// Temp files staged before one `syncfs` and their renames.
+/// Temp files staged before one `syncfs` (and, in batches, their renames).
 const BATCH_FILES: usize = 2048;
 const BATCH_BYTES: u64 = 256 * 1024 * 1024;
+
+/// How a pass stages its content before committing it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Staging {
+    /// Stage everything, then commit in one short phase; a failure while staging leaves the
+    /// root as it was. Needs room for all new content at once.
+    #[default]
+    Whole,
+    /// Commit batch by batch as content is staged (at most 2,048 files or 256 MiB each).
+    Batches,
+}
+
+impl std::str::FromStr for Staging {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "whole" => Ok(Staging::Whole),
+            "batches" => Ok(Staging::Batches),
+            other => Err(format!("unknown staging mode {other:?} (expected \"whole\" or \"batches\")")),
+        }
+    }
+}
 
 /// One path that could not be brought in line, and why.
 #[derive(Debug, Clone)]
@@ -49,10 +82,16 @@ pub struct ApplyStats {
     pub delta_objects: u64,
     pub local_copies: u64,
     pub local_bytes: u64,
+    /// Temp files of an interrupted pass renamed into place instead of fetched again.
+    pub resumed: u64,
+    /// Leftovers of an interrupted pass removed.
+    pub leftovers_removed: u64,
     /// True if the object stream broke (master gone mid-pass).
     pub master_lost: bool,
     /// True if a stop request cut the pass short.
     pub cancelled: bool,
+    /// True if staging stopped because the filesystem ran out of space (or quota).
+    pub no_space: bool,
 }
 
 /// What the apply did: which plan changes succeeded, and the failures.
@@ -62,6 +101,12 @@ pub struct Outcome {
     pub root_done: bool,
     pub failures: Vec<Failure>,
     pub stats: ApplyStats,
+    /// Whole-tree staging did not complete: everything it staged was removed and nothing was
+    /// committed, so the root is as it was before the pass.
+    pub rolled_back: bool,
+    /// Changes not made because other content failed: deletions, symlinks to content that
+    /// failed, hard links to a leader that failed.
+    pub held_back: usize,
 }
 
 /// Where a verified copy of some content can be read during this pass.
@@ -75,7 +120,7 @@ enum Location {
 
 /// What the flushing thread did with a sealed batch: `Err` if its `syncfs` failed (nothing
 /// was renamed), else the result of each rename, in the order of the batch's non-exchange
-/// entries.
+/// entries (none with whole-tree staging).
 type Flushed = io::Result<Vec<io::Result<()>>>;
 
 struct Staged {
@@ -85,31 +130,88 @@ struct Staged {
     hash: Option<Hash>,
     /// The old entry is a directory or the new one is: swap atomically instead of renaming.
     exchange: bool,
+    /// A hard link to an existing inode: if the path already is that inode, `rename(2)` does
+    /// nothing and leaves the temp name, which must then be removed.
+    link: bool,
+}
+
+/// A directory built under a temp name to replace the non-directory at `path`.
+struct DirSwap {
+    dir: Arc<OwnedFd>,
+    temp: String,
+    path: RelPath,
+}
+
+/// Errors that say the host, not one file, is in trouble: staging stops at the first one.
+fn is_systemic(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EIO))
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// Where a symlink at `link` with `target` points, beneath the root, by the text alone (an
+/// absolute target is taken from the root, as it will be on the host once this is its `/`).
+fn resolve_target(link: &RelPath, target: &[u8]) -> Option<RelPath> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    if !target.starts_with(b"/") {
+        if let Some(p) = link.parent_bytes() {
+            parts.extend(p.split(|&c| c == b'/'));
+        }
+    }
+    for comp in target.split(|&c| c == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    RelPath::new(parts.join(&b'/')).ok()
 }
 
 struct Applier<'a> {
     root: RootDir,
     manifest: &'a Manifest,
     plan: &'a Plan,
+    staging: Staging,
     objects: ObjectStream,
     master: Master,
     rt: tokio::runtime::Handle,
     out: Outcome,
     /// Directories that could not be made: everything beneath them is skipped.
     failed_dirs: Vec<RelPath>,
+    /// Every path whose new entry could not be made (for what depends on it).
+    failed: HashSet<RelPath>,
+    /// Some content (a directory, file, node or link) could not be staged or committed:
+    /// nothing destructive may follow.
+    content_failed: bool,
+    /// The first failure that stops all staging (disk full, master gone, stop requested).
+    halt: Option<String>,
     /// Old directories swapped out and removed whole: their contents' deletes are done.
     removed_dirs: Vec<RelPath>,
+    /// Directories this pass created (whole-tree staging removes them again on a roll-back).
+    created_dirs: Vec<RelPath>,
+    /// Directories built under temp names, swapped in at the commit.
+    dir_swaps: Vec<DirSwap>,
     /// Directories whose mtime our own work changed (`None`: the root).
     touched: BTreeSet<Option<RelPath>>,
     /// Where this pass put content that later changes need again (`plan.reused` only: on a
     /// cold sync of a million files, a map of every file would cost ~130 MB).
     materialized: HashMap<Hash, Location>,
+    /// Hard-link leaders staged this pass, by path: their members link to the temp file.
+    leaders: HashMap<RelPath, (Arc<OwnedFd>, String)>,
     /// Index in `plan.fetch` of the next object on the ordered stream.
     fetch_next: usize,
     staged: Vec<Staged>,
     staged_bytes: u64,
-    /// The previous batch, whose `syncfs` and then renames run on a helper thread while the
-    /// next batch is staged; nothing of it is renamed before that `syncfs` has returned.
+    /// Whole-tree staging: everything staged and flushed so far, waiting for the commit.
+    held: Vec<Staged>,
+    /// The previous batch, whose `syncfs` (and, in batches, then its renames) run on a helper
+    /// thread while the next batch is staged; nothing of it is renamed before that `syncfs`
+    /// has returned.
     flushing: Option<(Vec<Staged>, std::thread::JoinHandle<Flushed>)>,
     /// Time spent waiting for a batch's `syncfs` and renames.
     syncfs_wait: Stopwatch,
@@ -125,59 +227,93 @@ pub fn apply(
     root: RootDir,
     manifest: &Manifest,
     plan: &Plan,
+    staging: Staging,
     objects: ObjectStream,
     master: Master,
     rt: tokio::runtime::Handle,
     cancel: Option<Arc<AtomicBool>>,
     throttle: &throttle::Throttle,
 ) -> Outcome {
+    let link_leaders: HashSet<&RelPath> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match c.op.source() {
+            Some(Source::Link(l)) => Some(l),
+            _ => None,
+        })
+        .collect();
     let mut a = Applier {
         root,
         manifest,
         plan,
+        staging,
         objects,
         master,
         rt,
         out: Outcome { done: vec![false; plan.changes.len()], ..Outcome::default() },
         failed_dirs: Vec::new(),
+        failed: HashSet::new(),
+        content_failed: false,
+        halt: None,
         removed_dirs: Vec::new(),
+        created_dirs: Vec::new(),
+        dir_swaps: Vec::new(),
         touched: BTreeSet::new(),
         materialized: HashMap::new(),
+        leaders: HashMap::with_capacity(link_leaders.len()),
         fetch_next: 0,
         staged: Vec::new(),
         staged_bytes: 0,
+        held: Vec::new(),
         flushing: None,
         syncfs_wait: Stopwatch::default(),
-        cancel: None,
+        cancel,
         throttle: throttle.clone(),
     };
-    // A stop request is honoured between two entries: what was staged is committed (it is
-    // complete and verified), the remaining phases are skipped, and the next pass resumes.
-    let stop = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
-    a.cancel = cancel.clone();
-    const DONE: [&str; 6] = [
-        "directories made",
-        "content staged and committed",
-        "hard links made",
-        "metadata updated in place",
-        "deletions done",
-        "directory metadata set",
-    ];
-    for (phase, done) in DONE.iter().enumerate() {
-        if stop() {
-            a.out.stats.cancelled = true;
-            break;
-        }
+    fn timed<'a>(a: &mut Applier<'a>, what: &str, f: impl FnOnce(&mut Applier<'a>)) {
         let t = std::time::Instant::now();
-        match phase {
-            0 => a.make_dirs(),
-            1 => a.stage_and_commit(),
-            2 => a.link_members(),
-            3 => a.update_in_place(),
-            4 => a.delete(),
-            _ => a.set_dir_meta(),
+        f(a);
+        tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: {what}");
+    }
+    timed(&mut a, "leftovers removed", Applier::remove_leftovers);
+    timed(&mut a, "directories made", Applier::make_dirs);
+    match a.staging {
+        Staging::Whole => {
+            timed(&mut a, "content staged", |a| a.stage_content(&link_leaders));
+            timed(&mut a, "hard links staged", Applier::stage_links);
+            a.seal_batch();
+            a.commit_flushed();
+            if a.stopped() || a.halt.is_some() {
+                timed(&mut a, "rolled back", Applier::roll_back);
+            } else {
+                timed(&mut a, "committed", Applier::commit_held);
+            }
         }
-        tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: {done}");
+        Staging::Batches => {
+            timed(&mut a, "content staged and committed", |a| a.stage_content(&HashSet::new()));
+            a.seal_batch();
+            a.commit_flushed();
+            if !a.stopped() {
+                timed(&mut a, "hard links made", Applier::link_members);
+            }
+        }
+    }
+    if !a.out.rolled_back && !a.stopped() {
+        timed(&mut a, "metadata updated in place", Applier::update_in_place);
+        timed(&mut a, "deletions done", Applier::delete);
+        timed(&mut a, "directory metadata set", Applier::set_dir_meta);
+    }
+    if let Some(why) = a.halt.clone() {
+        let skipped = a.plan.changes.len() - a.out.done.iter().filter(|d| **d).count();
+        let what = if a.out.rolled_back {
+            "nothing was committed: everything this pass staged was removed, and the root is as it was before it"
+        } else {
+            "the changes not yet made were not attempted"
+        };
+        a.fail_str(
+            &a.root.path().display().to_string(),
+            format!("staging stopped: {why}; {what} ({skipped} changes left for the next pass)"),
+        );
     }
     tracing::debug!(
         waiting_for_objects = a.objects.waited.secs(),
@@ -189,8 +325,8 @@ pub fn apply(
         a.fail_str(&a.root.path().display().to_string(), format!("cannot flush the filesystem (syncfs): {e}"));
     }
     tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: final syncfs");
-    a.out.stats.fetched_objects = a.objects.objects;
-    a.out.stats.wire_bytes = a.objects.wire_bytes;
+    a.out.stats.fetched_objects += a.objects.objects;
+    a.out.stats.wire_bytes += a.objects.wire_bytes;
     a.out.stats.delta_objects = a.objects.deltas;
     a.out
 }
@@ -200,9 +336,41 @@ impl Applier<'_> {
         self.fail_str(&path.to_string(), format!("{what}: {e}"));
     }
 
+    /// A path whose new entry could not be made: from now on nothing destructive is done.
+    fn fail_content(&mut self, path: &RelPath, what: &str, e: impl std::fmt::Display) {
+        self.content_failed = true;
+        self.failed.insert(path.clone());
+        self.fail(path, what, e);
+    }
+
     fn fail_str(&mut self, path: &str, error: String) {
         tracing::debug!(path, "{error}");
         self.out.failures.push(Failure { path: path.to_owned(), error });
+    }
+
+    /// A change not made because something it depends on failed.
+    fn hold_back(&mut self, path: &RelPath, why: String) {
+        self.out.held_back += 1;
+        self.content_failed = true;
+        self.failed.insert(path.clone());
+        self.fail_str(&path.to_string(), format!("held back: {why}"));
+    }
+
+    /// Stops all further staging, keeping the first reason.
+    fn halt_on(&mut self, e: &io::Error) {
+        if is_no_space(e) {
+            self.out.stats.no_space = true;
+        }
+        if self.halt.is_none() {
+            self.halt = Some(e.to_string());
+        }
+    }
+
+    fn stopped(&mut self) -> bool {
+        if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            self.out.stats.cancelled = true;
+        }
+        self.out.stats.cancelled
     }
 
     /// The failed directory `path` lies beneath, if any.
@@ -212,7 +380,7 @@ impl Applier<'_> {
 
     fn check_blocked(&mut self, path: &RelPath) -> bool {
         if let Some(d) = self.blocked(path) {
-            self.fail(path, "skipped", format!("its parent directory {d} could not be made"));
+            self.fail_content(path, "skipped", format!("its parent directory {d} could not be made"));
             return true;
         }
         false
@@ -222,38 +390,81 @@ impl Applier<'_> {
         self.touched.insert(path.parent());
     }
 
+    // Phase 0.
+    fn remove_leftovers(&mut self) {
+        for l in &self.plan.leftovers {
+            let r = self
+                .root
+                .parent(&l.path)
+                .and_then(|(dir, name)| fsops::remove_tree(dir.as_fd(), name, self.root.dev()));
+            match r {
+                Ok(()) => {
+                    self.out.stats.leftovers_removed += 1;
+                    self.touched.insert(l.path.parent());
+                }
+                Err(e) => self.fail(&l.path, "cannot remove a temp entry an interrupted pass left", e),
+            }
+        }
+        if !self.plan.leftovers.is_empty() {
+            tracing::info!(removed = self.out.stats.leftovers_removed, "leftovers of an interrupted pass removed");
+        }
+    }
+
     // Phase 1.
     fn make_dirs(&mut self) {
-        for c in self.plan.changes.iter() {
+        for (i, c) in self.plan.changes.iter().enumerate() {
             let (new, replace) = match &c.op {
                 Op::Create { new, .. } if new.kind == Kind::Dir => (new, false),
                 Op::Replace { new, .. } if new.kind == Kind::Dir => (new, true),
                 _ => continue,
             };
+            if self.stopped() {
+                return;
+            }
             if self.check_blocked(&c.path) {
                 self.failed_dirs.push(c.path.clone());
                 continue;
             }
-            if let Err(e) = self.make_dir(&new.path, replace) {
-                self.fail(&c.path, "cannot create directory", e);
+            if let Err(e) = self.make_dir(i, &new.path, replace) {
+                if is_systemic(&e) {
+                    self.halt_on(&e);
+                }
+                self.fail_content(&c.path, "cannot create directory", e);
                 self.failed_dirs.push(c.path.clone());
                 continue;
             }
-            // Metadata, and so completion, come in phase 5.
+            // Metadata, and so completion, come in phase 6.
             self.touch_parent(&c.path);
         }
     }
 
-    fn make_dir(&mut self, path: &RelPath, replace: bool) -> io::Result<()> {
+    fn make_dir(&mut self, _index: usize, path: &RelPath, replace: bool) -> io::Result<()> {
         let (dir, name) = self.root.parent(path)?;
         if !replace {
             return match rustix::fs::mkdirat(&*dir, name, rustix::fs::Mode::from_raw_mode(0o700)) {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    self.created_dirs.push(path.clone());
+                    Ok(())
+                }
                 Err(Errno::EXIST) if is_dir_at(&dir, name) => Ok(()),
                 Err(e) => Err(e.into()),
             };
         }
         let temp = fsops::create_temp_dir(dir.as_fd())?;
+        if self.staging == Staging::Whole {
+            // Built aside; what lies beneath the path is staged inside it until the commit.
+            let fd = rustix::fs::openat(&*dir, temp.as_str(), crate::root::dir_flags(), rustix::fs::Mode::empty());
+            let fd = match fd {
+                Ok(fd) => fd,
+                Err(e) => {
+                    let _ = rustix::fs::unlinkat(&*dir, temp.as_str(), AtFlags::REMOVEDIR);
+                    return Err(e.into());
+                }
+            };
+            self.root.redirect(path.clone(), Arc::new(fd));
+            self.dir_swaps.push(DirSwap { dir, temp, path: path.clone() });
+            return Ok(());
+        }
         let r = fsops::commit_rename(dir.as_fd(), &temp, name, true);
         if let Err(e) = r {
             let _ = rustix::fs::unlinkat(&*dir, temp.as_str(), AtFlags::REMOVEDIR);
@@ -264,47 +475,216 @@ impl Applier<'_> {
         fsops::remove_tree(dir.as_fd(), temp.as_bytes(), self.root.dev())
     }
 
-    // Phase 2.
-    fn stage_and_commit(&mut self) {
-        for (i, c) in self.plan.changes.iter().enumerate() {
-            let Some(new) = c.op.new_entry() else { continue };
-            if new.kind == Kind::Dir || !c.op.makes_new_inode() || matches!(c.op.source(), Some(Source::Link(_))) {
-                continue;
+    /// The first failed path a symlink at `path` to `target` leads to, if any.
+    fn failed_target(&self, path: &RelPath, target: Option<&[u8]>) -> Option<RelPath> {
+        if self.failed.is_empty() {
+            return None;
+        }
+        let to = resolve_target(path, target?)?;
+        let mut at = Some(to);
+        while let Some(p) = at {
+            if self.failed.contains(&p) {
+                return Some(p);
             }
-            let source = c.op.source().expect("ops with a new entry have a source");
-            if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
-                self.out.stats.cancelled = true;
-                break;
-            }
-            if self.check_blocked(&c.path) {
-                self.drain_unused(source);
-                continue;
-            }
-            let exchange = c.op.old_entry().is_some_and(|o| o.entry.kind == Kind::Dir);
-            // Even a failed attempt creates and removes a temp name there.
-            self.touch_parent(&c.path);
-            match self.stage(new, source) {
-                Ok((dir, temp)) => {
-                    let hash = new.hash;
-                    if let Some(h) = hash.filter(|h| self.plan.reused.contains(h)) {
-                        self.materialized
-                            .entry(h)
-                            .or_insert_with(|| Location::Staged(dir.clone(), temp.clone(), new.path.clone()));
-                    }
-                    self.staged_bytes += new.size;
-                    self.staged.push(Staged { index: i, dir, temp, hash, exchange });
-                    if self.staged.len() >= BATCH_FILES || self.staged_bytes >= BATCH_BYTES {
-                        self.seal_batch();
+            at = p.parent();
+        }
+        None
+    }
+
+    // Phase 2: regular files first, then other nodes (symlinks can then be checked against
+    // the content they point to). `leaders`: paths whose staged temp file hard links will
+    // point to (whole-tree staging).
+    fn stage_content(&mut self, leaders: &HashSet<&RelPath>) {
+        for files in [true, false] {
+            for (i, c, new) in self.plan.staged() {
+                if (new.kind == Kind::File) != files || matches!(c.op.source(), Some(Source::Link(_))) {
+                    continue;
+                }
+                if self.halt.is_some() || self.stopped() {
+                    return;
+                }
+                let source = c.op.source().expect("ops with a new entry have a source");
+                if self.check_blocked(&c.path) {
+                    self.drain_unused(source);
+                    continue;
+                }
+                if new.kind == Kind::Symlink {
+                    if let Some(t) = self.failed_target(&c.path, new.target.as_deref()) {
+                        self.hold_back(&c.path, format!("the symlink's target {t} could not be brought in"));
+                        continue;
                     }
                 }
-                Err(e) => {
-                    self.drain_unused(source);
-                    self.fail(&c.path, "cannot stage new content", e);
+                let exchange = c.op.old_entry().is_some_and(|o| o.entry.kind == Kind::Dir);
+                // Even a failed attempt creates and removes a temp name there.
+                self.touch_parent(&c.path);
+                match self.stage(new, source) {
+                    Ok((dir, temp)) => {
+                        let hash = new.hash;
+                        if let Some(h) = hash.filter(|h| self.plan.reused.contains(h)) {
+                            self.materialized
+                                .entry(h)
+                                .or_insert_with(|| Location::Staged(dir.clone(), temp.clone(), new.path.clone()));
+                        }
+                        if leaders.contains(&c.path) {
+                            self.leaders.insert(c.path.clone(), (dir.clone(), temp.clone()));
+                        }
+                        self.staged_bytes += new.size;
+                        self.staged.push(Staged { index: i, dir, temp, hash, exchange, link: false });
+                        if self.staged.len() >= BATCH_FILES || self.staged_bytes >= BATCH_BYTES {
+                            self.seal_batch();
+                        }
+                    }
+                    Err(e) => {
+                        self.drain_unused(source);
+                        if is_systemic(&e) || self.out.stats.master_lost {
+                            self.halt_on(&e);
+                        }
+                        self.fail_content(&c.path, "cannot stage new content", e);
+                    }
                 }
             }
         }
-        self.seal_batch();
-        self.commit_flushed();
+    }
+
+    /// Whole-tree staging: hard links to their leaders, staged or in place, under temp names.
+    fn stage_links(&mut self) {
+        for (i, c) in self.plan.changes.iter().enumerate() {
+            let Some(Source::Link(leader)) = c.op.source() else { continue };
+            if !c.op.makes_new_inode() || self.halt.is_some() || self.stopped() || self.check_blocked(&c.path) {
+                continue;
+            }
+            if self.failed.contains(leader) {
+                self.hold_back(&c.path, format!("its hard-link leader {leader} could not be brought in"));
+                continue;
+            }
+            let exchange = c.op.old_entry().is_some_and(|o| o.entry.kind == Kind::Dir);
+            self.touch_parent(&c.path);
+            let r = self.root.parent(&c.path).and_then(|(dir, _)| {
+                let temp = match self.leaders.get(leader) {
+                    Some((ldir, ltemp)) => fsops::link_temp(ldir.as_fd(), ltemp.as_bytes(), dir.as_fd())?,
+                    None => {
+                        let (ldir, lname) = self.root.parent(leader)?;
+                        fsops::link_temp(ldir.as_fd(), lname, dir.as_fd())?
+                    }
+                };
+                Ok((dir, temp))
+            });
+            match r {
+                Ok((dir, temp)) => self.staged.push(Staged { index: i, dir, temp, hash: None, exchange, link: true }),
+                Err(e) => {
+                    if is_systemic(&e) {
+                        self.halt_on(&e);
+                    }
+                    self.fail_content(&c.path, &format!("cannot hard-link to {leader}"), e);
+                }
+            }
+        }
+    }
+
+    /// Whole-tree staging, once everything is staged and durable: each temp entry is renamed
+    /// over its path (files first, then other nodes and links, in path order within each),
+    /// then each directory built aside is swapped in, deepest first.
+    fn commit_held(&mut self) {
+        for s in std::mem::take(&mut self.held) {
+            let path = self.plan.changes[s.index].path.clone();
+            let r = match s.exchange {
+                false => fsops::commit_rename(s.dir.as_fd(), &s.temp, path.file_name(), false),
+                true => self.commit(&s, &path),
+            };
+            self.record_commit(&s, path, r);
+        }
+        let mut swaps = std::mem::take(&mut self.dir_swaps);
+        swaps.sort_by(|a, b| b.path.cmp(&a.path));
+        for d in swaps {
+            self.root.unredirect(&d.path);
+            let r = fsops::commit_rename(d.dir.as_fd(), &d.temp, d.path.file_name(), true)
+                .and_then(|()| fsops::remove_tree(d.dir.as_fd(), d.temp.as_bytes(), self.root.dev()));
+            if let Err(e) = r {
+                let _ = fsops::remove_tree(d.dir.as_fd(), d.temp.as_bytes(), self.root.dev());
+                self.failed_dirs.push(d.path.clone());
+                self.fail_content(&d.path, "cannot swap the new directory into place", e);
+            }
+        }
+    }
+
+    /// Records the result of renaming a staged entry into place.
+    fn record_commit(&mut self, s: &Staged, path: RelPath, r: io::Result<()>) {
+        match r {
+            Ok(()) => {
+                if s.link {
+                    // If the path already was this inode, the rename did nothing.
+                    match rustix::fs::unlinkat(&*s.dir, s.temp.as_str(), AtFlags::empty()) {
+                        Ok(()) | Err(Errno::NOENT) => {}
+                        Err(e) => tracing::warn!(path = %path, "cannot remove temp link {}: {e}", s.temp),
+                    }
+                }
+                self.out.done[s.index] = true;
+                if let Some(h) = s.hash.filter(|h| self.plan.reused.contains(h)) {
+                    self.materialized.insert(h, Location::Committed(path));
+                }
+            }
+            Err(e) => {
+                let _ = fsops::remove_tree(s.dir.as_fd(), s.temp.as_bytes(), self.root.dev());
+                if let Some(h) = s.hash {
+                    self.materialized.remove(&h);
+                }
+                self.fail_content(&path, "cannot rename new content into place", e);
+            }
+        }
+    }
+
+    /// Whole-tree staging that could not complete: removes every temp entry, every directory
+    /// built aside and every directory this pass made, and puts back the mtimes of the
+    /// directories it touched, so the root is as it was.
+    fn roll_back(&mut self) {
+        let mut all = std::mem::take(&mut self.held);
+        all.append(&mut self.staged);
+        let dev = self.root.dev();
+        let mut left = 0usize;
+        for s in &all {
+            if fsops::remove_tree(s.dir.as_fd(), s.temp.as_bytes(), dev).is_err() {
+                left += 1;
+            }
+        }
+        for d in std::mem::take(&mut self.dir_swaps).into_iter().rev() {
+            self.root.unredirect(&d.path);
+            if fsops::remove_tree(d.dir.as_fd(), d.temp.as_bytes(), dev).is_err() {
+                left += 1;
+            }
+        }
+        for p in std::mem::take(&mut self.created_dirs).into_iter().rev() {
+            self.root.forget(&p);
+            let r =
+                self.root.parent(&p).and_then(|(dir, name)| Ok(rustix::fs::unlinkat(&*dir, name, AtFlags::REMOVEDIR)?));
+            if r.is_err() {
+                left += 1;
+            }
+        }
+        if left > 0 {
+            self.fail_str(
+                &self.root.path().display().to_string(),
+                format!("rolling back: {left} temp entries or new directories could not be removed; the next pass removes them"),
+            );
+        }
+        // Parent mtimes as they were: the host's own where the plan saw it differ, else the
+        // image's, which the host matched.
+        for t in std::mem::take(&mut self.touched) {
+            let meta = match &t {
+                None => Some(self.plan.root.as_ref().map_or(&self.manifest.root, |(old, _, _)| old)),
+                Some(p) => self.old_dir_meta(p),
+            };
+            let Some(meta) = meta.cloned() else { continue };
+            let _ = self.root.dir(t.as_ref()).and_then(|fd| fsops::set_fd_meta(fd.as_fd(), &meta, MetaParts::MTIME));
+        }
+        self.out.rolled_back = true;
+    }
+
+    /// The metadata the host's directory `p` had when the pass scanned it.
+    fn old_dir_meta(&self, p: &RelPath) -> Option<&Meta> {
+        match self.plan.changes.binary_search_by(|c| c.path.cmp(p)) {
+            Ok(i) => self.plan.changes[i].op.old_entry().filter(|o| o.entry.kind == Kind::Dir).map(|o| &o.entry.meta),
+            Err(_) => self.manifest.get(p).filter(|e| e.kind == Kind::Dir).map(|e| &e.meta),
+        }
     }
 
     /// Keeps the object stream aligned when the path that was to consume its next object did
@@ -330,6 +710,16 @@ impl Applier<'_> {
             let temp = fsops::create_temp_node(dir.as_fd(), new)?;
             return Ok((dir, temp));
         }
+        if let Source::Resume(from, h) = source {
+            match self.resume(&dir, new, from, *h) {
+                Ok(temp) => return Ok((dir, temp)),
+                Err(e) => {
+                    tracing::warn!(path = %new.path, "cannot reuse {from}, left by an interrupted pass: {e}; fetching it");
+                    let _ =
+                        self.root.parent(from).and_then(|(d, n)| Ok(rustix::fs::unlinkat(&*d, n, AtFlags::empty())?));
+                }
+            }
+        }
         let (file, temp) = fsops::create_temp_file(dir.as_fd())?;
         let r = self.fill(file, new, source);
         match r {
@@ -339,6 +729,34 @@ impl Applier<'_> {
                 Err(e)
             }
         }
+    }
+
+    /// Takes over a temp file an interrupted pass left with content `hash`: verified again
+    /// (read whole), moved beside `new.path` under a fresh temp name unless it is there already,
+    /// and given the entry's metadata. Its single name was checked by the scan, and again here.
+    fn resume(&mut self, dir: &Arc<OwnedFd>, new: &Entry, from: &RelPath, hash: Hash) -> io::Result<String> {
+        let (from_dir, from_name) = self.root.parent(from)?;
+        let (file, size) = fsops::open_regular_sized(from_dir.as_fd(), from_name)?;
+        let st = rustix::fs::fstat(&file)?;
+        if st.st_nlink != 1 || size != new.size {
+            return Err(io::Error::other("it changed since the scan"));
+        }
+        let mut hasher = blake3::Hasher::new();
+        manifest::scan::for_each_read(throttle::Throttled::new(&file, &self.throttle.read), |b| {
+            hasher.update(b);
+            Ok(())
+        })?;
+        if Hash(*hasher.finalize().as_bytes()) != hash {
+            return Err(io::Error::other("its content no longer matches"));
+        }
+        let temp = if from.parent() == new.path.parent() {
+            String::from_utf8(from_name.to_vec()).map_err(|_| io::Error::other("not a temp name"))?
+        } else {
+            fsops::move_to_temp(from_dir.as_fd(), from_name, dir.as_fd())?
+        };
+        fsops::set_fd_meta(file.as_fd(), &new.meta, MetaParts::ALL)?;
+        self.out.stats.resumed += 1;
+        Ok(temp)
     }
 
     /// Writes verified content and metadata into a new temp file.
@@ -371,6 +789,7 @@ impl Applier<'_> {
                     self.out.stats.local_bytes += n;
                     return Ok(());
                 }
+                Err(e) if is_systemic(&e) => return Err(e),
                 Err(e) => {
                     errors.push(format!("local copy failed: {e}"));
                     w.reset()?;
@@ -393,6 +812,8 @@ impl Applier<'_> {
                     self.out.stats.master_lost = true;
                     return Err(io::Error::other(format!("object stream from the master broke: {e}")));
                 }
+                // The disk, not the object: no other source will do better.
+                Err((_, ObjectError::Content { source, .. })) if is_systemic(&source) => return Err(source),
                 Err((_, e)) => errors.push(e.to_string()),
             }
             w.reset()?;
@@ -405,6 +826,11 @@ impl Applier<'_> {
             self.out.stats.wire_bytes += one.wire_bytes;
             if r.is_ok() {
                 one.finish();
+            }
+            if let Err(ObjectError::Content { source, .. }) = &r {
+                if is_systemic(source) {
+                    return Err(io::Error::from_raw_os_error(source.raw_os_error().unwrap_or(libc::EIO)));
+                }
             }
             match r.map_err(|e| e.to_string()).and_then(|()| w.check(hash).map_err(|e| e.to_string())) {
                 Ok(()) => {
@@ -433,10 +859,11 @@ impl Applier<'_> {
         fsops::copy(throttle::Throttled::new(file, &self.throttle.read), w)
     }
 
-    /// Closes the batch being staged: the batch before it is committed, then this one's
-    /// `syncfs` and renames start on a helper thread, so staging the next batch overlaps its
-    /// writeback and its renames (a rename over an old file frees that file's blocks, which
-    /// is most of an upgrade's rename cost).
+    /// Closes the batch being staged: the batch before it is committed (in batches) or held
+    /// for the commit (whole-tree staging), then this one's `syncfs`, and in batches its
+    /// renames, start on a helper thread, so staging the next batch overlaps its writeback and
+    /// its renames (a rename over an old file frees that file's blocks, which is most of an
+    /// upgrade's rename cost).
     fn seal_batch(&mut self) {
         if self.staged.is_empty() {
             return;
@@ -446,7 +873,7 @@ impl Applier<'_> {
         self.staged_bytes = 0;
         let renames: Vec<(Arc<OwnedFd>, String, RelPath)> = batch
             .iter()
-            .filter(|s| !s.exchange)
+            .filter(|s| !s.exchange && self.staging == Staging::Batches)
             .map(|s| (s.dir.clone(), s.temp.clone(), self.plan.changes[s.index].path.clone()))
             .collect();
         let flush = self.root.fd().try_clone_to_owned().and_then(|fd| {
@@ -460,6 +887,10 @@ impl Applier<'_> {
         });
         match flush {
             Ok(handle) => self.flushing = Some((batch, handle)),
+            Err(e) if self.staging == Staging::Whole => {
+                self.held.extend(batch);
+                self.halt_on(&e);
+            }
             Err(e) => self.discard(batch, &e),
         }
     }
@@ -472,7 +903,7 @@ impl Applier<'_> {
                 self.materialized.remove(&h);
             }
             let path = self.plan.changes[s.index].path.clone();
-            self.fail(&path, "cannot flush staged content (syncfs)", e);
+            self.fail_content(&path, "cannot flush staged content (syncfs)", e);
         }
     }
 
@@ -485,6 +916,13 @@ impl Applier<'_> {
             .syncfs_wait
             .time(|| handle.join())
             .unwrap_or_else(|_| Err(io::Error::other("the syncfs thread panicked")));
+        if self.staging == Staging::Whole {
+            self.held.extend(batch);
+            if let Err(e) = flushed {
+                self.halt = self.halt.take().or(Some(format!("cannot flush staged content (syncfs): {e}")));
+            }
+            return;
+        }
         let mut renamed = match flushed {
             Ok(r) => r.into_iter(),
             Err(e) => return self.discard(batch, &e),
@@ -495,21 +933,7 @@ impl Applier<'_> {
                 false => renamed.next().unwrap_or_else(|| Err(io::Error::other("the syncfs thread lost a rename"))),
                 true => self.commit(&s, &path),
             };
-            match r {
-                Ok(()) => {
-                    self.out.done[s.index] = true;
-                    if let Some(h) = s.hash.filter(|h| self.plan.reused.contains(h)) {
-                        self.materialized.insert(h, Location::Committed(path));
-                    }
-                }
-                Err(e) => {
-                    let _ = fsops::remove_tree(s.dir.as_fd(), s.temp.as_bytes(), self.root.dev());
-                    if let Some(h) = s.hash {
-                        self.materialized.remove(&h);
-                    }
-                    self.fail(&path, "cannot rename new content into place", e);
-                }
-            }
+            self.record_commit(&s, path, r);
         }
     }
 
@@ -526,11 +950,16 @@ impl Applier<'_> {
         Ok(())
     }
 
-    // Phase 2b.
+    // Phase 2b, in batches: hard links follow their committed leaders.
     fn link_members(&mut self) {
         for (i, c) in self.plan.changes.iter().enumerate() {
             let Some(Source::Link(leader)) = c.op.source() else { continue };
             if !c.op.makes_new_inode() || self.check_blocked(&c.path) {
+                continue;
+            }
+            if self.failed.contains(leader) {
+                // The leader's path still holds its old content.
+                self.hold_back(&c.path, format!("its hard-link leader {leader} could not be brought in"));
                 continue;
             }
             let exchange = c.op.old_entry().is_some_and(|o| o.entry.kind == Kind::Dir);
@@ -539,7 +968,7 @@ impl Applier<'_> {
                     self.out.done[i] = true;
                     self.touch_parent(&c.path);
                 }
-                Err(e) => self.fail(&c.path, &format!("cannot hard-link to {leader}"), e),
+                Err(e) => self.fail_content(&c.path, &format!("cannot hard-link to {leader}"), e),
             }
         }
     }
@@ -548,15 +977,18 @@ impl Applier<'_> {
         let (ldir, lname) = self.root.parent(leader)?;
         let (dir, _) = self.root.parent(path)?;
         let temp = fsops::link_temp(ldir.as_fd(), lname, dir.as_fd())?;
-        let s = Staged { index: 0, dir: dir.clone(), temp, hash: None, exchange };
+        let s = Staged { index: 0, dir: dir.clone(), temp, hash: None, exchange, link: true };
         let r = self.commit(&s, path);
-        if r.is_err() {
-            let _ = rustix::fs::unlinkat(&*dir, s.temp.as_str(), AtFlags::empty());
+        // Whether or not it worked, the temp name must go: if the path already was the
+        // leader's inode, rename(2) did nothing and returned success.
+        match rustix::fs::unlinkat(&*dir, s.temp.as_str(), AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => tracing::warn!(path = %path, "cannot remove temp link {}: {e}", s.temp),
         }
         r
     }
 
-    // Phase 3.
+    // Phase 4.
     fn update_in_place(&mut self) {
         for (i, c) in self.plan.changes.iter().enumerate() {
             let Op::Update { old, new, diff, .. } = &c.op else { continue };
@@ -593,12 +1025,19 @@ impl Applier<'_> {
         }
     }
 
-    // Phase 4.
+    // Phase 5. Only once every new entry is in place: a delete after a failure could take
+    // the last copy of something the host still runs on (the old library a failed one was to
+    // replace), so then none is done.
     fn delete(&mut self) {
+        let held_before = self.out.held_back;
         for (i, c) in self.plan.changes.iter().enumerate().rev() {
             let Op::Delete { old } = &c.op else { continue };
             if self.removed_dirs.iter().any(|d| c.path.is_within(d)) {
                 self.out.done[i] = true;
+                continue;
+            }
+            if self.content_failed || self.halt.is_some() {
+                self.out.held_back += 1;
                 continue;
             }
             match self.delete_one(&c.path, old.entry.kind) {
@@ -608,6 +1047,13 @@ impl Applier<'_> {
                 }
                 Err(e) => self.fail(&c.path, "cannot delete", e),
             }
+        }
+        let held = self.out.held_back - held_before;
+        if held > 0 && self.halt.is_none() {
+            self.fail_str(
+                &self.root.path().display().to_string(),
+                format!("{held} deletions held back because new content failed (see above); a pass that brings everything in makes them"),
+            );
         }
     }
 
@@ -645,7 +1091,7 @@ impl Applier<'_> {
         }
     }
 
-    // Phase 5.
+    // Phase 6.
     fn set_dir_meta(&mut self) {
         // Every directory whose metadata we must set: new ones (all of it), changed ones (what
         // differs) and ones our work touched (mtime), deepest first.

@@ -52,6 +52,9 @@ pub struct Config {
     pub io_priority: Option<String>,
     /// Nice level, -20..=19 (default: leave it as started).
     pub nice: Option<i32>,
+    /// "whole" (default): stage all of a pass before committing any of it; "batches": commit
+    /// batch by batch (less room needed).
+    pub staging: Option<String>,
     /// CA certificate (PEM) the master's certificate must chain to.
     pub tls_ca: Option<PathBuf>,
     /// This host's client certificate (PEM); the master takes the host's identity from it.

@@ -124,6 +124,7 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
                     exit::PARTIAL => "partial",
                     exit::UNREACHABLE => "unreachable",
                     exit::TRIGGER_FAILED => "trigger-failed",
+                    exit::NO_SPACE => "no-space",
                     _ => "error",
                 }
                 .into(),
@@ -145,6 +146,7 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
                 SyncError::Untrusted(t) if t.is_stale() => "stale",
                 SyncError::Untrusted(_) => "rejected",
                 SyncError::Unreachable { .. } => "unreachable",
+                SyncError::NoSpace { .. } => "no-space",
                 _ => "error",
             }
             .into(),
@@ -163,6 +165,8 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     opts.sync.dry_run = false;
     opts.sync.index = true;
     opts.sync.retry_now = false;
+    // A `syncd sync` by hand holds the root for its pass: the daemon's next pass waits.
+    opts.sync.lock_wait = true;
     let host = opts.sync.host_id.clone();
     let url = opts.sync.master.clone();
     // A malformed URL will never work: refuse it now rather than retry forever.

@@ -26,6 +26,8 @@ pub mod code {
     pub const BAD_MANIFEST: u8 = 18;
     /// No report: an internal error.
     pub const INTERNAL: u8 = 19;
+    /// No report: another syncd holds the root (without `--wait`).
+    pub const BUSY: u8 = 20;
 }
 
 #[derive(Debug, Serialize)]
@@ -184,6 +186,8 @@ pub fn error_code(e: &SyncError) -> u8 {
         SyncError::Config(_) | SyncError::Scan { .. } => code::CONFIG,
         SyncError::Unreachable { .. } => code::UNREACHABLE,
         SyncError::BadManifest(_) | SyncError::Untrusted(_) => code::BAD_MANIFEST,
-        SyncError::Internal(_) => code::INTERNAL,
+        SyncError::Lock(crate::lock::LockError::Busy { .. }) => code::BUSY,
+        SyncError::Lock(_) => code::CONFIG,
+        SyncError::NoSpace { .. } | SyncError::Internal(_) => code::INTERNAL,
     }
 }

@@ -13,12 +13,25 @@ use rand::Rng;
 use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, RenameFlags, Timespec, Timestamps, Uid, XattrFlags};
 use rustix::io::Errno;
 
-/// Prefix of every temporary name syncd creates. Leftovers from a crash are ordinary extra
-/// entries to the next pass, which deletes them.
+/// Prefix of every temporary name syncd creates: the prefix and 16 lowercase hex digits.
+/// Leftovers of an interrupted pass are reused by the next pass when their content verifies
+/// against a hash it needs, and removed before it stages anything otherwise.
 pub const TEMP_PREFIX: &str = ".syncd-";
 
 fn temp_name() -> String {
     format!("{TEMP_PREFIX}{:016x}", rand::rng().random::<u64>())
+}
+
+/// Whether `name` is one syncd makes for temporary entries (see [`TEMP_PREFIX`]).
+pub fn is_temp_name(name: &[u8]) -> bool {
+    name.len() == TEMP_PREFIX.len() + 16
+        && name.starts_with(TEMP_PREFIX.as_bytes())
+        && name[TEMP_PREFIX.len()..].iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Moves `name` in `from` to a fresh temp name in `to` (never replacing anything there).
+pub fn move_to_temp(from: BorrowedFd, name: &[u8], to: BorrowedFd) -> io::Result<String> {
+    Ok(with_fresh_name(|n| rustix::fs::renameat_with(from, name, to, n, RenameFlags::NOREPLACE))?.1)
 }
 
 /// Creates a fresh name in `dir` with `make`, retrying on a collision (a planted name is never

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod drift;
 pub mod fsops;
 pub mod host;
+pub mod lock;
 pub mod mcache;
 pub mod plan;
 pub mod queue;
@@ -43,6 +44,11 @@ pub mod exit {
     /// The master's manifest has expired (a frozen image is being served); nothing was
     /// changed, and the host reports itself stale.
     pub const STALE: u8 = 6;
+    /// Not enough room to stage the pass: refused before anything was written, or staging ran
+    /// out of space and was rolled back. Nothing was changed.
+    pub const NO_SPACE: u8 = 7;
+    /// Another syncd holds this root (without `--wait`); nothing was read or changed.
+    pub const BUSY: u8 = 8;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +67,13 @@ pub enum SyncError {
         #[source]
         source: manifest::scan::ScanError,
     },
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    #[error(
+        "not enough free space on the filesystem of {} to stage this pass: it needs {} and {needed_inodes} inodes (with a margin), and {} and {free_inodes} inodes are free; nothing was changed (hint: free some space, or set staging = \"batches\" to commit in batches of at most 256 MiB, which needs less room but leaves a mix of old and new files if it fails)",
+        .root.display(), human_bytes(*.needed), human_bytes(*.free)
+    )]
+    NoSpace { root: PathBuf, needed: u64, free: u64, needed_inodes: u64, free_inodes: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -73,6 +86,10 @@ impl SyncError {
             SyncError::BadManifest(_) => exit::BAD_MANIFEST,
             SyncError::Untrusted(t) if t.is_stale() => exit::STALE,
             SyncError::Untrusted(_) => exit::BAD_MANIFEST,
+            SyncError::Lock(lock::LockError::Busy { .. }) => exit::BUSY,
+            SyncError::Lock(lock::LockError::Io { .. }) => exit::USAGE,
+            SyncError::Lock(lock::LockError::Cancelled { .. }) => exit::PARTIAL,
+            SyncError::NoSpace { .. } => exit::NO_SPACE,
             SyncError::Internal(_) => exit::PARTIAL,
         }
     }
@@ -103,6 +120,10 @@ pub struct SyncOptions {
     pub transport: client::Transport,
     /// Which signatures are accepted, and whether a downgrade is.
     pub trust: trust::Policy,
+    /// Stage the whole pass before committing any of it, or commit batch by batch.
+    pub staging: apply::Staging,
+    /// When another syncd holds the root: wait for it (`--wait`, the daemon) or refuse.
+    pub lock_wait: bool,
 }
 
 /// A short, stable key for `root`, naming its files in the state dir (one host may converge
@@ -298,6 +319,7 @@ impl PassReport {
     pub fn exit_code(&self) -> u8 {
         match &self.outcome {
             Some(o) if o.stats.master_lost => exit::UNREACHABLE,
+            Some(o) if o.stats.no_space && o.rolled_back => exit::NO_SPACE,
             _ if self.failures().next().is_some() => exit::PARTIAL,
             _ if self.triggers.iter().any(|t| !t.ok) => exit::TRIGGER_FAILED,
             _ => exit::OK,
@@ -324,19 +346,31 @@ impl PassReport {
         }
         match &self.outcome {
             None => format!(
-                "dry run against image v{} ({}): would create {c}, update {u}, delete {d}; would fetch {} objects ({}); {} excluded, {} skipped; changed nothing",
+                "dry run against image v{} ({}): would create {c}, update {u}, delete {d}; would fetch {} objects ({}); {} excluded, {} skipped{}; changed nothing",
                 self.image_version,
                 &self.identity.to_hex()[..16],
                 self.plan.fetch.len(),
                 mib(self.plan.fetch_bytes()),
                 self.plan.excluded,
                 self.plan.skipped.len(),
+                match (self.plan.changes.iter().filter(|c| matches!(c.op.source(), Some(plan::Source::Resume(..)))).count(), self.plan.leftovers.len()) {
+                    (0, 0) => String::new(),
+                    (r, l) => format!("; from an interrupted pass: would reuse {r} staged files, remove {l} leftovers"),
+                },
             ),
             Some(o) => format!(
-                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed, {} excluded; fetched {} objects, {} ({} on the wire){}; copied {} locally ({}); {:.2}s",
-                if fails == 0 { "converged to" } else { "partly applied" },
+                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed{}, {} excluded; fetched {} objects, {} ({} on the wire){}; copied {} locally ({}){}; {:.2}s",
+                match (fails, o.rolled_back) {
+                    (_, true) => "rolled back, nothing changed: staging against",
+                    (0, false) => "converged to",
+                    _ => "partly applied",
+                },
                 self.image_version,
                 &self.identity.to_hex()[..16],
+                match o.held_back {
+                    0 => String::new(),
+                    n => format!(", {n} held back"),
+                },
                 self.plan.excluded,
                 o.stats.fetched_objects,
                 mib(o.stats.fetched_bytes),
@@ -347,6 +381,10 @@ impl PassReport {
                 },
                 o.stats.local_copies,
                 mib(o.stats.local_bytes),
+                match (o.stats.resumed, o.stats.leftovers_removed) {
+                    (0, 0) => String::new(),
+                    (r, l) => format!("; from an interrupted pass: {r} staged files reused, {l} leftovers removed"),
+                },
                 self.duration.as_secs_f64(),
             ),
         }
@@ -381,6 +419,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     if !root_md.is_dir() {
         return Err(SyncError::Config(format!("root {} is not a directory", opts.root.display())));
     }
+    // One syncd per root, before anything of the host is read.
+    let access = if opts.dry_run { lock::Access::Shared } else { lock::Access::Exclusive };
+    let _lock = lock::acquire(&opts.root, access, opts.lock_wait, opts.cancel.as_ref()).await?;
     let local = load_local_lists(&opts.exclude_from)?;
     let master =
         client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
@@ -439,6 +480,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             }
         }
     }
+    if opts.staging == apply::Staging::Whole && !opts.dry_run && !report.plan.is_empty() {
+        check_room(&opts.root, &report.plan)?;
+    }
     // The triggers this batch will fire go to the journal, durably, before anything commits.
     let mut journal = match (opts.dry_run, opts.triggers.is_empty()) {
         (false, false) => Some(triggers::Journal::open(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))?),
@@ -477,8 +521,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();
         let throttle = opts.throttle.clone();
+        let staging = opts.staging;
         let (plan, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = apply::apply(root, &manifest, &plan, objects, master, rt, cancel, &throttle);
+            let outcome = apply::apply(root, &manifest, &plan, staging, objects, master, rt, cancel, &throttle);
             (plan, outcome)
         })
         .await
@@ -508,6 +553,38 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     }
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Whole-tree staging needs room for all new content at once, on the root's filesystem (syncd
+/// never writes across a mount point, so that is the only one): the blocks and inodes of
+/// [`Plan::stage_needs`], plus a margin of 1/32 and 16 MiB (64 inodes and 1/32), less what the
+/// leftovers of an interrupted pass free first. The space reserved for root is not counted
+/// as free, so the host's own services keep it.
+fn check_room(root: &std::path::Path, plan: &Plan) -> Result<(), SyncError> {
+    let (bytes, inodes) = plan.stage_needs();
+    let needed = bytes + bytes / 32 + (16 << 20);
+    let needed_inodes = inodes + inodes / 32 + 64;
+    let st = match rustix::fs::statvfs(root) {
+        Ok(st) => st,
+        Err(e) => {
+            tracing::warn!(root = %root.display(), "cannot tell the free space (statvfs): {e}; staging anyway");
+            return Ok(());
+        }
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize) + plan.leftover_bytes();
+    // Filesystems without inode accounting (btrfs, some network ones) report 0 files.
+    let free_inodes = if st.f_files == 0 { u64::MAX } else { st.f_favail + plan.leftovers.len() as u64 };
+    tracing::debug!(needed, free, needed_inodes, free_inodes, "room to stage the pass");
+    if needed > free || needed_inodes > free_inodes {
+        return Err(SyncError::NoSpace {
+            root: root.to_owned(),
+            needed,
+            free,
+            needed_inodes,
+            free_inodes: free_inodes.min(st.f_favail),
+        });
+    }
+    Ok(())
 }
 
 /// Completes a pass that has the manifest: hashes what the comparison needs (the host index

@@ -51,6 +51,12 @@ struct Common {
     /// Nice level, -20..=19 [config: nice].
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     nice: Option<i32>,
+    /// `whole` (default): stage all new content before committing any; `batches`: commit as it goes
+    #[arg(long, value_name = "MODE")]
+    staging: Option<String>,
+    /// If another syncd holds the root, wait for it instead of exiting 8
+    #[arg(long)]
+    wait: bool,
     /// CA certificate the master's certificate must chain to [config: tls_ca].
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
@@ -132,6 +138,8 @@ struct Resolved {
     throttle: throttle::Throttle,
     transport: syncd::client::Transport,
     trusted_keys: Vec<manifest::trust::PublicKey>,
+    staging: syncd::apply::Staging,
+    wait: bool,
 }
 
 /// The daemon's timing keys, as written (validated when resolved).
@@ -207,7 +215,13 @@ impl Common {
             self.host_id
                 .or(cfg.host_id)
                 .unwrap_or_else(|| if tls.is_some() { String::new() } else { default_host_id() });
+        let staging = match self.staging.as_ref().or(cfg.staging.as_ref()) {
+            Some(s) => s.parse().map_err(|e| SyncError::Config(format!("staging: {e}")))?,
+            None => syncd::apply::Staging::default(),
+        };
         Ok(Resolved {
+            staging,
+            wait: self.wait,
             master: self.master.or(cfg.master),
             root: self.root.or(cfg.root).unwrap_or_else(|| PathBuf::from("/")),
             host_id,
@@ -252,6 +266,8 @@ impl Resolved {
             throttle: self.throttle,
             transport: self.transport,
             trust: syncd::trust::Policy { keys: self.trusted_keys, allow_downgrade },
+            staging: self.staging,
+            lock_wait: self.wait,
         })
     }
 }

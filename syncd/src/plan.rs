@@ -63,6 +63,9 @@ pub enum Source {
     Local(RelPath, Hash),
     /// A hard link to the group's leader, once the leader is in place.
     Link(RelPath),
+    /// A temp file an interrupted pass left at this path, whose content hashed to what is
+    /// needed: verified again, then renamed into place instead of fetching or copying anything.
+    Resume(RelPath, Hash),
 }
 
 #[derive(Clone, Debug)]
@@ -160,11 +163,33 @@ pub struct Plan {
     /// Paths of the image or the host left alone because an exclusion rule covers them (the
     /// contents of an excluded host directory are never read, so it counts once).
     pub excluded: usize,
+    /// Temp entries an interrupted pass left behind and this pass cannot reuse: removed before
+    /// anything is staged, so repeated crashes never hold more than one pass's worth of
+    /// staged data. (The reusable ones are [`Source::Resume`] sources.)
+    pub leftovers: Vec<Leftover>,
+}
+
+/// A temp entry of an earlier pass (its name is syncd's, see [`crate::fsops::is_temp_name`]).
+#[derive(Clone, Debug)]
+pub struct Leftover {
+    pub path: RelPath,
+    pub kind: Kind,
+    /// Bytes it holds (regular files only).
+    pub size: u64,
+}
+
+/// Whether a host entry is a leftover of an interrupted pass: some component of its path is
+/// a syncd temp name, and the image has no entry there.
+fn is_leftover(path: &RelPath) -> bool {
+    path.components().any(crate::fsops::is_temp_name)
 }
 
 impl Plan {
     pub fn compute(manifest: &Manifest, host: &HostTree, rules: &Exclusions) -> Plan {
         let mut plan = Plan { image_version: manifest.version, ..Plan::default() };
+        // syncd's own temp entries are not the host's: they are resumed or removed, never
+        // compared (nor reported as drift). One the image itself has is an ordinary entry.
+        let leftover = |h: &ScannedEntry| is_leftover(&h.entry.path) && manifest.get(&h.entry.path).is_none();
         let root_diff = Diff::of_meta(&host.root, &manifest.root);
         if root_diff.any() {
             plan.root = Some((host.root.clone(), manifest.root.clone(), root_diff));
@@ -172,8 +197,8 @@ impl Plan {
 
         // Host content available for local copies (built on first need: a pass with nothing
         // to fetch never builds it).
-        let local = LocalContent { entries: &host.entries, map: std::cell::OnceCell::new() };
-        let host_links = host_link_sets(&host.entries);
+        let local = LocalContent { entries: &host.entries, leftover: &leftover, map: std::cell::OnceCell::new() };
+        let host_links = host_link_sets(&host.entries, &leftover);
         let leaders = manifest.link_leaders();
 
         // Paths that must not be touched: mount points, and whatever lies beneath a mount point
@@ -199,7 +224,7 @@ impl Plan {
         // Leaders whose inode is replaced: their members must be linked again.
         let mut fresh_leaders: HashSet<u32> = HashSet::new();
         let mut mi = manifest.entries.iter().peekable();
-        let mut hi = host.entries.iter().peekable();
+        let mut hi = host.entries.iter().filter(|h| !leftover(h)).peekable();
         loop {
             let (new, old) = match (mi.peek(), hi.peek()) {
                 (None, None) => break,
@@ -271,6 +296,55 @@ impl Plan {
 
         plan.excluded = excluded.len();
 
+        // Leftovers beneath a fence or an exclusion are left alone; a temp directory goes
+        // whole, so nothing beneath it is resumed. A regular file with a single name whose
+        // content hashed to what a staged file needs is resumed; the rest is removed.
+        let mut resumable: HashMap<Hash, Vec<&RelPath>> = HashMap::new();
+        let mut top_dirs: Vec<&RelPath> = Vec::new();
+        for h in host.entries.iter().filter(|h| leftover(h)) {
+            let p = &h.entry.path;
+            if fence(p).is_some() || excluded_dirs.iter().any(|d| p.is_within(d)) || excluded.contains(p) {
+                continue;
+            }
+            if top_dirs.iter().any(|d| p.is_within(d)) {
+                continue;
+            }
+            if !crate::fsops::is_temp_name(p.file_name()) {
+                continue; // beneath a temp directory the image has (edited by hand): leave it
+            }
+            if h.entry.kind == Kind::Dir {
+                top_dirs.push(p);
+            }
+            match (h.entry.kind, h.entry.hash, h.nlink) {
+                (Kind::File, Some(hash), 1) => resumable.entry(hash).or_default().push(p),
+                _ => plan.leftovers.push(Leftover { path: p.clone(), kind: h.entry.kind, size: h.entry.size }),
+            }
+        }
+        if !resumable.is_empty() {
+            for c in &mut plan.changes {
+                let staged_file = c.op.makes_new_inode() && c.op.new_entry().is_some_and(|n| n.kind == Kind::File);
+                let source = match &mut c.op {
+                    Op::Create { source, .. } | Op::Update { source, .. } | Op::Replace { source, .. } => source,
+                    Op::Delete { .. } => continue,
+                };
+                let h = match source {
+                    Source::Fetch(h) | Source::Local(_, h) if staged_file => *h,
+                    _ => continue,
+                };
+                if let Some(p) = resumable.get_mut(&h).and_then(Vec::pop) {
+                    *source = Source::Resume(p.clone(), h);
+                }
+            }
+        }
+        for (_, paths) in resumable {
+            for p in paths {
+                let size =
+                    host.entries.binary_search_by(|h| h.entry.path.cmp(p)).map_or(0, |i| host.entries[i].entry.size);
+                plan.leftovers.push(Leftover { path: p.clone(), kind: Kind::File, size });
+            }
+        }
+        plan.leftovers.sort_by(|a, b| a.path.cmp(&b.path));
+
         // Never remove a host directory that holds an excluded path or a mount point: the rmdir
         // or the swap that replaces it would take the excluded path with it, or fail.
         let mounts: Vec<&RelPath> = host.entries.iter().filter(|h| h.mount_point).map(|h| &h.entry.path).collect();
@@ -305,7 +379,7 @@ impl Plan {
         for c in &plan.changes {
             let (h, fetch) = match (c.op.source(), c.op.new_entry()) {
                 (Some(Source::Fetch(h)), Some(_)) => (h, true),
-                (Some(Source::Local(_, h)), Some(_)) => (h, false),
+                (Some(Source::Local(_, h) | Source::Resume(_, h)), Some(_)) => (h, false),
                 _ => continue,
             };
             let first_fetch = match seen.entry(*h) {
@@ -343,9 +417,55 @@ impl Plan {
         plan
     }
 
-    /// True when the host already matches.
+    /// True when the host already matches (and no leftover of an interrupted pass is there).
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.root.is_none()
+        self.changes.is_empty() && self.root.is_none() && self.leftovers.is_empty()
+    }
+
+    /// Changes that stage a new entry under a temp name before it is renamed into place.
+    pub fn staged(&self) -> impl Iterator<Item = (usize, &Change, &Entry)> {
+        self.changes.iter().enumerate().filter_map(|(i, c)| {
+            let new = c.op.new_entry()?;
+            (new.kind != Kind::Dir && c.op.makes_new_inode()).then_some((i, c, new))
+        })
+    }
+
+    /// What staging this whole plan takes on the host's filesystem: bytes (whole 4 KiB blocks
+    /// for new content, a block for each new directory and long symlink) and new inodes.
+    /// Resumed leftovers and hard links take no new space.
+    pub fn stage_needs(&self) -> (u64, u64) {
+        const BLOCK: u64 = 4096;
+        let (mut bytes, mut inodes) = (0u64, 0u64);
+        for c in &self.changes {
+            let Some(new) = c.op.new_entry() else { continue };
+            if !c.op.makes_new_inode() {
+                continue;
+            }
+            match (new.kind, c.op.source()) {
+                (_, Some(Source::Resume(..))) => {}
+                (_, Some(Source::Link(_))) => {}
+                (Kind::File, _) => {
+                    bytes += new.size.div_ceil(BLOCK) * BLOCK;
+                    inodes += 1;
+                }
+                (Kind::Dir, _) => {
+                    bytes += BLOCK;
+                    inodes += 1;
+                }
+                // A symlink target over 60 bytes does not fit in the inode (ext4).
+                (Kind::Symlink, _) if new.target.as_ref().is_some_and(|t| t.len() > 60) => {
+                    bytes += BLOCK;
+                    inodes += 1;
+                }
+                _ => inodes += 1,
+            }
+        }
+        (bytes, inodes)
+    }
+
+    /// Bytes the leftovers to be removed hold (freed before staging begins).
+    pub fn leftover_bytes(&self) -> u64 {
+        self.leftovers.iter().map(|l| l.size.div_ceil(4096) * 4096).sum()
     }
 
     pub fn fetch_bytes(&self) -> u64 {
@@ -413,16 +533,18 @@ fn candidate(old: &ScannedEntry) -> Option<delta::Candidate<'_>> {
 }
 
 /// Host content available for local copies: hash -> a path holding it, built on first use.
-struct LocalContent<'a> {
+struct LocalContent<'a, F> {
     entries: &'a [ScannedEntry],
+    /// Leftovers are resumed or removed, never copied from.
+    leftover: &'a F,
     map: std::cell::OnceCell<HashMap<Hash, &'a RelPath>>,
 }
 
-impl<'a> LocalContent<'a> {
+impl<'a, F: Fn(&ScannedEntry) -> bool> LocalContent<'a, F> {
     fn get(&self, hash: &Hash) -> Option<&'a RelPath> {
         let map = self.map.get_or_init(|| {
             let mut m = HashMap::new();
-            for h in self.entries {
+            for h in self.entries.iter().filter(|h| !(self.leftover)(h)) {
                 if let (Kind::File, Some(hash)) = (h.entry.kind, h.entry.hash) {
                     m.entry(hash).or_insert(&h.entry.path);
                 }
@@ -433,7 +555,11 @@ impl<'a> LocalContent<'a> {
     }
 }
 
-fn plan_source(new: &Entry, leaders: &HashMap<u32, &RelPath>, local: &LocalContent) -> Source {
+fn plan_source<F: Fn(&ScannedEntry) -> bool>(
+    new: &Entry,
+    leaders: &HashMap<u32, &RelPath>,
+    local: &LocalContent<F>,
+) -> Source {
     if new.link_group != 0 {
         if let Some(&leader) = leaders.get(&new.link_group) {
             if *leader != new.path {
@@ -450,10 +576,14 @@ fn plan_source(new: &Entry, leaders: &HashMap<u32, &RelPath>, local: &LocalConte
     }
 }
 
-/// For every host inode with several names in the tree: the set of its names.
-fn host_link_sets(entries: &[ScannedEntry]) -> HashMap<(u64, u64), Vec<&RelPath>> {
+/// For every host inode with several names in the tree: the set of its names. A leftover hard
+/// link of an interrupted pass is not one of them: it is removed before anything is staged.
+fn host_link_sets<'a>(
+    entries: &'a [ScannedEntry],
+    leftover: &impl Fn(&ScannedEntry) -> bool,
+) -> HashMap<(u64, u64), Vec<&'a RelPath>> {
     let mut m: HashMap<(u64, u64), Vec<&RelPath>> = HashMap::new();
-    for e in entries.iter().filter(|e| e.nlink > 1 && e.entry.kind != Kind::Dir) {
+    for e in entries.iter().filter(|e| e.nlink > 1 && e.entry.kind != Kind::Dir && !leftover(e)) {
         m.entry((e.dev, e.ino)).or_default().push(&e.entry.path);
     }
     m.retain(|_, v| v.len() > 1);

@@ -24,6 +24,9 @@ pub struct RootDir {
     fd: Arc<OwnedFd>,
     dev: u64,
     cache: HashMap<RelPath, Arc<OwnedFd>>,
+    /// Directories being built under a temp name to replace a non-directory at `RelPath`
+    /// (whole-tree staging): what lies beneath the path is staged inside them until the swap.
+    redirects: HashMap<RelPath, Arc<OwnedFd>>,
 }
 
 pub(crate) fn dir_flags() -> OFlags {
@@ -36,13 +39,19 @@ impl RootDir {
     pub fn open(path: &Path) -> io::Result<RootDir> {
         let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
         let dev = rustix::fs::fstat(&fd)?.st_dev;
-        Ok(RootDir { path: path.to_owned(), fd: Arc::new(fd), dev, cache: HashMap::new() })
+        Ok(RootDir { path: path.to_owned(), fd: Arc::new(fd), dev, cache: HashMap::new(), redirects: HashMap::new() })
     }
 
     /// Another handle on the same root directory (the same open descriptor, its own cache of
     /// the directories beneath it), for a second thread.
     pub fn share(&self) -> RootDir {
-        RootDir { path: self.path.clone(), fd: self.fd.clone(), dev: self.dev, cache: HashMap::new() }
+        RootDir {
+            path: self.path.clone(),
+            fd: self.fd.clone(),
+            dev: self.dev,
+            cache: HashMap::new(),
+            redirects: HashMap::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -60,7 +69,7 @@ impl RootDir {
     /// A descriptor for the directory `rel` (`None`: the root itself).
     pub fn dir(&mut self, rel: Option<&RelPath>) -> io::Result<Arc<OwnedFd>> {
         let Some(rel) = rel else { return Ok(self.fd.clone()) };
-        if let Some(fd) = self.cache.get(rel) {
+        if let Some(fd) = self.redirects.get(rel).or_else(|| self.cache.get(rel)) {
             return Ok(fd.clone());
         }
         let parent = self.dir(rel.parent().as_ref())?;
@@ -88,6 +97,18 @@ impl RootDir {
     /// removed.
     pub fn forget(&mut self, rel: &RelPath) {
         self.cache.retain(|p, _| !p.is_within(rel));
+    }
+
+    /// From now on `rel` resolves to `dir` (a directory staged under a temp name to replace
+    /// what is at `rel`), until [`RootDir::unredirect`].
+    pub fn redirect(&mut self, rel: RelPath, dir: Arc<OwnedFd>) {
+        self.forget(&rel);
+        self.redirects.insert(rel, dir);
+    }
+
+    pub fn unredirect(&mut self, rel: &RelPath) {
+        self.redirects.remove(rel);
+        self.forget(rel);
     }
 }
 

@@ -394,6 +394,62 @@ impl Drop for TmpfsMount {
     }
 }
 
+/// An ext4 filesystem of `mib` MiB in an image file, loop-mounted for the duration of a test
+/// (a real root partition that can run out of space); unmounted on drop, even after a panic.
+pub struct LoopExt4 {
+    mnt: PathBuf,
+}
+
+impl LoopExt4 {
+    /// Makes the image at `image` and mounts it on the existing directory `mnt`.
+    pub fn new(image: &Path, mnt: &Path, mib: u64) -> LoopExt4 {
+        let f = std::fs::File::create(image).unwrap_or_else(|e| panic!("cannot create {}: {e}", image.display()));
+        f.set_len(mib << 20).unwrap();
+        drop(f);
+        let run = |cmd: &mut Command| {
+            let out = cmd
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (hint: apt-get install e2fsprogs mount)"));
+            assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        // No lazy init: its background writes would make free space move under the test.
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(image));
+        run(Command::new("mount").args(["-o", "loop"]).arg(image).arg(mnt));
+        LoopExt4 { mnt: mnt.to_owned() }
+    }
+
+    /// Bytes a root process can still write (the blocks reserved for root included).
+    pub fn free_bytes(&self) -> u64 {
+        let st = rustix::fs::statvfs(&self.mnt).expect("statvfs");
+        st.f_bfree * st.f_frsize
+    }
+
+    /// Fills the filesystem with `ballast` (a file on it) until a write fails with ENOSPC,
+    /// leaving `keep` bytes or less.
+    pub fn fill(&self, ballast: &Path, keep: u64) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(ballast).expect("ballast");
+        let chunk = vec![0x5a_u8; 64 << 10];
+        while self.free_bytes() > keep {
+            match f.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("cannot fill {}: {e}", self.mnt.display()),
+            }
+        }
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.mnt).status().is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct KillOnDrop(pub Child);
 
