@@ -25,7 +25,7 @@
 #   CORPORA=/var/tmp/gis-corpora
 #   SCRATCH=/var/tmp/gis-bench     the host root and state dir live in a temp dir here,
 #                        removed on exit; logs go to $SCRATCH/logs
-#   SYNCD, SYNCMASTER    binaries (default /work/main/target/release/{syncd,syncmaster})
+#   SYNCD, SYNCMASTER    binaries (default target/release/{syncd,syncmaster} of this checkout)
 #   VERIFY=1             after setup, `rsync -aHAXn --numeric-ids --delete -i IMAGE/ ROOT/`
 #                        must list nothing but `./` (2 = with -c, full checksums; 0 = skip)
 #   MASTER_TIMEOUT=900   seconds to wait for syncmaster's `listening on` line
@@ -45,8 +45,11 @@ image=$CORPORA/$IMAGE_NAME
 RUNS=${RUNS:-7}
 WALK_ONLY=${WALK_ONLY:-1}
 SCRATCH=${SCRATCH:-/var/tmp/gis-bench}
-SYNCD=${SYNCD:-/work/main/target/release/syncd}
-SYNCMASTER=${SYNCMASTER:-/work/main/target/release/syncmaster}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SYNCD=${SYNCD:-$REPO/target/release/syncd}
+SYNCMASTER=${SYNCMASTER:-$REPO/target/release/syncmaster}
+# Paths as the report shows them: relative to the checkout where they lie in it.
+shown() { case $1 in "$REPO"/*) echo "${1#"$REPO"/}" ;; *) echo "$1" ;; esac; }
 VERIFY=${VERIFY:-1}
 MASTER_TIMEOUT=${MASTER_TIMEOUT:-900}
 TOOL_TIMEOUT=${TOOL_TIMEOUT:-3600}
@@ -260,7 +263,7 @@ report=$(cat <<MD
 - setup (untimed): master scan ${scan}s; cold \`syncd sync\` into the empty root: $(f4 "$setup_sync") ($setup_summary); index-warming syncd pass: $(f4 "$setup_index"); warming rsync pass: $(f4 "$setup_rsync"); fidelity: $fidelity
 - commands (each round runs all three once, rotating which goes first; each through \`bench/measure.py\`):
   - find: \`find ROOT -printf '%s %T@ %m %U %G\n'\` (to /dev/null)
-  - syncd: \`$SYNCD sync ${SYNCD_FLAGS[*]:+${SYNCD_FLAGS[*]} }-q --master http://127.0.0.1:PORT --root ROOT --state-dir STATE\` (master: \`$SYNCMASTER serve ${MASTER_FLAGS[*]:+${MASTER_FLAGS[*]} }--image IMAGE --listen 127.0.0.1:0\`)
+  - syncd: \`$(shown "$SYNCD") sync ${SYNCD_FLAGS[*]:+${SYNCD_FLAGS[*]} }-q --master http://127.0.0.1:PORT --root ROOT --state-dir STATE\` (master: \`$(shown "$SYNCMASTER") serve ${MASTER_FLAGS[*]:+${MASTER_FLAGS[*]} }--image IMAGE --listen 127.0.0.1:0\`)
   - rsync: \`rsync -aHAX --numeric-ids --delete rsync://127.0.0.1:PORT/img/ ROOT/\` (daemon: \`rsync --daemon --no-detach\`, module \`img\` read only, uid/gid root, no chroot, numeric ids)
 - measurement: wall = monotonic clock from fork to reap; peak RSS = $RSS_METHOD (rsync: the larger of its two client processes); lo RX = growth of the \`lo\` RX byte counter across the run (both directions, headers included, host-wide); server CPU = syncmaster's utime+stime from /proc/PID/stat read just before and after each syncd run, and the rsync daemon's cutime+cstime (its reaped per-client children) read before and after each rsync run once it has no children left; total ticks / rounds, resolution 1 tick = $((1000 / HZ)) ms
 

@@ -21,7 +21,11 @@
 #   SCRATCH=/var/tmp/gis-bench     scratch space (host dirs, configs, logs); the
 #                     per-invocation work dir is removed on exit, logs are kept in
 #                     $SCRATCH/logs
-#   SYNCD, SYNCMASTER binaries (default /work/main/target/release/{syncd,syncmaster})
+#   SYNCD, SYNCMASTER binaries (default target/release/{syncd,syncmaster} of this checkout)
+#   SYNCD_B=""        a second syncd build (say, the previous commit's) run as a third tool
+#                     against the same master, alternated with the others in the same runs;
+#                     the report adds an A/B table (syncd / SYNCD_B), so a change is measured
+#                     before and after in one run
 #   MASTER_EXTRA=""   extra `syncmaster serve` flags, e.g. "--cache-level 0" (per-request
 #                     compression only) or "--zstd-level 1"
 #   DELTAS=1          upgrade scenarios: the master has published the host's release (v1)
@@ -63,8 +67,12 @@ RUNS=${RUNS:-5}
 RSYNC_Z=${RSYNC_Z:-upgrades}
 CORPORA=${CORPORA:-/var/tmp/gis-corpora}
 SCRATCH=${SCRATCH:-/var/tmp/gis-bench}
-SYNCD=${SYNCD:-/work/main/target/release/syncd}
-SYNCMASTER=${SYNCMASTER:-/work/main/target/release/syncmaster}
+REPO=$(cd "$BENCH_DIR/.." && pwd)
+SYNCD=${SYNCD:-$REPO/target/release/syncd}
+SYNCMASTER=${SYNCMASTER:-$REPO/target/release/syncmaster}
+SYNCD_B=${SYNCD_B:-}
+# Paths as the report shows them: relative to the checkout where they lie in it.
+shown() { case $1 in "$REPO"/*) echo "${1#"$REPO"/}" ;; *) echo "$1" ;; esac; }
 MASTER_EXTRA=${MASTER_EXTRA:-}
 DELTAS=${DELTAS:-1}
 SKIP_SYNCD=${SKIP_SYNCD:-0}
@@ -102,6 +110,7 @@ if [ "$SKIP_SYNCD" != 1 ]; then
     # shellcheck disable=SC2206
     MASTER_FLAGS+=($MASTER_EXTRA)
     h=$("$SYNCD" sync --help 2>&1 || true); [[ $h != *--insecure* ]] || SYNCD_FLAGS=(--insecure)
+    [ -z "$SYNCD_B" ] || [ -x "$SYNCD_B" ] || die "SYNCD_B: no executable at $SYNCD_B"
 fi
 RSS_METHOD="GNU time \`%M\` (wait4 ru_maxrss of the client)"
 [ -x "${GNU_TIME:-/usr/bin/time}" ] ||
@@ -316,6 +325,7 @@ run_tool() {
         rsync)  cmd=(rsync -aHAX --numeric-ids --delete "$RSYNC_URL" "$dest/") ;;
         rsyncz) cmd=(rsync -aHAX --numeric-ids --delete -z --stats "$RSYNC_URL" "$dest/") ;;
         syncd)  cmd=("$SYNCD" sync "${SYNCD_FLAGS[@]}" --master "http://$MASTER_ADDR" --root "$dest") ;;
+        syncdb) cmd=("$SYNCD_B" sync "${SYNCD_FLAGS[@]}" --master "http://$MASTER_ADDR" --root "$dest") ;;
     esac
     [ "$SYNC_AFTER" != 1 ] || m+=(--sync)
     "$PY" "$MEASURE" "${m[@]}" -- "${cmd[@]}"
@@ -356,6 +366,7 @@ run_scenario() {
     if [ "$SKIP_SYNCD" != 1 ]; then
         local prev=""; [ "$DELTAS" = 0 ] || prev=$base
         start_master "$image" "$s" "$prev"; tools+=(syncd); SCAN[$s]="$MASTER_SCAN / $MASTER_CACHE"
+        [ -z "$SYNCD_B" ] || tools+=(syncdb)
     fi
 
     for t in "${tools[@]}"; do
@@ -370,8 +381,9 @@ run_scenario() {
     done
 
     for i in $(seq "$RUNS"); do
-        local order=("${tools[@]}")
-        if [ $((i % 2)) -eq 0 ] && [ ${#tools[@]} -eq 2 ]; then order=(syncd rsync); fi
+        # Each tool goes first in turn.
+        local n=${#tools[@]} j order=()
+        for j in $(seq 0 $((n - 1))); do order+=("${tools[$(( (i - 1 + j) % n ))]}"); done
         ! want_z "$s" || order+=(rsyncz)
         for t in "${order[@]}"; do
             k="$s:$t"
@@ -381,7 +393,7 @@ run_scenario() {
             read -r tt rx rss cpu rrc method <<<"${res:-n/a n/a n/a n/a $rc none}" || true
             [ "$rc" -ne 0 ] || [ "${rrc:-0}" = 0 ] || rc=$rrc
             case $t in
-                syncd)  xb=$(syncd_wire "$out") ;;
+                syncd|syncdb) xb=$(syncd_wire "$out") ;;
                 rsyncz) xb=$(rsync_received "$out") ;;
                 *)      xb="" ;;
             esac
@@ -448,7 +460,7 @@ report=$(
         echo "  - rsync -z (scenarios:$zlist): \`rsync -aHAX --numeric-ids --delete -z --stats rsync://127.0.0.1:PORT/img/ DEST/\`, one run per iteration after the timed pair, from a freshly prepared host dir; a separate series, not in the rsync wall-time median"
     fi
     if [ "$SKIP_SYNCD" != 1 ]; then
-        echo "  - syncd: \`$SYNCD sync ${SYNCD_FLAGS[*]:+${SYNCD_FLAGS[*]} }--master http://127.0.0.1:PORT --root DEST\` (master: \`$SYNCMASTER serve ${MASTER_FLAGS[*]:+${MASTER_FLAGS[*]} }--image IMAGE --listen 127.0.0.1:0\`, started and scanned before timing)"
+        echo "  - syncd: \`$(shown "$SYNCD") sync ${SYNCD_FLAGS[*]:+${SYNCD_FLAGS[*]} }--master http://127.0.0.1:PORT --root DEST\` (master: \`$(shown "$SYNCMASTER") serve ${MASTER_FLAGS[*]:+${MASTER_FLAGS[*]} }--image IMAGE --listen 127.0.0.1:0\`, started and scanned before timing)"
         [ "$DELTAS" = 0 ] || echo "  - upgrade scenarios (DELTAS=1): the master is started with \`--images DIR --state-dir STATE --poll 200ms\` instead, DIR/current pointing first at the host's release (published as v1), then at IMAGE (v2); timing starts once v2's object cache (whole frames, and deltas against v1) is ready"
     fi
     echo "  - every client run goes through \`bench/measure.py --log FILE --timeout $TOOL_TIMEOUT$([ "$SYNC_AFTER" != 1 ] || echo ' --sync') -- CMD\`"
@@ -491,15 +503,26 @@ report=$(
         echo "| $s | $(kib2mib "$(med "$s" rsync RSS %.0f)") | $(med "$s" rsync CPU %.2f) | $(kib2mib "$(med "$s" rsyncz RSS %.0f)") | $(med "$s" rsyncz CPU %.2f) | $ss_ | $(med "$s" syncd CPU %.2f) | $(tgt "$tg" " MiB") | $(met "$ss_" "$tg") |"
     done
     echo
+    if [ -n "$SYNCD_B" ]; then
+        echo "### A/B: syncd against SYNCD_B (\`$(shown "$SYNCD_B")\`), same master, same runs (median)"
+        echo
+        echo "| scenario | B wall s | syncd wall s | syncd/B | B RSS MiB | syncd RSS MiB | B CPU s | syncd CPU s |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        for s in "${scenarios[@]}"; do
+            mb=$(med "$s" syncdb T); ms=$(med "$s" syncd T)
+            echo "| $s | $mb | $ms | $(ratio "$mb" "$ms") | $(kib2mib "$(med "$s" syncdb RSS %.0f)") | $(kib2mib "$(med "$s" syncd RSS %.0f)") | $(med "$s" syncdb CPU %.2f) | $(med "$s" syncd CPU %.2f) |"
+        done
+        echo
+    fi
     echo "Raw numbers, in run order:"
     echo
     for s in "${scenarios[@]}"; do
-        for t in rsync syncd rsyncz; do
+        for t in rsync syncd syncdb rsyncz; do
             [ -n "$(raw "$s" "$t" RAWT)" ] || continue
-            n=$t; [ "$t" != rsyncz ] || n="rsync -z"
+            n=$t; [ "$t" != rsyncz ] || n="rsync -z"; [ "$t" != syncdb ] || n="syncd B"
             line="- $s $n: wall s [$(raw "$s" "$t" RAWT)]; lo RX B [$(raw "$s" "$t" RAWRX)]; peak RSS KiB [$(raw "$s" "$t" RAWRSS)]"
             case $t in
-                syncd)  line+="; \"on the wire\" B [$(raw "$s" "$t" RAWXB)]" ;;
+                syncd|syncdb) line+="; \"on the wire\" B [$(raw "$s" "$t" RAWXB)]" ;;
                 rsyncz) line+="; \"Total bytes received\" B [$(raw "$s" "$t" RAWXB)]" ;;
             esac
             echo "$line"

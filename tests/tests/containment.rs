@@ -8,7 +8,6 @@
 //!   temp data, and the next pass resumes from what the killed one staged;
 //! - a second syncd on the same root is refused (exit 8) or, with `--wait`, queues.
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -280,55 +279,61 @@ fn an_object_that_fails_holds_back_the_symlink_to_it_and_every_deletion() {
     }
 }
 
+/// Bytes of the files under `top` whose content `other` does not have anywhere.
+fn content_unique_to(top: &Path, other: &Path) -> u64 {
+    let files = |t: &Path| -> Vec<Vec<u8>> {
+        walkdir::WalkDir::new(t)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+            .map(|e| std::fs::read(e.path()).unwrap())
+            .collect()
+    };
+    let theirs: std::collections::HashSet<Vec<u8>> = files(other).into_iter().collect();
+    files(top).into_iter().filter(|c| !theirs.contains(c)).map(|c| c.len() as u64).sum()
+}
+
 #[test]
 fn sigkill_at_random_points_never_tears_a_file_and_the_next_pass_resumes() {
     let s = scratch();
     let (old, new, root) = (s.dir("old"), s.dir("new"), s.dir("root"));
     releases(&old, &new, 96 << 10);
-    let first = Master::start(&old);
-    sync(&first, &root, &[]).expect_code(0, &[&root]);
-    drop(first);
-    let master = Master::start_version(&new, 2);
-    // One pass's worth: all the content the new release has that the old one lacks.
-    let old_content: std::collections::HashSet<Vec<u8>> = walkdir::WalkDir::new(&old)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .map(|e| std::fs::read(e.path()).unwrap())
-        .collect();
-    let one_pass: u64 = walkdir::WalkDir::new(&new)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .map(|e| std::fs::read(e.path()).unwrap())
-        .filter(|c| !old_content.contains(c))
-        .map(|c| c.len() as u64)
-        .sum();
+    let old_master = Master::start(&old);
+    sync(&old_master, &root, &[]).expect_code(0, &[&root]);
+    let new_master = Master::start_version(&new, 2);
+    // One pass's worth, either way: the content one release has and the other lacks.
+    let one_pass = content_unique_to(&new, &old).max(content_unique_to(&old, &new));
 
-    // A pass takes a couple of seconds at this rate; kill it anywhere in them.
+    // A crash loop: the same upgrade killed again and again at a random point of a pass that
+    // takes about five seconds at this rate (before it started, staging, commit, deletes), then
+    // a deliberate downgrade killed the same way.
     let mut rng = rand::rng();
     let mut most_temp = 0;
-    let mut kills: BTreeMap<u64, i32> = BTreeMap::new();
-    for round in 0..12 {
-        let child = spawn_sync(&master, &root, &["--write-bytes-per-sec", "4MiB"]);
-        let after = rand::Rng::random_range(&mut rng, 0..2500u64);
+    let mut kills: Vec<(u64, i32)> = Vec::new();
+    for round in 0..16 {
+        let (master, extra): (&Master, &[&str]) = match round / 8 {
+            0 => (&new_master, &["--write-bytes-per-sec", "1MiB"]),
+            _ => (&old_master, &["--write-bytes-per-sec", "1MiB", "--allow-downgrade"]),
+        };
+        let child = spawn_sync(master, &root, extra);
+        let after = rand::Rng::random_range(&mut rng, 0..3000u64);
         std::thread::sleep(Duration::from_millis(after));
         let mut child = KillOnDrop(child);
         let _ = child.0.kill();
         let status = child.0.wait().unwrap();
-        kills.insert(after, status.code().unwrap_or(-9));
+        kills.push((after, status.code().unwrap_or(-9)));
         let temp = assert_not_torn(&root, &old, &new, &format!("round {round}, killed after {after} ms"));
         most_temp = most_temp.max(temp);
         assert!(
             temp <= one_pass,
-            "round {round}: {temp} bytes of temp files after a kill at {after} ms, more than one pass's worth ({one_pass})"
+            "round {round}: {temp} bytes of temp files after a kill at {after} ms, more than one pass's worth ({one_pass}); kills so far (ms, exit): {kills:?}"
         );
     }
-    let out = sync(&master, &root, &[]);
+    let out = sync(&new_master, &root, &[]);
     out.expect_code(0, &[&root]);
     assert_converged(&new, &root, &out);
     out.check(temp_names(&root).is_empty(), "temp entries were left after the final pass", &[&root]);
-    eprintln!("kills (ms -> exit): {kills:?}; most temp data after a kill: {most_temp} of {one_pass} bytes");
+    eprintln!("kills (ms, exit): {kills:?}; most temp data after a kill: {most_temp} of {one_pass} bytes");
 }
 
 #[test]
