@@ -362,7 +362,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::PARTIAL);
         }
     };
-    match cli.cmd {
+    let code = match cli.cmd {
         Cmd::Sync { common, dry_run, quiet, allow_downgrade } => {
             let report = common.resolve().and_then(|r| r.sync_options(dry_run, allow_downgrade));
             match report.map(|opts| rt.block_on(syncd::sync_once(&opts))) {
@@ -438,8 +438,17 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
-    }
+    };
+    // Dropping the runtime would wait for every blocking task without limit, and a stopping
+    // daemon may leave one behind: an apply thread waiting on a hung master's object stream.
+    // Shutting down drops the async tasks first (the stream's network task among them, which
+    // closes the queue that thread waits on), then gives blocking work at most this long.
+    rt.shutdown_timeout(RUNTIME_GRACE);
+    code
 }
+
+/// How long the exiting process waits for blocking work (see the end of `main`).
+const RUNTIME_GRACE: Duration = Duration::from_secs(1);
 
 async fn explain(common: Common, paths: &[String]) -> Result<(), SyncError> {
     let r = common.resolve()?;
