@@ -24,6 +24,76 @@ pub struct Transport {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// `--insecure`: a plain `http://` master is allowed (tests and demos).
     pub insecure: bool,
+    /// How long to wait on the master before calling it gone.
+    pub deadlines: Deadlines,
+}
+
+/// Every wait on the network path is bounded: a master that accepts the connection and then
+/// says nothing, or freezes mid-transfer, is reported unreachable within these, never waited
+/// on forever. Each names the config key that sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadlines {
+    /// The connection: TCP, TLS and the HTTP/2 preface (`connect_timeout`).
+    pub connect: Duration,
+    /// A unary call whole, and a streaming call until its response headers (`rpc_timeout`).
+    pub rpc: Duration,
+    /// No message for this long on a manifest or object stream (`stream_idle_timeout`). Time
+    /// this host spends not reading (a full queue, a rate limit) does not count. The version
+    /// watch, idle by design, is exempt: keepalive pings watch it instead.
+    pub stream_idle: Duration,
+    /// An HTTP/2 PING this often, with or without a call open (`keepalive_interval`) …
+    pub keepalive_interval: Duration,
+    /// … and the connection is dropped if one goes unanswered this long (`keepalive_timeout`).
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Deadlines {
+        Deadlines {
+            connect: Duration::from_secs(10),
+            rpc: Duration::from_secs(30),
+            stream_idle: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `d` as a config value is written: whole seconds as `30s`, else milliseconds.
+fn secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// Why a call timed out, naming the key that sets its deadline. `hint` leads the parenthesis
+/// with "hint: " where no other hint follows (an [`SyncError::Unreachable`] adds its own).
+fn no_reply(d: &Deadlines, call: &str, hint: bool) -> String {
+    let hint = if hint { "hint: " } else { "" };
+    format!(
+        "no reply to {call} within {} ({hint}the master may be hung or overloaded; rpc_timeout sets this deadline)",
+        secs(d.rpc)
+    )
+}
+
+/// Why a stream was given up: nothing arrived on it for `stream_idle_timeout`.
+fn stalled(d: &Deadlines, stream: &str, hint: bool) -> String {
+    let hint = if hint { "hint: " } else { "" };
+    format!(
+        "no data for {} on the {stream} stream ({hint}the master may be hung or overloaded; stream_idle_timeout sets this deadline)",
+        secs(d.stream_idle)
+    )
+}
+
+/// `fut`, or `Err(on_timeout())` if it has not finished within `limit`.
+async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, SyncError>>,
+    on_timeout: impl FnOnce() -> SyncError,
+) -> Result<T, SyncError> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| Err(on_timeout()))
 }
 
 /// A manifest as received: whole, or only its header when the host's cached copy is current.
@@ -53,17 +123,34 @@ pub struct Master {
     side: ImageSyncClient<Channel>,
     /// Charged for every object byte received.
     net: throttle::Limiter,
+    deadlines: Deadlines,
 }
 
 impl Master {
+    /// Connects, within the `connect_timeout` deadline. The connection pings the master every
+    /// `keepalive_interval`, even with no call open, and is dropped (failing every call on it)
+    /// when a ping goes unanswered for `keepalive_timeout`: a frozen master is noticed even on
+    /// the idle version watch.
     pub async fn connect(url: &str, transport: &Transport) -> Result<Master, SyncError> {
+        let d = transport.deadlines;
         let unreachable =
             |e: &dyn std::fmt::Display| SyncError::Unreachable { url: url.to_owned(), reason: e.to_string() };
         let endpoint = check_url(url, transport)?
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(d.connect)
             .tcp_nodelay(true)
-            .http2_adaptive_window(true);
-        let channel = endpoint.connect().await.map_err(|e| unreachable(&source_chain(&e)))?;
+            .http2_adaptive_window(true)
+            .http2_keep_alive_interval(d.keepalive_interval)
+            .keep_alive_timeout(d.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        // The endpoint's own connect timeout covers TCP alone, not the TLS handshake after it.
+        let connecting = async { endpoint.connect().await.map_err(|e| unreachable(&source_chain(&e))) };
+        let channel = within(d.connect, connecting, || {
+            unreachable(&format!(
+                "no connection within {} (the master may be hung or overloaded, or a firewall drops the packets; connect_timeout sets this deadline)",
+                secs(d.connect)
+            ))
+        })
+        .await?;
         let client = |c: Channel| {
             ImageSyncClient::new(c)
                 .max_decoding_message_size(proto::MAX_MESSAGE)
@@ -74,6 +161,7 @@ impl Master {
             client: client(channel),
             side: client(endpoint.connect_lazy()),
             net: throttle::Limiter::unlimited(),
+            deadlines: d,
         })
     }
 
@@ -96,7 +184,7 @@ impl Master {
         let mut asm = ManifestAssembler::default();
         let mut lists = Vec::new();
         let mut omitted = None;
-        while let Some(msg) = stream.message().await.map_err(|s| self.status_error(s))? {
+        while let Some(msg) = self.next_message(&mut stream, "manifest").await? {
             if let Some(pb::manifest_message::Msg::Header(h)) = &msg.msg {
                 lists = lists_from_wire(&h.exclusions);
                 if h.entries_omitted {
@@ -134,7 +222,7 @@ impl Master {
     /// Only this host's exclusion lists: reads the manifest header and hangs up.
     pub async fn exclusion_lists(&self, host_id: &str) -> Result<Vec<PatternList>, SyncError> {
         let mut stream = self.open_manifest(host_id, None).await?;
-        match stream.message().await.map_err(|s| self.status_error(s))? {
+        match self.next_message(&mut stream, "manifest").await? {
             Some(pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Header(h)) }) => {
                 Ok(lists_from_wire(&h.exclusions))
             }
@@ -149,28 +237,43 @@ impl Master {
     ) -> Result<tonic::Streaming<pb::ManifestMessage>, SyncError> {
         let mut client = self.client.clone();
         let cached_identity = cached.map_or_else(bytes::Bytes::new, |h| bytes::Bytes::copy_from_slice(&h.0));
-        Ok(client
-            .get_manifest(pb::ManifestRequest { host_id: host_id.to_owned(), cached_identity })
-            .await
-            .map_err(|s| self.status_error(s))?
-            .into_inner())
+        let req = pb::ManifestRequest { host_id: host_id.to_owned(), cached_identity };
+        let opened = async { client.get_manifest(req).await.map_err(|s| self.status_error(s)) };
+        Ok(within(self.deadlines.rpc, opened, || self.timed_out("GetManifest")).await?.into_inner())
     }
 
-    /// Subscribes to version announcements (the current one arrives at once).
+    /// Subscribes to version announcements (the current one arrives at once). Only the opening
+    /// has a deadline: the stream is idle between versions by design, and a master that
+    /// freezes is noticed by the connection's keepalive pings, which end it with an error.
     pub async fn watch(&self, host_id: &str) -> Result<tonic::Streaming<pb::VersionAnnouncement>, SyncError> {
         let mut client = self.client.clone();
-        Ok(client
-            .watch(pb::WatchRequest { host_id: host_id.to_owned() })
-            .await
-            .map_err(|s| self.status_error(s))?
-            .into_inner())
+        let opened = async {
+            client.watch(pb::WatchRequest { host_id: host_id.to_owned() }).await.map_err(|s| self.status_error(s))
+        };
+        Ok(within(self.deadlines.rpc, opened, || self.timed_out("Watch")).await?.into_inner())
     }
 
-    /// Tells the master how a pass went.
+    /// Tells the master how a pass went, within `rpc_timeout`.
     pub async fn report(&self, result: pb::PassResult) -> Result<(), SyncError> {
         let mut client = self.client.clone();
-        client.report_pass(result).await.map_err(|s| self.status_error(s))?;
+        let sent = async { client.report_pass(result).await.map_err(|s| self.status_error(s)) };
+        within(self.deadlines.rpc, sent, || self.timed_out("ReportPass")).await?;
         Ok(())
+    }
+
+    /// The next message of a manifest stream, within `stream_idle_timeout`.
+    async fn next_message<T>(&self, stream: &mut tonic::Streaming<T>, what: &str) -> Result<Option<T>, SyncError> {
+        let next = async { stream.message().await.map_err(|s| self.status_error(s)) };
+        within(self.deadlines.stream_idle, next, || SyncError::Unreachable {
+            url: self.url.clone(),
+            reason: stalled(&self.deadlines, what, false),
+        })
+        .await
+    }
+
+    /// `call` got no reply within `rpc_timeout`.
+    fn timed_out(&self, call: &str) -> SyncError {
+        SyncError::Unreachable { url: self.url.clone(), reason: no_reply(&self.deadlines, call, false) }
     }
 
     fn status_error(&self, s: tonic::Status) -> SyncError {
@@ -181,7 +284,7 @@ impl Master {
                 s.message()
             ));
         }
-        SyncError::Unreachable { url: self.url.clone(), reason: format!("{}: {}", s.code(), s.message()) }
+        SyncError::Unreachable { url: self.url.clone(), reason: describe_status(&s) }
     }
 
     /// Starts downloading `hashes` in order, in requests of at most `MAX_FETCH_HASHES`, into a
@@ -232,6 +335,7 @@ impl Master {
         }
         let url = self.url.clone();
         let net = self.net.clone();
+        let d = self.deadlines;
         rt.spawn(async move {
             for (n, batch) in hashes.chunks(proto::MAX_FETCH_HASHES).enumerate() {
                 let at = n * proto::MAX_FETCH_HASHES;
@@ -244,15 +348,30 @@ impl Master {
                         .collect(),
                 };
                 let mut c = client.clone();
-                let mut stream = match c.fetch_objects(req).await {
-                    Ok(r) => r.into_inner(),
-                    Err(s) => {
-                        let _ = tx.send(Err(format!("master {url}: {}: {}", s.code(), s.message()))).await;
+                // A deadline that fires reads, downstream, as a broken stream: the master is
+                // then taken as lost, exactly as when the connection breaks.
+                let mut stream = match tokio::time::timeout(d.rpc, c.fetch_objects(req)).await {
+                    Ok(Ok(r)) => r.into_inner(),
+                    Ok(Err(s)) => {
+                        let _ = tx.send(Err(format!("master {url}: {}", describe_status(&s)))).await;
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = tx.send(Err(format!("master {url}: {}", no_reply(&d, "FetchObjects", true)))).await;
                         return;
                     }
                 };
                 loop {
-                    match stream.message().await {
+                    // Only the wait for the master counts: not the rate limit, nor waiting
+                    // for the decode thread to make room.
+                    let next = match tokio::time::timeout(d.stream_idle, stream.message()).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            let _ = tx.send(Err(format!("master {url}: {}", stalled(&d, "object", true)))).await;
+                            return;
+                        }
+                    };
+                    match next {
                         Ok(Some(batch)) => {
                             let bytes: usize = batch.chunks.iter().map(|c| c.data.len()).sum();
                             net.charge_async(bytes as u64).await;
@@ -269,7 +388,7 @@ impl Master {
                         }
                         Ok(None) => break,
                         Err(s) => {
-                            let _ = tx.send(Err(format!("master {url}: {}: {}", s.code(), s.message()))).await;
+                            let _ = tx.send(Err(format!("master {url}: {}", describe_status(&s)))).await;
                             return;
                         }
                     }
@@ -327,6 +446,22 @@ fn lists_from_wire(lists: &[pb::ExclusionList]) -> Vec<PatternList> {
             patterns: l.patterns.iter().map(|p| (p.line as usize, p.text.clone())).collect(),
         })
         .collect()
+}
+
+/// A call's failure in a line: its code and message, and what caused it.
+pub fn describe_status(s: &tonic::Status) -> String {
+    let mut text = format!("{}: {}", s.code(), s.message());
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        // The message often repeats the first causes already.
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

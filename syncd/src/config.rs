@@ -42,6 +42,16 @@ pub struct Config {
     pub announce_jitter: Option<String>,
     /// `syncd run`: longest wait between reconnects and retries (default 5m).
     pub max_backoff: Option<String>,
+    /// Connecting to the master, TLS included (default 10s).
+    pub connect_timeout: Option<String>,
+    /// A unary call, and a stream until the master's reply starts (default 30s).
+    pub rpc_timeout: Option<String>,
+    /// No message for this long on a manifest or object stream: the master is gone (default 30s).
+    pub stream_idle_timeout: Option<String>,
+    /// An HTTP/2 ping to the master this often, even when idle (default 10s) …
+    pub keepalive_interval: Option<String>,
+    /// … and the connection is dropped when one goes unanswered this long (default 10s).
+    pub keepalive_timeout: Option<String>,
     /// Disk write limit, e.g. "20MiB" (per second); 0 means unlimited (default).
     pub write_bytes_per_sec: Option<ByteRate>,
     /// Disk read limit for hashing and local copies; 0 means unlimited (default).
@@ -106,6 +116,19 @@ mod tests {
         let rules = exclusions::Exclusions::compile([&ex]).unwrap();
         assert!(rules.is_excluded(&manifest::RelPath::new("etc/ssh/ssh_host_rsa_key").unwrap(), false));
         assert!(!rules.is_excluded(&manifest::RelPath::new("etc/ssh/sshd_config").unwrap(), false));
+    }
+
+    #[test]
+    fn the_deadline_keys_are_accepted() {
+        let cfg: Config = toml::from_str(
+            "connect_timeout = \"5s\"\nrpc_timeout = \"20s\"\nstream_idle_timeout = \"1m\"\nkeepalive_interval = \"10s\"\nkeepalive_timeout = \"2500ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.connect_timeout.as_deref(), Some("5s"));
+        assert_eq!(cfg.rpc_timeout.as_deref(), Some("20s"));
+        assert_eq!(cfg.stream_idle_timeout.as_deref(), Some("1m"));
+        assert_eq!(cfg.keepalive_interval.as_deref(), Some("10s"));
+        assert_eq!(cfg.keepalive_timeout.as_deref(), Some("2500ms"));
     }
 
     #[test]

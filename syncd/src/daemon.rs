@@ -3,9 +3,11 @@
 //! Event watches alone lose events under load, so the daemon reconciles the full state every
 //! `reconcile_interval` (plus jitter) and uses the master's version announcements only to start
 //! a pass early (after a small random delay, so a fleet does not stampede). The loop is one
-//! `select!` over: an announcement, the watch stream breaking, the reconnect timer, the pass
-//! timer, a pass finishing, and the shutdown signal. Decisions about *when* the next pass or
-//! reconnect happens live in [`Schedule`], which does no I/O and is tested with plain instants.
+//! `select!` over: an announcement, the watch stream breaking, the reconnect timer, a
+//! reconnect finishing, the pass timer, a pass finishing, and the shutdown signal. No arm waits
+//! on the master: reconnects, passes and reports run as tasks. Decisions about *when* the next
+//! pass or reconnect happens live in [`Schedule`], which does no I/O and is tested with plain
+//! instants.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +16,7 @@ use std::time::Duration;
 
 use manifest::Hash;
 use proto::v1 as pb;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::{client, exit, PassReport, SyncError, SyncOptions};
@@ -156,9 +159,20 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
     }
 }
 
-/// Runs until `shutdown` resolves. A pass under way when it does is stopped between two
-/// entries (what was staged is committed, the trigger journal stays consistent), then this
-/// returns `Ok`.
+/// How long a pass under way at shutdown gets to stop between two entries before it is
+/// abandoned (a pass stuck on the network never reaches the next entry).
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long the pass reports still being sent get at shutdown.
+const REPORT_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs until `shutdown` resolves, and returns `Ok` within [`STOP_GRACE`] + [`REPORT_GRACE`]
+/// of it whatever the master does. A pass under way then is stopped between two entries (what
+/// was staged is committed, the trigger journal stays consistent); one that cannot stop in
+/// time (waiting on a hung master) is abandoned, which is as safe as a crash: every file is
+/// renamed into place whole or not at all, and triggers not yet run stay in the journal.
+///
+/// Every arm of the loop's `select!` returns at once: connecting to the master, the passes
+/// and their reports run as tasks of their own, whose completions come back as events.
 pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) -> Result<(), SyncError> {
     let cancel = Arc::new(AtomicBool::new(false));
     opts.sync.cancel = Some(cancel.clone());
@@ -177,23 +191,15 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     let mut sched = Schedule::new(Instant::now(), opts.max_backoff);
     let mut watch: Option<tonic::Streaming<pb::VersionAnnouncement>> = None;
     let mut reconnect_at = Instant::now();
-    let mut pass: Option<tokio::task::JoinHandle<Result<PassReport, SyncError>>> = None;
+    let mut connecting: Option<JoinHandle<Result<tonic::Streaming<pb::VersionAnnouncement>, SyncError>>> = None;
+    let mut pass: Option<JoinHandle<Result<PassReport, SyncError>>> = None;
+    // The last pass's report, while it is being sent.
+    let mut reporting: Option<JoinHandle<()>> = None;
     tracing::info!(master = %url, root = %opts.sync.root.display(), interval = ?opts.reconcile_interval, "syncd daemon starting");
 
     loop {
         tokio::select! {
-            _ = &mut shutdown => {
-                cancel.store(true, Ordering::Relaxed);
-                if let Some(p) = pass.take() {
-                    tracing::info!("stopping: letting the current file finish");
-                    if let Ok(r) = p.await {
-                        log_pass(&r);
-                        report(&url, &transport, &host, &r).await;
-                    }
-                }
-                tracing::info!("stopped");
-                return Ok(());
-            }
+            _ = &mut shutdown => break,
             msg = next_announcement(&mut watch), if watch.is_some() => match msg {
                 Some(Ok(a)) => {
                     if let Some(id) = Hash::from_slice(&a.identity) {
@@ -204,7 +210,13 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                     }
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(master = %url, "version watch lost: {e}");
+                    // Idle by design, the watch ends only when the connection does: the
+                    // master closed it, or a keepalive ping went unanswered.
+                    tracing::warn!(
+                        master = %url,
+                        "version watch lost: {} (hint: the master closed the connection, or left an HTTP/2 ping unanswered for keepalive_timeout; reconnecting)",
+                        client::describe_status(&e)
+                    );
                     watch = None;
                     reconnect_at = Instant::now() + sched.reconnect_wait();
                 }
@@ -214,20 +226,17 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                     reconnect_at = Instant::now() + sched.reconnect_wait();
                 }
             },
-            _ = tokio::time::sleep_until(reconnect_at), if watch.is_none() => {
-                match client::Master::connect(&url, &transport).await {
-                    Ok(m) => match m.watch(&host).await {
-                        Ok(w) => {
-                            tracing::info!(master = %url, "watching for new image versions");
-                            watch = Some(w);
-                            sched.connected();
-                        }
-                        Err(e) => {
-                            let wait = sched.reconnect_wait();
-                            tracing::warn!("{e}; retrying in {wait:.1?}");
-                            reconnect_at = Instant::now() + wait;
-                        }
-                    },
+            _ = tokio::time::sleep_until(reconnect_at), if watch.is_none() && connecting.is_none() => {
+                connecting = Some(tokio::spawn(subscribe(url.clone(), transport.clone(), host.clone())));
+            }
+            done = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
+                connecting = None;
+                match done.unwrap_or_else(|e| Err(SyncError::Internal(format!("watch task failed: {e}")))) {
+                    Ok(w) => {
+                        tracing::info!(master = %url, "watching for new image versions");
+                        watch = Some(w);
+                        sched.connected();
+                    }
                     Err(e) => {
                         let wait = sched.reconnect_wait();
                         tracing::warn!("{e}; retrying in {wait:.1?}");
@@ -255,10 +264,57 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 };
                 let reconcile = opts.reconcile_interval + jitter(opts.reconcile_jitter);
                 sched.pass_done(Instant::now(), converged_to, retry, reconcile);
-                report(&url, &transport, &host, &r).await;
+                // The master keeps a host's latest result only: a report still on its way
+                // is superseded.
+                if let Some(old) = reporting.take() {
+                    old.abort();
+                }
+                let result = pass_result(&host, &r);
+                reporting = Some(tokio::spawn(report(url.clone(), transport.clone(), result)));
             }
         }
     }
+
+    cancel.store(true, Ordering::Relaxed);
+    if let Some(c) = connecting.take() {
+        c.abort();
+    }
+    if let Some(mut p) = pass.take() {
+        tracing::info!("stopping: letting the current file finish");
+        match tokio::time::timeout(STOP_GRACE, &mut p).await {
+            Ok(Ok(r)) => {
+                log_pass(&r);
+                if let Some(old) = reporting.take() {
+                    old.abort();
+                }
+                reporting = Some(tokio::spawn(report(url.clone(), transport.clone(), pass_result(&host, &r))));
+            }
+            Ok(Err(e)) => tracing::warn!("pass task failed: {e}"),
+            Err(_) => {
+                p.abort();
+                tracing::warn!(
+                    "the pass under way did not stop within {STOP_GRACE:?} (waiting on the master?): abandoned; every file is whole, pending triggers stay in the journal"
+                );
+            }
+        }
+    }
+    if let Some(mut r) = reporting.take() {
+        if tokio::time::timeout(REPORT_GRACE, &mut r).await.is_err() {
+            r.abort();
+            tracing::warn!("the last pass report was not sent within {REPORT_GRACE:?}: dropped");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Connects and opens the version watch, both within their deadlines.
+async fn subscribe(
+    url: String,
+    transport: client::Transport,
+    host: String,
+) -> Result<tonic::Streaming<pb::VersionAnnouncement>, SyncError> {
+    client::Master::connect(&url, &transport).await?.watch(&host).await
 }
 
 async fn next_announcement(
@@ -289,12 +345,10 @@ fn log_pass(r: &Result<PassReport, SyncError>) {
     }
 }
 
-async fn report(url: &str, transport: &client::Transport, host: &str, r: &Result<PassReport, SyncError>) {
-    let result = pass_result(host, r);
-    let sent = async { client::Master::connect(url, transport).await?.report(result).await };
-    if let Err(e) = tokio::time::timeout(Duration::from_secs(10), sent).await.unwrap_or_else(|_| {
-        Err(SyncError::Unreachable { url: url.to_owned(), reason: "timed out sending the pass report".into() })
-    }) {
+/// Sends a pass report: connecting and the call each within their deadlines.
+async fn report(url: String, transport: client::Transport, result: pb::PassResult) {
+    let sent = async { client::Master::connect(&url, &transport).await?.report(result).await };
+    if let Err(e) = sent.await {
         tracing::warn!("cannot report the pass to the master: {e}");
     }
 }

@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use syncd::config::Config;
@@ -74,6 +75,25 @@ struct Common {
     /// trusted key is configured. Logged as a warning.
     #[arg(long)]
     insecure: bool,
+    /// Deadline for connecting to the master, TLS included [config: connect_timeout; default 10s].
+    #[arg(long, value_name = "DURATION")]
+    connect_timeout: Option<String>,
+    /// Deadline for a call to the master, and for a stream's first reply [config: rpc_timeout;
+    /// default 30s].
+    #[arg(long, value_name = "DURATION")]
+    rpc_timeout: Option<String>,
+    /// The master is taken as gone after this long without a message on a manifest or object
+    /// stream [config: stream_idle_timeout; default 30s].
+    #[arg(long, value_name = "DURATION")]
+    stream_idle_timeout: Option<String>,
+    /// HTTP/2 ping to the master this often, even when idle [config: keepalive_interval;
+    /// default 10s].
+    #[arg(long, value_name = "DURATION")]
+    keepalive_interval: Option<String>,
+    /// The connection is dropped when a ping goes unanswered this long [config:
+    /// keepalive_timeout; default 10s].
+    #[arg(long, value_name = "DURATION")]
+    keepalive_timeout: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -173,8 +193,48 @@ impl Common {
         Ok((io, nice))
     }
 
+    /// The network deadlines, flag over config over default; each must be above zero.
+    fn deadlines(&self, cfg: &Config) -> Result<syncd::client::Deadlines, SyncError> {
+        let default = syncd::client::Deadlines::default();
+        let pick = |flag: &Option<String>, key: &str, file: &Option<String>, default: Duration| {
+            let (text, name) = match (flag, file) {
+                (Some(t), _) => (t, format!("--{}", key.replace('_', "-"))),
+                (None, Some(t)) => (t, format!("config key {key}")),
+                (None, None) => return Ok(default),
+            };
+            match manifest::units::parse_duration(text) {
+                Ok(d) if d.is_zero() => Err(SyncError::Config(format!("{name}: must be greater than zero"))),
+                Ok(d) => Ok(d),
+                Err(e) => Err(SyncError::Config(format!("{name}: {e}"))),
+            }
+        };
+        Ok(syncd::client::Deadlines {
+            connect: pick(&self.connect_timeout, "connect_timeout", &cfg.connect_timeout, default.connect)?,
+            rpc: pick(&self.rpc_timeout, "rpc_timeout", &cfg.rpc_timeout, default.rpc)?,
+            stream_idle: pick(
+                &self.stream_idle_timeout,
+                "stream_idle_timeout",
+                &cfg.stream_idle_timeout,
+                default.stream_idle,
+            )?,
+            keepalive_interval: pick(
+                &self.keepalive_interval,
+                "keepalive_interval",
+                &cfg.keepalive_interval,
+                default.keepalive_interval,
+            )?,
+            keepalive_timeout: pick(
+                &self.keepalive_timeout,
+                "keepalive_timeout",
+                &cfg.keepalive_timeout,
+                default.keepalive_timeout,
+            )?,
+        })
+    }
+
     fn resolve(self) -> Result<Resolved, SyncError> {
         let cfg = self.config()?;
+        let deadlines = self.deadlines(&cfg)?;
         let rate = |flag: Option<u64>, key: &str, v: &Option<syncd::config::ByteRate>| -> Result<u64, SyncError> {
             match (flag, v) {
                 (Some(n), _) => Ok(n),
@@ -236,7 +296,7 @@ impl Common {
                 max_backoff: cfg.max_backoff,
             },
             throttle,
-            transport: syncd::client::Transport { tls, insecure: self.insecure },
+            transport: syncd::client::Transport { tls, insecure: self.insecure, deadlines },
             trusted_keys,
         })
     }
@@ -318,7 +378,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::PARTIAL);
         }
     };
-    match cli.cmd {
+    let code = match cli.cmd {
         Cmd::Sync { common, dry_run, quiet, allow_downgrade } => {
             let report = common.resolve().and_then(|r| r.sync_options(dry_run, allow_downgrade));
             match report.map(|opts| rt.block_on(syncd::sync_once(&opts))) {
@@ -394,8 +454,17 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
-    }
+    };
+    // Dropping the runtime would wait for every blocking task without limit, and a stopping
+    // daemon may leave one behind: an apply thread waiting on a hung master's object stream.
+    // Shutting down drops the async tasks first (the stream's network task among them, which
+    // closes the queue that thread waits on), then gives blocking work at most this long.
+    rt.shutdown_timeout(RUNTIME_GRACE);
+    code
 }
+
+/// How long the exiting process waits for blocking work (see the end of `main`).
+const RUNTIME_GRACE: Duration = Duration::from_secs(1);
 
 async fn explain(common: Common, paths: &[String]) -> Result<(), SyncError> {
     let r = common.resolve()?;
@@ -439,7 +508,7 @@ fn daemon_options(r: Resolved) -> Result<syncd::daemon::DaemonOptions, SyncError
     }
     let reconcile_jitter = d(&r.daemon.reconcile_jitter, "reconcile_jitter", "1m")?;
     let announce_jitter = d(&r.daemon.announce_jitter, "announce_jitter", "10s")?;
-    let max_backoff = d(&r.daemon.max_backoff, "max_backoff", "5m")?.max(std::time::Duration::from_secs(1));
+    let max_backoff = d(&r.daemon.max_backoff, "max_backoff", "5m")?.max(Duration::from_secs(1));
     let sync = r.sync_options(false, false)?;
     Ok(syncd::daemon::DaemonOptions { sync, reconcile_interval, reconcile_jitter, announce_jitter, max_backoff })
 }

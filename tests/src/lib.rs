@@ -177,6 +177,11 @@ impl Master {
         &self.url
     }
 
+    /// The process id, to signal it (SIGSTOP freezes it, as a hung master).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The URL for a master started with `--tls-cert`.
     pub fn https_url(&self) -> String {
         self.url.replacen("http://", "https://", 1)
