@@ -43,6 +43,8 @@ use crate::root::RootDir;
 /// Temp files staged before one `syncfs` (and, in batches, their renames).
 const BATCH_FILES: usize = 2048;
 const BATCH_BYTES: u64 = 256 * 1024 * 1024;
+/// Most threads that rename a whole-tree commit into place (one per core up to this).
+const COMMIT_THREADS: usize = 8;
 
 /// How a pass stages its content before committing it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -112,9 +114,9 @@ pub struct Outcome {
 /// Where a verified copy of some content can be read during this pass.
 #[derive(Clone)]
 enum Location {
-    /// A temp file in this directory, to be renamed to this path (maybe already, by the
-    /// flushing thread).
-    Staged(Arc<OwnedFd>, String, RelPath),
+    /// A temp file (this name beside this path), to be renamed to the path (maybe already,
+    /// by the flushing thread). No directory descriptor is kept: see [`Held`].
+    Staged(String, RelPath),
     Committed(RelPath),
 }
 
@@ -133,6 +135,24 @@ struct Staged {
     /// A hard link to an existing inode: if the path already is that inode, `rename(2)` does
     /// nothing and leaves the temp name, which must then be removed.
     link: bool,
+}
+
+/// A [`Staged`] entry waiting for the whole-tree commit. It keeps no descriptor of its
+/// directory (a tree has more directories than a process may hold open: 1,847 in a Debian
+/// root with nginx, against a default limit of 1,024); the commit resolves it again, beneath
+/// the root and without following symlinks, in path order so the cache serves most lookups.
+struct Held {
+    index: usize,
+    temp: String,
+    hash: Option<Hash>,
+    exchange: bool,
+    link: bool,
+}
+
+impl From<Staged> for Held {
+    fn from(s: Staged) -> Held {
+        Held { index: s.index, temp: s.temp, hash: s.hash, exchange: s.exchange, link: s.link }
+    }
 }
 
 /// A directory built under a temp name to replace the non-directory at `path`.
@@ -202,13 +222,13 @@ struct Applier<'a> {
     /// cold sync of a million files, a map of every file would cost ~130 MB).
     materialized: HashMap<Hash, Location>,
     /// Hard-link leaders staged this pass, by path: their members link to the temp file.
-    leaders: HashMap<RelPath, (Arc<OwnedFd>, String)>,
+    leaders: HashMap<RelPath, String>,
     /// Index in `plan.fetch` of the next object on the ordered stream.
     fetch_next: usize,
     staged: Vec<Staged>,
     staged_bytes: u64,
     /// Whole-tree staging: everything staged and flushed so far, waiting for the commit.
-    held: Vec<Staged>,
+    held: Vec<Held>,
     /// The previous batch, whose `syncfs` (and, in batches, then its renames) run on a helper
     /// thread while the next batch is staged; nothing of it is renamed before that `syncfs`
     /// has returned.
@@ -302,6 +322,10 @@ pub fn apply(
         timed(&mut a, "metadata updated in place", Applier::update_in_place);
         timed(&mut a, "deletions done", Applier::delete);
         timed(&mut a, "directory metadata set", Applier::set_dir_meta);
+    }
+    if a.out.stats.cancelled && a.halt.is_none() {
+        // Not converged: the daemon must not take this pass for one that finished.
+        a.halt = Some("a stop was requested".into());
     }
     if let Some(why) = a.halt.clone() {
         let skipped = a.plan.changes.len() - a.out.done.iter().filter(|d| **d).count();
@@ -523,10 +547,10 @@ impl Applier<'_> {
                         if let Some(h) = hash.filter(|h| self.plan.reused.contains(h)) {
                             self.materialized
                                 .entry(h)
-                                .or_insert_with(|| Location::Staged(dir.clone(), temp.clone(), new.path.clone()));
+                                .or_insert_with(|| Location::Staged(temp.clone(), new.path.clone()));
                         }
                         if leaders.contains(&c.path) {
-                            self.leaders.insert(c.path.clone(), (dir.clone(), temp.clone()));
+                            self.leaders.insert(c.path.clone(), temp.clone());
                         }
                         self.staged_bytes += new.size;
                         self.staged.push(Staged { index: i, dir, temp, hash, exchange, link: false });
@@ -560,14 +584,10 @@ impl Applier<'_> {
             let exchange = c.op.old_entry().is_some_and(|o| o.entry.kind == Kind::Dir);
             self.touch_parent(&c.path);
             let r = self.root.parent(&c.path).and_then(|(dir, _)| {
-                let temp = match self.leaders.get(leader) {
-                    Some((ldir, ltemp)) => fsops::link_temp(ldir.as_fd(), ltemp.as_bytes(), dir.as_fd())?,
-                    None => {
-                        let (ldir, lname) = self.root.parent(leader)?;
-                        fsops::link_temp(ldir.as_fd(), lname, dir.as_fd())?
-                    }
-                };
-                Ok((dir, temp))
+                let (ldir, lname) = self.root.parent(leader)?;
+                // The leader's staged temp file if it has one, else the leader in place.
+                let lname = self.leaders.get(leader).map_or(lname, |t| t.as_bytes());
+                Ok((dir.clone(), fsops::link_temp(ldir.as_fd(), lname, dir.as_fd())?))
             });
             match r {
                 Ok((dir, temp)) => self.staged.push(Staged { index: i, dir, temp, hash: None, exchange, link: true }),
@@ -585,13 +605,45 @@ impl Applier<'_> {
     /// over its path (files first, then other nodes and links, in path order within each),
     /// then each directory built aside is swapped in, deepest first.
     fn commit_held(&mut self) {
-        for s in std::mem::take(&mut self.held) {
-            let path = self.plan.changes[s.index].path.clone();
+        let held = std::mem::take(&mut self.held);
+        // The apply thread commits what only it can: swaps of an old directory (removed after)
+        // and entries beneath a directory built aside (only its handle resolves them there).
+        let swapped: Vec<RelPath> = self.dir_swaps.iter().map(|d| d.path.clone()).collect();
+        let special = |h: &Held| {
+            h.exchange || {
+                let p = &self.plan.changes[h.index].path;
+                swapped.iter().any(|d| p.is_within(d))
+            }
+        };
+        let (mine, plain): (Vec<Held>, Vec<Held>) = held.into_iter().partition(|h| special(h));
+        // Two rounds, regular files first, so no symlink is published before a file of this
+        // pass it may point to.
+        let is_file =
+            |h: &Held| !h.link && self.plan.changes[h.index].op.new_entry().is_some_and(|n| n.kind == Kind::File);
+        let (files, others): (Vec<Held>, Vec<Held>) = plain.into_iter().partition(|h| is_file(h));
+        for round in [files, others] {
+            let results = rename_in_parallel(&mut self.root, self.plan, &round);
+            for (h, r) in round.into_iter().zip(results) {
+                let path = self.plan.changes[h.index].path.clone();
+                self.record_commit(h.index, h.hash, path, r);
+            }
+        }
+        for h in mine {
+            let path = self.plan.changes[h.index].path.clone();
+            let dir = match self.root.parent(&path) {
+                Ok((dir, _)) => dir,
+                Err(e) => {
+                    self.fail_content(&path, "cannot reach the staged entry's directory to commit it", e);
+                    continue;
+                }
+            };
+            let s = Staged { index: h.index, dir, temp: h.temp, hash: h.hash, exchange: h.exchange, link: h.link };
             let r = match s.exchange {
                 false => fsops::commit_rename(s.dir.as_fd(), &s.temp, path.file_name(), false),
                 true => self.commit(&s, &path),
             };
-            self.record_commit(&s, path, r);
+            settle(&s.dir, &s.temp, s.link, &r, self.root.dev(), &path);
+            self.record_commit(s.index, s.hash, path, r);
         }
         let mut swaps = std::mem::take(&mut self.dir_swaps);
         swaps.sort_by(|a, b| b.path.cmp(&a.path));
@@ -607,25 +659,18 @@ impl Applier<'_> {
         }
     }
 
-    /// Records the result of renaming a staged entry into place.
-    fn record_commit(&mut self, s: &Staged, path: RelPath, r: io::Result<()>) {
+    /// Records the result of renaming a staged entry into place (its temp name already
+    /// settled by [`settle`]).
+    fn record_commit(&mut self, index: usize, hash: Option<Hash>, path: RelPath, r: io::Result<()>) {
         match r {
             Ok(()) => {
-                if s.link {
-                    // If the path already was this inode, the rename did nothing.
-                    match rustix::fs::unlinkat(&*s.dir, s.temp.as_str(), AtFlags::empty()) {
-                        Ok(()) | Err(Errno::NOENT) => {}
-                        Err(e) => tracing::warn!(path = %path, "cannot remove temp link {}: {e}", s.temp),
-                    }
-                }
-                self.out.done[s.index] = true;
-                if let Some(h) = s.hash.filter(|h| self.plan.reused.contains(h)) {
+                self.out.done[index] = true;
+                if let Some(h) = hash.filter(|h| self.plan.reused.contains(h)) {
                     self.materialized.insert(h, Location::Committed(path));
                 }
             }
             Err(e) => {
-                let _ = fsops::remove_tree(s.dir.as_fd(), s.temp.as_bytes(), self.root.dev());
-                if let Some(h) = s.hash {
+                if let Some(h) = hash {
                     self.materialized.remove(&h);
                 }
                 self.fail_content(&path, "cannot rename new content into place", e);
@@ -637,12 +682,17 @@ impl Applier<'_> {
     /// built aside and every directory this pass made, and puts back the mtimes of the
     /// directories it touched, so the root is as it was.
     fn roll_back(&mut self) {
-        let mut all = std::mem::take(&mut self.held);
-        all.append(&mut self.staged);
         let dev = self.root.dev();
         let mut left = 0usize;
-        for s in &all {
+        for s in std::mem::take(&mut self.staged) {
             if fsops::remove_tree(s.dir.as_fd(), s.temp.as_bytes(), dev).is_err() {
+                left += 1;
+            }
+        }
+        for h in std::mem::take(&mut self.held) {
+            let path = &self.plan.changes[h.index].path;
+            let r = self.root.parent(path).and_then(|(dir, _)| fsops::remove_tree(dir.as_fd(), h.temp.as_bytes(), dev));
+            if r.is_err() {
                 left += 1;
             }
         }
@@ -827,10 +877,17 @@ impl Applier<'_> {
             if r.is_ok() {
                 one.finish();
             }
-            if let Err(ObjectError::Content { source, .. }) = &r {
-                if is_systemic(source) {
+            match &r {
+                Err(ObjectError::Content { source, .. }) if is_systemic(source) => {
                     return Err(io::Error::from_raw_os_error(source.raw_os_error().unwrap_or(libc::EIO)));
                 }
+                // The master stopped answering (a deadline) or went away: staging stops here
+                // rather than wait out a deadline for every object left.
+                Err(ObjectError::Broken(e)) => {
+                    self.out.stats.master_lost = true;
+                    return Err(io::Error::other(format!("fetching one object on its own: {e}")));
+                }
+                _ => {}
             }
             match r.map_err(|e| e.to_string()).and_then(|()| w.check(hash).map_err(|e| e.to_string())) {
                 Ok(()) => {
@@ -846,11 +903,14 @@ impl Applier<'_> {
 
     fn copy_local(&mut self, loc: &Location, w: &mut VerifyingWriter) -> io::Result<u64> {
         let file = match loc {
-            Location::Staged(dir, temp, path) => match fsops::open_regular(dir.as_fd(), temp.as_str()) {
-                // Renamed meanwhile by the flushing thread (the content is verified anyway).
-                Err(e) if e.kind() == io::ErrorKind::NotFound => fsops::open_regular(dir.as_fd(), path.file_name())?,
-                r => r?,
-            },
+            Location::Staged(temp, path) => {
+                let (dir, name) = self.root.parent(path)?;
+                match fsops::open_regular(dir.as_fd(), temp.as_str()) {
+                    // Renamed meanwhile by the flushing thread (the content is verified anyway).
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => fsops::open_regular(dir.as_fd(), name)?,
+                    r => r?,
+                }
+            }
             Location::Committed(p) => {
                 let (dir, name) = self.root.parent(p)?;
                 fsops::open_regular(dir.as_fd(), name)?
@@ -888,7 +948,7 @@ impl Applier<'_> {
         match flush {
             Ok(handle) => self.flushing = Some((batch, handle)),
             Err(e) if self.staging == Staging::Whole => {
-                self.held.extend(batch);
+                self.held.extend(batch.into_iter().map(Held::from));
                 self.halt_on(&e);
             }
             Err(e) => self.discard(batch, &e),
@@ -917,7 +977,7 @@ impl Applier<'_> {
             .time(|| handle.join())
             .unwrap_or_else(|_| Err(io::Error::other("the syncfs thread panicked")));
         if self.staging == Staging::Whole {
-            self.held.extend(batch);
+            self.held.extend(batch.into_iter().map(Held::from));
             if let Err(e) = flushed {
                 self.halt = self.halt.take().or(Some(format!("cannot flush staged content (syncfs): {e}")));
             }
@@ -933,7 +993,8 @@ impl Applier<'_> {
                 false => renamed.next().unwrap_or_else(|| Err(io::Error::other("the syncfs thread lost a rename"))),
                 true => self.commit(&s, &path),
             };
-            self.record_commit(&s, path, r);
+            settle(&s.dir, &s.temp, s.link, &r, self.root.dev(), &path);
+            self.record_commit(s.index, s.hash, path, r);
         }
     }
 
@@ -1139,6 +1200,73 @@ impl Applier<'_> {
             }
         }
     }
+}
+
+/// After a staged entry's rename: a hard link's temp name is removed (if the path already was
+/// that inode, `rename(2)` did nothing and reported success), and a temp entry that could not
+/// be renamed is removed.
+fn settle(dir: &OwnedFd, temp: &str, link: bool, r: &io::Result<()>, dev: u64, path: &RelPath) {
+    match r {
+        Ok(()) if link => match rustix::fs::unlinkat(dir, temp, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => tracing::warn!(path = %path, "cannot remove temp link {temp}: {e}"),
+        },
+        Ok(()) => {}
+        Err(_) => {
+            let _ = fsops::remove_tree(dir.as_fd(), temp.as_bytes(), dev);
+        }
+    }
+}
+
+/// Renames `items` into place on one thread per core (at most [`COMMIT_THREADS`]): a share on this thread through
+/// `root`, each other share on a thread of its own through its own handle on the same root
+/// (each resolves every directory beneath the root without following symlinks). Renames in
+/// different directories hardly contend, and by the commit the master has nothing left to
+/// send, so the cores are free. Results come back in the order of `items`.
+fn rename_in_parallel(root: &mut RootDir, plan: &Plan, items: &[Held]) -> Vec<io::Result<()>> {
+    fn rename_all(root: &mut RootDir, plan: &Plan, items: &[Held]) -> Vec<io::Result<()>> {
+        let dev = root.dev();
+        items
+            .iter()
+            .map(|h| {
+                let path = &plan.changes[h.index].path;
+                let (dir, name) = root.parent(path)?;
+                let r = fsops::commit_rename(dir.as_fd(), &h.temp, name, false);
+                settle(&dir, &h.temp, h.link, &r, dev, path);
+                r
+            })
+            .collect()
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.min(COMMIT_THREADS).min(items.len() / 128).max(1);
+    if threads == 1 {
+        return rename_all(root, plan, items);
+    }
+    let per = items.len().div_ceil(threads);
+    let mut parts = items.chunks(per);
+    let mine = parts.next().unwrap_or_default();
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = parts
+            .map(|part| {
+                let mut other = root.share();
+                let spawned = std::thread::Builder::new()
+                    .name("commit".into())
+                    .spawn_scoped(scope, move || rename_all(&mut other, plan, part));
+                (part, spawned)
+            })
+            .collect();
+        let mut out = rename_all(root, plan, mine);
+        for (part, h) in helpers {
+            match h {
+                Ok(h) => out.extend(h.join().unwrap_or_else(|_| {
+                    part.iter().map(|_| Err(io::Error::other("a commit thread panicked"))).collect()
+                })),
+                // No thread: this one does its share.
+                Err(_) => out.extend(rename_all(root, plan, part)),
+            }
+        }
+        out
+    })
 }
 
 fn is_dir_at(dir: &OwnedFd, name: &[u8]) -> bool {

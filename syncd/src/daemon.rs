@@ -166,8 +166,9 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const REPORT_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs until `shutdown` resolves, and returns `Ok` within [`STOP_GRACE`] + [`REPORT_GRACE`]
-/// of it whatever the master does. A pass under way then is stopped between two entries (what
-/// was staged is committed, the trigger journal stays consistent); one that cannot stop in
+/// of it whatever the master does. A pass under way then is stopped between two entries (with
+/// whole-tree staging what it staged is removed, in batches what was staged is committed; the
+/// trigger journal stays consistent); one that cannot stop in
 /// time (waiting on a hung master) is abandoned, which is as safe as a crash: every file is
 /// renamed into place whole or not at all, and triggers not yet run stay in the journal.
 ///

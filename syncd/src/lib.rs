@@ -533,8 +533,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     } else if !opts.dry_run {
         report.outcome = Some(Outcome::default());
     }
-    if let Some(o) = &mut report.outcome {
-        // Applied, even in part: from now on anything older is a rollback.
+    if let Some(o) = report.outcome.as_mut().filter(|o| !o.rolled_back) {
+        // Applied, even in part: from now on anything older is a rollback. (A pass rolled
+        // back applied nothing: the host is still at its earlier version.)
         if let Err(error) = trust::record(&opts.trust, &applied_record, report.image_version, &report.identity) {
             o.failures.push(Failure { path: applied_record.display().to_string(), error });
         }

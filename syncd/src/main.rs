@@ -333,6 +333,7 @@ impl Resolved {
 }
 
 fn main() -> ExitCode {
+    raise_open_file_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -544,6 +545,18 @@ fn print_triggers(report: &syncd::PassReport) {
     }
     for d in &report.deferred {
         eprintln!("syncd: trigger {d} is pending, waiting for its retry backoff");
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (systemd's default soft limit is 1,024):
+/// hashing, staging and the object stream each keep descriptors open, and a pass should not
+/// fail on a deep tree for want of them. Nothing depends on it succeeding.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
     }
 }
 
