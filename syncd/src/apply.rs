@@ -436,7 +436,7 @@ impl Applier<'_> {
 
     // Phase 1.
     fn make_dirs(&mut self) {
-        for (i, c) in self.plan.changes.iter().enumerate() {
+        for c in self.plan.changes.iter() {
             let (new, replace) = match &c.op {
                 Op::Create { new, .. } if new.kind == Kind::Dir => (new, false),
                 Op::Replace { new, .. } if new.kind == Kind::Dir => (new, true),
@@ -449,7 +449,7 @@ impl Applier<'_> {
                 self.failed_dirs.push(c.path.clone());
                 continue;
             }
-            if let Err(e) = self.make_dir(i, &new.path, replace) {
+            if let Err(e) = self.make_dir(&new.path, replace) {
                 if is_systemic(&e) {
                     self.halt_on(&e);
                 }
@@ -462,7 +462,7 @@ impl Applier<'_> {
         }
     }
 
-    fn make_dir(&mut self, _index: usize, path: &RelPath, replace: bool) -> io::Result<()> {
+    fn make_dir(&mut self, path: &RelPath, replace: bool) -> io::Result<()> {
         let (dir, name) = self.root.parent(path)?;
         if !replace {
             return match rustix::fs::mkdirat(&*dir, name, rustix::fs::Mode::from_raw_mode(0o700)) {

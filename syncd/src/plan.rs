@@ -296,6 +296,31 @@ impl Plan {
 
         plan.excluded = excluded.len();
 
+        // Never remove a host directory that holds an excluded path or a mount point: the rmdir
+        // or the swap that replaces it would take the excluded path with it, or fail.
+        let mounts: Vec<&RelPath> = host.entries.iter().filter(|h| h.mount_point).map(|h| &h.entry.path).collect();
+        if !host.excluded.is_empty() || !mounts.is_empty() {
+            let held_by = |c: &Change| -> Option<SkipReason> {
+                match &c.op {
+                    Op::Delete { old } | Op::Replace { old, .. } if old.entry.kind == Kind::Dir => {}
+                    _ => return None,
+                }
+                let inside = |x: &RelPath| x.is_within(&c.path) && *x != c.path;
+                if let Some((x, _)) = host.excluded.iter().find(|(x, _)| inside(x)) {
+                    return Some(SkipReason::HoldsExcluded(x.clone()));
+                }
+                mounts.iter().find(|m| inside(m)).map(|m| SkipReason::HoldsMountPoint((*m).clone()))
+            };
+            let mut kept = Vec::with_capacity(plan.changes.len());
+            for c in std::mem::take(&mut plan.changes) {
+                match held_by(&c) {
+                    Some(reason) => plan.skipped.push(Skip { path: c.path, reason }),
+                    None => kept.push(c),
+                }
+            }
+            plan.changes = kept;
+        }
+
         // Leftovers beneath a fence or an exclusion are left alone; a temp directory goes
         // whole, so nothing beneath it is resumed. A regular file with a single name whose
         // content hashed to what a staged file needs is resumed; the rest is removed.
@@ -344,31 +369,6 @@ impl Plan {
             }
         }
         plan.leftovers.sort_by(|a, b| a.path.cmp(&b.path));
-
-        // Never remove a host directory that holds an excluded path or a mount point: the rmdir
-        // or the swap that replaces it would take the excluded path with it, or fail.
-        let mounts: Vec<&RelPath> = host.entries.iter().filter(|h| h.mount_point).map(|h| &h.entry.path).collect();
-        if !host.excluded.is_empty() || !mounts.is_empty() {
-            let held_by = |c: &Change| -> Option<SkipReason> {
-                match &c.op {
-                    Op::Delete { old } | Op::Replace { old, .. } if old.entry.kind == Kind::Dir => {}
-                    _ => return None,
-                }
-                let inside = |x: &RelPath| x.is_within(&c.path) && *x != c.path;
-                if let Some((x, _)) = host.excluded.iter().find(|(x, _)| inside(x)) {
-                    return Some(SkipReason::HoldsExcluded(x.clone()));
-                }
-                mounts.iter().find(|m| inside(m)).map(|m| SkipReason::HoldsMountPoint((*m).clone()))
-            };
-            let mut kept = Vec::with_capacity(plan.changes.len());
-            for c in std::mem::take(&mut plan.changes) {
-                match held_by(&c) {
-                    Some(reason) => plan.skipped.push(Skip { path: c.path, reason }),
-                    None => kept.push(c),
-                }
-            }
-            plan.changes = kept;
-        }
 
         let gone = delta::Gone::new(plan.changes.iter().filter_map(|c| match &c.op {
             Op::Delete { old } | Op::Replace { old, .. } => candidate(old),
@@ -772,6 +772,49 @@ mod tests {
         );
         assert_eq!(plan.fetch.len(), 2);
         assert_eq!(plan.image_version, 7);
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_pass_are_resumed_or_removed_never_drift() {
+        let m = Manifest::new(
+            1,
+            Meta::default(),
+            vec![entry("etc", Kind::Dir, b""), entry("etc/a", Kind::File, b"wanted"), entry("etc/b", Kind::File, b"x")],
+        )
+        .unwrap();
+        let mut linked = host(entry("etc/.syncd-00000000000000bb", Kind::File, b"x"), 9);
+        linked.nlink = 2;
+        let mut h = HostTree {
+            root: Meta::default(),
+            entries: vec![
+                host(entry("etc", Kind::Dir, b""), 1),
+                // Verified content the pass needs, under a temp name: resumed.
+                host(entry("etc/.syncd-00000000000000aa", Kind::File, b"wanted"), 2),
+                // A hard link (to etc/b, say): never reused, its name removed.
+                linked,
+                host(entry("etc/.syncd-00000000000000cc", Kind::File, b"stale"), 3),
+                host(entry("etc/.syncd-00000000000000dd", Kind::Dir, b""), 4),
+                host(entry("etc/.syncd-00000000000000dd/.syncd-00000000000000ee", Kind::File, b"wanted"), 5),
+                host(entry("etc/b", Kind::File, b"x"), 9),
+                // Not syncd's name: an ordinary extra entry.
+                host(entry("etc/.syncd-notours", Kind::File, b"y"), 6),
+            ],
+            unreadable: vec![],
+            excluded: vec![],
+        };
+        h.entries.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+        let plan = Plan::compute(&m, &h, &Exclusions::default());
+        assert_eq!(lines(&plan), ["*deleting   etc/.syncd-notours", ">f+++++++++ etc/a"]);
+        assert!(
+            matches!(plan.changes[1].op.source(), Some(Source::Resume(p, _)) if p.to_string() == "etc/.syncd-00000000000000aa")
+        );
+        assert!(plan.fetch.is_empty(), "resumed content is not fetched");
+        let removed: Vec<String> = plan.leftovers.iter().map(|l| l.path.to_string()).collect();
+        assert_eq!(
+            removed,
+            ["etc/.syncd-00000000000000bb", "etc/.syncd-00000000000000cc", "etc/.syncd-00000000000000dd"]
+        );
+        assert_eq!(plan.stage_needs(), (0, 0), "a resumed file needs no new room");
     }
 
     #[test]
