@@ -148,6 +148,17 @@ struct SmallDisk {
     _s: gis_tests::Scratch,
 }
 
+impl SmallDisk {
+    /// Removes the ballast, then a pass (with `extra` flags) must converge to the new release.
+    #[track_caller]
+    fn make_room_and_converge(&self, extra: &[&str]) {
+        std::fs::remove_file(&self.ballast).unwrap();
+        let out = sync(&self.master, &self.root, extra);
+        out.expect_code(0, &[&self.root]);
+        assert_converged(&self.new, &self.root, &out);
+    }
+}
+
 fn small_disk(mib: u64, file_size: usize) -> SmallDisk {
     let s = scratch();
     let (old, new, mnt) = (s.dir("old"), s.dir("new"), s.dir("mnt"));
@@ -178,10 +189,7 @@ fn a_pass_that_does_not_fit_is_refused_up_front_and_changes_nothing() {
     );
     assert_converged(&d.old, &d.root, &out);
 
-    std::fs::remove_file(&d.ballast).unwrap();
-    let out = sync(&d.master, &d.root, &[]);
-    out.expect_code(0, &[&d.root]);
-    assert_converged(&d.new, &d.root, &out);
+    d.make_room_and_converge(&[]);
 }
 
 #[test]
@@ -200,10 +208,7 @@ fn a_disk_that_fills_up_while_staging_rolls_back_to_the_old_tree() {
     // Old release, whole: content, metadata, directory mtimes, and rsync agrees.
     assert_converged(&d.old, &d.root, &out);
 
-    std::fs::remove_file(&d.ballast).unwrap();
-    let out = sync(&d.master, &d.root, &[]);
-    out.expect_code(0, &[&d.root]);
-    assert_converged(&d.new, &d.root, &out);
+    d.make_room_and_converge(&[]);
 }
 
 #[test]
@@ -220,10 +225,7 @@ fn in_batches_a_full_disk_stops_staging_and_nothing_destructive_follows() {
         out.check(d.root.join(kept).exists(), format!("{kept} was deleted after a failure"), &[&d.root]);
     }
 
-    std::fs::remove_file(&d.ballast).unwrap();
-    let out = sync(&d.master, &d.root, &["--staging", "batches"]);
-    out.expect_code(0, &[&d.root]);
-    assert_converged(&d.new, &d.root, &out);
+    d.make_room_and_converge(&["--staging", "batches"]);
 }
 
 #[test]
