@@ -1,13 +1,21 @@
 //! Exclusion lists: the paths a host keeps to itself.
 //!
-//! The syntax and semantics are gitignore's, which sysadmins already know:
-//! - one pattern per line; blank lines and lines starting with `#` are ignored (`\#` escapes);
+//! The syntax and semantics are gitignore's, which sysadmins already know, matched by git's own
+//! algorithm (`wildmatch`, as ported by gitoxide's `gix-glob`, and read line by line as
+//! `gix-ignore` reads a `.gitignore`), and tested against `git check-ignore`:
+//! - one pattern per line; a UTF-8 BOM is skipped; blank lines and lines starting with `#` are
+//!   ignored (`\#` escapes); trailing spaces are trimmed unless escaped (`\ `), tabs are not;
 //! - a pattern with a `/` at the start or in the middle is anchored at the root; one without
 //!   matches a name at any depth;
 //! - a trailing `/` matches directories only;
-//! - `*`, `?` and `[…]` never match `/`; `**` does (`a/**/b`, `**/x`, `dir/**`);
+//! - `*`, `?` and `[…]` never match `/`, negated classes (`[!x]`, `[^x]`) included; `**`
+//!   does (`a/**/b`, `**/x`, `dir/**`); POSIX classes (`[[:upper:]]`) work; braces are literal;
 //! - `!` re-includes (`\!` escapes); the last matching rule wins;
 //! - an excluded directory excludes its whole subtree, and nothing beneath it can be re-included.
+//!
+//! Refused, where git would silently match nothing: a pattern that is empty or names the root
+//! (`/`, `!`), one with a `.` or `..` component, one with a `[` that is never closed; and, since
+//! lists travel as UTF-8 text (TOML, gRPC strings), a line that is not UTF-8.
 //!
 //! Rules from several sources are concatenated in precedence order, so a later source (a local
 //! file) overrides an earlier one (the master's group lists). Every rule remembers where it came
@@ -16,6 +24,8 @@
 use std::fmt;
 use std::path::Path;
 
+use gix_glob::pattern::{Case, Mode};
+use gix_glob::{wildmatch, Pattern};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use manifest::RelPath;
 
@@ -54,13 +64,23 @@ pub enum ExclusionError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{origin}: the line is not valid UTF-8 (hint: exclusion lists are UTF-8 text; write the name with wildcards, such as `?` for each byte that is not UTF-8)")]
+    NotUtf8 { origin: Origin },
 }
 
 /// A compiled, ordered list of rules from any number of sources.
 #[derive(Clone, Debug, Default)]
 pub struct Exclusions {
     rules: Vec<Rule>,
-    set: GlobSet,
+    /// One per rule, in the same order.
+    patterns: Vec<Pattern>,
+    /// The rules whose pattern is only literal characters, `*` and `?` (most lists), matched
+    /// all at once: for those globset with a literal separator is exactly git. Rule index of
+    /// each glob.
+    simple: GlobSet,
+    simple_rules: Vec<usize>,
+    /// The others (brackets, `**`, escapes, …), matched one by one by git's wildmatch.
+    complex: Vec<usize>,
 }
 
 /// The verdict for one path, with the rule that decided it.
@@ -111,13 +131,16 @@ pub struct PatternList {
 }
 
 impl PatternList {
-    /// Parses the text of an exclusion file: one pattern per line, comments and blanks skipped.
+    /// Parses the text of an exclusion file as git reads a `.gitignore`: a leading BOM is
+    /// skipped, a CR before a line's LF dropped, unescaped trailing spaces trimmed (an escaped
+    /// one kept, with its backslash, as git keeps it), comments and blank lines skipped.
     pub fn parse(source: &str, text: &str) -> PatternList {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let patterns = text
-            .lines()
+            .split('\n')
             .enumerate()
             .filter_map(|(i, l)| {
-                let l = l.trim_end();
+                let l = trim_trailing_spaces(l.strip_suffix('\r').unwrap_or(l));
                 (!l.is_empty() && !l.starts_with('#')).then(|| (i + 1, l.to_owned()))
             })
             .collect();
@@ -125,10 +148,38 @@ impl PatternList {
     }
 
     pub fn read(path: &Path) -> Result<PatternList, ExclusionError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ExclusionError::Read { path: path.display().to_string(), source })?;
-        Ok(PatternList::parse(&path.display().to_string(), &text))
+        let source = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| ExclusionError::Read { path: source.clone(), source: e })?;
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(PatternList::parse(&source, &text)),
+            Err(e) => {
+                let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+                Err(ExclusionError::NotUtf8 { origin: Origin { source, line } })
+            }
+        }
     }
+}
+
+/// Git's `trim_trailing_spaces` (dir.c): trailing spaces go, unless escaped by a backslash
+/// (which then stays with its space); a line ending in a lone backslash is kept whole. Tabs
+/// are not spaces here.
+fn trim_trailing_spaces(l: &str) -> &str {
+    let b = l.as_bytes();
+    let (mut i, mut cut) = (0, None);
+    while i < b.len() {
+        match b[i] {
+            b' ' => {
+                cut.get_or_insert(i);
+            }
+            b'\\' => {
+                cut = None;
+                i += 1;
+            }
+            _ => cut = None,
+        }
+        i += 1;
+    }
+    &l[..cut.unwrap_or(b.len())]
 }
 
 impl Exclusions {
@@ -136,21 +187,32 @@ impl Exclusions {
     /// pattern fails the whole set: guessing could delete a host's network config.
     pub fn compile<'a>(lists: impl IntoIterator<Item = &'a PatternList>) -> Result<Exclusions, ExclusionError> {
         let mut rules = Vec::new();
-        let mut builder = GlobSetBuilder::new();
+        let mut patterns = Vec::new();
+        let (mut builder, mut simple_rules, mut complex) = (GlobSetBuilder::new(), Vec::new(), Vec::new());
         for list in lists {
             for (line, text) in &list.patterns {
                 let origin = Origin { source: list.source.clone(), line: *line };
-                let (rule, glob) = parse_rule(text, origin)?;
-                builder.add(glob);
+                let (rule, pattern) = parse_rule(text, origin.clone())?;
+                match simple_glob(&pattern) {
+                    Some(glob) => {
+                        let glob = GlobBuilder::new(&glob).literal_separator(true).build().map_err(|e| {
+                            ExclusionError::BadPattern { origin, pattern: text.clone(), reason: e.kind().to_string() }
+                        })?;
+                        builder.add(glob);
+                        simple_rules.push(rules.len());
+                    }
+                    None => complex.push(rules.len()),
+                }
+                patterns.push(pattern);
                 rules.push(rule);
             }
         }
-        let set = builder.build().map_err(|e| ExclusionError::BadPattern {
+        let simple = builder.build().map_err(|e| ExclusionError::BadPattern {
             origin: Origin { source: "(all lists)".into(), line: 0 },
             pattern: String::new(),
             reason: e.to_string(),
         })?;
-        Ok(Exclusions { rules, set })
+        Ok(Exclusions { rules, patterns, simple, simple_rules, complex })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -167,9 +229,36 @@ impl Exclusions {
         if self.rules.is_empty() {
             return Verdict::Included;
         }
-        let hits = self.set.matches(path.as_path());
-        let last = hits.into_iter().rev().map(|i| &self.rules[i]).find(|r| is_dir || !r.dir_only);
-        match last {
+        // As git: the last rule that matches decides (a directory-only rule matches no file).
+        let mut last = None;
+        if !self.simple_rules.is_empty() {
+            last = self
+                .simple
+                .matches(path.as_path())
+                .into_iter()
+                .map(|g| self.simple_rules[g])
+                .filter(|&r| is_dir || !self.rules[r].dir_only)
+                .max();
+        }
+        let bytes = path.as_bytes();
+        let basename = bytes.iter().rposition(|&c| c == b'/').map(|p| p + 1);
+        for &r in self.complex.iter().rev() {
+            if last.is_some_and(|l| l > r) {
+                break;
+            }
+            let hit = self.patterns[r].matches_repo_relative_path(
+                bytes.into(),
+                basename,
+                Some(is_dir),
+                Case::Sensitive,
+                wildmatch::Mode::NO_MATCH_SLASH_LITERAL,
+            );
+            if hit {
+                last = Some(r);
+                break;
+            }
+        }
+        match last.map(|i| &self.rules[i]) {
             None => Verdict::Included,
             Some(r) if r.negated => Verdict::Reincluded(r),
             Some(r) => Verdict::Excluded(r),
@@ -196,39 +285,90 @@ impl Exclusions {
     }
 }
 
-fn parse_rule(text: &str, origin: Origin) -> Result<(Rule, globset::Glob), ExclusionError> {
+fn parse_rule(text: &str, origin: Origin) -> Result<(Rule, Pattern), ExclusionError> {
     let bad = |reason: &str| ExclusionError::BadPattern {
         origin: origin.clone(),
         pattern: text.to_owned(),
         reason: reason.to_owned(),
     };
+    // The pattern proper: no `!`, no trailing `/`, no leading `/` (git's own parse, below,
+    // reads the same three from the text as written).
     let negated = text.starts_with('!');
-    // `!` negates; a leading backslash escapes a literal `!` or `#`.
-    let p = if negated || text.starts_with("\\!") || text.starts_with("\\#") { &text[1..] } else { text };
-    let dir_only = p.ends_with('/');
-    let p = p.trim_end_matches('/');
-    if p.is_empty() {
-        return Err(bad("the pattern is empty"));
+    let body = if negated { &text[1..] } else { text };
+    let body = body.strip_suffix('/').unwrap_or(body).trim_start_matches('/');
+    if body.is_empty() {
+        return Err(bad("the pattern is empty or names the root itself; exclude paths beneath it instead"));
     }
-    if p.contains('\0') {
+    if body.contains('\0') {
         return Err(bad("the pattern contains a NUL byte"));
     }
-    // A `/` at the start or in the middle anchors the pattern at the root.
-    let anchored = p.contains('/');
-    let p = p.trim_start_matches('/');
-    if p.is_empty() {
-        return Err(bad("the pattern matches the root itself; exclude paths beneath it instead"));
+    if body.split('/').any(|c| c == "." || c == "..") {
+        return Err(bad("'.' and '..' components are not allowed (git would match nothing)"));
     }
-    if p.split('/').any(|c| c == "." || c == "..") {
-        return Err(bad("'.' and '..' components are not allowed"));
+    if unclosed_bracket(body.as_bytes()) {
+        return Err(bad("a '[' is never closed (git would match nothing; write '\\[' for a literal bracket)"));
     }
-    let full = if anchored { p.to_owned() } else { format!("**/{p}") };
-    let glob = GlobBuilder::new(&full)
-        .literal_separator(true)
-        .backslash_escape(true)
-        .build()
-        .map_err(|e| bad(&e.kind().to_string()))?;
-    Ok((Rule { text: text.to_owned(), origin, negated, dir_only }, glob))
+    let pattern = Pattern::from_bytes(text.as_bytes()).ok_or_else(|| bad("the pattern is empty"))?;
+    let rule = Rule {
+        text: text.to_owned(),
+        origin,
+        negated: pattern.is_negative(),
+        dir_only: pattern.mode.contains(Mode::MUST_BE_DIR),
+    };
+    Ok((rule, pattern))
+}
+
+/// The globset form of a pattern made only of plain characters, `*` (never two in a row) and
+/// `?`, where globset with a literal separator and git agree exactly; `None` for any other.
+fn simple_glob(p: &Pattern) -> Option<String> {
+    let text = std::str::from_utf8(&p.text).ok()?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || "._-+@%~:,=/ ".contains(c) || !c.is_ascii();
+    if text.is_empty() || text.contains("**") || !text.chars().all(|c| plain(c) || c == '*' || c == '?') {
+        return None;
+    }
+    // git's parse took the leading `/` off an anchored pattern; one without any `/` matches a
+    // name at any depth.
+    Some(match (p.mode.contains(Mode::NO_SUB_DIR), p.mode.contains(Mode::ABSOLUTE)) {
+        (true, false) => format!("**/{text}"),
+        _ => text.to_owned(),
+    })
+}
+
+/// Whether `p` has a bracket expression that never closes, read as git's wildmatch reads one:
+/// `!` or `^` may open it, a `]` right after the opening is literal, `[:name:]` is a class.
+fn unclosed_bracket(p: &[u8]) -> bool {
+    let mut i = 0;
+    while i < p.len() {
+        match p[i] {
+            b'\\' => i += 2,
+            b'[' => {
+                let mut j = i + 1;
+                if matches!(p.get(j), Some(b'!' | b'^')) {
+                    j += 1;
+                }
+                if p.get(j) == Some(&b']') {
+                    j += 1;
+                }
+                loop {
+                    match p.get(j) {
+                        None => return true,
+                        Some(b'\\') => j += 2,
+                        Some(b'[') if p.get(j + 1) == Some(&b':') => {
+                            j = match p[j + 2..].windows(2).position(|w| w == b":]") {
+                                Some(k) => j + 2 + k + 2,
+                                None => j + 1,
+                            };
+                        }
+                        Some(b']') => break,
+                        Some(_) => j += 1,
+                    }
+                }
+                i = j + 1;
+            }
+            _ => i += 1,
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -321,6 +461,49 @@ mod tests {
             .unwrap();
         let v = e.explain(&p("etc/ssh/ssh_host_rsa_key"), false);
         assert_eq!(v.to_string(), "excluded by /etc/syncd/exclude:3: /etc/ssh/ssh_host_*");
+    }
+
+    #[test]
+    fn git_forms_globset_got_wrong() {
+        // A negated class never matches `/`.
+        let e = ex("/etc[!x]*\na[^y]b\n");
+        assert!(e.is_excluded(&p("etcd"), false));
+        assert!(!e.is_excluded(&p("etc/passwd"), false));
+        assert!(!e.is_excluded(&p("deep/a/b"), false));
+        // Braces are literal characters, and an unbalanced one is fine.
+        let e = ex("/{a,b}\nx}\n");
+        assert!(e.is_excluded(&p("{a,b}"), false));
+        assert!(!e.is_excluded(&p("a"), false));
+        assert!(e.is_excluded(&p("d/x}"), false));
+        // POSIX classes.
+        let e = ex("/[[:upper:]]*\n/[[:space:]]*\n");
+        assert!(e.is_excluded(&p("Makefile"), false));
+        assert!(!e.is_excluded(&p("makefile"), false));
+        assert!(!e.is_excluded(&p("a]b"), false));
+        assert!(e.is_excluded(&p(" lead"), false));
+    }
+
+    #[test]
+    fn lines_are_read_as_git_reads_them() {
+        // A BOM is skipped; a trailing tab is part of the pattern; an escaped trailing space
+        // stays (with its backslash, as git keeps it), an unescaped one goes.
+        let l = PatternList::parse("x", "\u{feff}/bom\n/tab\t\n/trail\\ \n/plain   \n");
+        let texts: Vec<&str> = l.patterns.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(texts, ["/bom", "/tab\t", "/trail\\ ", "/plain"]);
+        let e = Exclusions::compile([&l]).unwrap();
+        assert!(e.is_excluded(&p("bom"), false));
+        assert!(e.is_excluded(&p("tab\t"), false) && !e.is_excluded(&p("tab"), false));
+        assert!(e.is_excluded(&p("trail "), false) && !e.is_excluded(&p("trail"), false));
+        assert!(e.is_excluded(&p("plain"), false));
+    }
+
+    #[test]
+    fn a_list_that_is_not_utf8_is_refused_naming_the_line() {
+        let dir = std::env::temp_dir().join(format!("gis-excl-{}", std::process::id()));
+        std::fs::write(&dir, b"/ok\n# fine\n/bad\xff\n").unwrap();
+        let err = PatternList::read(&dir).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&dir);
+        assert!(err.contains(":3: the line is not valid UTF-8"), "{err}");
     }
 
     #[test]
