@@ -36,7 +36,12 @@ pub struct HashCache {
 }
 
 fn stamp(e: &ScannedEntry) -> Stamp {
-    Stamp { size: e.entry.size, mtime_ns: e.entry.meta.mtime_ns, ctime_ns: e.ctime_ns }
+    let m = &e.entry.meta;
+    Stamp {
+        size: e.entry.size,
+        mtime_ns: crate::scan::stamp_ns(m.mtime_sec, m.mtime_nsec.into()),
+        ctime_ns: e.ctime_ns,
+    }
 }
 
 impl HashCache {

@@ -189,7 +189,10 @@ pub struct Meta {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    pub mtime_ns: i64,
+    /// Modification time: seconds since the epoch (the whole `i64` range, before 1970 too,
+    /// as Linux stores it) and nanoseconds, `0..1_000_000_000`.
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
     pub xattrs: Xattrs,
 }
 
@@ -288,7 +291,8 @@ impl Meta {
         h.update(&self.mode.to_le_bytes());
         h.update(&self.uid.to_le_bytes());
         h.update(&self.gid.to_le_bytes());
-        h.update(&self.mtime_ns.to_le_bytes());
+        h.update(&self.mtime_sec.to_le_bytes());
+        h.update(&self.mtime_nsec.to_le_bytes());
         h.update(&(self.xattrs.len() as u64).to_le_bytes());
         for x in &self.xattrs {
             put_bytes(h, &x.name);

@@ -104,13 +104,21 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ScanError + '_ {
     move |source| ScanError::Io { path: path.to_owned(), source }
 }
 
+/// A time as one `i64` of nanoseconds for change detection only (a ctime, a cache stamp): it
+/// wraps past 2262 instead of overflowing, and two different times that wrap to the same value
+/// would also need the same size and ctime to be taken for unchanged.
+pub fn stamp_ns(sec: i64, nsec: i64) -> i64 {
+    sec.wrapping_mul(1_000_000_000).wrapping_add(nsec)
+}
+
 fn meta_of(md: &std::fs::Metadata, xattrs: Vec<crate::Xattr>) -> Meta {
     let xattrs = xattrs.into();
     Meta {
         mode: md.mode() & PERM_MASK,
         uid: md.uid(),
         gid: md.gid(),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        mtime_sec: md.mtime(),
+        mtime_nsec: md.mtime_nsec() as u32,
         xattrs,
     }
 }
@@ -209,7 +217,7 @@ fn scan_one(root: &Path, root_dev: u64, path: &Path) -> Result<ScannedEntry, Sca
         dev: md.dev(),
         ino: md.ino(),
         nlink: u32::try_from(md.nlink()).unwrap_or(u32::MAX),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        ctime_ns: stamp_ns(md.ctime(), md.ctime_nsec()),
         // A bind-mounted file counts too: renaming over it would fail, deleting it would not stick.
         mount_point: md.dev() != root_dev,
     })
@@ -362,7 +370,8 @@ impl<F: Fn(&RelPath, bool) -> bool + Sync> Beneath<'_, F> {
                     mode: mode & PERM_MASK,
                     uid: st.st_uid,
                     gid: st.st_gid,
-                    mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+                    mtime_sec: st.st_mtime,
+                    mtime_nsec: st.st_mtime_nsec as u32,
                     xattrs: xattrs.into(),
                 },
                 size: if kind == Kind::File { st.st_size as u64 } else { 0 },
@@ -374,7 +383,7 @@ impl<F: Fn(&RelPath, bool) -> bool + Sync> Beneath<'_, F> {
             dev,
             ino: st.st_ino,
             nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
-            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
+            ctime_ns: stamp_ns(st.st_ctime, st.st_ctime_nsec as i64),
             mount_point: dev != self.root_dev,
         })
     }

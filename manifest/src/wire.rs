@@ -40,7 +40,8 @@ fn meta_to_wire(m: &Meta, e: &mut pb::Entry) {
     e.mode = m.mode;
     e.uid = m.uid;
     e.gid = m.gid;
-    e.mtime_ns = m.mtime_ns;
+    e.mtime_sec = m.mtime_sec;
+    e.mtime_nsec = m.mtime_nsec;
     e.xattrs = m
         .xattrs
         .iter()
@@ -53,7 +54,8 @@ fn meta_from_wire(e: &pb::Entry) -> Meta {
         mode: e.mode,
         uid: e.uid,
         gid: e.gid,
-        mtime_ns: e.mtime_ns,
+        mtime_sec: e.mtime_sec,
+        mtime_nsec: e.mtime_nsec,
         xattrs: e.xattrs.iter().map(|x| Xattr { name: x.name.to_vec(), value: x.value.to_vec() }).collect(),
     }
 }
@@ -84,6 +86,9 @@ pub fn entry_from_wire(index: usize, w: &pb::Entry) -> Result<Entry, ManifestErr
     let path = RelPath::new(&w.path).map_err(|source| ManifestError::BadPath { index, source })?;
     let bad = |what: &str| ManifestError::BadField { path: path.to_string(), what: what.to_owned() };
     let kind = kind_from_wire(w.kind).ok_or_else(|| bad(&format!("unknown kind {}", w.kind)))?;
+    if w.mtime_nsec >= 1_000_000_000 {
+        return Err(bad(&format!("mtime nanoseconds {} are not below one second", w.mtime_nsec)));
+    }
     let hash = match (kind, w.hash.len()) {
         (_, 0) => None,
         (Kind::File, 32) => Hash::from_slice(&w.hash),

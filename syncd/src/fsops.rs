@@ -106,10 +106,10 @@ impl MetaParts {
     }
 }
 
-fn ts(ns: i64) -> Timestamps {
+fn ts(meta: &Meta) -> Timestamps {
     Timestamps {
         last_access: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
-        last_modification: Timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) },
+        last_modification: Timespec { tv_sec: meta.mtime_sec, tv_nsec: meta.mtime_nsec.into() },
     }
 }
 
@@ -131,9 +131,28 @@ pub fn set_fd_meta(fd: BorrowedFd, meta: &Meta, parts: MetaParts) -> io::Result<
         )?;
     }
     if parts.mtime {
-        rustix::fs::futimens(fd, &ts(meta.mtime_ns))?;
+        rustix::fs::futimens(fd, &ts(meta))?;
+        check_stored_mtime(meta, || rustix::fs::fstat(fd))?;
     }
     Ok(())
+}
+
+/// A filesystem clamps a time it cannot store (ext4 with 128-byte inodes and XFS without
+/// `bigtime` stop in 2038; ext4 otherwise in 2446), and a clamped time would be planned again on
+/// every pass. Outside the 32-bit range, where filesystems differ, read the time back and
+/// refuse what was not stored as given.
+fn check_stored_mtime(meta: &Meta, stat: impl FnOnce() -> rustix::io::Result<rustix::fs::Stat>) -> io::Result<()> {
+    if i32::try_from(meta.mtime_sec).is_ok() {
+        return Ok(());
+    }
+    let st = stat()?;
+    if (st.st_mtime, st.st_mtime_nsec as u32) == (meta.mtime_sec, meta.mtime_nsec) {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "this filesystem cannot store the mtime {}.{:09} (seconds since 1970): it stored {}.{:09} (hint: the image's time is outside what this filesystem holds; fix it in the image, or exclude the path)",
+        meta.mtime_sec, meta.mtime_nsec, st.st_mtime, st.st_mtime_nsec
+    )))
 }
 
 /// Applies metadata to the node `name` in `dir` (symlink, device, fifo or socket) without
@@ -162,7 +181,8 @@ pub fn set_node_meta(dir: BorrowedFd, name: &str, kind: Kind, meta: &Meta, parts
             )?;
         }
         if parts.mtime {
-            rustix::fs::utimensat(dir, name, &ts(meta.mtime_ns), AtFlags::SYMLINK_NOFOLLOW)?;
+            rustix::fs::utimensat(dir, name, &ts(meta), AtFlags::SYMLINK_NOFOLLOW)?;
+            check_stored_mtime(meta, || rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW))?;
         }
         return Ok(());
     }
@@ -196,7 +216,8 @@ pub fn set_node_meta(dir: BorrowedFd, name: &str, kind: Kind, meta: &Meta, parts
         )?;
     }
     if parts.mtime {
-        rustix::fs::utimensat(rustix::fs::CWD, &p, &ts(meta.mtime_ns), AtFlags::empty())?;
+        rustix::fs::utimensat(rustix::fs::CWD, &p, &ts(meta), AtFlags::empty())?;
+        check_stored_mtime(meta, || rustix::fs::fstat(&fd))?;
     }
     Ok(())
 }

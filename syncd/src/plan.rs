@@ -36,7 +36,7 @@ impl Diff {
     /// Differences in the metadata every kind shares.
     pub fn of_meta(old: &Meta, new: &Meta) -> Diff {
         Diff {
-            mtime: old.mtime_ns != new.mtime_ns,
+            mtime: (old.mtime_sec, old.mtime_nsec) != (new.mtime_sec, new.mtime_nsec),
             perms: old.mode != new.mode,
             owner: old.uid != new.uid,
             group: old.gid != new.gid,

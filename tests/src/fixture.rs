@@ -42,9 +42,15 @@ pub fn mtime_for(rel: &[u8]) -> i64 {
 
 /// Sets the mtime of `path` itself (not a symlink's target).
 pub fn set_mtime(path: &Path, ns: i64) {
+    set_mtime_exact(path, ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
+}
+
+/// Sets the mtime of `path` (not following a symlink) to `sec` seconds and `nsec` nanoseconds,
+/// for times beyond what an `i64` of nanoseconds holds (before 1678 or after 2262).
+pub fn set_mtime_exact(path: &Path, sec: i64, nsec: i64) {
     let ts = Timestamps {
         last_access: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
-        last_modification: Timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) },
+        last_modification: Timespec { tv_sec: sec, tv_nsec: nsec },
     };
     rustix::fs::utimensat(CWD, path, &ts, AtFlags::SYMLINK_NOFOLLOW)
         .unwrap_or_else(|e| panic!("cannot set the mtime of {}: {e}", path.display()));

@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use fixture::{build_fixture, mtime_for, random_bytes, set_mtime, Builder, HARDLINKS};
+pub use fixture::{build_fixture, mtime_for, random_bytes, set_mtime, set_mtime_exact, Builder, HARDLINKS};
 pub use tree::{assert_converged, differences, Difference, Sentinel, Snapshot};
 
 /// How long a master may take to scan its image and start listening.
@@ -408,6 +408,11 @@ pub struct LoopExt4 {
 impl LoopExt4 {
     /// Makes the image at `image` and mounts it on the existing directory `mnt`.
     pub fn new(image: &Path, mnt: &Path, mib: u64) -> LoopExt4 {
+        LoopExt4::with_mkfs_args(image, mnt, mib, &[])
+    }
+
+    /// The same, with extra `mkfs.ext4` arguments (`-I 128`: inodes whose times stop in 2038).
+    pub fn with_mkfs_args(image: &Path, mnt: &Path, mib: u64, args: &[&str]) -> LoopExt4 {
         let f = std::fs::File::create(image).unwrap_or_else(|e| panic!("cannot create {}: {e}", image.display()));
         f.set_len(mib << 20).unwrap();
         drop(f);
@@ -418,7 +423,10 @@ impl LoopExt4 {
             assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         };
         // No lazy init: its background writes would make free space move under the test.
-        run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(image));
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .args(args)
+            .arg(image));
         run(Command::new("mount").args(["-o", "loop"]).arg(image).arg(mnt));
         LoopExt4 { mnt: mnt.to_owned() }
     }

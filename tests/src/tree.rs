@@ -67,7 +67,8 @@ pub struct Node {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    pub mtime_ns: i64,
+    /// Exact for every time Linux stores (an `i64` of seconds would overflow as nanoseconds).
+    pub mtime_ns: i128,
     /// Regular files only; 0 otherwise.
     pub size: u64,
     pub content: Option<blake3::Hash>,
@@ -79,7 +80,7 @@ pub struct Node {
     pub dev: u64,
     pub ino: u64,
     pub nlink: u64,
-    pub ctime_ns: i64,
+    pub ctime_ns: i128,
 }
 
 /// A whole tree, keyed by path relative to its top (`""`: the top itself).
@@ -157,7 +158,7 @@ fn node_at(path: &Path) -> io::Result<Node> {
         mode: md.mode() & 0o7777,
         uid: md.uid(),
         gid: md.gid(),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
         size: if kind == Kind::File { md.size() } else { 0 },
         content,
         target,
@@ -166,7 +167,7 @@ fn node_at(path: &Path) -> io::Result<Node> {
         dev: md.dev(),
         ino: md.ino(),
         nlink: md.nlink(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        ctime_ns: i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
     })
 }
 

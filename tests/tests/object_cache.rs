@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use gis_tests::{assert_converged, build_fixture, random_bytes, scratch, set_mtime, sync, wait_until, Master};
+use gis_tests::{assert_converged, build_fixture, random_bytes, scratch, set_mtime_exact, sync, wait_until, Master};
 
 #[test]
 fn hosts_are_served_the_frames_compressed_once() {
@@ -33,7 +33,7 @@ fn hosts_are_served_the_frames_compressed_once() {
     let mtime = {
         use std::os::unix::fs::MetadataExt;
         let md = std::fs::metadata(img.join("etc/big.txt")).unwrap();
-        md.mtime() * 1_000_000_000 + md.mtime_nsec()
+        (md.mtime(), md.mtime_nsec())
     };
     let edited = text.replace("quick", "QUICK");
     assert_eq!(edited.len(), text.len());
@@ -44,7 +44,7 @@ fn hosts_are_served_the_frames_compressed_once() {
     assert_eq!(std::fs::read_to_string(root.join("etc/big.txt")).unwrap(), text, "not served from the cache");
     assert_eq!(std::fs::read(root.join("usr/noise.gz")).unwrap(), noise, "the raw object arrived changed");
     std::fs::write(img.join("etc/big.txt"), &text).unwrap();
-    set_mtime(&img.join("etc/big.txt"), mtime);
+    set_mtime_exact(&img.join("etc/big.txt"), mtime.0, mtime.1);
     assert_converged(&img, &root, &out);
 }
 
