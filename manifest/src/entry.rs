@@ -213,6 +213,10 @@ pub struct Entry {
     /// order is the group's leader; the others are links to it. (u32 keeps `Entry` at 120
     /// bytes; a tree has fewer groups than entries. The wire and the identity carry a u64.)
     pub link_group: u32,
+    /// A regular file with holes (fewer blocks allocated than its size needs): written with
+    /// its all-zero blocks left as holes. Not compared: the same content with other holes is
+    /// not drift.
+    pub sparse: bool,
 }
 
 /// Where canonical encodings are fed: a blake3 hasher, or a [`BufferedHasher`] in front of one.
@@ -283,6 +287,7 @@ impl Entry {
         put_bytes(h, self.target.as_deref().unwrap_or(b""));
         h.update(&self.rdev.to_le_bytes());
         h.update(&u64::from(self.link_group).to_le_bytes());
+        h.update(&[u8::from(self.sparse)]);
     }
 }
 

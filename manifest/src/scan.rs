@@ -104,6 +104,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ScanError + '_ {
     move |source| ScanError::Io { path: path.to_owned(), source }
 }
 
+/// Whether a regular file of `size` bytes with `blocks` 512-byte blocks allocated has holes.
+/// (A file stored compressed also counts: for it this only means all-zero blocks are left
+/// unwritten, which changes nothing it holds.)
+pub fn is_sparse(blocks: u64, size: u64) -> bool {
+    blocks.saturating_mul(512) < size
+}
+
 /// A time as one `i64` of nanoseconds for change detection only (a ctime, a cache stamp): it
 /// wraps past 2262 instead of overflowing, and two different times that wrap to the same value
 /// would also need the same size and ctime to be taken for unchanged.
@@ -213,6 +220,7 @@ fn scan_one(root: &Path, root_dev: u64, path: &Path) -> Result<ScannedEntry, Sca
             target,
             rdev: if matches!(kind, Kind::CharDevice | Kind::BlockDevice) { md.rdev() } else { 0 },
             link_group: 0,
+            sparse: kind == Kind::File && is_sparse(md.blocks(), md.size()),
         },
         dev: md.dev(),
         ino: md.ino(),
@@ -379,6 +387,7 @@ impl<F: Fn(&RelPath, bool) -> bool + Sync> Beneath<'_, F> {
                 target,
                 rdev: if matches!(kind, Kind::CharDevice | Kind::BlockDevice) { st.st_rdev } else { 0 },
                 link_group: 0,
+                sparse: kind == Kind::File && is_sparse(st.st_blocks as u64, st.st_size as u64),
             },
             dev,
             ino: st.st_ino,

@@ -69,6 +69,7 @@ pub fn entry_to_wire(e: &Entry) -> pb::Entry {
         target: e.target.as_deref().map(Bytes::copy_from_slice).unwrap_or_default(),
         rdev: e.rdev,
         link_group: e.link_group.into(),
+        sparse: e.sparse,
         ..Default::default()
     };
     meta_to_wire(&e.meta, &mut w);
@@ -104,7 +105,20 @@ pub fn entry_from_wire(index: usize, w: &pb::Entry) -> Result<Entry, ManifestErr
     }
     let link_group = u32::try_from(w.link_group)
         .map_err(|_| bad("hard-link group number above 4294967295 (a tree has fewer groups than entries)"))?;
-    Ok(Entry { path, kind, meta: meta_from_wire(w), size: w.size, hash, target, rdev: w.rdev, link_group })
+    if w.sparse && kind != Kind::File {
+        return Err(bad("sparse is set on an entry that is not a regular file"));
+    }
+    Ok(Entry {
+        path,
+        kind,
+        meta: meta_from_wire(w),
+        size: w.size,
+        hash,
+        target,
+        rdev: w.rdev,
+        link_group,
+        sparse: w.sparse,
+    })
 }
 
 /// The header of `m`, whose identity (`m.identity()`, which the caller has at hand) is
@@ -252,6 +266,7 @@ mod tests {
             target: None,
             rdev: 0,
             link_group: 0,
+            sparse: false,
         }
     }
 

@@ -813,6 +813,9 @@ impl Applier<'_> {
     fn fill(&mut self, file: std::fs::File, new: &Entry, source: &Source) -> io::Result<()> {
         let hash = new.hash.expect("validated: regular files have a hash");
         let mut w = VerifyingWriter::new(&file, new.size, self.throttle.write.clone());
+        if new.sparse {
+            w = w.sparse();
+        }
         if new.size > 0 {
             self.content_into(hash, source, &mut w)?;
         }

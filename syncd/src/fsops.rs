@@ -318,7 +318,14 @@ pub struct VerifyingWriter<'f> {
     throttle: throttle::Limiter,
     /// Set while the file is open with `O_DIRECT`.
     direct: Option<Direct>,
+    /// Set for a sparse file: where the next byte goes. All-zero blocks are not written, so
+    /// they stay holes, and [`VerifyingWriter::finish`] sets the length.
+    sparse: Option<std::cell::Cell<u64>>,
 }
+
+/// The granule of holes in a sparse file: a block of this many zero bytes, at an offset that
+/// is a multiple of it, is left unwritten.
+const HOLE_BLOCK: u64 = 4096;
 
 const WRITE_BUF: usize = 256 * 1024;
 /// Files from this size on are written with `O_DIRECT`.
@@ -361,7 +368,19 @@ impl<'f> VerifyingWriter<'f> {
             limit,
             throttle,
             direct,
+            sparse: None,
         }
+    }
+
+    /// Writes the file sparse (as `rsync -S` and `cp --sparse=always`): blocks of zeros become
+    /// holes. Buffered, not `O_DIRECT`: only the data blocks are written anyway.
+    pub fn sparse(mut self) -> Self {
+        if self.direct.take().is_some() {
+            set_direct(self.file, false);
+            self.buf = Vec::with_capacity(WRITE_BUF);
+        }
+        self.sparse = Some(std::cell::Cell::new(0));
+        self
     }
 
     /// Whether the file is being written with `O_DIRECT`.
@@ -396,7 +415,12 @@ impl<'f> VerifyingWriter<'f> {
     /// Verifies, then writes out what is buffered.
     pub fn finish(mut self, expect: Hash) -> io::Result<()> {
         self.check(expect)?;
-        self.flush()
+        self.flush()?;
+        if self.sparse.is_some() {
+            // Trailing zeros were not written: the length makes them a hole at the end.
+            self.file.set_len(self.limit)?;
+        }
+        Ok(())
     }
 
     /// Discards everything written, to start over from another source.
@@ -409,6 +433,9 @@ impl<'f> VerifyingWriter<'f> {
         }
         self.hasher.reset();
         self.written = 0;
+        if let Some(at) = &self.sparse {
+            at.set(0);
+        }
         self.file.set_len(0)?;
         (&mut &*self.file).seek(io::SeekFrom::Start(0))?;
         Ok(())
@@ -502,6 +529,23 @@ impl VerifyingWriter<'_> {
         if data.is_empty() {
             return Ok(());
         }
+        if let Some(at) = &self.sparse {
+            use std::os::unix::fs::FileExt;
+            let mut pos = at.get();
+            let mut rest = data;
+            while !rest.is_empty() {
+                let n = ((HOLE_BLOCK - pos % HOLE_BLOCK) as usize).min(rest.len());
+                let (seg, tail) = rest.split_at(n);
+                if seg.iter().any(|&b| b != 0) {
+                    self.throttle.charge(throttle::pages(n as u64));
+                    self.file.write_all_at(seg, pos)?;
+                }
+                pos += n as u64;
+                rest = tail;
+            }
+            at.set(pos);
+            return Ok(());
+        }
         self.throttle.charge(throttle::pages(data.len() as u64));
         (&mut &*self.file).write_all(data)
     }
@@ -584,6 +628,35 @@ mod tests {
         }
         // Every byte is charged to the write limit: whole blocks, then the tail in pages.
         assert!(limiter.totals().0 > 0);
+    }
+
+    #[test]
+    fn sparse_files_keep_zero_blocks_as_holes_at_every_piece_size() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Data at the start, straddling a block boundary in the middle, and in the last partial
+        // block; zeros (whole blocks and part-blocks) between; 1 MiB in all.
+        let mut data = vec![0u8; (1 << 20) + 123];
+        data[..100].copy_from_slice(&content(100));
+        data[(1 << 19) - 10..(1 << 19) + 10].copy_from_slice(&content(20));
+        let n = data.len();
+        data[n - 5..].copy_from_slice(b"tail!");
+        for piece in [1, 1000, 4096, 4097, WRITE_BUF, n] {
+            let path = dir.path().join(format!("s-{piece}"));
+            let file = std::fs::File::create(&path).unwrap();
+            let mut w = VerifyingWriter::new(&file, n as u64, throttle::Limiter::unlimited()).sparse();
+            assert!(!w.is_direct(), "a sparse file is written buffered");
+            w.write_all(&vec![0xee; 5000]).unwrap();
+            w.reset().unwrap();
+            for p in data.chunks(piece) {
+                w.write_all(p).unwrap();
+            }
+            w.finish(Hash::of(&data)).unwrap();
+            drop(file);
+            assert!(std::fs::read(&path).unwrap() == data, "content of the sparse file written in {piece}-byte pieces");
+            let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+            assert!(allocated <= 64 * 1024, "{piece}-byte pieces: {allocated} bytes allocated for 4 data blocks");
+        }
     }
 
     #[test]

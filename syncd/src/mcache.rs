@@ -122,6 +122,7 @@ mod tests {
             target: None,
             rdev: 0,
             link_group: 0,
+            sparse: false,
         };
         let file = Entry {
             path: RelPath::new("etc/passwd").unwrap(),

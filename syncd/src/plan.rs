@@ -720,6 +720,7 @@ mod tests {
             target: (kind == Kind::Symlink).then(|| content.into()),
             rdev: 0,
             link_group: 0,
+            sparse: false,
         }
     }
 
@@ -896,6 +897,7 @@ mod exclusion_tests {
             target: None,
             rdev: 0,
             link_group: 0,
+            sparse: false,
         }
     }
 
