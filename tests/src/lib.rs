@@ -310,6 +310,19 @@ pub fn run_syncd_limited(args: &[&OsStr], deadline: Duration) -> (Output, u64) {
     (Output { command, code, stdout: out.join().unwrap(), stderr }, usage.ru_maxrss as u64)
 }
 
+/// `syncd sync` on `root` with a config file holding `toml`, against a master that is never
+/// reached (for configuration errors, refused before any connection).
+pub fn sync_with_config(scratch: &Scratch, root: &Path, toml: &str) -> Output {
+    let cfg = scratch.join("syncd.toml");
+    std::fs::write(&cfg, toml).unwrap_or_else(|e| panic!("cannot write {}: {e}", cfg.display()));
+    let root = root.as_os_str();
+    run_syncd(
+        [OsStr::new("sync"), OsStr::new("--insecure"), OsStr::new("--master"), OsStr::new("http://127.0.0.1:9")]
+            .into_iter()
+            .chain([OsStr::new("--root"), root, OsStr::new("--config"), cfg.as_os_str()]),
+    )
+}
+
 /// `syncd sync` against `master` on `root`, plus `extra` flags (`--dry-run`, …).
 pub fn sync(master: &Master, root: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<&OsStr> = ["sync", "--master", master.url(), "--root"].map(OsStr::new).to_vec();

@@ -262,18 +262,7 @@ fn bad_deadlines_exit_2_naming_the_key() {
         out.expect_code(2, &[]);
         out.check(out.stderr.contains(flag), format!("stderr does not name {flag}"), &[]);
     }
-    let cfg = s.join("syncd.toml");
-    fs::write(&cfg, "keepalive_timeout = \"a while\"\n").unwrap();
-    let out = run_syncd([
-        "sync",
-        "--insecure",
-        "--master",
-        "http://127.0.0.1:9",
-        "--root",
-        &r,
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let out = gis_tests::sync_with_config(&s, &root, "keepalive_timeout = \"a while\"\n");
     out.expect_code(2, &[]);
     out.check(out.stderr.contains("keepalive_timeout"), "stderr does not name the key", &[]);
 }

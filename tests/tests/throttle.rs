@@ -24,18 +24,7 @@ fn bad_rates_and_priorities_exit_2_naming_the_value() {
     }
     // The same through the config file, where the message names the key.
     for (key, value) in [("write_bytes_per_sec", "\"20 parsecs\""), ("io_priority", "\"realtime\""), ("nice", "-21")] {
-        let cfg = s.join("syncd.toml");
-        fs::write(&cfg, format!("{key} = {value}\n")).unwrap();
-        let out = run_syncd([
-            "sync",
-            "--insecure",
-            "--master",
-            "http://127.0.0.1:9",
-            "--root",
-            &r,
-            "--config",
-            cfg.to_str().unwrap(),
-        ]);
+        let out = gis_tests::sync_with_config(&s, &root, &format!("{key} = {value}\n"));
         out.expect_code(2, &[]);
         out.check(out.stderr.contains(key.split('_').next().unwrap()), format!("stderr does not name {key}"), &[]);
     }
