@@ -1043,12 +1043,7 @@ impl Applier<'_> {
         let temp = fsops::link_temp(ldir.as_fd(), lname, dir.as_fd())?;
         let s = Staged { index: 0, dir: dir.clone(), temp, hash: None, exchange, link: true };
         let r = self.commit(&s, path);
-        // Whether or not it worked, the temp name must go: if the path already was the
-        // leader's inode, rename(2) did nothing and returned success.
-        match rustix::fs::unlinkat(&*dir, s.temp.as_str(), AtFlags::empty()) {
-            Ok(()) | Err(Errno::NOENT) => {}
-            Err(e) => tracing::warn!(path = %path, "cannot remove temp link {}: {e}", s.temp),
-        }
+        settle(&dir, &s.temp, true, &r, self.root.dev(), path);
         r
     }
 

@@ -148,6 +148,20 @@ impl Running {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// SIGTERM, then syncd run must exit 0 within [`STOP_WITHIN`].
+    #[track_caller]
+    fn sigterm_expect_clean_exit(&mut self) {
+        self.sigterm();
+        let exit = self.wait(STOP_WITHIN);
+        eprintln!("after SIGTERM: {exit:?}");
+        assert_eq!(
+            exit.map(|e| e.0),
+            Some(0),
+            "SIGTERM did not stop syncd run within {STOP_WITHIN:?}\n{}",
+            self.report()
+        );
+    }
+
     fn sigterm(&self) {
         signal(self.child.id(), rustix::process::Signal::TERM);
     }
@@ -327,10 +341,7 @@ fn a_master_frozen_while_the_daemon_watches_is_noticed_by_keepalive() {
     assert!(noticed, "a frozen master went unnoticed on the watch for {:?}\n{}", t.elapsed(), d.report());
     eprintln!("the frozen master was noticed after {:?}", t.elapsed());
     assert!(d.stderr().contains("keepalive_timeout"), "the loss does not name keepalive_timeout\n{}", d.report());
-    d.sigterm();
-    let exit = d.wait(STOP_WITHIN);
-    eprintln!("after SIGTERM: {exit:?}");
-    assert_eq!(exit.map(|e| e.0), Some(0), "SIGTERM did not stop syncd run within {STOP_WITHIN:?}\n{}", d.report());
+    d.sigterm_expect_clean_exit();
 }
 
 #[test]
@@ -345,10 +356,7 @@ fn sigterm_stops_the_daemon_within_5s_against_a_silent_master() {
     assert!(wait_until(Duration::from_secs(10), || silent.accepted() >= 1), "syncd never connected\n{}", d.report());
     std::thread::sleep(Duration::from_secs(1));
     assert!(d.child.try_wait().unwrap().is_none(), "syncd run exited on its own\n{}", d.report());
-    d.sigterm();
-    let exit = d.wait(STOP_WITHIN);
-    eprintln!("after SIGTERM: {exit:?}");
-    assert_eq!(exit.map(|e| e.0), Some(0), "SIGTERM did not stop syncd run within {STOP_WITHIN:?}\n{}", d.report());
+    d.sigterm_expect_clean_exit();
 }
 
 #[test]
@@ -365,10 +373,7 @@ fn sigterm_stops_the_daemon_within_5s_while_a_pass_waits_on_a_frozen_master() {
     let _frozen = Frozen::freeze(&master);
     std::thread::sleep(Duration::from_millis(500));
     assert!(d.child.try_wait().unwrap().is_none(), "syncd run exited on its own\n{}", d.report());
-    d.sigterm();
-    let exit = d.wait(STOP_WITHIN);
-    eprintln!("after SIGTERM: {exit:?}");
-    assert_eq!(exit.map(|e| e.0), Some(0), "SIGTERM did not stop syncd run within {STOP_WITHIN:?}\n{}", d.report());
+    d.sigterm_expect_clean_exit();
     if let Err(e) = no_file_torn(&img, &root) {
         panic!("{e}\n{}", d.report());
     }
