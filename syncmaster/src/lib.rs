@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod identity;
 pub mod inventory;
 pub mod objcache;
+pub mod policy;
 pub mod publish;
 pub mod status;
 
