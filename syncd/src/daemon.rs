@@ -140,6 +140,7 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
                 errors: rep.failures().take(10).map(|f| format!("{}: {}", f.path, f.error)).collect(),
                 duration_secs: rep.duration.as_secs_f64(),
                 dry_run: rep.outcome.is_none(),
+                health: Vec::new(),
             }
         }
         Err(e) => pb::PassResult {

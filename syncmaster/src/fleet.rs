@@ -80,6 +80,7 @@ impl Fleet {
                     last_seen_unix_ms: r.last_seen_ms,
                     last: r.last.clone(),
                     connected: r.watching > 0,
+                    ..Default::default()
                 }
             })
             .collect();
@@ -90,6 +91,7 @@ impl Fleet {
             hosts,
             down_after_secs: self.down_after.as_secs(),
             out_after_secs: self.out_after.as_secs(),
+            ..Default::default()
         }
     }
 }

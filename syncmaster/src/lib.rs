@@ -286,6 +286,27 @@ impl ImageSync for Service {
         let img = self.published.current();
         Ok(Response::new(self.fleet.status(img.manifest.version, &img.identity.0)))
     }
+
+    async fn rollout_status(
+        &self,
+        _req: Request<pb::RolloutStatusRequest>,
+    ) -> Result<Response<pb::RolloutStatusReply>, Status> {
+        Err(Status::unimplemented("rollouts are not built yet"))
+    }
+
+    async fn rollout_control(
+        &self,
+        _req: Request<pb::RolloutControlRequest>,
+    ) -> Result<Response<pb::RolloutStatusReply>, Status> {
+        Err(Status::unimplemented("rollouts are not built yet"))
+    }
+
+    async fn rollout_events(
+        &self,
+        _req: Request<pb::RolloutEventsRequest>,
+    ) -> Result<Response<pb::RolloutEventsReply>, Status> {
+        Err(Status::unimplemented("rollouts are not built yet"))
+    }
 }
 
 /// Streams one object as chunks: as a delta against `base` when one is stored and the host

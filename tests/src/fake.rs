@@ -104,6 +104,27 @@ impl ImageSync for Fake {
     async fn fleet_status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         Err(Status::unimplemented("fake master"))
     }
+
+    async fn rollout_status(
+        &self,
+        _: Request<pb::RolloutStatusRequest>,
+    ) -> Result<Response<pb::RolloutStatusReply>, Status> {
+        Err(Status::unimplemented("fake master"))
+    }
+
+    async fn rollout_control(
+        &self,
+        _: Request<pb::RolloutControlRequest>,
+    ) -> Result<Response<pb::RolloutStatusReply>, Status> {
+        Err(Status::unimplemented("fake master"))
+    }
+
+    async fn rollout_events(
+        &self,
+        _: Request<pb::RolloutEventsRequest>,
+    ) -> Result<Response<pb::RolloutEventsReply>, Status> {
+        Err(Status::unimplemented("fake master"))
+    }
 }
 
 fn chunk_with(
