@@ -20,6 +20,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(n * mult_ms))
 }
 
+/// The shortest exact spelling [`parse_duration`] reads back: `"1h"`, `"90s"`, `"250ms"`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".into(),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -32,5 +44,12 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn formatted_durations_read_back() {
+        for s in ["0s", "250ms", "90s", "5m", "1h", "36h"] {
+            assert_eq!(format_duration(parse_duration(s).unwrap()), s);
+        }
     }
 }

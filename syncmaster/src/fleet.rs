@@ -11,9 +11,28 @@ use proto::v1 as pb;
 #[derive(Default)]
 struct Record {
     last: Option<pb::PassResult>,
+    /// When `last` arrived.
+    last_at_ms: i64,
     last_seen_ms: i64,
     /// Open Watch streams from this host.
     watching: u32,
+    /// The version of its last converged, non-dry-run pass.
+    current_version: u64,
+}
+
+/// One host as [`Fleet::snapshot`] saw it.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub last: Option<pb::PassResult>,
+    pub last_at_ms: i64,
+    pub up: bool,
+}
+
+/// What the rollout state says of a host, for its status row.
+pub struct TargetInfo {
+    pub version: u64,
+    pub identity: Vec<u8>,
+    pub wave: String,
 }
 
 pub struct Fleet {
@@ -44,23 +63,68 @@ impl Fleet {
         }
     }
 
-    pub fn report(&self, r: pb::PassResult) {
+    /// Records a host's pass report; returns when it arrived.
+    pub fn report(&self, r: pb::PassResult) -> i64 {
         let host = r.host_id.clone();
-        self.with(&host, |rec| rec.last = Some(r));
+        self.with(&host, |rec| {
+            if r.result == "converged" && !r.dry_run {
+                rec.current_version = r.image_version;
+            }
+            rec.last = Some(r);
+            rec.last_at_ms = rec.last_seen_ms;
+            rec.last_at_ms
+        })
+    }
+
+    /// A report kept from before a restart: the host was last seen when it arrived.
+    pub fn restore(&self, r: pb::PassResult, at_ms: i64) {
+        let mut h = self.hosts.lock().expect("fleet lock");
+        let rec = h.entry(r.host_id.clone()).or_default();
+        rec.last_seen_ms = rec.last_seen_ms.max(at_ms);
+        rec.last_at_ms = at_ms;
+        if r.result == "converged" && !r.dry_run {
+            rec.current_version = r.image_version;
+        }
+        rec.last = Some(r);
+    }
+
+    fn is_up_at(&self, r: &Record, now: i64) -> bool {
+        r.watching > 0 || Duration::from_millis((now - r.last_seen_ms).max(0) as u64) < self.down_after
+    }
+
+    /// Every host's last report, when it arrived, and whether the host is up now.
+    pub fn snapshot(&self) -> BTreeMap<String, Snapshot> {
+        let now = now_ms();
+        let hosts = self.hosts.lock().expect("fleet lock");
+        hosts
+            .iter()
+            .map(|(id, r)| {
+                (id.clone(), Snapshot { last: r.last.clone(), last_at_ms: r.last_at_ms, up: self.is_up_at(r, now) })
+            })
+            .collect()
     }
 
     pub fn watching(&self, host: &str, delta: i32) {
         self.with(host, |r| r.watching = r.watching.saturating_add_signed(delta));
     }
 
-    pub fn status(&self, version: u64, identity: &[u8]) -> pb::StatusReply {
+    /// The fleet's rows. `version`/`identity` are the newest published image; `target_of` says
+    /// what each host should be on, and `converged` is judged against that.
+    pub fn status(
+        &self,
+        version: u64,
+        identity: &[u8],
+        baseline: u64,
+        target_of: impl Fn(&str) -> TargetInfo,
+    ) -> pb::StatusReply {
         let now = now_ms();
         let hosts = self.hosts.lock().expect("fleet lock");
         let hosts = hosts
             .iter()
             .map(|(id, r)| {
                 let age = Duration::from_millis((now - r.last_seen_ms).max(0) as u64);
-                let state = if r.watching > 0 || age < self.down_after {
+                let target = target_of(id);
+                let state = if self.is_up_at(r, now) {
                     "up"
                 } else if age < self.out_after {
                     "down"
@@ -70,8 +134,8 @@ impl Fleet {
                 let converged = r.last.as_ref().is_some_and(|l| {
                     l.result == "converged"
                         && !l.dry_run
-                        && l.image_version == version
-                        && l.identity.as_ref() == identity
+                        && l.image_version == target.version
+                        && l.identity.as_ref() == target.identity.as_slice()
                 });
                 pb::HostStatus {
                     host_id: id.clone(),
@@ -80,7 +144,9 @@ impl Fleet {
                     last_seen_unix_ms: r.last_seen_ms,
                     last: r.last.clone(),
                     connected: r.watching > 0,
-                    ..Default::default()
+                    target_version: target.version,
+                    current_version: r.current_version,
+                    wave: target.wave,
                 }
             })
             .collect();
@@ -91,7 +157,7 @@ impl Fleet {
             hosts,
             down_after_secs: self.down_after.as_secs(),
             out_after_secs: self.out_after.as_secs(),
-            ..Default::default()
+            baseline_version: baseline,
         }
     }
 }

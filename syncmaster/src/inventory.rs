@@ -47,6 +47,7 @@ struct HostDef {
 #[derive(Debug, Default)]
 pub struct Inventory {
     hosts: BTreeMap<String, Vec<PatternList>>,
+    pub policy: Option<crate::policy::Policy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,13 +109,17 @@ impl Inventory {
             lists.retain(|l| !l.patterns.is_empty());
             hosts.insert(name.clone(), lists);
         }
-        Ok(Inventory { hosts })
+        Ok(Inventory { hosts, policy: None })
     }
 
     /// The exclusion lists the master sends `host`, in precedence order. A host the inventory
     /// does not name gets none.
     pub fn lists_for(&self, host: &str) -> &[PatternList] {
         self.hosts.get(host).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn hosts(&self) -> Vec<String> {
+        self.hosts.keys().cloned().collect()
     }
 
     pub fn host_count(&self) -> usize {

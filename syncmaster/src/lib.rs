@@ -4,13 +4,16 @@
 //! blake3 hash, zstd-compressed on the wire. Both are fed by a producer through a bounded
 //! channel, so a slow host costs memory of a few chunks, never of the image.
 
+pub mod control;
 pub mod fleet;
 pub mod identity;
 pub mod inventory;
 pub mod objcache;
 pub mod policy;
 pub mod publish;
+pub mod rollout;
 pub mod status;
+pub mod store;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -62,6 +65,14 @@ impl Image {
     pub fn object_path(&self, hash: &Hash) -> Option<&RelPath> {
         self.objects.get(hash)
     }
+
+    /// The same tree under another version number: a rollback re-publishes an old version so
+    /// that hosts, which refuse a lower number, accept it (see README, Trust).
+    pub fn renumbered(&self, version: u64) -> Image {
+        let mut manifest = self.manifest.clone();
+        manifest.version = version;
+        Image { root: self.root.clone(), manifest, identity: self.identity, objects: self.objects.clone() }
+    }
 }
 
 /// How the master proves itself and its images.
@@ -82,6 +93,7 @@ pub struct Service {
     /// Becomes true at shutdown: the never-ending Watch streams end, so the server can stop.
     stopping: tokio::sync::watch::Receiver<bool>,
     published: Arc<publish::Published>,
+    control: Arc<control::Control>,
     fleet: Arc<fleet::Fleet>,
     inventory: Arc<inventory::Inventory>,
     zstd_level: i32,
@@ -92,7 +104,7 @@ pub struct Service {
 
 impl Service {
     pub fn new(
-        published: Arc<publish::Published>,
+        control: Arc<control::Control>,
         fleet: Arc<fleet::Fleet>,
         inventory: Arc<inventory::Inventory>,
         zstd_level: i32,
@@ -101,7 +113,8 @@ impl Service {
     ) -> Service {
         Service {
             stopping,
-            published,
+            published: control.published().clone(),
+            control,
             fleet,
             inventory,
             zstd_level,
@@ -129,6 +142,17 @@ impl Service {
         Ok(id)
     }
 
+    /// Who is asking, for the event log: the client certificate's name under mTLS, else the
+    /// peer address.
+    fn caller_of<T>(&self, req: &Request<T>) -> String {
+        if self.mtls {
+            if let Some(id) = req.peer_certs().and_then(|c| c.first().and_then(|der| identity::from_cert(der).ok())) {
+                return id;
+            }
+        }
+        req.remote_addr().map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+    }
+
     pub fn into_server(self) -> ImageSyncServer<Service> {
         ImageSyncServer::new(self)
             .max_decoding_message_size(proto::MAX_MESSAGE)
@@ -150,7 +174,7 @@ impl ImageSync for Service {
     ) -> Result<Response<Self::GetManifestStream>, Status> {
         let host = self.host_of(&req, &req.get_ref().host_id)?;
         self.fleet.seen(&host);
-        let image = self.published.current();
+        let image = self.control.image_for(&host).map_err(Status::unavailable)?;
         // A host that holds this very tree gets the signed header alone.
         let omit = req.get_ref().cached_identity.as_ref() == image.identity.0.as_slice();
         tracing::info!(host = %host, version = image.manifest.version, entries = image.manifest.entries.len(), cached = omit, "manifest requested");
@@ -242,22 +266,30 @@ impl ImageSync for Service {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let host = self.host_of(&req, &req.get_ref().host_id)?;
-        let mut rx = self.published.subscribe();
+        let mut rx = self.control.subscribe();
+        let control = self.control.clone();
         let fleet = self.fleet.clone();
         let mut stopping = self.stopping.clone();
         let (tx, out) = mpsc::channel(4);
         fleet.watching(&host, 1);
         tokio::spawn(async move {
+            // Only this host's target is announced, and only when it changes: a rollout that
+            // has not granted this host the new version leaves it where it is.
+            let mut last: Option<(u64, Hash)> = None;
             loop {
-                let ann = {
-                    let img = rx.borrow_and_update();
-                    pb::VersionAnnouncement {
-                        version: img.manifest.version,
-                        identity: Bytes::copy_from_slice(&img.identity.0),
+                rx.borrow_and_update();
+                if let Ok(img) = control.image_for(&host) {
+                    let now = (img.manifest.version, img.identity);
+                    if last != Some(now) {
+                        last = Some(now);
+                        let ann = pb::VersionAnnouncement {
+                            version: img.manifest.version,
+                            identity: Bytes::copy_from_slice(&img.identity.0),
+                        };
+                        if tx.send(Ok(ann)).await.is_err() {
+                            break;
+                        }
                     }
-                };
-                if tx.send(Ok(ann)).await.is_err() {
-                    break;
                 }
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { break },
@@ -278,34 +310,63 @@ impl ImageSync for Service {
             return Err(Status::invalid_argument("a pass report needs a host id of 1 to 255 bytes"));
         }
         tracing::info!(host = %r.host_id, version = r.image_version, result = %r.result, "pass reported");
-        self.fleet.report(r);
+        let control = self.control.clone();
+        // The report is written to the state database (an fsync): off the async workers.
+        tokio::task::spawn_blocking(move || control.report(r))
+            .await
+            .map_err(|e| Status::internal(format!("recording the report failed: {e}")))?;
         Ok(Response::new(pb::ReportAck {}))
     }
 
     async fn fleet_status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
-        let img = self.published.current();
-        Ok(Response::new(self.fleet.status(img.manifest.version, &img.identity.0)))
+        Ok(Response::new(self.control.fleet_status()))
     }
 
     async fn rollout_status(
         &self,
         _req: Request<pb::RolloutStatusRequest>,
     ) -> Result<Response<pb::RolloutStatusReply>, Status> {
-        Err(Status::unimplemented("rollouts are not built yet"))
+        Ok(Response::new(self.control.rollout_status()))
     }
 
     async fn rollout_control(
         &self,
-        _req: Request<pb::RolloutControlRequest>,
+        req: Request<pb::RolloutControlRequest>,
     ) -> Result<Response<pb::RolloutStatusReply>, Status> {
-        Err(Status::unimplemented("rollouts are not built yet"))
+        let caller = self.caller_of(&req);
+        let pb::RolloutControlRequest { action, reason } = req.into_inner();
+        tracing::info!(%caller, %action, %reason, "operator request");
+        let control = self.control.clone();
+        let done = {
+            let caller = caller.clone();
+            tokio::task::spawn_blocking(move || control.operate(&action, &reason, &caller))
+                .await
+                .map_err(|e| Status::internal(format!("the request failed: {e}")))?
+        };
+        match done {
+            Ok(()) => Ok(Response::new(self.control.rollout_status())),
+            Err(control::ControlError::Rollout(e)) => {
+                tracing::warn!(%caller, "operator request refused: {e}");
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e) => {
+                tracing::error!(%caller, "operator request failed: {e}");
+                Err(Status::internal(e.to_string()))
+            }
+        }
     }
 
     async fn rollout_events(
         &self,
-        _req: Request<pb::RolloutEventsRequest>,
+        req: Request<pb::RolloutEventsRequest>,
     ) -> Result<Response<pb::RolloutEventsReply>, Status> {
-        Err(Status::unimplemented("rollouts are not built yet"))
+        let pb::RolloutEventsRequest { after_id, limit } = req.into_inner();
+        let control = self.control.clone();
+        let events = tokio::task::spawn_blocking(move || control.events(after_id, limit))
+            .await
+            .map_err(|e| Status::internal(format!("reading the event log failed: {e}")))?
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        Ok(Response::new(pb::RolloutEventsReply { events }))
     }
 }
 
@@ -486,7 +547,7 @@ impl<R: Read> Read for HashingReader<R> {
 /// Binds `listen`, prints the bound address, and serves `image` until `shutdown` resolves.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
-    published: Arc<publish::Published>,
+    control: Arc<control::Control>,
     fleet: Arc<fleet::Fleet>,
     inventory: Arc<inventory::Inventory>,
     listen: SocketAddr,
@@ -503,7 +564,26 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let service = Service::new(published, fleet, inventory, zstd_level, &security, stop_rx);
+    // The rollout engine's clock: grants, timeouts and soaks move on without any host asking.
+    {
+        let control = control.clone();
+        let mut stopped = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stopped.wait_for(|s| *s) => break,
+                }
+                let control = control.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || control.tick()).await {
+                    tracing::error!("rollout engine step failed: {e}");
+                }
+            }
+        });
+    }
+    let service = Service::new(control, fleet, inventory, zstd_level, &security, stop_rx);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = security.tls {
         builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS configuration refused: {e}"))?;

@@ -83,12 +83,73 @@ enum Cmd {
         #[command(flatten)]
         tls: ClientTls,
     },
+    /// Show or steer the newest rollout on a running master (same mTLS rules as `status`; every
+    /// action is logged with its caller).
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+    },
     /// Make an ed25519 signing key: the secret goes to FILE (mode 0600, never overwritten), the
     /// public key (for syncd's trusted_keys) to FILE.pub and stdout.
     Keygen {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum RolloutCmd {
+    /// The rollout, each wave's hosts, and why it halted.
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Stop granting the new version (hosts already granted carry on).
+    Pause {
+        #[command(flatten)]
+        remote: Remote,
+        /// Why, for the event log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Go on granting after a pause or a halt; the failures that halted it are acknowledged.
+    Resume {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Stop the rollout and send every host that took the new version back to the version it
+    /// had (re-published under a new number, so hosts accept it without --allow-downgrade).
+    Abort {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// The event log: grants, successes, failures, halts and operator actions, oldest first.
+    Log {
+        #[command(flatten)]
+        remote: Remote,
+        /// Only events after this id.
+        #[arg(long, value_name = "ID", default_value_t = 0)]
+        after: u64,
+        /// Text, or JSON (one object a line).
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+/// Where the running master is, and how to reach it.
+#[derive(clap::Args)]
+struct Remote {
+    /// URL of the running master (https:// with mTLS; http:// needs --insecure).
+    #[arg(long, value_name = "URL", default_value = "https://127.0.0.1:7411")]
+    master: String,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 /// Transport security of `serve`: mTLS, or plain TCP only when asked for by name.
@@ -284,6 +345,34 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Rollout { cmd } => {
+            let remote = match &cmd {
+                RolloutCmd::Status { remote, .. }
+                | RolloutCmd::Pause { remote, .. }
+                | RolloutCmd::Resume { remote, .. }
+                | RolloutCmd::Abort { remote, .. }
+                | RolloutCmd::Log { remote, .. } => remote,
+            };
+            let endpoint = match remote.tls.endpoint(&remote.master) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("syncmaster: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let url = remote.master.clone();
+            match rt.block_on(rollout(&url, endpoint, cmd)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(RemoteError::Refused(m)) => {
+                    eprintln!("syncmaster: refused: {m}");
+                    ExitCode::from(4)
+                }
+                Err(RemoteError::Other(e)) => {
+                    eprintln!("syncmaster: {e:#}");
+                    ExitCode::from(3)
+                }
+            }
+        }
         Cmd::Keygen { out } => {
             let key = manifest::trust::SigningKey::generate();
             let public = key.public().to_string();
@@ -344,12 +433,29 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         "image scanned"
     );
     let published = Arc::new(publish::Published::with_cache(scanned, o.cache));
+    let fleet = Arc::new(fleet::Fleet::new(o.down_after, o.out_after));
+    let versions = Arc::new(Mutex::new(versions));
+    let db = o.state_dir.as_ref().map(|d| d.join("fleet.db"));
+    if db.is_none() {
+        tracing::warn!("no --state-dir: rollouts, targets and reports are kept in memory only, and a restart forgets them");
+    }
+    let control = {
+        let (published, fleet, versions, inventory) = (published.clone(), fleet.clone(), versions.clone(), inventory.clone());
+        tokio::task::spawn_blocking(move || {
+            let store = syncmaster::store::Store::open(db.as_deref())?;
+            syncmaster::control::Control::open(store, published, fleet, versions, &inventory)
+        })
+        .await??
+    };
+    match (&inventory.policy, control.has_policy()) {
+        (Some(p), _) => tracing::info!(waves = p.waves.len(), source = %p.source, "rollout policy loaded: new versions go out wave by wave"),
+        (None, _) => tracing::info!("no [rollout] policy: a new version goes to every host at once"),
+    }
     if let Some(images) = o.images {
-        let w = publish::watch_current(images, published.clone(), Arc::new(Mutex::new(versions)), o.poll);
+        let w = publish::watch_current(images, control.clone(), versions, o.poll);
         tokio::spawn(w);
     }
-    let fleet = Arc::new(fleet::Fleet::new(o.down_after, o.out_after));
-    syncmaster::serve(published, fleet, inventory, o.listen, o.zstd_level, o.security, shutdown, |addr| {
+    syncmaster::serve(control, fleet, inventory, o.listen, o.zstd_level, o.security, shutdown, |addr| {
         // A stable, parseable line for scripts and tests; logs go to stderr.
         println!("listening on {addr}");
         use std::io::Write;
@@ -372,6 +478,51 @@ async fn status(url: &str, endpoint: tonic::transport::Endpoint, format: Format)
         Format::Text => syncmaster::status::table(&s),
     };
     print!("{out}");
+    Ok(())
+}
+
+enum RemoteError {
+    /// The master understood and refused (nothing to resume, nothing to abort): exit 4.
+    Refused(String),
+    Other(anyhow::Error),
+}
+
+impl From<tonic::Status> for RemoteError {
+    fn from(s: tonic::Status) -> RemoteError {
+        match s.code() {
+            tonic::Code::FailedPrecondition => RemoteError::Refused(s.message().to_owned()),
+            _ => RemoteError::Other(anyhow::anyhow!("the master answered: {}", s.message())),
+        }
+    }
+}
+
+async fn rollout(url: &str, endpoint: tonic::transport::Endpoint, cmd: RolloutCmd) -> Result<(), RemoteError> {
+    use proto::v1 as pb;
+    use proto::v1::image_sync_client::ImageSyncClient;
+    let channel = endpoint.connect().await.map_err(|e| {
+        RemoteError::Other(anyhow::anyhow!("master {url} is unreachable: {e} (hint: is syncmaster serve running there?)"))
+    })?;
+    let mut client = ImageSyncClient::new(channel);
+    let action = |a: &str, reason: String| pb::RolloutControlRequest { action: a.into(), reason };
+    let (reply, format) = match cmd {
+        RolloutCmd::Status { format, .. } => (client.rollout_status(pb::RolloutStatusRequest {}).await?, format),
+        RolloutCmd::Pause { reason, .. } => (client.rollout_control(action("pause", reason)).await?, Format::Text),
+        RolloutCmd::Resume { reason, .. } => (client.rollout_control(action("resume", reason)).await?, Format::Text),
+        RolloutCmd::Abort { reason, .. } => (client.rollout_control(action("abort", reason)).await?, Format::Text),
+        RolloutCmd::Log { after, format, .. } => {
+            let evs = client.rollout_events(pb::RolloutEventsRequest { after_id: after, limit: 0 }).await?.into_inner();
+            print!("{}", syncmaster::status::events(&evs.events, matches!(format, Format::Json)));
+            return Ok(());
+        }
+    };
+    let reply = reply.into_inner();
+    print!(
+        "{}",
+        match format {
+            Format::Json => syncmaster::status::rollout_json(&reply),
+            Format::Text => syncmaster::status::rollout_table(&reply),
+        }
+    );
     Ok(())
 }
 

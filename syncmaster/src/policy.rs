@@ -26,7 +26,7 @@
 use std::time::Duration;
 
 /// A validated rollout policy.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Policy {
     /// The file it came from, for messages.
     pub source: String,
@@ -40,7 +40,7 @@ pub struct Policy {
     pub max_failure_ratio: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WaveSpec {
     pub name: String,
     pub select: Select,
@@ -53,7 +53,7 @@ pub struct WaveSpec {
     pub soak: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Select {
     /// These hosts (names, and the members of the named groups, resolved at load time), less
     /// those an earlier wave selected.
@@ -64,7 +64,7 @@ pub enum Select {
 }
 
 /// Days and hours (UTC) in which new grants are made.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Window {
     /// Monday first.
     pub days: [bool; 7],

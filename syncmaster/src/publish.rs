@@ -6,7 +6,7 @@
 //! notices within the poll interval, scans the target until two scans agree (a tree still
 //! being written is never served), and announces the new version to every watching host.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +29,10 @@ pub struct VersionState {
     pub version: u64,
     pub identity: String,
     pub source: String,
+    /// The highest number ever handed out, a rollback's included (which re-publishes an old
+    /// tree under a new number without scanning `current`).
+    #[serde(default)]
+    pub highest: u64,
 }
 
 pub struct Versions {
@@ -85,11 +89,16 @@ impl Versions {
                 .map_err(|e| anyhow::anyhow!("cannot scan image {}: {e}", dir.display()))?;
             let id = m.identity();
             if last == Some(id) {
-                let version =
-                    if id.to_hex() == self.state.identity { self.state.version.max(1) } else { self.state.version + 1 };
+                let highest = self.state.version.max(self.state.highest);
+                let version = if id.to_hex() == self.state.identity { self.state.version.max(1) } else { highest + 1 };
                 let mut m = m;
                 m.version = version;
-                self.state = VersionState { version, identity: id.to_hex(), source: dir.display().to_string() };
+                self.state = VersionState {
+                    version,
+                    identity: id.to_hex(),
+                    source: dir.display().to_string(),
+                    highest: highest.max(version),
+                };
                 self.persist()?;
                 return Ok(Image::new(dir, m));
             }
@@ -99,6 +108,30 @@ impl Versions {
             "{} kept changing over {MAX_SCANS} scans; not publishing it (hint: publish a finished tree)",
             dir.display()
         )
+    }
+
+    /// A new version number, higher than any handed out (for a rollback), persisted before it
+    /// is returned. `floor`: the highest number known elsewhere (the state database).
+    pub fn allocate(&mut self, floor: u64) -> anyhow::Result<u64> {
+        let v = self.state.version.max(self.state.highest).max(floor) + 1;
+        self.state.highest = v;
+        self.persist()?;
+        Ok(v)
+    }
+
+    /// Scans `dir` again as version `version`, which it was published as with `identity`
+    /// (hex): a master restarting mid-rollout serves the versions its hosts still target.
+    pub fn rescan(&mut self, dir: &Path, version: u64, identity: &str) -> anyhow::Result<Image> {
+        let m = manifest::scan_image_cached(dir, version, &mut self.cache)
+            .map_err(|e| anyhow::anyhow!("cannot scan {} (version {version}): {e}", dir.display()))?;
+        let id = m.identity();
+        if id.to_hex() != identity {
+            anyhow::bail!(
+                "{} changed since it was published as version {version} (identity {identity}, now {id}); hosts that target version {version} cannot be served (hint: restore that tree, or publish a new version)",
+                dir.display()
+            );
+        }
+        Ok(Image::new(dir, m))
     }
 
     fn persist(&self) -> anyhow::Result<()> {
@@ -120,10 +153,11 @@ impl Versions {
     }
 }
 
-/// The published image, and the few before it (still servable to hosts mid-pass).
+/// The images this master serves: the newest published, every version some host targets, and
+/// the few newest (still servable to hosts mid-pass). Keyed by version number.
 pub struct Published {
     tx: watch::Sender<Arc<Image>>,
-    history: Mutex<VecDeque<Arc<Image>>>,
+    images: Mutex<BTreeMap<u64, Arc<Image>>>,
     cache: Arc<crate::objcache::ObjectCache>,
 }
 
@@ -139,13 +173,18 @@ impl Published {
         let first = Arc::new(first);
         let cache = Arc::new(crate::objcache::ObjectCache::new(cache));
         cache.fill(first.clone(), vec![first.clone()]);
-        Published { tx: watch::Sender::new(first.clone()), history: Mutex::new(VecDeque::from([first])), cache }
+        Published {
+            tx: watch::Sender::new(first.clone()),
+            images: Mutex::new(BTreeMap::from([(first.manifest.version, first)])),
+            cache,
+        }
     }
 
     pub fn cache(&self) -> &crate::objcache::ObjectCache {
         &self.cache
     }
 
+    /// The newest published image.
     pub fn current(&self) -> Arc<Image> {
         self.tx.borrow().clone()
     }
@@ -154,31 +193,58 @@ impl Published {
         self.tx.subscribe()
     }
 
-    pub fn publish(&self, image: Image) {
-        let image = Arc::new(image);
-        let mut h = self.history.lock().expect("history lock");
-        h.push_front(image.clone());
-        h.truncate(HISTORY);
-        let keep: Vec<Arc<Image>> = h.iter().cloned().collect();
-        drop(h);
-        self.cache.fill(image.clone(), keep);
-        self.tx.send_replace(image);
+    /// Makes `image` the newest published image.
+    pub fn publish(&self, image: Image) -> Arc<Image> {
+        let image = self.insert(image);
+        self.tx.send_replace(image.clone());
+        image
     }
 
-    /// The newest published image that has content `hash`.
+    /// Serves `image` too (an older version a host targets, or a rollback's re-numbered tree),
+    /// without making it the newest.
+    pub fn insert(&self, image: Image) -> Arc<Image> {
+        let image = Arc::new(image);
+        let mut m = self.images.lock().expect("images lock");
+        m.insert(image.manifest.version, image.clone());
+        let keep: Vec<Arc<Image>> = m.values().rev().cloned().collect();
+        drop(m);
+        self.cache.fill(image.clone(), keep);
+        image
+    }
+
+    /// Version `version`, if this master serves it.
+    pub fn get(&self, version: u64) -> Option<Arc<Image>> {
+        self.images.lock().expect("images lock").get(&version).cloned()
+    }
+
+    /// The versions served now.
+    pub fn versions(&self) -> Vec<u64> {
+        self.images.lock().expect("images lock").keys().copied().collect()
+    }
+
+    /// Stops serving every version but `keep`, the newest published and the [`HISTORY`] highest.
+    pub fn retain(&self, keep: &std::collections::BTreeSet<u64>) {
+        let newest = self.current().manifest.version;
+        let mut m = self.images.lock().expect("images lock");
+        let recent: Vec<u64> = m.keys().rev().take(HISTORY).copied().collect();
+        m.retain(|v, _| keep.contains(v) || *v == newest || recent.contains(v));
+    }
+
+    /// The newest served image that has content `hash`.
     pub fn find_object(&self, hash: &Hash) -> Option<(Arc<Image>, manifest::RelPath)> {
-        let h = self.history.lock().expect("history lock");
-        h.iter().find_map(|img| img.object_path(hash).map(|p| (img.clone(), p.clone())))
+        let m = self.images.lock().expect("images lock");
+        m.values().rev().find_map(|img| img.object_path(hash).map(|p| (img.clone(), p.clone())))
     }
 }
 
 /// Watches `images/current` and publishes each new target. Runs until the task is dropped.
 pub async fn watch_current(
     images: PathBuf,
-    published: Arc<Published>,
+    control: Arc<crate::control::Control>,
     versions: Arc<Mutex<Versions>>,
     every: Duration,
 ) {
+    let published = control.published().clone();
     let link = images.join("current");
     let mut last_target = std::fs::read_link(&link).ok();
     loop {
@@ -206,7 +272,10 @@ pub async fn watch_current(
                     "{}", if same { "current points to an identical tree; version unchanged" } else { "published a new version" }
                 );
                 if !same {
-                    published.publish(image);
+                    if let Err(e) = control.publish(image) {
+                        tracing::error!("not publishing {}: {e:#}", target.display());
+                        continue;
+                    }
                 }
                 last_target = Some(target);
             }
