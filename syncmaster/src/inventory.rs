@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use exclusions::{Exclusions, PatternList};
+
+use crate::policy;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -25,6 +27,7 @@ struct File {
     groups: BTreeMap<String, GroupDef>,
     #[serde(default)]
     hosts: BTreeMap<String, HostDef>,
+    rollout: Option<Spanned<policy::RolloutDef>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,7 +50,8 @@ struct HostDef {
 #[derive(Debug, Default)]
 pub struct Inventory {
     hosts: BTreeMap<String, Vec<PatternList>>,
-    pub policy: Option<crate::policy::Policy>,
+    /// `[rollout]`, validated against the hosts and groups; `None` without the table.
+    pub policy: Option<policy::Policy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +68,9 @@ pub enum InventoryError {
         "{path}:{line}: host {host} names unknown group {group:?} (hint: define [groups.{group}] or fix the name)"
     )]
     UnknownGroup { path: String, line: usize, host: String, group: String },
+    /// A refusal of `[rollout]`: the message names the key and the value.
+    #[error("{path}:{line}: {message}")]
+    Policy { path: String, line: usize, message: String },
     #[error(transparent)]
     Pattern(#[from] exclusions::ExclusionError),
 }
@@ -109,7 +116,28 @@ impl Inventory {
             lists.retain(|l| !l.patterns.is_empty());
             hosts.insert(name.clone(), lists);
         }
-        Ok(Inventory { hosts, policy: None })
+        let policy = match &file.rollout {
+            None => None,
+            Some(r) => {
+                let names: Vec<String> = file.hosts.keys().cloned().collect();
+                let mut members: BTreeMap<String, Vec<String>> =
+                    file.groups.keys().map(|g| (g.clone(), Vec::new())).collect();
+                // Hosts in name order, so each group's members are too.
+                for (name, h) in &file.hosts {
+                    for g in &h.groups {
+                        let m = members.get_mut(g.get_ref()).expect("groups were checked above");
+                        if !m.contains(name) {
+                            m.push(name.clone());
+                        }
+                    }
+                }
+                let members = policy::Members { hosts: &names, groups: &members };
+                let p = policy::build(path, r.get_ref(), r.span(), &line_of, &members)
+                    .map_err(|e| InventoryError::Policy { path: path.to_owned(), line: e.line, message: e.message })?;
+                Some(p)
+            }
+        };
+        Ok(Inventory { hosts, policy })
     }
 
     /// The exclusion lists the master sends `host`, in precedence order. A host the inventory
@@ -118,6 +146,7 @@ impl Inventory {
         self.hosts.get(host).map_or(&[], Vec::as_slice)
     }
 
+    /// Every host name, sorted.
     pub fn hosts(&self) -> Vec<String> {
         self.hosts.keys().cloned().collect()
     }
@@ -182,7 +211,31 @@ groups = ["base"]
     #[test]
     fn the_shipped_example_inventory_is_valid() {
         let inv = Inventory::parse("contrib/hosts.toml", include_str!("../../contrib/hosts.toml")).unwrap();
-        assert_eq!(inv.host_count(), 2);
+        assert_eq!(inv.host_count(), 6);
+        assert_eq!(inv.hosts(), ["db01", "db02", "web01", "web02", "web03", "web04"]);
+        let p = inv.policy.as_ref().expect("the example has a rollout policy");
+        assert_eq!(p.source, "contrib/hosts.toml");
+        assert_eq!((p.timeout, p.max_failures, p.window.as_ref()), (std::time::Duration::from_secs(1800), 1, None));
+        let names: Vec<&str> = p.waves.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["canary", "early", "rest"]);
+        let sizes: Vec<usize> = p.assign(&inv.hosts(), 1).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [1, 2, 3]);
+    }
+
+    #[test]
+    fn an_inventory_without_rollout_has_no_policy() {
+        assert!(Inventory::parse("hosts.toml", INV).unwrap().policy.is_none());
+    }
+
+    #[test]
+    fn rollout_refusals_use_the_inventory_error_style() {
+        let text = format!("{INV}\n[[rollout.wave]]\nname = \"early\"\npercent = 150\n");
+        let err = Inventory::parse("hosts.toml", &text).unwrap_err();
+        assert!(matches!(err, InventoryError::Policy { line: 19, .. }), "{err:?}");
+        assert!(
+            err.to_string().starts_with("hosts.toml:19: wave \"early\": percent 150 is outside 0-100 (hint: "),
+            "{err}"
+        );
     }
 
     #[test]
