@@ -14,6 +14,11 @@
 //! run = ["systemctl", "reload", "ssh"]
 //! timeout = "30s"
 //! on = ["content", "create", "delete"]
+//!
+//! [[health]]
+//! name = "app"
+//! run = ["curl", "-fsS", "http://localhost:8080/health"]
+//! timeout = "30s"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -77,6 +82,10 @@ pub struct Config {
     /// Shell triggers, in the order they fire: `[[trigger]]` tables.
     #[serde(default)]
     pub trigger: Vec<triggers::config::TriggerDef>,
+    /// Health checks, in the order they run after a pass that moved the host to a new
+    /// version: `[[health]]` tables.
+    #[serde(default)]
+    pub health: Vec<triggers::health::HealthDef>,
 }
 
 /// A byte rate as written in the config: `"20MiB"` or a bare number of bytes.
@@ -111,7 +120,16 @@ mod tests {
     fn the_shipped_example_config_and_exclude_file_are_valid() {
         let cfg: Config = toml::from_str(include_str!("../../contrib/syncd.toml")).unwrap();
         assert_eq!(cfg.trigger.len(), 2);
+        assert!(cfg.health.is_empty(), "the health check example is commented out");
         assert!(cfg.reconcile_interval.is_some());
+        // The commented example is right once uncommented.
+        let uncommented: String = include_str!("../../contrib/syncd.toml")
+            .lines()
+            .skip_while(|l| *l != "# [[health]]")
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        let cfg: Config = toml::from_str(&uncommented).unwrap();
+        assert_eq!(cfg.health.len(), 1);
         let ex = exclusions::PatternList::parse("contrib/exclude", include_str!("../../contrib/exclude"));
         let rules = exclusions::Exclusions::compile([&ex]).unwrap();
         assert!(rules.is_excluded(&manifest::RelPath::new("etc/ssh/ssh_host_rsa_key").unwrap(), false));
@@ -129,6 +147,39 @@ mod tests {
         assert_eq!(cfg.stream_idle_timeout.as_deref(), Some("1m"));
         assert_eq!(cfg.keepalive_interval.as_deref(), Some("10s"));
         assert_eq!(cfg.keepalive_timeout.as_deref(), Some("2500ms"));
+    }
+
+    #[test]
+    fn health_tables_are_read_in_order_and_validated_like_triggers() {
+        let cfg: Config = toml::from_str(
+            "[[health]]\nname = \"app\"\nrun = [\"true\"]\ntimeout = \"30s\"\n[[health]]\nname = \"db\"\nrun = [\"sh\", \"-c\", \"exit 0\"]\n",
+        )
+        .unwrap();
+        let checks = triggers::health::validate(&cfg.health).unwrap();
+        let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["app", "db"]);
+        assert_eq!(checks[0].timeout, std::time::Duration::from_secs(30));
+        assert_eq!(checks[1].timeout, triggers::config::DEFAULT_TIMEOUT);
+        for (text, want) in [
+            ("[[health]]\nrun = [\"true\"]\n", "health check \"#1\": key `name`: is missing"),
+            (
+                "[[health]]\nname = \"app\"\nrun = \"curl -f localhost\"\n",
+                "health check \"app\": key `run`: must be a non-empty argv list, not a string",
+            ),
+            (
+                "[[health]]\nname = \"app\"\nrun = [\"true\"]\n[[health]]\nname = \"app\"\nrun = [\"true\"]\n",
+                "health check \"app\": key `name`: is used by an earlier health check",
+            ),
+            (
+                "[[health]]\nname = \"app\"\nrun = [\"true\"]\ntimeout = \"later\"\n",
+                "health check \"app\": key `timeout`",
+            ),
+        ] {
+            let cfg: Config = toml::from_str(text).unwrap();
+            let e = triggers::health::validate(&cfg.health).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}\n  wanted: {want}");
+        }
+        assert!(toml::from_str::<Config>("[[health]]\nname = \"a\"\nrun = [\"true\"]\nevery = \"1m\"\n").is_err());
     }
 
     #[test]

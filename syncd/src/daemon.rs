@@ -127,6 +127,7 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
                     exit::PARTIAL => "partial",
                     exit::UNREACHABLE => "unreachable",
                     exit::TRIGGER_FAILED => "trigger-failed",
+                    exit::HEALTH_FAILED => "health-failed",
                     exit::NO_SPACE => "no-space",
                     _ => "error",
                 }
@@ -140,7 +141,17 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
                 errors: rep.failures().take(10).map(|f| format!("{}: {}", f.path, f.error)).collect(),
                 duration_secs: rep.duration.as_secs_f64(),
                 dry_run: rep.outcome.is_none(),
-                health: Vec::new(),
+                health: rep
+                    .health
+                    .iter()
+                    .map(|h| pb::HealthResult {
+                        name: h.name.clone(),
+                        ok: h.ok,
+                        status: h.status.clone(),
+                        output_tail: h.output_tail.clone(),
+                        duration_secs: h.duration.as_secs_f64(),
+                    })
+                    .collect(),
             }
         }
         Err(e) => pb::PassResult {
@@ -257,11 +268,15 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 let r = done.map_err(|e| SyncError::Internal(format!("pass task failed: {e}")))?;
                 log_pass(&r);
                 let converged_to = match &r {
-                    Ok(rep) if matches!(rep.exit_code(), exit::OK | exit::TRIGGER_FAILED) => Some(rep.identity),
+                    Ok(rep) if matches!(rep.exit_code(), exit::OK | exit::TRIGGER_FAILED | exit::HEALTH_FAILED) => {
+                        Some(rep.identity)
+                    }
                     _ => None,
                 };
+                // A failed health check is not retried early: the host did converge, and its
+                // checks run once per new version, so a retry would only report "converged".
                 let retry = match &r {
-                    Ok(rep) => rep.exit_code() != exit::OK || !rep.deferred.is_empty(),
+                    Ok(rep) => !matches!(rep.exit_code(), exit::OK | exit::HEALTH_FAILED) || !rep.deferred.is_empty(),
                     Err(_) => true,
                 };
                 let reconcile = opts.reconcile_interval + jitter(opts.reconcile_jitter);
@@ -341,6 +356,13 @@ fn log_pass(r: &Result<PassReport, SyncError>) {
                     tracing::error!(trigger = %t.trigger, "{}; stays pending", t.status);
                 }
             }
+            for h in &rep.health {
+                if h.ok {
+                    tracing::info!(check = %h.name, "health check passed ({:.1} s)", h.duration.as_secs_f64());
+                } else {
+                    tracing::error!(check = %h.name, "health check failed: {}: {}", h.status, h.last_line().unwrap_or("(no output)"));
+                }
+            }
             tracing::info!("{}", rep.summary());
         }
         Err(e) => tracing::warn!("pass failed: {e}"),
@@ -361,6 +383,58 @@ mod tests {
 
     fn h(b: u8) -> Hash {
         Hash([b; 32])
+    }
+
+    fn report(trigger_ok: Option<bool>, health_ok: &[bool]) -> PassReport {
+        PassReport {
+            host_id: "h".into(),
+            root: "/".into(),
+            image_version: 2,
+            identity: h(2),
+            plan: crate::plan::Plan::default(),
+            outcome: Some(crate::apply::Outcome::default()),
+            scan_failures: Vec::new(),
+            triggers: trigger_ok
+                .map(|ok| triggers::run::RunResult {
+                    trigger: "reload".into(),
+                    ok,
+                    status: if ok { "exit 0" } else { "exit 1" }.into(),
+                    duration: Duration::ZERO,
+                    changes: 1,
+                })
+                .into_iter()
+                .collect(),
+            deferred: Vec::new(),
+            health: health_ok
+                .iter()
+                .enumerate()
+                .map(|(i, &ok)| triggers::health::CheckResult {
+                    name: format!("c{i}"),
+                    ok,
+                    status: if ok { "exit 0" } else { "exit 3" }.into(),
+                    output_tail: "broken\n".into(),
+                    duration: Duration::from_millis(100),
+                })
+                .collect(),
+            would_fire: Vec::new(),
+            walk_only: None,
+            duration: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn health_results_go_to_the_master_and_a_failure_is_health_failed_unless_a_trigger_failed() {
+        let r = pass_result("h", &Ok(report(Some(true), &[true, false])));
+        assert_eq!(r.result, "health-failed");
+        assert_eq!(r.health.len(), 2);
+        assert_eq!((r.health[1].name.as_str(), r.health[1].ok, r.health[1].status.as_str()), ("c1", false, "exit 3"));
+        assert_eq!(r.health[1].output_tail, "broken\n");
+        assert!((r.health[1].duration_secs - 0.1).abs() < 1e-9);
+        assert_eq!(pass_result("h", &Ok(report(Some(false), &[false]))).result, "trigger-failed");
+        assert_eq!(pass_result("h", &Ok(report(Some(false), &[false]))).health.len(), 1, "still attached");
+        assert_eq!(pass_result("h", &Ok(report(None, &[true]))).result, "converged");
+        assert_eq!(pass_result("h", &Ok(report(None, &[]))).result, "converged");
+        assert_eq!(report(Some(true), &[false]).exit_code(), exit::HEALTH_FAILED);
     }
 
     #[test]

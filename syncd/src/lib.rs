@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod drift;
 pub mod fsops;
+pub mod health;
 pub mod host;
 pub mod lock;
 pub mod mcache;
@@ -49,6 +50,10 @@ pub mod exit {
     pub const NO_SPACE: u8 = 7;
     /// Another syncd holds this root (without `--wait`); nothing was read or changed.
     pub const BUSY: u8 = 8;
+    /// Converged to a new version and its triggers passed, but a health check failed or timed
+    /// out. Not retried: the checks run once per new version. (A failed trigger takes
+    /// precedence: that pass exits 5, its health results still reported.)
+    pub const HEALTH_FAILED: u8 = 9;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +110,9 @@ pub struct SyncOptions {
     pub exclude_from: Vec<PathBuf>,
     /// Triggers from the local config, in config order.
     pub triggers: Vec<triggers::Trigger>,
+    /// Health checks from the local config, in config order; run after a pass that moved the
+    /// host to a new version (see [`health`]).
+    pub health: Vec<triggers::health::HealthCheck>,
     /// Where the pending-trigger journal lives.
     pub state_dir: PathBuf,
     /// Retry pending triggers at once, ignoring their backoff (an operator's explicit pass).
@@ -286,6 +294,9 @@ pub struct PassReport {
     pub triggers: Vec<triggers::run::RunResult>,
     /// Pending triggers left for a later pass because their backoff has not expired.
     pub deferred: Vec<String>,
+    /// Health checks this pass ran, in config order: only after a pass that moved the host to
+    /// a new version (see [`health`]); empty otherwise.
+    pub health: Vec<triggers::health::CheckResult>,
     /// On a dry run: the triggers the plan would fire, with the changes that fire them, and
     /// those already pending from an earlier pass.
     pub would_fire: Vec<(String, Vec<triggers::ChangeRecord>)>,
@@ -322,6 +333,7 @@ impl PassReport {
             Some(o) if o.stats.no_space && o.rolled_back => exit::NO_SPACE,
             _ if self.failures().next().is_some() => exit::PARTIAL,
             _ if self.triggers.iter().any(|t| !t.ok) => exit::TRIGGER_FAILED,
+            _ if self.health.iter().any(|h| !h.ok) => exit::HEALTH_FAILED,
             _ => exit::OK,
         }
     }
@@ -465,6 +477,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         scan_failures,
         triggers: Vec::new(),
         deferred: Vec::new(),
+        health: Vec::new(),
         would_fire: Vec::new(),
         walk_only,
         duration: Duration::ZERO,
@@ -543,6 +556,8 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     if let (Some(j), Some(o)) = (&mut journal, &report.outcome) {
         run_triggers(j, opts, &report.plan, o, batch, &mut report.triggers, &mut report.deferred);
     }
+    // After the triggers: a check of the new version should see the services they reloaded.
+    health::after_pass(opts, &mut report).await;
     // The host matched the image with nothing to do and nothing wrong: record the walk that
     // showed it, so the next pass can tell the same from a walk alone.
     if let (Some(p), Some(d), true) = (opts.unchanged_path(), walk_digest, report.plan.is_empty()) {

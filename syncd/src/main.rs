@@ -154,6 +154,7 @@ struct Resolved {
     /// The state dir was chosen (flag or config), so the host index may live there.
     state_dir_chosen: bool,
     triggers: Vec<triggers::Trigger>,
+    health: Vec<triggers::health::HealthCheck>,
     daemon: DaemonTimes,
     throttle: throttle::Throttle,
     transport: syncd::client::Transport,
@@ -253,6 +254,9 @@ impl Common {
         // Refuse to start on a bad trigger, naming the trigger and the key.
         let triggers = triggers::config::validate(&cfg.trigger, &source)
             .map_err(|e| SyncError::Config(format!("config {source}: {e}")))?;
+        // Health checks likewise: local only, refused at start when bad.
+        let health =
+            triggers::health::validate(&cfg.health).map_err(|e| SyncError::Config(format!("config {source}: {e}")))?;
         let tls = match (self.tls_ca.or(cfg.tls_ca), self.tls_cert.or(cfg.tls_cert), self.tls_key.or(cfg.tls_key)) {
             (Some(ca), Some(cert), Some(key)) => Some(proto::tls::client(&ca, &cert, &key).map_err(SyncError::Config)?),
             (None, None, None) => None,
@@ -289,6 +293,7 @@ impl Common {
             state_dir_chosen: self.state_dir.is_some() || cfg.state_dir.is_some(),
             state_dir: self.state_dir.or(cfg.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/syncd")),
             triggers,
+            health,
             daemon: DaemonTimes {
                 reconcile_interval: cfg.reconcile_interval,
                 reconcile_jitter: cfg.reconcile_jitter,
@@ -319,6 +324,7 @@ impl Resolved {
             dry_run,
             exclude_from: self.exclude_from,
             triggers: self.triggers,
+            health: self.health,
             state_dir: self.state_dir,
             retry_now: true,
             index: self.state_dir_chosen,
@@ -394,6 +400,7 @@ fn main() -> ExitCode {
                         eprintln!("syncd: error: {}: {}", f.path, f.error);
                     }
                     print_triggers(&report);
+                    print_health(&report);
                     eprintln!("syncd: {}", report.summary());
                     ExitCode::from(report.exit_code())
                 }
@@ -545,6 +552,19 @@ fn print_triggers(report: &syncd::PassReport) {
     }
     for d in &report.deferred {
         eprintln!("syncd: trigger {d} is pending, waiting for its retry backoff");
+    }
+}
+
+/// One line per health check, after the trigger lines and in their style; a failure gives the
+/// last line of the check's output (the whole tail goes to the master).
+fn print_health(report: &syncd::PassReport) {
+    for h in &report.health {
+        if h.ok {
+            eprintln!("syncd: health: {} ok ({:.1} s)", h.name, h.duration.as_secs_f64());
+        } else {
+            let last = h.last_line().map(|l| format!(": {l}")).unwrap_or_default();
+            eprintln!("syncd: error: health: {} FAILED: {}{last}", h.name, h.status);
+        }
     }
 }
 

@@ -60,10 +60,14 @@ pub struct Trigger {
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A bad `[[trigger]]` or `[[health]]` table, named by its kind, its name (or `#N`, its
+/// position, when it has none) and the key at fault.
 #[derive(Debug, thiserror::Error)]
-#[error("trigger {trigger:?}: key `{key}`: {message}")]
+#[error("{what} {name:?}: key `{key}`: {message}")]
 pub struct ConfigError {
-    pub trigger: String,
+    /// `trigger` or `health check`.
+    pub what: &'static str,
+    pub name: String,
     pub key: &'static str,
     pub message: String,
 }
@@ -81,12 +85,8 @@ pub fn validate(defs: &[TriggerDef], source: &str) -> Result<Vec<Trigger>, Confi
     let mut out: Vec<Trigger> = Vec::new();
     for (i, d) in defs.iter().enumerate() {
         let label = d.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
-        let err = |key, message: String| ConfigError { trigger: label.clone(), key, message };
-        let name =
-            d.name.clone().filter(|n| !n.trim().is_empty()).ok_or_else(|| err("name", "is missing or empty".into()))?;
-        if out.iter().any(|t| t.name == name) {
-            return Err(err("name", "is used by an earlier trigger; names must be unique".into()));
-        }
+        let err = |key, message: String| ConfigError { what: "trigger", name: label.clone(), key, message };
+        let name = check_name(&d.name, out.iter().map(|t| t.name.as_str()), "trigger").map_err(|m| err("name", m))?;
         let watch_text = d
             .watch
             .clone()
@@ -97,31 +97,8 @@ pub fn validate(defs: &[TriggerDef], source: &str) -> Result<Vec<Trigger>, Confi
             patterns: watch_text.iter().enumerate().map(|(i, p)| (i + 1, p.clone())).collect(),
         };
         let watch = Exclusions::compile([&list]).map_err(|e| err("watch", e.to_string()))?;
-        let run = match &d.run {
-            None => return Err(err("run", "is missing (hint: run = [\"systemctl\", \"reload\", \"ssh\"])".into())),
-            Some(toml::Value::Array(a)) if !a.is_empty() => a
-                .iter()
-                .map(|v| v.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| err("run", "every element of the argv list must be a string".into()))?,
-            Some(_) => {
-                return Err(err(
-                    "run",
-                    "must be a non-empty argv list, not a string: there is no implicit shell (hint: [\"sh\", \"-c\", \"...\"])"
-                        .into(),
-                ))
-            }
-        };
-        if find_command(&run[0]).is_none() {
-            return Err(err("run", format!("command {:?} is not an executable file or on PATH", run[0])));
-        }
-        let timeout = match &d.timeout {
-            None => DEFAULT_TIMEOUT,
-            Some(t) => match manifest::units::parse_duration(t).map_err(|m| err("timeout", m))? {
-                d if d.is_zero() => return Err(err("timeout", "must be greater than zero".into())),
-                d => d,
-            },
-        };
+        let run = check_run(&d.run, "[\"systemctl\", \"reload\", \"ssh\"]").map_err(|m| err("run", m))?;
+        let timeout = check_timeout(&d.timeout).map_err(|m| err("timeout", m))?;
         let on = match &d.on {
             None => vec![ChangeKind::Create, ChangeKind::Content, ChangeKind::Metadata, ChangeKind::Delete],
             Some(list) if list.is_empty() => {
@@ -144,6 +121,54 @@ pub fn validate(defs: &[TriggerDef], source: &str) -> Result<Vec<Trigger>, Confi
         out.push(Trigger { name, watch, watch_text, run, timeout, on });
     }
     Ok(out)
+}
+
+/// A table's `name`: present, not blank, and not used by an earlier table of its kind
+/// (`earlier`). Shared by `[[trigger]]` and `[[health]]`.
+pub(crate) fn check_name<'a>(
+    name: &Option<String>,
+    mut earlier: impl Iterator<Item = &'a str>,
+    what: &str,
+) -> Result<String, String> {
+    let name = name.clone().filter(|n| !n.trim().is_empty()).ok_or_else(|| "is missing or empty".to_owned())?;
+    if earlier.any(|n| n == name) {
+        return Err(format!("is used by an earlier {what}; names must be unique"));
+    }
+    Ok(name)
+}
+
+/// A table's `run`: a non-empty argv list of strings whose command can be found. It is kept
+/// as a loose TOML value until here so that a string (which a reader may expect a shell to
+/// split) gets this precise error rather than serde's generic one. `example` is an argv for
+/// the hint.
+pub(crate) fn check_run(run: &Option<toml::Value>, example: &str) -> Result<Vec<String>, String> {
+    let run = match run {
+        None => return Err(format!("is missing (hint: run = {example})")),
+        Some(toml::Value::Array(a)) if !a.is_empty() => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| "every element of the argv list must be a string".to_owned())?,
+        Some(_) => return Err(
+            "must be a non-empty argv list, not a string: there is no implicit shell (hint: [\"sh\", \"-c\", \"...\"])"
+                .into(),
+        ),
+    };
+    if find_command(&run[0]).is_none() {
+        return Err(format!("command {:?} is not an executable file or on PATH", run[0]));
+    }
+    Ok(run)
+}
+
+/// A table's `timeout`: a duration above zero, [`DEFAULT_TIMEOUT`] when not given.
+pub(crate) fn check_timeout(timeout: &Option<String>) -> Result<Duration, String> {
+    match timeout {
+        None => Ok(DEFAULT_TIMEOUT),
+        Some(t) => match manifest::units::parse_duration(t)? {
+            d if d.is_zero() => Err("must be greater than zero".into()),
+            d => Ok(d),
+        },
+    }
 }
 
 /// Resolves a command like `execvp` would.

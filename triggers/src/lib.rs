@@ -3,9 +3,12 @@
 //! - [`config`]: definitions from the host's own config (never from the master), validated;
 //! - [`select`]: which triggers a batch of changes fires, in config order;
 //! - [`journal`]: the durable list of pending triggers, written before a batch commits;
-//! - [`run`]: running one trigger with a timeout over its whole process group.
+//! - [`run`]: running one trigger with a timeout over its whole process group;
+//! - [`health`]: health checks, run the same way after a pass that moved the host to a new
+//!   version.
 
 pub mod config;
+pub mod health;
 pub mod journal;
 pub mod run;
 

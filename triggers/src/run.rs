@@ -1,11 +1,12 @@
 //! Running one trigger: its own process group, a timeout that takes the whole group down, and
-//! its output logged line by line under its name.
+//! its output logged line by line under its name. [`supervise`] (the process group and the
+//! timeout) serves health checks too.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{Pending, Trigger};
@@ -69,25 +70,32 @@ pub fn run(trigger: &Trigger, pending: &Pending, scratch_dir: &Path) -> RunResul
             }
         });
     }
+    let (ok, status) = supervise(&mut child, trigger.timeout, started);
+    let _ = std::fs::remove_file(&changes_path);
+    result(ok, status)
+}
+
+/// Waits for `child`, which leads its own process group (`process_group(0)`), until `timeout`
+/// after `started`. Past it the whole group gets SIGTERM, and SIGKILL after [`KILL_GRACE`]:
+/// what the command started in the background goes too. Returns whether it exited 0, and how
+/// it ended in the words of [`RunResult::status`]. Shared by triggers and health checks.
+pub(crate) fn supervise(child: &mut Child, timeout: Duration, started: Instant) -> (bool, String) {
     let pgid = rustix::process::Pid::from_raw(child.id() as i32).expect("a child has a positive pid");
-    let deadline = started + trigger.timeout;
+    let deadline = started + timeout;
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break Some(st),
             Ok(None) if Instant::now() >= deadline => break None,
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => {
-                let _ = std::fs::remove_file(&changes_path);
-                return result(false, format!("cannot wait for it: {e}"));
-            }
+            Err(e) => return (false, format!("cannot wait for it: {e}")),
         }
     };
-    let out = match status {
-        Some(st) if st.success() => result(true, "exit 0".into()),
+    match status {
+        Some(st) if st.success() => (true, "exit 0".into()),
         Some(st) => match (st.code(), st.signal()) {
-            (Some(c), _) => result(false, format!("exit {c}")),
-            (None, Some(s)) => result(false, format!("killed by signal {s}")),
-            _ => result(false, format!("{st}")),
+            (Some(c), _) => (false, format!("exit {c}")),
+            (None, Some(s)) => (false, format!("killed by signal {s}")),
+            _ => (false, format!("{st}")),
         },
         None => {
             let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::TERM);
@@ -98,11 +106,9 @@ pub fn run(trigger: &Trigger, pending: &Pending, scratch_dir: &Path) -> RunResul
             // Whatever is left of the group, the leader included.
             let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
             let _ = child.wait();
-            result(false, format!("timed out after {:?}; its process group was killed", trigger.timeout))
+            (false, format!("timed out after {timeout:?}; its process group was killed"))
         }
-    };
-    let _ = std::fs::remove_file(&changes_path);
-    out
+    }
 }
 
 fn write_changes(path: &Path, pending: &Pending) -> std::io::Result<()> {
