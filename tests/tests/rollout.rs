@@ -134,7 +134,7 @@ impl Fleet {
     }
 
     fn start_daemon(&mut self, h: &str) {
-        let dir = self.s.dir(h);
+        let dir = self.s.join(h);
         let root = dir.join("root");
         fs::create_dir_all(&root).unwrap();
         let cfg = dir.join("syncd.toml");
@@ -153,7 +153,7 @@ impl Fleet {
             ),
         )
         .unwrap();
-        let log = fs::File::create(dir.join("syncd.log")).unwrap();
+        let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("syncd.log")).unwrap();
         let child = Command::new(bin("syncd"))
             .args(["run", "--insecure", "--config", cfg.to_str().unwrap()])
             .env("RUST_LOG", "info")
@@ -429,10 +429,10 @@ fn canary_waves_halt_abort_and_a_master_killed_mid_wave() {
         }
     });
     assert!(ok, "never caught the last wave mid-way: {:#}\n{}", f.rollout(), f.diagnostics());
+    let before_kill = f.events();
     let pid = f.master.as_ref().unwrap().pid();
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), rustix::process::Signal::KILL)
         .unwrap();
-    let before_kill = f.events();
     drop(f.master.take());
     f.start_master();
     let st = f.wait_rollout(5, "completed");
