@@ -148,7 +148,6 @@ echo "==> host1: $(cat "$work/host1/root/etc/app/status"), others: $(cat "$work/
 echo; echo "==> syncmaster rollout abort: the canary goes back to v2's tree (re-published under a new number)"
 rollout abort --reason "v3 breaks the app"
 wait_converged
-rollout status
 status
 if command -v rsync >/dev/null; then
     diff=$(rsync -aHAXcn --delete -i "$images/v2/" "$work/host1/root/")

@@ -198,8 +198,11 @@ impl Control {
             let image = match by_source.get(&original) {
                 Some(img) => img.clone(),
                 None => {
-                    let scanned =
-                        self.versions.lock().expect("versions lock").rescan(&orig_row.source, original, &orig_row.identity);
+                    let scanned = self.versions.lock().expect("versions lock").rescan(
+                        &orig_row.source,
+                        original,
+                        &orig_row.identity,
+                    );
                     match scanned {
                         Ok(img) => {
                             let img = Arc::new(img);
@@ -254,7 +257,9 @@ impl Control {
         let mut c = Change { versions: vec![row.clone()], ..Default::default() };
         let mut new_rollout = None;
         let mut superseded = None;
-        let mut events = vec![i.event("publish", "", None, format!("v{v} from {}", image.root.display()), "")];
+        let outside =
+            |kind: &str, detail: String| EventRow { rollout: 0, version: v, ..i.event(kind, "", None, detail, "") };
+        let mut events = vec![outside("publish", format!("v{v} from {}", image.root.display()))];
         match (&self.policy, i.baseline) {
             (Some(policy), b) if b != 0 => {
                 if let Some(mut old) = i.rollout.clone().filter(|r| r.state.is_active()) {
@@ -263,7 +268,13 @@ impl Control {
                     events.push(EventRow {
                         rollout: old.id,
                         version: old.version,
-                        ..i.event("superseded", "", None, format!("by v{v}; hosts it granted keep v{} until granted v{v}", old.version), "")
+                        ..i.event(
+                            "superseded",
+                            "",
+                            None,
+                            format!("by v{v}; hosts it granted keep v{} until granted v{v}", old.version),
+                            "",
+                        )
                     });
                     superseded = Some(old);
                 }
@@ -275,8 +286,9 @@ impl Control {
             _ => {
                 c.baseline = Some(v);
                 c.clear_targets = i.targets.keys().cloned().collect();
-                let why = if self.policy.is_none() { "no rollout policy: every host at once" } else { "the first version" };
-                events.push(i.event("baseline", "", None, format!("v{v}: {why}"), ""));
+                let why =
+                    if self.policy.is_none() { "no rollout policy: every host at once" } else { "the first version" };
+                events.push(outside("baseline", format!("v{v}: {why}")));
             }
         }
         // The superseded rollout's row first, then the new one's: two writes, one transaction
@@ -305,9 +317,15 @@ impl Control {
 
     /// Runs the engine once and persists what it decided. Called on a timer and on reports.
     pub fn tick(&self) {
+        let i = self.lock();
+        self.step(i);
+    }
+
+    /// One engine step under the lock. The fleet is read after the lock is taken, and reports
+    /// are recorded under it too, so every report is judged before the next one replaces it.
+    fn step(&self, mut i: std::sync::MutexGuard<'_, Inner>) {
         let snap = self.fleet.snapshot();
         let now = now_ms();
-        let mut i = self.lock();
         let Some(mut r) = i.rollout.clone().filter(|r| r.state.is_active()) else { return };
         let events = rollout::step(&mut r, &View { fleet: &snap, inner: &i }, now);
         if events.is_empty() {
@@ -333,7 +351,8 @@ impl Control {
         if r.state == State::Completed {
             // The version is now everyone's: hosts follow the baseline again.
             c.baseline = Some(r.version);
-            c.clear_targets = i.targets.iter().filter(|(_, t)| t.version == r.version).map(|(h, _)| h.clone()).collect();
+            c.clear_targets =
+                i.targets.iter().filter(|(_, t)| t.version == r.version).map(|(h, _)| h.clone()).collect();
         }
         c.rollout = Some(&r);
         if let Err(e) = i.store.commit(&c) {
@@ -364,11 +383,12 @@ impl Control {
 
     /// A host reported a pass: keep it (it survives a restart) and let the engine judge it.
     pub fn report(&self, r: pb::PassResult) {
+        let i = self.lock();
         let at = self.fleet.report(r.clone());
-        if let Err(e) = self.lock().store.save_report(&r, at) {
+        if let Err(e) = i.store.save_report(&r, at) {
             tracing::error!(host = %r.host_id, "cannot record the pass report: {e:#}");
         }
-        self.tick();
+        self.step(i);
     }
 
     /// Drops the images no host needs any more.
@@ -405,10 +425,20 @@ impl Control {
     /// The fleet's status rows, each judged against its host's target.
     pub fn fleet_status(&self) -> pb::StatusReply {
         let img = self.published.current();
-        let baseline = self.baseline();
+        // Copied out first: the fleet's lock is never taken inside this one's or the reverse.
+        let (baseline, targets) = {
+            let i = self.lock();
+            (i.baseline, i.targets.clone())
+        };
+        let identities: BTreeMap<u64, Vec<u8>> = self
+            .published
+            .versions()
+            .into_iter()
+            .filter_map(|v| Some((v, self.published.get(v)?.identity.0.to_vec())))
+            .collect();
         self.fleet.status(img.manifest.version, &img.identity.0, baseline, |host| {
-            let (version, wave) = self.target_info(host);
-            let identity = self.published.get(version).map(|i| i.identity.0.to_vec()).unwrap_or_default();
+            let (version, wave) = targets.get(host).map_or((baseline, String::new()), |t| (t.version, t.wave.clone()));
+            let identity = identities.get(&version).cloned().unwrap_or_default();
             crate::fleet::TargetInfo { version, identity, wave }
         })
     }
@@ -483,7 +513,10 @@ impl Control {
                 }
                 for (host, old) in &back {
                     let v = new_versions[old];
-                    c.set_targets.push((host.clone(), Target { version: v, rollout: r.id, wave: "rollback".into(), since_ms: now }));
+                    c.set_targets.push((
+                        host.clone(),
+                        Target { version: v, rollout: r.id, wave: "rollback".into(), since_ms: now },
+                    ));
                     rows.push(EventRow {
                         host: host.clone(),
                         kind: "retarget".into(),
@@ -494,7 +527,11 @@ impl Control {
                 if was_completed {
                     let v = new_versions[&r.from_version];
                     c.baseline = Some(v);
-                    rows.push(EventRow { kind: "baseline".into(), detail: format!("v{v} (v{}'s tree)", r.from_version), ..rows[0].clone() });
+                    rows.push(EventRow {
+                        kind: "baseline".into(),
+                        detail: format!("v{v} (v{}'s tree)", r.from_version),
+                        ..rows[0].clone()
+                    });
                 }
                 c.events = rows;
                 c.changed_grants = back.iter().map(|(h, _)| h.clone()).collect();
@@ -548,8 +585,10 @@ impl Control {
                         "done"
                     } else if w.soak_started_ms != 0 {
                         "soaking"
-                    } else if wi == r.current_wave && r.state.is_active() {
+                    } else if wi == r.current_wave && r.state == State::Running {
                         "granting"
+                    } else if wi == r.current_wave && r.state.is_active() {
+                        r.state.as_str()
                     } else {
                         "pending"
                     };
@@ -572,7 +611,9 @@ impl Control {
                                     granted_unix_ms: g.granted_ms,
                                     reason: g.reason.clone(),
                                 },
-                                None => pb::HostGrant { host_id: h.clone(), state: "waiting".into(), ..Default::default() },
+                                None => {
+                                    pb::HostGrant { host_id: h.clone(), state: "waiting".into(), ..Default::default() }
+                                }
                             })
                             .collect(),
                     }
@@ -581,7 +622,12 @@ impl Control {
             let failures = |only_unacked: bool| {
                 r.grants
                     .values()
-                    .filter(|g| g.state == GrantState::Failed || (!g.reason.is_empty() && g.state == GrantState::RolledBack && g.check.len() + g.output_tail.len() > 0))
+                    .filter(|g| {
+                        g.state == GrantState::Failed
+                            || (!g.reason.is_empty()
+                                && g.state == GrantState::RolledBack
+                                && g.check.len() + g.output_tail.len() > 0)
+                    })
                     .filter(|g| !only_unacked || !g.acknowledged)
                     .map(|g| pb::HostFailure {
                         host_id: g.host.clone(),
@@ -613,6 +659,11 @@ impl Control {
                 rollback_versions: r.rollback_versions.clone(),
             }
         });
-        pb::RolloutStatusReply { rollout, baseline_version: i.baseline, now_unix_ms: now, has_policy: self.policy.is_some() }
+        pb::RolloutStatusReply {
+            rollout,
+            baseline_version: i.baseline,
+            now_unix_ms: now,
+            has_policy: self.policy.is_some(),
+        }
     }
 }

@@ -437,10 +437,13 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
     let versions = Arc::new(Mutex::new(versions));
     let db = o.state_dir.as_ref().map(|d| d.join("fleet.db"));
     if db.is_none() {
-        tracing::warn!("no --state-dir: rollouts, targets and reports are kept in memory only, and a restart forgets them");
+        tracing::warn!(
+            "no --state-dir: rollouts, targets and reports are kept in memory only, and a restart forgets them"
+        );
     }
     let control = {
-        let (published, fleet, versions, inventory) = (published.clone(), fleet.clone(), versions.clone(), inventory.clone());
+        let (published, fleet, versions, inventory) =
+            (published.clone(), fleet.clone(), versions.clone(), inventory.clone());
         tokio::task::spawn_blocking(move || {
             let store = syncmaster::store::Store::open(db.as_deref())?;
             syncmaster::control::Control::open(store, published, fleet, versions, &inventory)
@@ -448,7 +451,9 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         .await??
     };
     match (&inventory.policy, control.has_policy()) {
-        (Some(p), _) => tracing::info!(waves = p.waves.len(), source = %p.source, "rollout policy loaded: new versions go out wave by wave"),
+        (Some(p), _) => {
+            tracing::info!(waves = p.waves.len(), source = %p.source, "rollout policy loaded: new versions go out wave by wave")
+        }
         (None, _) => tracing::info!("no [rollout] policy: a new version goes to every host at once"),
     }
     if let Some(images) = o.images {
@@ -500,7 +505,9 @@ async fn rollout(url: &str, endpoint: tonic::transport::Endpoint, cmd: RolloutCm
     use proto::v1 as pb;
     use proto::v1::image_sync_client::ImageSyncClient;
     let channel = endpoint.connect().await.map_err(|e| {
-        RemoteError::Other(anyhow::anyhow!("master {url} is unreachable: {e} (hint: is syncmaster serve running there?)"))
+        RemoteError::Other(anyhow::anyhow!(
+            "master {url} is unreachable: {e} (hint: is syncmaster serve running there?)"
+        ))
     })?;
     let mut client = ImageSyncClient::new(channel);
     let action = |a: &str, reason: String| pb::RolloutControlRequest { action: a.into(), reason };

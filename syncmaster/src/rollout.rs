@@ -185,7 +185,11 @@ pub trait Hosts {
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
     Success,
-    Failure { reason: String, check: String, output_tail: String },
+    Failure {
+        reason: String,
+        check: String,
+        output_tail: String,
+    },
     /// About another version, a dry run, or the master's side (unreachable, stale).
     Nothing,
 }
@@ -206,7 +210,10 @@ pub fn judge(r: &pb::PassResult, version: u64, identity: &[u8; 32]) -> Verdict {
             Verdict::Success
         }
         "converged" if r.identity.as_ref() != identity => Verdict::Failure {
-            reason: format!("converged to identity {} under version {version}, not this version's", hex::encode(&r.identity)),
+            reason: format!(
+                "converged to identity {} under version {version}, not this version's",
+                hex::encode(&r.identity)
+            ),
             check: String::new(),
             output_tail: String::new(),
         },
@@ -227,10 +234,7 @@ pub fn judge(r: &pb::PassResult, version: u64, identity: &[u8; 32]) -> Verdict {
                 }
             } else {
                 Verdict::Failure {
-                    reason: format!(
-                        "pass {result}{}",
-                        r.errors.first().map(|e| format!(": {e}")).unwrap_or_default()
-                    ),
+                    reason: format!("pass {result}{}", r.errors.first().map(|e| format!(": {e}")).unwrap_or_default()),
                     check: String::new(),
                     output_tail: r.errors.join("\n"),
                 }
@@ -274,7 +278,12 @@ impl Rollout {
             rollback_versions: Vec::new(),
         };
         let ev = vec![
-            Event::new("rollout-started", "", None, format!("v{from_version} -> v{version}; waves: {}", sizes.join(", "))),
+            Event::new(
+                "rollout-started",
+                "",
+                None,
+                format!("v{from_version} -> v{version}; waves: {}", sizes.join(", ")),
+            ),
             Event::new("wave-started", "", Some(0), r.policy.waves.first().map(|w| w.name.clone()).unwrap_or_default()),
         ];
         (r, ev)
@@ -307,7 +316,9 @@ impl Rollout {
         if let Some(ratio) = p.max_failure_ratio {
             let r = failed as f64 / granted.max(1) as f64;
             if r >= ratio {
-                return Some(format!("{failed} of {granted} granted host(s) failed ({r:.2}), max_failure_ratio is {ratio}"));
+                return Some(format!(
+                    "{failed} of {granted} granted host(s) failed ({r:.2}), max_failure_ratio is {ratio}"
+                ));
             }
         }
         None
@@ -449,7 +460,11 @@ pub fn step(r: &mut Rollout, hosts: &impl Hosts, now_ms: i64) -> Vec<Event> {
                 "wave-soaking",
                 "",
                 Some(wi),
-                format!("{}: every host converged (or was skipped); soaking {}", spec.name, manifest::units::format_duration(spec.soak)),
+                format!(
+                    "{}: every host converged (or was skipped); soaking {}",
+                    spec.name,
+                    manifest::units::format_duration(spec.soak)
+                ),
             ));
         }
         if now_ms - r.waves[wi].soak_started_ms < spec.soak.as_millis() as i64 {
@@ -460,7 +475,12 @@ pub fn step(r: &mut Rollout, hosts: &impl Hosts, now_ms: i64) -> Vec<Event> {
                 if g.state == GrantState::Converged {
                     g.state = GrantState::Succeeded;
                     g.ended_ms = now_ms;
-                    ev.push(Event::new("succeeded", &h, Some(wi), format!("stayed up and converged through the soak of {}", spec.name)));
+                    ev.push(Event::new(
+                        "succeeded",
+                        &h,
+                        Some(wi),
+                        format!("stayed up and converged through the soak of {}", spec.name),
+                    ));
                 }
             }
         }

@@ -181,7 +181,9 @@ impl Store {
             tx.execute_batch(sql)
                 .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as u32))
                 .and_then(|_| tx.commit())
-                .map_err(|e| anyhow::anyhow!("state database {}: migration to schema {} failed: {e}", self.shown, i + 1))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("state database {}: migration to schema {} failed: {e}", self.shown, i + 1)
+                })?;
             tracing::info!(db = %self.shown, schema = i + 1, "state database migrated");
         }
         Ok(())
@@ -291,8 +293,20 @@ impl Store {
             )
             .optional()
             .map_err(|e| err(&self.shown, e))?;
-        let Some((id, version, identity, from_version, state, started_ms, ended_ms, current_wave, policy, waves, halt, rb)) =
-            row
+        let Some((
+            id,
+            version,
+            identity,
+            from_version,
+            state,
+            started_ms,
+            ended_ms,
+            current_wave,
+            policy,
+            waves,
+            halt,
+            rb,
+        )) = row
         else {
             return Ok(None);
         };
@@ -589,12 +603,8 @@ mod tests {
         let mut s = Store::open(None).unwrap();
         let r = sample();
         s.commit(&Change { rollout: Some(&r), new_grants: vec!["a".into()], ..Default::default() }).unwrap();
-        let again = Change {
-            rollout: Some(&r),
-            new_grants: vec!["a".into()],
-            baseline: Some(99),
-            ..Default::default()
-        };
+        let again =
+            Change { rollout: Some(&r), new_grants: vec!["a".into()], baseline: Some(99), ..Default::default() };
         let e = s.commit(&again).unwrap_err().to_string();
         assert!(e.contains("UNIQUE") || e.contains("constraint"), "{e}");
         assert_eq!(s.baseline().unwrap(), 0, "nothing of the failed transaction was kept");
@@ -615,7 +625,8 @@ mod tests {
     #[test]
     fn reports_and_events_round_trip() {
         let mut s = Store::open(None).unwrap();
-        let rep = pb::PassResult { host_id: "a".into(), image_version: 3, result: "converged".into(), ..Default::default() };
+        let rep =
+            pb::PassResult { host_id: "a".into(), image_version: 3, result: "converged".into(), ..Default::default() };
         s.save_report(&rep, 5).unwrap();
         s.save_report(&rep, 6).unwrap();
         assert_eq!(s.reports().unwrap(), vec![(rep, 6)]);

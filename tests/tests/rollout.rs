@@ -130,7 +130,7 @@ impl Fleet {
     }
 
     fn root(&self, h: &str) -> PathBuf {
-        self.s.join(&format!("{h}/root"))
+        self.s.join(format!("{h}/root"))
     }
 
     fn start_daemon(&mut self, h: &str) {
@@ -166,11 +166,8 @@ impl Fleet {
     }
 
     fn syncmaster(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin("syncmaster"))
-            .args(args)
-            .args(["--master", &self.url(), "--insecure"])
-            .output()
-            .unwrap();
+        let out =
+            Command::new(bin("syncmaster")).args(args).args(["--master", &self.url(), "--insecure"]).output().unwrap();
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -208,7 +205,7 @@ impl Fleet {
             d.push_str(&format!("--- master log (tail)\n{}\n", tail(&e, 60)));
         }
         for h in self.daemons.keys().take(3) {
-            let l = fs::read_to_string(self.s.join(&format!("{h}/syncd.log"))).unwrap_or_default();
+            let l = fs::read_to_string(self.s.join(format!("{h}/syncd.log"))).unwrap_or_default();
             d.push_str(&format!("--- {h} log (tail)\n{}\n", tail(&l, 15)));
         }
         d
@@ -220,7 +217,12 @@ impl Fleet {
         for h in hosts {
             let root = self.root(&h);
             let diffs = differences(&img, &root);
-            assert!(diffs.is_empty(), "{what}: {h} differs from v{n} in {} ways: {:?}", diffs.len(), &diffs[..diffs.len().min(5)]);
+            assert!(
+                diffs.is_empty(),
+                "{what}: {h} differs from v{n} in {} ways: {:?}",
+                diffs.len(),
+                &diffs[..diffs.len().min(5)]
+            );
             if let Some(r) = rsync_differences(&img, &root) {
                 assert!(r.is_empty(), "{what}: rsync -aHAXcn finds {h} differs from v{n}:\n{r}");
             }
@@ -375,7 +377,11 @@ fn canary_waves_halt_abort_and_a_master_killed_mid_wave() {
     assert_eq!(code, 4, "nothing to resume: {err}");
     let ok = wait_until(WAIT, || {
         let st = fleet_status(&f.url());
-        st["hosts"].as_array().unwrap().iter().any(|h| h["host_id"] == "h01" && h["converged"] == true && h["version"] == rollback)
+        st["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["host_id"] == "h01" && h["converged"] == true && h["version"] == rollback)
     });
     assert!(ok, "the canary never converged to the rollback: {:#}\n{}", fleet_status(&f.url()), f.diagnostics());
     f.assert_identical(["h01".to_owned()], 2, "the canary after abort (no --allow-downgrade anywhere)");
@@ -419,7 +425,8 @@ fn canary_waves_halt_abort_and_a_master_killed_mid_wave() {
             return false;
         }
         let w = r["current_wave"].as_u64().unwrap();
-        let granted = r["waves"][w as usize]["hosts"].as_array().unwrap().iter().filter(|h| h["state"] != "waiting").count();
+        let granted =
+            r["waves"][w as usize]["hosts"].as_array().unwrap().iter().filter(|h| h["state"] != "waiting").count();
         let size = r["waves"][w as usize]["hosts"].as_array().unwrap().len();
         if w == 2 && granted >= 1 && granted < size {
             killed_in_wave = Some(w);
@@ -477,6 +484,9 @@ fn a_policy_with_mistakes_is_refused_at_start_naming_file_line_and_value() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text}: {err}");
-        assert!(err.contains("hosts.toml:") && err.contains(value), "{text}: the error names file, line and value: {err}");
+        assert!(
+            err.contains("hosts.toml:") && err.contains(value),
+            "{text}: the error names file, line and value: {err}"
+        );
     }
 }
