@@ -196,8 +196,8 @@ pub fn rollout_table(s: &pb::RolloutStatusReply) -> String {
             if w.state == "soaking" { format!(", soak ends {}", when(s.now_unix_ms, w.soak_until_unix_ms)) } else { String::new() },
         ));
         for h in &w.hosts {
-            out.push_str(&format!(
-                "    {:<24} {:<11} {}{}\n",
+            let line = format!(
+                "    {:<24} {:<11} {}{}",
                 h.host_id,
                 h.state,
                 if h.granted_unix_ms != 0 {
@@ -206,7 +206,9 @@ pub fn rollout_table(s: &pb::RolloutStatusReply) -> String {
                     String::new()
                 },
                 if h.reason.is_empty() { String::new() } else { format!("  {}", h.reason) },
-            ));
+            );
+            out.push_str(line.trim_end());
+            out.push('\n');
         }
     }
     out

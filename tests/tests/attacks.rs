@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use gis_tests::fake::{self, FakeMaster, Image, Reply};
 use gis_tests::{
-    random_bytes, run_syncd, run_syncd_limited, scratch, sync, Builder, Master, Output, Scratch, Sentinel,
+    random_bytes, run_syncd, run_syncd_limited, scratch, sync, wait_until, Builder, Master, Output, Scratch, Sentinel,
 };
 use manifest::trust::SigningKey;
 
@@ -529,4 +529,28 @@ fn mtls_gives_each_host_only_its_own_entry_and_refuses_strangers() {
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     let names: Vec<&str> = v["hosts"].as_array().unwrap().iter().map(|h| h["host_id"].as_str().unwrap()).collect();
     assert!(names.contains(&"web01") && names.contains(&"db01"), "hosts seen: {names:?}");
+
+    // Operator commands take the same rules, and the master logs the certificate's name as the
+    // caller: a refused `resume` (no rollout) changes nothing and exits 4; another CA's
+    // certificate gets nowhere (exit 3).
+    let rollout = |cert: &str, action: &str| {
+        Command::new(gis_tests::bin("syncmaster"))
+            .args(["rollout", action, "--master", &url])
+            .args(pki.client(cert))
+            .output()
+            .unwrap()
+    };
+    let out = rollout("web01", "resume");
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no rollout"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        wait_until(Duration::from_secs(5), || master.stderr().contains("caller=web01")),
+        "the operator's certificate name is not logged:\n{}",
+        master.stderr()
+    );
+    let out = rollout("web01-evil", "abort");
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = rollout("web01", "status");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no rollout yet"));
 }
