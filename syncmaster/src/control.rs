@@ -29,8 +29,12 @@ struct Inner {
     rollout: Option<Rollout>,
 }
 
+/// The fleet's baseline and own targets, as last committed.
+type TargetView = Arc<(u64, BTreeMap<String, Target>)>;
+
 pub struct Control {
     inner: Mutex<Inner>,
+    view: std::sync::RwLock<TargetView>,
     /// Bumped whenever some host's target changes; Watch streams re-read theirs.
     changed: watch::Sender<u64>,
     published: Arc<Published>,
@@ -47,6 +51,8 @@ pub enum ControlError {
     Rollout(#[from] rollout::ControlError),
     #[error("{0:#}")]
     Failed(anyhow::Error),
+    #[error("{0}")]
+    Usage(String),
 }
 
 struct View<'a> {
@@ -65,7 +71,11 @@ impl rollout::Hosts for View<'_> {
     }
 
     fn target(&self, host: &str) -> u64 {
-        self.inner.target_of(host)
+        // A target a superseded rollout granted is not where an abort should lead back to.
+        match self.inner.targets.get(host) {
+            Some(t) if t.origin != 0 => t.origin,
+            _ => self.inner.target_of(host),
+        }
     }
 }
 
@@ -78,10 +88,13 @@ impl Inner {
     fn needed(&self) -> BTreeSet<u64> {
         let mut keep: BTreeSet<u64> = self.targets.values().map(|t| t.version).collect();
         keep.insert(self.baseline);
-        if let Some(r) = self.rollout.as_ref().filter(|r| r.state.is_active()) {
+        // And what an abort of the newest rollout would need: the versions its hosts had before.
+        if let Some(r) = self.rollout.as_ref().filter(|r| r.state.is_active() || r.state == State::Completed) {
             keep.insert(r.version);
             keep.insert(r.from_version);
+            keep.extend(r.grants.values().map(|g| g.from_version));
         }
+        keep.remove(&0);
         keep
     }
 
@@ -134,9 +147,11 @@ impl Control {
         for (r, at) in store.reports()? {
             fleet.restore(r, at);
         }
+        let view = std::sync::RwLock::new(Arc::new((baseline, targets.clone())));
         let inner = Inner { store, baseline, targets, versions: version_rows, rollout };
         let control = Arc::new(Control {
             inner: Mutex::new(inner),
+            view,
             changed: watch::Sender::new(0),
             published: published.clone(),
             fleet,
@@ -146,7 +161,7 @@ impl Control {
         });
         control.load_needed()?;
         let current = published.current();
-        control.publish_loaded(current)?;
+        control.record_publish(control.lock(), current)?;
         let mut i = control.lock();
         let detail = match &i.rollout {
             Some(r) if r.state.is_active() => format!(
@@ -224,17 +239,27 @@ impl Control {
 
     /// Publishes a newly scanned image (from `IMAGES/current`).
     pub fn publish(&self, image: Image) -> anyhow::Result<()> {
+        let i = self.lock();
+        let mut image = image;
+        let v = image.manifest.version;
+        let highest = i.versions.keys().next_back().copied().unwrap_or(0);
+        if !i.versions.contains_key(&v) && v <= highest {
+            // An abort numbered a rollback while this tree was being scanned: the new version
+            // must be above it, or the hosts rolled back would refuse it as a downgrade.
+            let nv = self.versions.lock().expect("versions lock").renumber_current(highest)?;
+            tracing::warn!(scanned_as = v, version = nv, "a rollback took numbers meanwhile; publishing as v{nv}");
+            image = image.renumbered(nv);
+        }
         let image = self.published.publish(image);
-        self.publish_loaded(image)
+        self.record_publish(i, image)
     }
 
     /// Records `image` (already served) as published: the baseline for a first version or
     /// without a policy, else the start of a rollout. A version already recorded (a restart)
     /// changes nothing.
-    fn publish_loaded(&self, image: Arc<Image>) -> anyhow::Result<()> {
+    fn record_publish(&self, mut i: std::sync::MutexGuard<'_, Inner>, image: Arc<Image>) -> anyhow::Result<()> {
         let v = image.manifest.version;
         let now = now_ms();
-        let mut i = self.lock();
         if let Some(row) = i.versions.get(&v) {
             if row.identity != image.identity.to_hex() {
                 anyhow::bail!(
@@ -291,9 +316,9 @@ impl Control {
                 events.push(outside("baseline", format!("v{v}: {why}")));
             }
         }
-        // The superseded rollout's row first, then the new one's: two writes, one transaction
-        // each; a crash between them leaves the old one superseded and the version recorded
-        // without a rollout, which the next publish of a new tree supersedes anyway.
+        // The superseded rollout's row first, then the version with the new rollout: two
+        // transactions. A crash between them leaves the old rollout superseded and the version
+        // unrecorded, so the restarted master publishes it again and starts its rollout then.
         if let Some(old) = &superseded {
             i.store.commit(&Change { rollout: Some(old), ..Default::default() })?;
         }
@@ -309,6 +334,7 @@ impl Control {
             tracing::info!(rollout = r.id, version = r.version, state = r.state.as_str(), "rollout");
             i.rollout = Some(r);
         }
+        self.refresh_view(&i);
         drop(i);
         self.changed.send_modify(|g| *g += 1);
         self.settle();
@@ -343,7 +369,9 @@ impl Control {
             }
             if e.kind == "grant" {
                 let wave = r.policy.waves.get(r.grants[&e.host].wave).map(|w| w.name.clone()).unwrap_or_default();
-                c.set_targets.push((e.host.clone(), Target { version: r.version, rollout: r.id, wave, since_ms: now }));
+                let origin = r.grants[&e.host].from_version;
+                c.set_targets
+                    .push((e.host.clone(), Target { version: r.version, rollout: r.id, wave, since_ms: now, origin }));
             }
         }
         c.changed_grants.retain(|h| !c.new_grants.contains(h));
@@ -351,8 +379,9 @@ impl Control {
         if r.state == State::Completed {
             // The version is now everyone's: hosts follow the baseline again.
             c.baseline = Some(r.version);
-            c.clear_targets =
-                i.targets.iter().filter(|(_, t)| t.version == r.version).map(|(h, _)| h.clone()).collect();
+            // Every own target goes: rollbacks of earlier rollouts, skipped hosts, hosts outside
+            // every wave. Hosts that failed are on this version already.
+            c.clear_targets = i.targets.keys().cloned().collect();
         }
         c.rollout = Some(&r);
         if let Err(e) = i.store.commit(&c) {
@@ -374,6 +403,7 @@ impl Control {
             }
         }
         i.rollout = Some(r);
+        self.refresh_view(&i);
         drop(i);
         if retarget {
             self.changed.send_modify(|g| *g += 1);
@@ -403,7 +433,7 @@ impl Control {
 
     /// The image `host` should converge to now.
     pub fn image_for(&self, host: &str) -> Result<Arc<Image>, String> {
-        let v = self.lock().target_of(host);
+        let v = self.target_info(host).0;
         self.published.get(v).ok_or_else(|| {
             format!("version {v}, this host's target, is not loaded on the master (its tree changed or is gone; see the master's log)")
         })
@@ -411,25 +441,29 @@ impl Control {
 
     /// `host`'s target version and the wave that granted it.
     pub fn target_info(&self, host: &str) -> (u64, String) {
-        let i = self.lock();
-        match i.targets.get(host) {
+        let view = self.view.read().expect("view lock").clone();
+        match view.1.get(host) {
             Some(t) => (t.version, t.wave.clone()),
-            None => (i.baseline, String::new()),
+            None => (view.0, String::new()),
         }
     }
 
     pub fn baseline(&self) -> u64 {
-        self.lock().baseline
+        self.view.read().expect("view lock").0
+    }
+
+    /// Publishes the targets to readers (Watch, GetManifest, status) that must never wait
+    /// for the engine, which holds its lock across database writes.
+    fn refresh_view(&self, i: &Inner) {
+        *self.view.write().expect("view lock") = Arc::new((i.baseline, i.targets.clone()));
     }
 
     /// The fleet's status rows, each judged against its host's target.
     pub fn fleet_status(&self) -> pb::StatusReply {
         let img = self.published.current();
         // Copied out first: the fleet's lock is never taken inside this one's or the reverse.
-        let (baseline, targets) = {
-            let i = self.lock();
-            (i.baseline, i.targets.clone())
-        };
+        let view = self.view.read().expect("view lock").clone();
+        let (baseline, targets) = (view.0, &view.1);
         let identities: BTreeMap<u64, Vec<u8>> = self
             .published
             .versions()
@@ -515,7 +549,7 @@ impl Control {
                     let v = new_versions[old];
                     c.set_targets.push((
                         host.clone(),
-                        Target { version: v, rollout: r.id, wave: "rollback".into(), since_ms: now },
+                        Target { version: v, rollout: r.id, wave: "rollback".into(), since_ms: now, origin: 0 },
                     ));
                     rows.push(EventRow {
                         host: host.clone(),
@@ -541,9 +575,7 @@ impl Control {
                 }
             }
             other => {
-                return Err(ControlError::Failed(anyhow::anyhow!(
-                    "unknown action {other:?} (expected pause, resume or abort)"
-                )))
+                return Err(ControlError::Usage(format!("unknown action {other:?} (expected pause, resume or abort)")))
             }
         }
         c.rollout = Some(&r);
@@ -560,6 +592,7 @@ impl Control {
             i.baseline = b;
         }
         i.rollout = Some(r);
+        self.refresh_view(&i);
         drop(i);
         if retarget {
             self.changed.send_modify(|g| *g += 1);
@@ -619,16 +652,12 @@ impl Control {
                     }
                 })
                 .collect();
-            let failures = |only_unacked: bool| {
-                r.grants
-                    .values()
-                    .filter(|g| {
-                        g.state == GrantState::Failed
-                            || (!g.reason.is_empty()
-                                && g.state == GrantState::RolledBack
-                                && g.check.len() + g.output_tail.len() > 0)
-                    })
-                    .filter(|g| !only_unacked || !g.acknowledged)
+            // The halt's evidence stays with it whatever became of those hosts since (an abort
+            // rolls them back, a resume acknowledges them).
+            let evidence = |hosts: &[String]| {
+                hosts
+                    .iter()
+                    .filter_map(|h| r.grants.get(h))
                     .map(|g| pb::HostFailure {
                         host_id: g.host.clone(),
                         wave: g.wave as u32,
@@ -651,7 +680,7 @@ impl Control {
                 halt: r.halt.as_ref().map(|h| pb::Halt {
                     reason: h.reason.clone(),
                     at_unix_ms: h.at_ms,
-                    failures: failures(false).into_iter().filter(|f| h.hosts.contains(&f.host_id)).collect(),
+                    failures: evidence(&h.hosts),
                 }),
                 in_window: r.policy.window.as_ref().is_none_or(|w| w.contains(now)),
                 failures: r.failures().len() as u32,

@@ -39,6 +39,9 @@ pub struct Fleet {
     hosts: Mutex<BTreeMap<String, Record>>,
     pub down_after: Duration,
     pub out_after: Duration,
+    /// When this master started: for `down_after` after it, a host known from before the
+    /// restart counts as up (it has not had the time to reconnect yet).
+    started_ms: i64,
 }
 
 pub fn now_ms() -> i64 {
@@ -47,7 +50,7 @@ pub fn now_ms() -> i64 {
 
 impl Fleet {
     pub fn new(down_after: Duration, out_after: Duration) -> Fleet {
-        Fleet { hosts: Mutex::new(BTreeMap::new()), down_after, out_after }
+        Fleet { hosts: Mutex::new(BTreeMap::new()), down_after, out_after, started_ms: now_ms() }
     }
 
     fn with<T>(&self, host: &str, f: impl FnOnce(&mut Record) -> T) -> T {
@@ -89,7 +92,8 @@ impl Fleet {
     }
 
     fn is_up_at(&self, r: &Record, now: i64) -> bool {
-        r.watching > 0 || Duration::from_millis((now - r.last_seen_ms).max(0) as u64) < self.down_after
+        let within = |t: i64| Duration::from_millis((now - t).max(0) as u64) < self.down_after;
+        r.watching > 0 || within(r.last_seen_ms) || within(self.started_ms)
     }
 
     /// Every host's last report, when it arrived, and whether the host is up now.
@@ -159,5 +163,25 @@ impl Fleet {
             out_after_secs: self.out_after.as_secs(),
             baseline_version: baseline,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_known_from_before_a_restart_count_as_up_until_they_could_have_reconnected() {
+        let fleet = Fleet::new(Duration::from_secs(120), Duration::from_secs(3600));
+        let old = pb::PassResult { host_id: "web01".into(), result: "converged".into(), ..Default::default() };
+        fleet.restore(old, now_ms() - 3_600_000);
+        let s = fleet.snapshot();
+        assert!(s["web01"].up, "a master that just started cannot know web01 is down");
+        assert_eq!(s["web01"].last_at_ms, s["web01"].last_at_ms);
+        let late =
+            Fleet { started_ms: now_ms() - 121_000, ..Fleet::new(Duration::from_secs(120), Duration::from_secs(3600)) };
+        let old = pb::PassResult { host_id: "web01".into(), ..Default::default() };
+        late.restore(old, now_ms() - 3_600_000);
+        assert!(!late.snapshot()["web01"].up, "once down_after has passed since the start, it is down");
     }
 }

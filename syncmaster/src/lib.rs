@@ -85,6 +85,8 @@ pub struct Security {
     /// Serve TLS, requiring client certificates from this CA; a host's identity is then its
     /// certificate's name. `None`: plain TCP (`--insecure`), identity as claimed.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Under mTLS, the certificate names that may pause, resume and abort rollouts.
+    pub operators: Vec<String>,
 }
 
 /// The gRPC service.
@@ -100,6 +102,7 @@ pub struct Service {
     signing_key: Option<Arc<manifest::trust::SigningKey>>,
     signature_ttl: std::time::Duration,
     mtls: bool,
+    operators: Vec<String>,
 }
 
 impl Service {
@@ -121,6 +124,7 @@ impl Service {
             signing_key: security.signing_key.clone(),
             signature_ttl: security.signature_ttl,
             mtls: security.tls.is_some(),
+            operators: security.operators.clone(),
         }
     }
 
@@ -336,6 +340,14 @@ impl ImageSync for Service {
         let caller = self.caller_of(&req);
         let pb::RolloutControlRequest { action, reason } = req.into_inner();
         tracing::info!(%caller, %action, %reason, "operator request");
+        // Every host has a certificate from the same CA: reading the rollout is open to them,
+        // steering it is not (a compromised canary must not resume past its own failure).
+        if self.mtls && !self.operators.contains(&caller) {
+            tracing::warn!(%caller, %action, "operator request refused: not an operator");
+            return Err(Status::permission_denied(format!(
+                "certificate {caller:?} is not an operator: pause, resume and abort need a certificate named by syncmaster serve --operator (hint: --operator {caller} if it should be)"
+            )));
+        }
         let control = self.control.clone();
         let done = {
             let caller = caller.clone();
@@ -345,6 +357,7 @@ impl ImageSync for Service {
         };
         match done {
             Ok(()) => Ok(Response::new(self.control.rollout_status())),
+            Err(control::ControlError::Usage(e)) => Err(Status::invalid_argument(e)),
             Err(control::ControlError::Rollout(e)) => {
                 tracing::warn!(%caller, "operator request refused: {e}");
                 Err(Status::failed_precondition(e.to_string()))

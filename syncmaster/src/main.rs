@@ -167,6 +167,10 @@ struct ServerTls {
     /// Serve plain TCP without TLS (tests and demos only): hosts are who they claim to be.
     #[arg(long)]
     insecure: bool,
+    /// Under mTLS, a certificate name that may pause, resume and abort rollouts (repeatable);
+    /// reading the status is open to every certificate --client-ca signed.
+    #[arg(long = "operator", value_name = "NAME")]
+    operators: Vec<String>,
 }
 
 /// Transport security of a client of the master.
@@ -254,6 +258,7 @@ fn main() -> ExitCode {
             tls,
         } => {
             // Validate configuration before scanning or opening a port.
+            let tls_operators = tls.operators.clone();
             let tls = match tls.config() {
                 Ok(t) => t,
                 Err(e) => {
@@ -274,7 +279,10 @@ fn main() -> ExitCode {
                     tracing::warn!("no --signing-key: manifests are unsigned, and hosts with trusted_keys refuse them")
                 }
             }
-            let security = syncmaster::Security { signing_key, signature_ttl, tls };
+            if tls.is_some() && tls_operators.is_empty() {
+                tracing::warn!("no --operator: nobody can pause, resume or abort a rollout over mTLS");
+            }
+            let security = syncmaster::Security { signing_key, signature_ttl, tls, operators: tls_operators };
             let tree = match (&image, &images) {
                 (Some(dir), _) => dir.clone(),
                 // Resolved once, so a flip during the first scan cannot mix two trees.
@@ -306,6 +314,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let (Some(p), None) = (&inventory.policy, &images) {
+                eprintln!(
+                    "syncmaster: {} has a [rollout] policy, which needs --images DIR (each version in its own directory, so older versions stay servable); with --image there is only one tree",
+                    p.source
+                );
+                return ExitCode::from(2);
+            }
             let state_dir = state_dir.or_else(|| images.as_ref().map(|_| PathBuf::from("/var/lib/syncmaster")));
             let opts = ServeOpts {
                 tree,
@@ -496,6 +511,7 @@ impl From<tonic::Status> for RemoteError {
     fn from(s: tonic::Status) -> RemoteError {
         match s.code() {
             tonic::Code::FailedPrecondition => RemoteError::Refused(s.message().to_owned()),
+            tonic::Code::PermissionDenied => RemoteError::Refused(s.message().to_owned()),
             _ => RemoteError::Other(anyhow::anyhow!("the master answered: {}", s.message())),
         }
     }

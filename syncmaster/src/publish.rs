@@ -119,6 +119,16 @@ impl Versions {
         Ok(v)
     }
 
+    /// Gives the tree last scanned a new number above `floor` (a rollback took numbers while
+    /// it was being scanned), persisted before it is returned.
+    pub fn renumber_current(&mut self, floor: u64) -> anyhow::Result<u64> {
+        let v = self.state.version.max(self.state.highest).max(floor) + 1;
+        self.state.version = v;
+        self.state.highest = v;
+        self.persist()?;
+        Ok(v)
+    }
+
     /// Scans `dir` again as version `version`, which it was published as with `identity`
     /// (hex): a master restarting mid-rollout serves the versions its hosts still target.
     pub fn rescan(&mut self, dir: &Path, version: u64, identity: &str) -> anyhow::Result<Image> {

@@ -12,8 +12,11 @@
 //! - `succeeded`: the wave's soak ended with it still up and converged.
 //! - `failed`: a failed pass, trigger or health check on the new version; silence past the
 //!   policy's `timeout` after the grant; or, while soaking, a failure or going down.
-//! - `skipped`: down (not seen for `down_after`) when its turn came. It is not granted; it gets
-//!   the version when the rollout completes, like a host outside every wave.
+//! - `skipped`: down (not seen for `down_after`) from the moment its wave started until the
+//!   policy's `timeout` passed. Until then it waits (without taking a place under the cap) and
+//!   is granted as soon as it is up. A skipped host gets the version when the rollout completes,
+//!   like a host outside every wave. A wave in which every host was skipped halts the rollout:
+//!   nobody could vouch for the version there.
 //! - `rolled-back`: an abort moved it to the version it had before.
 //!
 //! A wave is done when every one of its hosts converged (or was skipped) and `soak` has passed
@@ -125,6 +128,12 @@ pub struct Grant {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Wave {
     pub hosts: Vec<String>,
+    /// When it became the current wave.
+    #[serde(default)]
+    pub started_ms: i64,
+    /// A `resume` let it finish although none of its hosts could be granted (all down).
+    #[serde(default)]
+    pub allow_empty: bool,
     /// When its last host converged (0: not yet).
     pub soak_started_ms: i64,
     pub done_ms: i64,
@@ -177,7 +186,8 @@ pub trait Hosts {
     fn is_up(&self, host: &str) -> bool;
     /// The host's last pass report and when it arrived.
     fn report(&self, host: &str) -> Option<(&pb::PassResult, i64)>;
-    /// The version the host targets now (before any grant of this rollout).
+    /// The version an abort would send the host back to: its target before this rollout, or,
+    /// when that target came from a rollout this one superseded, the version it had before that.
     fn target(&self, host: &str) -> u64;
 }
 
@@ -260,6 +270,10 @@ impl Rollout {
             .into_iter()
             .map(|hosts| Wave { hosts, ..Default::default() })
             .collect();
+        let mut waves = waves;
+        if let Some(w) = waves.first_mut() {
+            w.started_ms = now_ms;
+        }
         let sizes: Vec<String> =
             policy.waves.iter().zip(&waves).map(|(s, w)| format!("{} {}", s.name, w.hosts.len())).collect();
         let r = Rollout {
@@ -329,7 +343,19 @@ impl Rollout {
         if let Some(g) = self.grants.get_mut(host) {
             g.state = GrantState::Failed;
             g.ended_ms = now_ms;
-            ev.push(Event::new("failed", host, Some(g.wave), reason.clone()));
+            // The evidence goes into the log too: the last line of the check's output.
+            let last = tail.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim);
+            let detail = match last {
+                Some(l) if !reason.contains(l) => format!("{reason}: {l}"),
+                _ => reason.clone(),
+            };
+            ev.push(Event::new("failed", host, Some(g.wave), detail));
+            // A failure restarts its wave's soak: the soak must pass with no failure in it.
+            if let Some(w) = self.waves.get_mut(g.wave) {
+                if w.done_ms == 0 {
+                    w.soak_started_ms = 0;
+                }
+            }
             g.reason = reason;
             g.check = check;
             g.output_tail = tail;
@@ -385,7 +411,8 @@ pub fn step(r: &mut Rollout, hosts: &impl Hosts, now_ms: i64) -> Vec<Event> {
             _ => {}
         }
     }
-    if r.state == State::Running {
+    // A paused rollout halts too: a failure while paused must not wait, unseen, for a resume.
+    if matches!(r.state, State::Running | State::Paused) {
         if let Some(reason) = r.halt_reason() {
             let failed: Vec<String> = r.failures().iter().map(|g| g.host.clone()).collect();
             ev.push(Event::new("halted", "", Some(r.current_wave), format!("{reason}: {}", failed.join(", "))));
@@ -414,10 +441,16 @@ pub fn step(r: &mut Rollout, hosts: &impl Hosts, now_ms: i64) -> Vec<Event> {
             }
             let waiting: Vec<String> =
                 r.waves[wi].hosts.iter().filter(|h| !r.grants.contains_key(*h)).cloned().collect();
+            let wave_age = now_ms - r.waves[wi].started_ms;
             for host in waiting {
                 let up = hosts.is_up(&host);
                 if up && room == 0 {
                     break;
+                }
+                // A host that is down waits for its turn to come round again, until it has
+                // been down for the whole `timeout` since its wave started.
+                if !up && wave_age < timeout_ms {
+                    continue;
                 }
                 let mut g = Grant {
                     host: host.clone(),
@@ -438,7 +471,10 @@ pub fn step(r: &mut Rollout, hosts: &impl Hosts, now_ms: i64) -> Vec<Event> {
                 } else {
                     g.state = GrantState::Skipped;
                     g.ended_ms = now_ms;
-                    g.reason = "down when its wave came; it gets the version when the rollout completes".into();
+                    g.reason = format!(
+                        "down since its wave started {} ago; it gets the version when the rollout completes",
+                        manifest::units::format_duration(std::time::Duration::from_millis(wave_age.max(0) as u64))
+                    );
                     ev.push(Event::new("skipped", &host, Some(wi), g.reason.clone()));
                 }
                 r.grants.insert(host, g);
@@ -447,12 +483,29 @@ pub fn step(r: &mut Rollout, hosts: &impl Hosts, now_ms: i64) -> Vec<Event> {
         let wave = &r.waves[wi];
         let all_in = wave.hosts.iter().all(|h| {
             r.grants.get(h).is_some_and(|g| {
-                matches!(g.state, GrantState::Converged | GrantState::Skipped | GrantState::Succeeded)
-                    || (g.state == GrantState::Failed && g.acknowledged)
+                // A failure below the halt conditions is a verdict too: the wave goes on without it.
+                matches!(
+                    g.state,
+                    GrantState::Converged | GrantState::Skipped | GrantState::Succeeded | GrantState::Failed
+                )
             })
         });
         if !all_in {
             break;
+        }
+        let vouched = wave
+            .hosts
+            .iter()
+            .any(|h| r.grants.get(h).is_some_and(|g| matches!(g.state, GrantState::Converged | GrantState::Succeeded)));
+        if !vouched && !wave.hosts.is_empty() && !wave.allow_empty {
+            let reason = format!(
+                "no host of wave {} converged: all of them were down or failed (resume to go on without them)",
+                spec.name
+            );
+            ev.push(Event::new("halted", "", Some(wi), reason.clone()));
+            r.state = State::Halted;
+            r.halt = Some(Halt { reason, at_ms: now_ms, hosts: Vec::new() });
+            return ev;
         }
         if wave.soak_started_ms == 0 {
             r.waves[wi].soak_started_ms = now_ms;
@@ -487,6 +540,9 @@ pub fn step(r: &mut Rollout, hosts: &impl Hosts, now_ms: i64) -> Vec<Event> {
         r.waves[wi].done_ms = now_ms;
         ev.push(Event::new("wave-done", "", Some(wi), spec.name.clone()));
         r.current_wave += 1;
+        if let Some(w) = r.waves.get_mut(r.current_wave) {
+            w.started_ms = now_ms;
+        }
         if let Some(next) = r.policy.waves.get(r.current_wave) {
             ev.push(Event::new("wave-started", "", Some(r.current_wave), next.name.clone()));
         }
@@ -534,11 +590,19 @@ pub fn resume(r: &mut Rollout) -> Result<Event, ControlError> {
             action: "resume",
         });
     }
+    // Only the failures the operator was shown (the halt's hosts) are acknowledged; any since
+    // then halt the rollout again at the next step, with their own evidence.
     let mut acked = 0;
-    for g in r.grants.values_mut() {
-        if g.state == GrantState::Failed && !g.acknowledged {
-            g.acknowledged = true;
-            acked += 1;
+    if r.state == State::Halted {
+        let shown: Vec<String> = r.halt.as_ref().map(|h| h.hosts.clone()).unwrap_or_default();
+        for g in r.grants.values_mut() {
+            if g.state == GrantState::Failed && !g.acknowledged && shown.contains(&g.host) {
+                g.acknowledged = true;
+                acked += 1;
+            }
+        }
+        if let Some(w) = r.waves.get_mut(r.current_wave) {
+            w.allow_empty = true;
         }
     }
     let was = r.state;
@@ -836,18 +900,90 @@ mod tests {
     }
 
     #[test]
-    fn hosts_down_when_their_turn_comes_are_skipped_without_using_the_cap() {
+    fn hosts_that_are_down_wait_for_the_timeout_then_are_skipped_without_using_the_cap() {
         let p = policy(vec![wave("all", 1, 0)]);
         let mut r = rollout(p, vec![hosts("h", 3)]);
+        r.policy.timeout = Duration::from_secs(60);
         let mut f = Fake::default();
         f.down.insert("h00".into());
         f.down.insert("h01".into());
         let ev = step(&mut r, &f, 0);
-        assert_eq!(ev.iter().filter(|e| e.kind == "skipped").count(), 2);
-        assert_eq!(granted(&ev), ["h02"]);
+        assert!(ev.iter().all(|e| e.kind != "skipped"), "down hosts wait first: {ev:?}");
+        assert_eq!(granted(&ev), ["h02"], "a down host takes no place under the cap");
         f.converged("h02", S);
         step(&mut r, &f, S);
+        // h01 comes back within the timeout: granted then.
+        f.down.remove("h01");
+        assert_eq!(granted(&step(&mut r, &f, 10 * S)), ["h01"]);
+        f.converged("h01", 11 * S);
+        step(&mut r, &f, 11 * S);
+        assert_eq!(r.state, State::Running, "h00 may still come back");
+        let ev = step(&mut r, &f, 60 * S);
+        assert_eq!(ev.iter().filter(|e| e.kind == "skipped").count(), 1);
         assert_eq!(r.state, State::Completed);
+    }
+
+    #[test]
+    fn a_canary_that_is_down_is_never_bypassed() {
+        // Right after a master restart no host may look up yet: nothing is skipped or granted.
+        let mut r = standard();
+        let mut f = Fake::default();
+        for h in ["h00"].into_iter().map(String::from).chain(hosts("e", 3)).chain(hosts("r", 8)) {
+            f.down.insert(h);
+        }
+        for t in 0..599 {
+            assert!(step(&mut r, &f, t * S).is_empty(), "at {t} s");
+        }
+        // After the whole timeout the canary is skipped, and its wave, with nobody to vouch for
+        // the version, halts the rollout instead of completing.
+        let ev = step(&mut r, &f, 600 * S);
+        assert!(ev.iter().any(|e| e.kind == "skipped" && e.host == "h00"), "{ev:?}");
+        assert_eq!(r.state, State::Halted);
+        assert!(r.halt.as_ref().unwrap().reason.contains("no host of wave canary converged"));
+        assert!(granted(&step(&mut r, &f, 601 * S)).is_empty());
+        // An operator who resumes lets the rollout go on without the canary.
+        resume(&mut r).unwrap();
+        f.down.clear();
+        step(&mut r, &f, 602 * S);
+        assert_eq!(granted(&step(&mut r, &f, 613 * S)), hosts("e", 3));
+    }
+
+    #[test]
+    fn a_failure_while_paused_halts_and_resume_acknowledges_only_what_was_shown() {
+        let p = policy(vec![wave("all", 3, 0)]);
+        let mut r = rollout(p, vec![hosts("h", 3)]);
+        let mut f = Fake::default();
+        step(&mut r, &f, 0);
+        pause(&mut r).unwrap();
+        f.health_failed("h00", S);
+        step(&mut r, &f, S);
+        assert_eq!(r.state, State::Halted, "a failure while paused is not kept for later");
+        assert_eq!(r.halt.as_ref().unwrap().hosts, ["h00"]);
+        // Another host fails while halted: not shown in this halt, so a resume halts again.
+        f.health_failed("h01", 2 * S);
+        step(&mut r, &f, 2 * S);
+        resume(&mut r).unwrap();
+        let ev = step(&mut r, &f, 3 * S);
+        assert!(ev.iter().any(|e| e.kind == "halted"), "{ev:?}");
+        assert_eq!(r.halt.as_ref().unwrap().hosts, ["h01"]);
+    }
+
+    #[test]
+    fn a_failure_during_the_soak_restarts_it() {
+        let p = Policy { max_failures: 5, ..policy(vec![wave("first", 2, 10), wave("second", 1, 0)]) };
+        let mut r = rollout(p, vec![hosts("a", 2), hosts("b", 1)]);
+        let mut f = Fake::default();
+        step(&mut r, &f, 0);
+        f.converged("a00", S);
+        f.converged("a01", S);
+        step(&mut r, &f, S); // soak starts at 1 s
+        let mut bad = f.reports["a01"].0.clone();
+        bad.result = "partial".into();
+        f.reports.insert("a01".into(), (bad, 5 * S));
+        step(&mut r, &f, 5 * S); // a01 fails while soaking
+        assert!(granted(&step(&mut r, &f, 11 * S)).is_empty(), "the first soak was cut short by the failure");
+        assert!(granted(&step(&mut r, &f, 14 * S)).is_empty(), "the soak restarted at 5 s");
+        assert_eq!(granted(&step(&mut r, &f, 15 * S)), ["b00"]);
     }
 
     #[test]

@@ -159,7 +159,8 @@ pub fn rollout_table(s: &pb::RolloutStatusReply) -> String {
         out.push_str(&format!("rolled back: hosts moved to {} (their old trees under new numbers)\n", v.join(", ")));
     }
     if let Some(h) = &r.halt {
-        out.push_str(&format!("HALTED {}: {}\n", ago(s.now_unix_ms, h.at_unix_ms), h.reason));
+        let label = if r.state == "halted" { "HALTED" } else { "halted earlier" };
+        out.push_str(&format!("{label} {}: {}\n", ago(s.now_unix_ms, h.at_unix_ms), h.reason));
         for f in &h.failures {
             out.push_str(&format!("  {} (wave {}): {}\n", f.host_id, f.wave, f.reason));
             if !f.check.is_empty() {

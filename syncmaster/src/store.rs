@@ -36,7 +36,8 @@ pub const MIGRATIONS: &[&str] = &[
         version INTEGER NOT NULL,
         rollout INTEGER NOT NULL,
         wave TEXT NOT NULL,
-        since_ms INTEGER NOT NULL
+        since_ms INTEGER NOT NULL,
+        origin INTEGER NOT NULL
     );
     CREATE TABLE rollouts (
         id INTEGER PRIMARY KEY,
@@ -106,6 +107,9 @@ pub struct Target {
     /// The wave that granted it, or why it was set ("rollback").
     pub wave: String,
     pub since_ms: i64,
+    /// For a target a rollout granted: the version the host had before that rollout (or
+    /// before a rollout it superseded), where an abort sends it back. 0 for a rollback target.
+    pub origin: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -220,7 +224,7 @@ impl Store {
     pub fn targets(&self) -> anyhow::Result<BTreeMap<String, Target>> {
         let mut st = self
             .conn
-            .prepare("SELECT host, version, rollout, wave, since_ms FROM targets")
+            .prepare("SELECT host, version, rollout, wave, since_ms, origin FROM targets")
             .map_err(|e| err(&self.shown, e))?;
         let rows = st
             .query_map([], |r| {
@@ -231,6 +235,7 @@ impl Store {
                         rollout: r.get::<_, i64>(2)? as u64,
                         wave: r.get(3)?,
                         since_ms: r.get(4)?,
+                        origin: r.get::<_, i64>(5)? as u64,
                     },
                 ))
             })
@@ -431,10 +436,10 @@ fn write(tx: &rusqlite::Transaction, c: &Change) -> rusqlite::Result<()> {
     }
     for (h, t) in &c.set_targets {
         tx.execute(
-            "INSERT INTO targets (host, version, rollout, wave, since_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO targets (host, version, rollout, wave, since_ms, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (host) DO UPDATE SET version = excluded.version, rollout = excluded.rollout,
-               wave = excluded.wave, since_ms = excluded.since_ms",
-            params![h, t.version as i64, t.rollout as i64, t.wave, t.since_ms],
+               wave = excluded.wave, since_ms = excluded.since_ms, origin = excluded.origin",
+            params![h, t.version as i64, t.rollout as i64, t.wave, t.since_ms, t.origin as i64],
         )?;
     }
     if let Some(r) = c.rollout {

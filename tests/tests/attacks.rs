@@ -373,6 +373,7 @@ impl Pki {
         pki.cert("ca", "master", "/CN=syncmaster", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth", 825);
         pki.cert("ca", "web01", "/CN=web01", "subjectAltName=DNS:web01\nextendedKeyUsage=clientAuth", 825);
         pki.cert("ca", "db01", "/CN=db01", "subjectAltName=DNS:db01\nextendedKeyUsage=clientAuth", 825);
+        pki.cert("ca", "admin", "/CN=admin", "subjectAltName=DNS:admin\nextendedKeyUsage=clientAuth", 825);
         pki.cert("evil-ca", "web01-evil", "/CN=web01", "subjectAltName=DNS:web01\nextendedKeyUsage=clientAuth", 825);
         pki.cert("ca", "web01-expired", "/CN=web01", "subjectAltName=DNS:web01\nextendedKeyUsage=clientAuth", -1);
         Some(pki)
@@ -475,6 +476,8 @@ fn mtls_gives_each_host_only_its_own_entry_and_refuses_strangers() {
         OsStr::new(&pki.path("master.key")),
         OsStr::new("--client-ca"),
         OsStr::new(&pki.path("ca.pem")),
+        OsStr::new("--operator"),
+        OsStr::new("admin"),
     ]);
     let url = master.https_url();
     let tls_sync = |root: &Path, cert: &str, extra: &[&str]| {
@@ -530,9 +533,11 @@ fn mtls_gives_each_host_only_its_own_entry_and_refuses_strangers() {
     let names: Vec<&str> = v["hosts"].as_array().unwrap().iter().map(|h| h["host_id"].as_str().unwrap()).collect();
     assert!(names.contains(&"web01") && names.contains(&"db01"), "hosts seen: {names:?}");
 
-    // Operator commands take the same rules, and the master logs the certificate's name as the
-    // caller: a refused `resume` (no rollout) changes nothing and exits 4; another CA's
-    // certificate gets nowhere (exit 3).
+    // Reading the rollout is open to every certificate of the CA; steering it only to the
+    // certificates named by --operator, and the master logs the certificate's name as the
+    // caller. A host's certificate is refused (a compromised canary must not resume past its
+    // own failure); the operator's `resume` with no rollout is refused too, changing nothing;
+    // another CA's certificate gets nowhere (exit 3).
     let rollout = |cert: &str, action: &str| {
         Command::new(gis_tests::bin("syncmaster"))
             .args(["rollout", action, "--master", &url])
@@ -542,9 +547,16 @@ fn mtls_gives_each_host_only_its_own_entry_and_refuses_strangers() {
     };
     let out = rollout("web01", "resume");
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an operator"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = rollout("admin", "resume");
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no rollout"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        wait_until(Duration::from_secs(5), || master.stderr().contains("caller=web01")),
+        wait_until(Duration::from_secs(5), || master.stderr().contains("caller=admin")),
         "the operator's certificate name is not logged:\n{}",
         master.stderr()
     );

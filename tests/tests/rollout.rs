@@ -460,6 +460,20 @@ fn canary_waves_halt_abort_and_a_master_killed_mid_wave() {
     let st = fleet_status(&f.url());
     assert_eq!(st["hosts"].as_array().unwrap().len(), HOSTS);
     assert!(st["hosts"].as_array().unwrap().iter().all(|h| h["target_version"] == 5 && h["last_pass"].is_object()));
+
+    // A fleet rollback of the completed rollout, by the restarted master: every host goes back
+    // to the tree it had (v2's, under new numbers), and so does the baseline.
+    let (code, out, err) = f.syncmaster(&["rollout", "abort", "--reason", "fleet rollback"]);
+    assert_eq!(code, 0, "abort of the completed rollout after a restart: {out}{err}\n{}", f.diagnostics());
+    let st = f.rollout();
+    let baseline = st["baseline_version"].as_u64().unwrap();
+    assert!(baseline > 5, "the baseline is v2's tree under a new number: {st:#}");
+    let ok = wait_until(WAIT, || {
+        let st = fleet_status(&f.url());
+        st["hosts"].as_array().unwrap().iter().all(|h| h["converged"] == true && h["target_version"].as_u64() > Some(5))
+    });
+    assert!(ok, "the fleet never converged back: {:#}\n{}", fleet_status(&f.url()), f.diagnostics());
+    f.assert_identical(all_hosts(), 2, "after the fleet rollback");
 }
 
 #[test]
@@ -472,6 +486,9 @@ fn a_policy_with_mistakes_is_refused_at_start_naming_file_line_and_value() {
         ("[hosts.a]\n[rollout]\n[[rollout.wave]]\nname = \"w\"\npercent = 150\n", "150"),
         ("[hosts.a]\n[rollout]\ntimeout = \"soon\"\n[[rollout.wave]]\nname = \"w\"\npercent = 100\n", "soon"),
     ];
+    let cases = cases
+        .into_iter()
+        .chain([("[hosts.a]\n[rollout]\n[[rollout.wave]]\nname = \"w\"\npercent = 100\n", "which needs --images DIR")]);
     for (text, value) in cases {
         let inv = s.join("hosts.toml");
         fs::write(&inv, text).unwrap();
@@ -485,7 +502,7 @@ fn a_policy_with_mistakes_is_refused_at_start_naming_file_line_and_value() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text}: {err}");
         assert!(
-            err.contains("hosts.toml:") && err.contains(value),
+            err.contains("hosts.toml") && err.contains(value),
             "{text}: the error names file, line and value: {err}"
         );
     }
