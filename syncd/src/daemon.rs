@@ -19,7 +19,7 @@ use proto::v1 as pb;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::{client, exit, PassReport, SyncError, SyncOptions};
+use crate::{client, exit, health, PassReport, SyncError, SyncOptions};
 
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
@@ -274,7 +274,8 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                     _ => None,
                 };
                 // A failed health check is not retried early: the host did converge, and its
-                // checks run once per new version, so a retry would only report "converged".
+                // checks run once per new version, so a retry would only report the stored
+                // failure again. It counts as converged for scheduling.
                 let retry = match &r {
                     Ok(rep) => !matches!(rep.exit_code(), exit::OK | exit::HEALTH_FAILED) || !rep.deferred.is_empty(),
                     Err(_) => true,
@@ -282,12 +283,13 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 let reconcile = opts.reconcile_interval + jitter(opts.reconcile_jitter);
                 sched.pass_done(Instant::now(), converged_to, retry, reconcile);
                 // The master keeps a host's latest result only: a report still on its way
-                // is superseded.
+                // (or still being retried) is superseded. Safe to drop even when it was a
+                // failure: the stored health verdict goes into every report of its version.
                 if let Some(old) = reporting.take() {
                     old.abort();
                 }
                 let result = pass_result(&host, &r);
-                reporting = Some(tokio::spawn(report(url.clone(), transport.clone(), result)));
+                reporting = Some(tokio::spawn(report(url.clone(), transport.clone(), result, opts.max_backoff)));
             }
         }
     }
@@ -304,7 +306,12 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 if let Some(old) = reporting.take() {
                     old.abort();
                 }
-                reporting = Some(tokio::spawn(report(url.clone(), transport.clone(), pass_result(&host, &r))));
+                reporting = Some(tokio::spawn(report(
+                    url.clone(),
+                    transport.clone(),
+                    pass_result(&host, &r),
+                    opts.max_backoff,
+                )));
             }
             Ok(Err(e)) => tracing::warn!("pass task failed: {e}"),
             Err(_) => {
@@ -357,7 +364,13 @@ fn log_pass(r: &Result<PassReport, SyncError>) {
                 }
             }
             for h in &rep.health {
-                if h.ok {
+                if let Some(at) = rep.health_stored_at {
+                    if h.ok {
+                        tracing::debug!(check = %h.name, "health check passed on this version (stored result)");
+                    } else {
+                        tracing::warn!(check = %h.name, "health check {}", health::stored_failure_line(h, rep.image_version, at));
+                    }
+                } else if h.ok {
                     tracing::info!(check = %h.name, "health check passed ({:.1} s)", h.duration.as_secs_f64());
                 } else {
                     tracing::error!(check = %h.name, "health check failed: {}: {}", h.status, h.last_line().unwrap_or("(no output)"));
@@ -369,11 +382,29 @@ fn log_pass(r: &Result<PassReport, SyncError>) {
     }
 }
 
-/// Sends a pass report: connecting and the call each within their deadlines.
-async fn report(url: String, transport: client::Transport, result: pb::PassResult) {
-    let sent = async { client::Master::connect(&url, &transport).await?.report(result).await };
-    if let Err(e) = sent.await {
-        tracing::warn!("cannot report the pass to the master: {e}");
+/// Sends a pass report until the master acknowledges it: connecting and the call each within
+/// their deadlines, retried after 0.5 s, doubling up to `max_backoff` (plus jitter). It ends
+/// when acknowledged, or when aborted: a newer report replaces it, and shutdown gives it
+/// [`REPORT_GRACE`].
+async fn report(url: String, transport: client::Transport, result: pb::PassResult, max_backoff: Duration) {
+    let mut wait = Duration::from_millis(500).min(max_backoff);
+    let mut attempt = 0u32;
+    loop {
+        attempt = attempt.saturating_add(1);
+        let sent = async { client::Master::connect(&url, &transport).await?.report(result.clone()).await };
+        match sent.await {
+            Ok(()) if attempt > 1 => {
+                tracing::info!(attempt, result = %result.result, "pass report delivered to the master");
+                return;
+            }
+            Ok(()) => return,
+            Err(e) if attempt == 1 => {
+                tracing::warn!("cannot report the pass to the master: {e}; retrying until it is acknowledged")
+            }
+            Err(e) => tracing::debug!(attempt, "cannot report the pass to the master: {e}"),
+        }
+        tokio::time::sleep(wait + jitter(wait / 4)).await;
+        wait = (wait * 2).min(max_backoff);
     }
 }
 
@@ -405,6 +436,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             deferred: Vec::new(),
+            health_stored_at: None,
             health: health_ok
                 .iter()
                 .enumerate()

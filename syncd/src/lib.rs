@@ -50,9 +50,11 @@ pub mod exit {
     pub const NO_SPACE: u8 = 7;
     /// Another syncd holds this root (without `--wait`); nothing was read or changed.
     pub const BUSY: u8 = 8;
-    /// Converged to a new version and its triggers passed, but a health check failed or timed
-    /// out. Not retried: the checks run once per new version. (A failed trigger takes
-    /// precedence: that pass exits 5, its health results still reported.)
+    /// Converged, its triggers passed, and the version's health checks failed or timed out:
+    /// on the pass that ran them (the first to converge to a new version) and on every later
+    /// converged pass of that version, which runs none but carries the stored failure (the
+    /// verdict is sticky). Not retried early by the daemon. (A failed trigger takes precedence:
+    /// that pass exits 5, its health results still reported.)
     pub const HEALTH_FAILED: u8 = 9;
 }
 
@@ -295,8 +297,13 @@ pub struct PassReport {
     /// Pending triggers left for a later pass because their backoff has not expired.
     pub deferred: Vec<String>,
     /// Health checks this pass ran, in config order: only after a pass that moved the host to
-    /// a new version (see [`health`]); empty otherwise.
+    /// a new version (see [`health`]). On a later converged pass of the same version, the
+    /// results stored by the pass that ran them (then `health_stored_at` is set). Empty
+    /// otherwise.
     pub health: Vec<triggers::health::CheckResult>,
+    /// Set when `health` holds stored results, not run by this pass: when they ran, Unix
+    /// milliseconds (0 if not known).
+    pub health_stored_at: Option<u64>,
     /// On a dry run: the triggers the plan would fire, with the changes that fire them, and
     /// those already pending from an earlier pass.
     pub would_fire: Vec<(String, Vec<triggers::ChangeRecord>)>,
@@ -478,6 +485,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         triggers: Vec::new(),
         deferred: Vec::new(),
         health: Vec::new(),
+        health_stored_at: None,
         would_fire: Vec::new(),
         walk_only,
         duration: Duration::ZERO,

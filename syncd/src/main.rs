@@ -556,10 +556,16 @@ fn print_triggers(report: &syncd::PassReport) {
 }
 
 /// One line per health check, after the trigger lines and in their style; a failure gives the
-/// last line of the check's output (the whole tail goes to the master).
+/// last line of the check's output (the whole tail goes to the master). Results stored by an
+/// earlier pass of the same version: only the failures, saying when they ran (that is why the
+/// host still reports `health-failed`); stored passes are not repeated on every pass.
 fn print_health(report: &syncd::PassReport) {
     for h in &report.health {
-        if h.ok {
+        if let Some(at) = report.health_stored_at {
+            if !h.ok {
+                eprintln!("syncd: error: health: {}", syncd::health::stored_failure_line(h, report.image_version, at));
+            }
+        } else if h.ok {
             eprintln!("syncd: health: {} ok ({:.1} s)", h.name, h.duration.as_secs_f64());
         } else {
             let last = h.last_line().map(|l| format!(": {l}")).unwrap_or_default();

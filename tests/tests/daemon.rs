@@ -1,6 +1,7 @@
 //! `syncd run` against a real master: new versions converge within seconds, local drift is
 //! reverted by the reconcile, a master restart is survived, and the fleet status tells the
-//! truth (converged, version, down once syncd stops).
+//! truth (converged, version, down once syncd stops; a health-failed report retried until a
+//! restarted master has it).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -46,12 +47,17 @@ fn master(s: &Scratch, images: &Path, listen: Option<&str>) -> Master {
 }
 
 fn daemon(s: &Scratch, url: &str, root: &Path) -> KillOnDrop {
+    daemon_with(s, url, root, "1s", "")
+}
+
+/// A daemon reconciling every `interval`, with `tables` (TOML `[[health]]`…) in its config.
+fn daemon_with(s: &Scratch, url: &str, root: &Path, interval: &str, tables: &str) -> KillOnDrop {
     let cfg = s.join("syncd.toml");
     fs::write(
         &cfg,
         format!(
             "master = {url:?}\nroot = {root:?}\nhost_id = \"web01\"\nstate_dir = {:?}\n\
-             reconcile_interval = \"1s\"\nreconcile_jitter = \"0s\"\nannounce_jitter = \"0s\"\nmax_backoff = \"1s\"\n",
+             reconcile_interval = {interval:?}\nreconcile_jitter = \"0s\"\nannounce_jitter = \"0s\"\nmax_backoff = \"1s\"\n\n{tables}",
             s.join("syncd-state")
         ),
     )
@@ -150,6 +156,54 @@ fn survives_a_master_restart_and_an_unreachable_start() {
     assert!(wait_until(WAIT, || motd(&root) == "version 2\n"), "no convergence after the restart\n{}", log(&s));
     // Versions survive the restart: v1's number was persisted, v2 is the next one.
     assert_eq!(fleet_status(m.url())["image_version"], 2);
+    assert_eq!(sigterm_and_wait(&mut d.0), Some(0));
+}
+
+#[test]
+fn a_health_failed_report_reaches_a_master_that_was_down_when_the_pass_ended() {
+    let s = scratch();
+    let images = images(&s);
+    let root = s.dir("root");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let m = master(&s, &images, Some(&addr));
+    // The check waits (at most 20 s) until the test has stopped the master, then fails: the
+    // pass's report finds no master.
+    let (ran, gone) = (s.join("check-ran"), s.join("master-gone"));
+    let script = format!(
+        "echo run >> {}; i=0; while [ ! -e {} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; echo 'app: broken'; exit 1",
+        ran.display(),
+        gone.display()
+    );
+    let check = format!("[[health]]\nname = \"app\"\nrun = [\"/bin/sh\", \"-c\", {script:?}]\n");
+    // No reconcile within the test: only the retried report can tell the master.
+    let mut d = daemon_with(&s, &format!("http://{addr}"), &root, "1h", &check);
+    assert!(wait_until(WAIT, || ran.exists()), "the health check never ran\n{}", log(&s));
+    drop(m);
+    fs::write(&gone, b"").unwrap();
+    assert!(
+        wait_until(WAIT, || log(&s).contains("cannot report the pass to the master")),
+        "the lost report is not logged\n{}",
+        log(&s)
+    );
+    // A few retries fail while the master is away.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let m = master(&s, &images, Some(&addr));
+    let web01 = |st: &serde_json::Value| {
+        st["hosts"].as_array().and_then(|hs| hs.iter().find(|h| h["host_id"] == "web01")).cloned().unwrap_or_default()
+    };
+    assert!(
+        wait_until(WAIT, || web01(&fleet_status(m.url()))["last_pass"]["result"] == "health-failed"),
+        "the master never heard of the failed check: {:#}\n{}",
+        fleet_status(m.url()),
+        log(&s)
+    );
+    let h = web01(&fleet_status(m.url()));
+    let check = &h["last_pass"]["health"][0];
+    assert_eq!((check["name"].as_str(), check["ok"].as_bool()), (Some("app"), Some(false)), "{h:#}");
+    assert_eq!(check["output_tail"], "app: broken\n", "{h:#}");
+    assert_eq!(fs::read_to_string(&ran).unwrap().lines().count(), 1, "the check ran more than once");
+    assert!(log(&s).contains("pass report delivered"), "{}", log(&s));
     assert_eq!(sigterm_and_wait(&mut d.0), Some(0));
 }
 

@@ -1,5 +1,6 @@
 //! Health checks, with real processes: run once per new version, after the triggers, in config
-//! order, each under its timeout; a failure exits 9 and shows the tail of its output.
+//! order, each under its timeout; a failure exits 9 and shows the tail of its output, and stays
+//! the verdict (exit 9, shown again) on every later pass of that version.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -72,14 +73,21 @@ fn a_new_version_runs_the_checks_once_in_order_and_a_failure_exits_9() {
         &[],
     );
 
-    // The same version again: no checks, a clean exit.
+    // The same version again: no checks, but the stored failure is still the verdict.
     let second = run(&master, &root, &cfg, &[]);
-    second.expect_code(0, &[&root]);
-    second.check(health_lines(&second).is_empty(), "the same version ran health checks again", &[]);
+    second.expect_code(9, &[&root]);
     assert_eq!(lines(&log).len(), 2, "the same version ran health checks again");
+    let shown = health_lines(&second);
+    second.check(
+        shown.len() == 1
+            && shown[0].starts_with("syncd: error: health: db FAILED on v1 at ")
+            && shown[0].ends_with(" (not run again for the same version): exit 3: broken"),
+        "the stored failure is not shown once, with its version and time",
+        &[],
+    );
     // Local drift repaired under the same version is not a new version either.
     fs::write(root.join("etc/motd"), b"drift\n").unwrap();
-    run(&master, &root, &cfg, &[]).expect_code(0, &[&root]);
+    run(&master, &root, &cfg, &[]).expect_code(9, &[&root]);
     assert_eq!(lines(&log).len(), 2, "a repair of drift ran health checks");
     drop(master);
 
@@ -91,6 +99,65 @@ fn a_new_version_runs_the_checks_once_in_order_and_a_failure_exits_9() {
     let third = run(&master, &root, &cfg, &[]);
     third.expect_code(9, &[&root]);
     assert_eq!(lines(&log)[2..], ["app app 2", "db"]);
+}
+
+#[test]
+fn a_failed_check_stays_the_verdict_of_its_version_until_a_new_version_passes() {
+    let s = scratch();
+    let (img, root) = (image(&s), s.dir("root"));
+    let runs = s.join("runs");
+    // Fails while the host has the v1 config: the version is bad, not the check.
+    let script = format!(
+        "echo run >> {}; if grep -q v1 {}; then echo starting; echo 'app: bad config' >&2; exit 1; fi; echo fine",
+        runs.display(),
+        root.join("etc/app.conf").display()
+    );
+    let cfg = config(&s, &check("app", "", &script));
+    let master = Master::start(&img);
+    let first = run(&master, &root, &cfg, &[]);
+    first.expect_code(9, &[&root]);
+    assert_eq!(lines(&runs).len(), 1);
+    first.check(
+        health_lines(&first) == ["syncd: error: health: app FAILED: exit 1: app: bad config"],
+        "the failure is not shown",
+        &[],
+    );
+
+    for _ in 0..2 {
+        let again = run(&master, &root, &cfg, &[]);
+        again.expect_code(9, &[&root]);
+        assert_eq!(lines(&runs).len(), 1, "the check ran again for the same version");
+        let shown = health_lines(&again);
+        let stamp = shown
+            .first()
+            .and_then(|l| l.strip_prefix("syncd: error: health: app FAILED on v1 at "))
+            .and_then(|l| l.strip_suffix(" (not run again for the same version): exit 1: app: bad config"));
+        again.check(
+            shown.len() == 1
+                && stamp.is_some_and(|t| {
+                    t.len() == 24 && t.starts_with("20") && t.as_bytes()[10] == b'T' && t.ends_with('Z')
+                }),
+            "the stored failure is not shown with its version and UTC time",
+            &[],
+        );
+    }
+    drop(master);
+
+    // A new version whose check passes: exit 0, and the stored failure is gone.
+    fs::write(img.join("etc/app.conf"), b"v2\n").unwrap();
+    let master = Master::start_version(&img, 2);
+    let fixed = run(&master, &root, &cfg, &[]);
+    fixed.expect_code(0, &[&root]);
+    assert_eq!(lines(&runs).len(), 2, "the new version did not run the check");
+    fixed.check(
+        health_lines(&fixed).len() == 1 && health_lines(&fixed)[0].starts_with("syncd: health: app ok ("),
+        "the passing check is not shown",
+        &[],
+    );
+    let after = run(&master, &root, &cfg, &[]);
+    after.expect_code(0, &[&root]);
+    after.check(health_lines(&after).is_empty(), "a stored result is still shown", &[]);
+    assert_eq!(lines(&runs).len(), 2);
 }
 
 #[test]
