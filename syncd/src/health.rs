@@ -244,29 +244,10 @@ fn recall(p: &Record, checks: &[HealthCheck], report: &mut PassReport) {
 pub fn stored_failure_line(h: &CheckResult, version: u64, checked_at_unix_ms: u64) -> String {
     let at = match checked_at_unix_ms {
         0 => "an earlier pass".to_owned(),
-        ms => utc(ms),
+        ms => manifest::units::format_utc_ms(ms as i64),
     };
     let last = h.last_line().map(|l| format!(": {l}")).unwrap_or_default();
     format!("{} FAILED on v{version} at {at} (not run again for the same version): {}{last}", h.name, h.status)
-}
-
-/// `2026-12-05T07:21:23.398Z` for Unix milliseconds (UTC; proleptic Gregorian). The same as
-/// the master's `status::utc`; syncd does not depend on the master's crate.
-pub fn utc(ms: u64) -> String {
-    let ms = ms as i64;
-    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let (h, mi, sec, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{sec:02}.{milli:03}Z")
 }
 
 #[cfg(test)]
@@ -332,12 +313,6 @@ mod tests {
         assert_eq!(rep.exit_code(), exit::OK);
     }
 
-    #[test]
-    fn utc_times() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(utc(951_782_400_000 + 86_399_999), "2000-02-29T23:59:59.999Z");
-    }
-
     fn report(version: u64, identity: Hash) -> PassReport {
         PassReport {
             host_id: "h".into(),
@@ -397,7 +372,10 @@ mod tests {
         let line = stored_failure_line(&first.health[1], 7, at);
         assert_eq!(
             line,
-            format!("app FAILED on v7 at {} (not run again for the same version): exit 1: broken", utc(at))
+            format!(
+                "app FAILED on v7 at {} (not run again for the same version): exit 1: broken",
+                manifest::units::format_utc_ms(at as i64)
+            )
         );
 
         // A pass that did not converge carries nothing (its own failure is the verdict).

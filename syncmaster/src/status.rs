@@ -264,23 +264,6 @@ pub fn rollout_json(s: &pb::RolloutStatusReply) -> String {
     serde_json::to_string_pretty(&v).expect("status always serializes") + "\n"
 }
 
-/// `2026-12-05T07:21:23.398Z` for Unix milliseconds (UTC; proleptic Gregorian).
-pub fn utc(ms: i64) -> String {
-    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let (h, mi, sec, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{sec:02}.{milli:03}Z")
-}
-
 /// `syncmaster rollout log`: one line an event, or JSON lines.
 pub fn events(evs: &[pb::RolloutEvent], json_lines: bool) -> String {
     let mut out = String::new();
@@ -303,7 +286,7 @@ pub fn events(evs: &[pb::RolloutEvent], json_lines: bool) -> String {
             out.push_str(&format!(
                 "{:>6} {} {:<4} {:<5} {:<15} {:<20} {}{}\n",
                 e.id,
-                utc(e.at_unix_ms),
+                manifest::units::format_utc_ms(e.at_unix_ms),
                 if e.rollout_id == 0 { "-".to_owned() } else { format!("#{}", e.rollout_id) },
                 if e.version == 0 { "-".to_owned() } else { format!("v{}", e.version) },
                 e.kind,
@@ -314,17 +297,4 @@ pub fn events(evs: &[pb::RolloutEvent], json_lines: bool) -> String {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_times() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(utc(1_796_455_083_398), "2026-12-05T07:18:03.398Z");
-        assert_eq!(utc(-1), "1969-12-31T23:59:59.999Z");
-    }
 }
