@@ -132,6 +132,7 @@ pub fn manifest_header(m: &Manifest, identity: &Hash) -> pb::ManifestHeader {
         exclusions: Vec::new(),
         signature: None,
         entries_omitted: false,
+        object_store_url: String::new(),
     }
 }
 

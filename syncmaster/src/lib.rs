@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod identity;
 pub mod inventory;
 pub mod objcache;
+pub mod objstore;
 pub mod policy;
 pub mod publish;
 pub mod rollout;
@@ -87,6 +88,9 @@ pub struct Security {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Under mTLS, the certificate names that may pause, resume and abort rollouts.
     pub operators: Vec<String>,
+    /// The object store's public location, sent in every manifest header (not signed; see
+    /// [`objstore`]). Empty: no store.
+    pub object_store_url: String,
 }
 
 /// The gRPC service.
@@ -103,6 +107,8 @@ pub struct Service {
     signature_ttl: std::time::Duration,
     mtls: bool,
     operators: Vec<String>,
+    /// Sent in every manifest header (empty without `--object-store`).
+    object_store_url: String,
 }
 
 impl Service {
@@ -125,6 +131,7 @@ impl Service {
             signature_ttl: security.signature_ttl,
             mtls: security.tls.is_some(),
             operators: security.operators.clone(),
+            object_store_url: security.object_store_url.clone(),
         }
     }
 
@@ -198,6 +205,7 @@ impl ImageSync for Service {
             .collect();
         let (tx, rx) = mpsc::channel(16);
         let signer = self.signing_key.clone().map(|k| (k, self.signature_ttl));
+        let object_store_url = self.object_store_url.clone();
         tokio::spawn(async move {
             let mut lists = Some(lists);
             let messages = manifest::wire::manifest_messages(&image.manifest, &image.identity, proto::MANIFEST_BATCH);
@@ -205,6 +213,7 @@ impl ImageSync for Service {
                 if let Some(pb::manifest_message::Msg::Header(h)) = &mut msg.msg {
                     h.exclusions = lists.take().unwrap_or_default();
                     h.entries_omitted = omit;
+                    h.object_store_url = object_store_url.clone();
                     if let (Some((key, ttl)), Some(id)) = (&signer, Hash::from_slice(&h.identity)) {
                         let expires = manifest::trust::now_unix() + ttl.as_secs().max(1);
                         h.signature = Some(manifest::wire::signature_to_wire(&key.sign(&id, h.version, expires)));

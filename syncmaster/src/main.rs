@@ -70,6 +70,18 @@ enum Cmd {
         /// How long a manifest signature stays valid; hosts refuse it after that (freeze attack).
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
         signature_ttl: Duration,
+        /// Upload every version's objects to this store (`s3://BUCKET/PREFIX`, credentials from
+        /// the AWS_* variables; or `file:///DIR`) before announcing the version. See README,
+        /// Object store.
+        #[arg(long, value_name = "URL")]
+        object_store: Option<String>,
+        /// The store's location as hosts will see it, sent in every manifest header
+        /// [default: the --object-store URL].
+        #[arg(long, value_name = "URL", requires = "object_store")]
+        object_store_public_url: Option<String>,
+        /// Objects uploaded at a time.
+        #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+        object_store_concurrency: u16,
         #[command(flatten)]
         tls: ServerTls,
     },
@@ -255,6 +267,9 @@ fn main() -> ExitCode {
             cache_size,
             signing_key,
             signature_ttl,
+            object_store,
+            object_store_public_url,
+            object_store_concurrency,
             tls,
         } => {
             // Validate configuration before scanning or opening a port.
@@ -282,7 +297,25 @@ fn main() -> ExitCode {
             if tls.is_some() && tls_operators.is_empty() {
                 tracing::warn!("no --operator: nobody can pause, resume or abort a rollout over mTLS");
             }
-            let security = syncmaster::Security { signing_key, signature_ttl, tls, operators: tls_operators };
+            // Objects are stored as they are sent: at the cache level when there is a cache.
+            let store_level = if cache_level > 0 { cache_level } else { zstd_level };
+            let store = match object_store
+                .as_deref()
+                .map(|u| syncmaster::objstore::ObjectStoreTarget::new(u, object_store_concurrency.into(), store_level))
+                .transpose()
+            {
+                Ok(s) => s.map(Arc::new),
+                Err(e) => {
+                    eprintln!("syncmaster: {e}");
+                    return ExitCode::from(match e {
+                        syncmaster::objstore::OpenError::BadUrl(_) => 2,
+                        syncmaster::objstore::OpenError::Unreachable(_) => 1,
+                    });
+                }
+            };
+            let object_store_url = object_store_public_url.or(object_store).unwrap_or_default();
+            let security =
+                syncmaster::Security { signing_key, signature_ttl, tls, operators: tls_operators, object_store_url };
             let tree = match (&image, &images) {
                 (Some(dir), _) => dir.clone(),
                 // Resolved once, so a flip during the first scan cannot mix two trees.
@@ -335,6 +368,7 @@ fn main() -> ExitCode {
                 cache: (cache_level > 0 && cache_size > 0)
                     .then_some(syncmaster::objcache::CacheConfig { level: cache_level, max_bytes: cache_size }),
                 security,
+                store,
             };
             match rt.block_on(serve(opts, Arc::new(inventory))) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -423,12 +457,18 @@ struct ServeOpts {
     zstd_level: i32,
     cache: Option<syncmaster::objcache::CacheConfig>,
     security: syncmaster::Security,
+    store: Option<Arc<syncmaster::objstore::ObjectStoreTarget>>,
 }
 
 async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Result<()> {
     // Install the handlers before anything else, so a signal sent right after the ready line
     // is a clean shutdown rather than the default kill.
     let shutdown = shutdown_signal()?;
+    if let Some(store) = &o.store {
+        // Before scanning: a store that cannot be used is refused at once.
+        store.probe().await?;
+        tracing::info!(url = store.url(), "object store reachable");
+    }
     let started = std::time::Instant::now();
     let mut versions = publish::Versions::open(o.state_dir.as_deref(), o.image_version)?;
     let tree = o.tree.clone();
@@ -447,6 +487,17 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         secs = started.elapsed().as_secs_f64(),
         "image scanned"
     );
+    let scanned = match &o.store {
+        // Serving (and so announcing) begins once the first version's objects are all stored.
+        Some(store) => {
+            let shared = Arc::new(scanned);
+            store.upload(&shared).await.map_err(|e| {
+                anyhow::anyhow!("cannot upload version {} to the object store: {e:#}", shared.manifest.version)
+            })?;
+            Arc::try_unwrap(shared).unwrap_or_else(|a| a.renumbered(a.manifest.version))
+        }
+        None => scanned,
+    };
     let published = Arc::new(publish::Published::with_cache(scanned, o.cache));
     let fleet = Arc::new(fleet::Fleet::new(o.down_after, o.out_after));
     let versions = Arc::new(Mutex::new(versions));
@@ -472,7 +523,7 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         (None, _) => tracing::info!("no [rollout] policy: a new version goes to every host at once"),
     }
     if let Some(images) = o.images {
-        let w = publish::watch_current(images, control.clone(), versions, o.poll);
+        let w = publish::watch_current(images, control.clone(), versions, o.poll, o.store.clone());
         tokio::spawn(w);
     }
     syncmaster::serve(control, fleet, inventory, o.listen, o.zstd_level, o.security, shutdown, |addr| {

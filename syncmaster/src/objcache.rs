@@ -210,7 +210,7 @@ impl ObjectCache {
         }
         let data = read_checked(image, rel, size, hash)?;
         let frame = zstd::bulk::compress(&data, config.level)?;
-        if (frame.len() as u64).saturating_mul(MIN_GAIN) >= size.saturating_mul(MIN_GAIN - 1) {
+        if incompressible(frame.len() as u64, size) {
             self.incompressible.write().unwrap_or_else(|p| p.into_inner()).insert(*hash);
             return Ok(false);
         }
@@ -224,8 +224,14 @@ impl ObjectCache {
     }
 }
 
+/// True if a `frame` of an object of `size` bytes saves less than 1/[`MIN_GAIN`]: the object is
+/// sent (and stored) raw.
+pub(crate) fn incompressible(frame: u64, size: u64) -> bool {
+    frame.saturating_mul(MIN_GAIN) >= size.saturating_mul(MIN_GAIN - 1)
+}
+
 /// The content of `rel` in `image`, checked to be `size` bytes hashing to `hash`.
-fn read_checked(image: &Image, rel: &manifest::RelPath, size: u64, hash: &Hash) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_checked(image: &Image, rel: &manifest::RelPath, size: u64, hash: &Hash) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let path = image.root.join(rel.as_path());
     let mut data = Vec::with_capacity(size as usize);

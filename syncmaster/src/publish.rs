@@ -248,11 +248,14 @@ impl Published {
 }
 
 /// Watches `images/current` and publishes each new target. Runs until the task is dropped.
+/// With `store`, a new version's objects are all uploaded to it before the version is
+/// published; a failed upload leaves the version unpublished, and the next poll tries again.
 pub async fn watch_current(
     images: PathBuf,
     control: Arc<crate::control::Control>,
     versions: Arc<Mutex<Versions>>,
     every: Duration,
+    store: Option<Arc<crate::objstore::ObjectStoreTarget>>,
 ) {
     let published = control.published().clone();
     let link = images.join("current");
@@ -273,8 +276,20 @@ pub async fn watch_current(
         let versions = versions.clone();
         let scanned = tokio::task::spawn_blocking(move || versions.lock().expect("versions lock").scan(&dir)).await;
         match scanned {
-            Ok(Ok(image)) => {
+            Ok(Ok(mut image)) => {
                 let same = image.identity == published.current().identity;
+                if let (false, Some(store)) = (same, &store) {
+                    let shared = Arc::new(image);
+                    if let Err(e) = store.upload(&shared).await {
+                        tracing::error!(
+                            "not publishing {} (version {}) until its objects are in the object store: {e:#}",
+                            target.display(),
+                            shared.manifest.version
+                        );
+                        continue;
+                    }
+                    image = Arc::try_unwrap(shared).unwrap_or_else(|a| a.renumbered(a.manifest.version));
+                }
                 tracing::info!(
                     version = image.manifest.version,
                     target = %target.display(),

@@ -243,6 +243,7 @@ pub fn raw_manifest(entries: Vec<pb::Entry>) -> Vec<pb::ManifestMessage> {
                 exclusions: Vec::new(),
                 signature: None,
                 entries_omitted: false,
+                object_store_url: String::new(),
             })),
         },
         pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Batch(pb::EntryBatch { entries })) },

@@ -112,11 +112,16 @@ impl Master {
 
     /// `syncmaster serve ARGS`, on `127.0.0.1:0` unless ARGS name `--listen`.
     pub fn start_with(args: &[&OsStr]) -> Master {
+        Master::start_with_env(args, &[])
+    }
+
+    /// The same, with `env` added to the master's environment (an [`S3Server`]'s variables).
+    pub fn start_with_env(args: &[&OsStr], env: &[(&str, String)]) -> Master {
         let image = Path::new(
             args.iter().skip_while(|a| **a != "--image" && **a != "--images").nth(1).copied().unwrap_or_default(),
         );
         let mut cmd = Command::new(bin("syncmaster"));
-        cmd.arg("serve").args(args);
+        cmd.arg("serve").args(args).envs(env.iter().map(|(k, v)| (k, v)));
         // Plain TCP unless the test sets up mTLS (tests/tests/attacks.rs does).
         if !args.iter().any(|a| *a == "--tls-cert") {
             cmd.arg("--insecure");
@@ -483,5 +488,81 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// The command that installs the S3 server the object-store tests run against.
+pub const S3S_FS_INSTALL: &str = "cargo install s3s-fs --version 0.14.1 --features binary --locked";
+
+/// A real S3 server (`s3s-fs`, serving a directory: each bucket is a subdirectory, each object
+/// a file under it) on loopback, killed on drop.
+pub struct S3Server {
+    /// Held for its drop, which kills the server.
+    _child: KillOnDrop,
+    /// The directory served.
+    pub dir: PathBuf,
+    pub endpoint: String,
+}
+
+impl S3Server {
+    /// Starts `s3s-fs` (found on PATH, or in `$HOME/.cargo/bin`) serving `dir`; `None` if the
+    /// binary is not installed. Use [`S3Server::require`] in tests.
+    pub fn start(dir: &Path) -> Option<S3Server> {
+        // A free port: bind port 0, note the number, let it go (s3s-fs has no port 0 report).
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        S3Server::start_at(dir, port)
+    }
+
+    /// [`S3Server::start`] on `port` (to bring a stopped server back where clients expect it).
+    pub fn start_at(dir: &Path, port: u16) -> Option<S3Server> {
+        let exe = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin")))
+            .map(|d| d.join("s3s-fs"))
+            .find(|p| p.is_file())?;
+        let child = Command::new(&exe)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "e2e-access", "--secret-key", "e2e-secret"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
+        let server =
+            S3Server { _child: KillOnDrop(child), dir: dir.to_owned(), endpoint: format!("http://127.0.0.1:{port}") };
+        let up = wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(up, "{} never listened on 127.0.0.1:{port}", exe.display());
+        Some(server)
+    }
+
+    /// [`S3Server::start`], failing the test with the install command when s3s-fs is missing.
+    pub fn require(dir: &Path) -> S3Server {
+        S3Server::start(dir).unwrap_or_else(|| {
+            panic!("this test needs the s3s-fs binary on PATH or in ~/.cargo/bin (hint: {S3S_FS_INSTALL})")
+        })
+    }
+
+    /// Creates bucket `name` (a directory of the served tree).
+    pub fn bucket(&self, name: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// The AWS variables a client of this server needs.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "e2e-access".into()),
+            ("AWS_SECRET_ACCESS_KEY", "e2e-secret".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    pub fn port(&self) -> u16 {
+        self.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("endpoint has a port")
     }
 }

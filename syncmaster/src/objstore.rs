@@ -1,0 +1,350 @@
+//! Objects in an object store (issue 25, part 1): every object of a version is uploaded before
+//! the version is announced.
+//!
+//! Layout, under the URL's prefix (`s3://bucket/PREFIX` or `file:///DIR`):
+//!
+//! ```text
+//! objects/<first two hex digits>/<blake3 hex>.zst   one zstd frame of the content
+//! objects/<first two hex digits>/<blake3 hex>.raw   the content itself
+//! ```
+//!
+//! An object is stored once, under one of the two names: `.raw` when it is smaller than 128 bytes
+//! or zstd saves less than 1/32 of it (the master's "incompressible" rule, as on the wire),
+//! `.zst` otherwise. A reader knows the encoding from the suffix and the uncompressed size from
+//! the manifest entry (`size`); the content's blake3 is the hash in the name. Keys are
+//! content-addressed, so an object is never rewritten: puts are create-only
+//! ([`PutMode::Create`]; on S3, `If-None-Match: *`, which AWS S3 and s3s-fs 0.14 honour with
+//! 412), and before any put the master lists `objects/` once to skip what is present, so a
+//! restart puts nothing twice. A store that ignored `If-None-Match` could only be overwritten by
+//! a concurrent writer between the listing and the put, with identical bytes.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{StreamExt, TryStreamExt};
+use manifest::{Hash, Kind};
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::Image;
+
+/// Why a store cannot be used. `BadUrl` is a configuration error (exit 2); `Unreachable` one of
+/// the store (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    BadUrl(String),
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// Attempts per object before an upload (and so the publish) fails.
+const ATTEMPTS: u32 = 5;
+
+/// A store this master uploads objects to.
+pub struct ObjectStoreTarget {
+    url: String,
+    store: Arc<dyn ObjectStore>,
+    /// `PREFIX/objects`.
+    objects: StorePath,
+    concurrency: usize,
+    level: i32,
+}
+
+/// What one upload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub objects: u64,
+    pub uploaded: u64,
+    pub present: u64,
+    /// Bytes put (compressed where compressed).
+    pub bytes: u64,
+}
+
+fn has_aws_credentials() -> bool {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    (set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY"))
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        || std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v == "true")
+}
+
+impl ObjectStoreTarget {
+    /// Parses `url` (`s3://bucket/prefix`, `file:///dir`) into a store. Does not touch the network.
+    pub fn new(url: &str, concurrency: usize, level: i32) -> Result<ObjectStoreTarget, OpenError> {
+        let bad = |why: String| OpenError::BadUrl(format!("--object-store {url}: {why}"));
+        let parsed = url::Url::parse(url)
+            .map_err(|e| bad(format!("not a URL ({e}); hint: s3://BUCKET/PREFIX or file:///DIR")))?;
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
+            "s3" | "s3a" => {
+                if parsed.host_str().is_none_or(str::is_empty) {
+                    return Err(bad("no bucket (hint: s3://BUCKET/PREFIX)".into()));
+                }
+                if !has_aws_credentials() {
+                    return Err(bad(
+                        "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_REGION; AWS_ENDPOINT_URL for a store other than AWS, AWS_ALLOW_HTTP=true for a plain-http one)".into(),
+                    ));
+                }
+                // reqwest's rustls has no provider of its own here (see the root Cargo.toml): ring,
+                // as for tonic. An error means one is installed already.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let retry = object_store::RetryConfig {
+                    backoff: object_store::BackoffConfig {
+                        init_backoff: Duration::from_millis(100),
+                        max_backoff: Duration::from_secs(5),
+                        base: 2.0,
+                    },
+                    max_retries: 4,
+                    retry_timeout: Duration::from_secs(30),
+                };
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(|e| bad(format!("{e}")))?;
+                (Arc::new(s3), parsed.path().to_owned())
+            }
+            "file" => {
+                let dir = parsed.to_file_path().map_err(|()| bad("not a local path (hint: file:///DIR)".into()))?;
+                if !dir.is_dir() {
+                    return Err(OpenError::Unreachable(format!(
+                        "--object-store {url}: {} is not a directory (hint: create it)",
+                        dir.display()
+                    )));
+                }
+                let fs =
+                    object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(format!("{e}")))?;
+                (Arc::new(fs), String::new())
+            }
+            other => {
+                return Err(bad(format!("unsupported scheme {other:?} (hint: s3://BUCKET/PREFIX or file:///DIR)")))
+            }
+        };
+        let objects = StorePath::from(prefix.trim_matches('/')).join("objects");
+        Ok(ObjectStoreTarget { url: url.to_owned(), store, objects, concurrency: concurrency.max(1), level })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Checks that the store answers and the bucket exists (one listing of `objects/`).
+    pub async fn probe(&self) -> Result<(), OpenError> {
+        match self.store.list_with_delimiter(Some(&self.objects)).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => Err(OpenError::Unreachable(format!(
+                "--object-store {}: the bucket does not exist (hint: create it, or fix the URL)",
+                self.url
+            ))),
+            Err(e) if e.to_string().contains("NoSuchBucket") => Err(OpenError::Unreachable(format!(
+                "--object-store {}: the bucket does not exist (hint: create it, or fix the URL): {e}",
+                self.url
+            ))),
+            Err(e) => Err(OpenError::Unreachable(format!(
+                "--object-store {}: the store is unreachable or refused the listing of {}: {e} (hint: check AWS_ENDPOINT_URL, AWS_REGION and the credentials)",
+                self.url, self.objects
+            ))),
+        }
+    }
+
+    /// The key of `hash`, stored raw or as a zstd frame.
+    pub fn key(&self, hash: &Hash, raw: bool) -> StorePath {
+        let hex = hash.to_hex();
+        self.objects.clone().join(&hex[..2]).join(format!("{hex}.{}", if raw { "raw" } else { "zst" }))
+    }
+
+    /// The hashes with an object under `objects/` (either encoding).
+    async fn present(&self) -> anyhow::Result<HashSet<Hash>> {
+        let mut out = HashSet::new();
+        let mut list = self.store.list(Some(&self.objects));
+        while let Some(meta) = list.next().await {
+            let meta = meta.map_err(|e| anyhow::anyhow!("cannot list {} in {}: {e}", self.objects, self.url))?;
+            let name = meta.location.filename().unwrap_or_default();
+            let hex = name.strip_suffix(".zst").or_else(|| name.strip_suffix(".raw")).unwrap_or_default();
+            if let Some(h) = Hash::from_hex(hex) {
+                out.insert(h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads every object of `image` the store lacks; returns when all are in the store.
+    pub async fn upload(&self, image: &Arc<Image>) -> anyhow::Result<Summary> {
+        let t = Instant::now();
+        let mut todo: Vec<(Hash, manifest::RelPath, u64)> = image
+            .manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .filter_map(|e| Some((e.hash?, e.path.clone(), e.size)))
+            .collect();
+        todo.sort_unstable_by_key(|(h, _, _)| *h);
+        todo.dedup_by_key(|(h, _, _)| *h);
+        let objects = todo.len() as u64;
+        let present = self.present().await?;
+        todo.retain(|(h, _, _)| !present.contains(h));
+        let already = objects - todo.len() as u64;
+        tracing::info!(
+            version = image.manifest.version,
+            objects,
+            present = already,
+            to_upload = todo.len(),
+            "object store: uploading {}",
+            self.url
+        );
+        let (uploaded, raced, bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+        futures_util::stream::iter(todo)
+            .map(|(hash, rel, size)| {
+                let image = image.clone();
+                let (uploaded, raced, bytes) = (&uploaded, &raced, &bytes);
+                async move {
+                    let (raw, body) = {
+                        let level = self.level;
+                        let image = image.clone();
+                        let rel = rel.clone();
+                        tokio::task::spawn_blocking(move || encode(&image, &rel, size, &hash, level)).await??
+                    };
+                    let key = self.key(&hash, raw);
+                    let len = body.len() as u64;
+                    if self.put_once(&key, body).await? {
+                        uploaded.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(len, Ordering::Relaxed);
+                    } else {
+                        raced.fetch_add(1, Ordering::Relaxed);
+                    }
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(self.concurrency)
+            .try_collect::<()>()
+            .await?;
+        let s = Summary {
+            objects,
+            uploaded: uploaded.into_inner(),
+            present: already + raced.into_inner(),
+            bytes: bytes.into_inner(),
+        };
+        tracing::info!(
+            version = image.manifest.version,
+            secs = t.elapsed().as_secs_f64(),
+            "object store: version {} uploaded {}, already present {}, {} bytes put, of {} objects",
+            image.manifest.version,
+            s.uploaded,
+            s.present,
+            s.bytes,
+            s.objects
+        );
+        Ok(s)
+    }
+
+    /// Puts `body` at `key`, create-only, retrying transient errors with backoff. `Ok(false)`:
+    /// the object was already there (another writer, or a retry of a put that had landed).
+    async fn put_once(&self, key: &StorePath, body: Vec<u8>) -> anyhow::Result<bool> {
+        let payload = PutPayload::from(body);
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=ATTEMPTS {
+            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+            match self.store.put_opts(key, payload.clone(), opts).await {
+                Ok(_) => return Ok(true),
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                    return Ok(false)
+                }
+                Err(e) if attempt < ATTEMPTS && transient(&e) => {
+                    tracing::warn!(key = %key, attempt, "object store: put failed, retrying in {delay:?}: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                    // A put that landed before its answer was lost is not made twice.
+                    if self.store.head(key).await.is_ok() {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => anyhow::bail!("cannot put {key} in {}: {e}", self.url),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+}
+
+fn transient(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::Generic { .. } | object_store::Error::JoinError { .. })
+}
+
+/// The bytes to store for one object, read and checked against its hash: `(true, content)` when
+/// stored raw, `(false, zstd frame)` otherwise.
+fn encode(
+    image: &Image,
+    rel: &manifest::RelPath,
+    size: u64,
+    hash: &Hash,
+    level: i32,
+) -> std::io::Result<(bool, Vec<u8>)> {
+    let data = crate::objcache::read_checked(image, rel, size, hash)?;
+    if size < crate::MIN_COMPRESS {
+        return Ok((true, data));
+    }
+    let frame = zstd::bulk::compress(&data, level)?;
+    if crate::objcache::incompressible(frame.len() as u64, size) {
+        return Ok((true, data));
+    }
+    Ok((false, frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(dir: &std::path::Path, version: u64) -> Arc<Image> {
+        Arc::new(Image::scan(dir, version).unwrap())
+    }
+
+    #[tokio::test]
+    async fn file_store_uploads_each_object_once_in_its_encoding() {
+        let img = tempfile::tempdir().unwrap();
+        let store_dir = tempfile::tempdir().unwrap();
+        std::fs::write(img.path().join("small"), b"tiny").unwrap();
+        std::fs::write(img.path().join("text"), "hello world\n".repeat(1000)).unwrap();
+        std::fs::write(img.path().join("copy"), "hello world\n".repeat(1000)).unwrap();
+        let mut noise = vec![0u8; 50_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut noise);
+        std::fs::write(img.path().join("noise"), &noise).unwrap();
+        let url = url::Url::from_directory_path(store_dir.path()).unwrap().to_string();
+        let t = ObjectStoreTarget::new(&url, 4, 3).unwrap();
+        t.probe().await.unwrap();
+        let v1 = image(img.path(), 1);
+        let s = t.upload(&v1).await.unwrap();
+        assert_eq!((s.objects, s.uploaded, s.present), (3, 3, 0), "{s:?}");
+        let check = |rel: &str, raw: bool| {
+            let h = Hash::of(&std::fs::read(img.path().join(rel)).unwrap());
+            let p = store_dir.path().join(t.key(&h, raw).as_ref());
+            let b = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let content = if raw { b } else { zstd::decode_all(&b[..]).unwrap() };
+            assert_eq!(Hash::of(&content), h, "{rel}");
+        };
+        check("small", true);
+        check("text", false);
+        check("noise", true);
+        // Again (a restart): nothing is put.
+        let s = t.upload(&v1).await.unwrap();
+        assert_eq!((s.uploaded, s.present, s.bytes), (0, 3, 0), "{s:?}");
+        // A new version sharing most objects: only the new one is put.
+        std::fs::write(img.path().join("new"), "new content\n".repeat(100)).unwrap();
+        let s = t.upload(&image(img.path(), 2)).await.unwrap();
+        assert_eq!((s.objects, s.uploaded, s.present), (4, 1, 3), "{s:?}");
+        // Create-only: a put over an existing key is refused by the store, counted as present.
+        let h = Hash::of(b"tiny");
+        assert!(!t.put_once(&t.key(&h, true), b"other".to_vec()).await.unwrap());
+        assert_eq!(std::fs::read(store_dir.path().join(t.key(&h, true).as_ref())).unwrap(), b"tiny");
+    }
+
+    #[tokio::test]
+    async fn bad_urls_are_refused() {
+        for url in ["s4://x", "not a url", "file:///no/such/dir/anywhere"] {
+            let e = ObjectStoreTarget::new(url, 1, 3).err().unwrap_or_else(|| panic!("{url} accepted"));
+            assert!(e.to_string().contains(url), "{e}");
+        }
+        assert!(matches!(ObjectStoreTarget::new("s4://x", 1, 3), Err(OpenError::BadUrl(_))));
+    }
+}
