@@ -82,6 +82,16 @@ pub struct ApplyStats {
     pub wire_bytes: u64,
     /// Fetched objects that came as deltas against the host's old version.
     pub delta_objects: u64,
+    /// Set when objects were fetched from an object store (its URL); then the counts below.
+    pub store_url: Option<String>,
+    /// Objects from the store, verified.
+    pub store_objects: u64,
+    /// Objects from the master, verified (after a store failure, or re-fetched).
+    pub master_objects: u64,
+    /// Of those, the ones the store failed to give (error, missing, deadline).
+    pub store_fallback_objects: u64,
+    /// Objects from the store whose content did not match their hash, fetched again.
+    pub store_refused: u64,
     pub local_copies: u64,
     pub local_bytes: u64,
     /// Temp files of an interrupted pass renamed into place instead of fetched again.
@@ -855,19 +865,33 @@ impl Applier<'_> {
             self.fetch_next += 1;
             // A delta was decoded against its base by the stream's decode stage.
             let r = self.objects.next_into(hash, size, Some(&mut *w));
+            // Whether the store (not the master) gave this object.
+            let from_store = self.objects.store.as_ref().is_some_and(|t| !t.failed_over(&hash));
             match r.map_err(|e| (w.check(hash).is_err(), e)) {
                 Ok(()) if w.check(hash).is_ok() => {
                     self.out.stats.fetched_bytes += w.written();
+                    self.count_source(&hash, from_store);
                     return Ok(());
                 }
-                Ok(()) => errors.push(w.check(hash).unwrap_err().to_string()),
+                Ok(()) => {
+                    let e = w.check(hash).unwrap_err().to_string();
+                    if from_store {
+                        self.refused_from_store(&hash, &e);
+                    }
+                    errors.push(e)
+                }
                 Err((_, ObjectError::Broken(e))) => {
                     self.out.stats.master_lost = true;
-                    return Err(io::Error::other(format!("object stream from the master broke: {e}")));
+                    return Err(io::Error::other(format!("object stream broke: {e}")));
                 }
                 // The disk, not the object: no other source will do better.
                 Err((_, ObjectError::Content { source, .. })) if is_systemic(&source) => return Err(source),
-                Err((_, e)) => errors.push(e.to_string()),
+                Err((_, e)) => {
+                    if from_store && matches!(e, ObjectError::Content { .. }) {
+                        self.refused_from_store(&hash, &e.to_string());
+                    }
+                    errors.push(e.to_string())
+                }
             }
             w.reset()?;
         }
@@ -896,12 +920,37 @@ impl Applier<'_> {
                 Ok(()) => {
                     self.out.stats.fetched_objects += 1;
                     self.out.stats.fetched_bytes += w.written();
+                    self.count_source(&hash, false);
                     return Ok(());
                 }
                 Err(e) => errors.push(e),
             }
         }
         Err(io::Error::other(errors.join("; ")))
+    }
+
+    /// Counts a verified fetched object by where it came from, when a store is in use.
+    fn count_source(&mut self, hash: &Hash, from_store: bool) {
+        let Some(t) = &self.objects.store else { return };
+        let s = &mut self.out.stats;
+        s.store_url.get_or_insert_with(|| t.url.clone());
+        if from_store {
+            s.store_objects += 1;
+        } else {
+            s.master_objects += 1;
+            if t.failed_over(hash) {
+                s.store_fallback_objects += 1;
+            }
+        }
+    }
+
+    /// An object from the store failed verification: counted, and logged (it is fetched
+    /// again from the master).
+    fn refused_from_store(&mut self, hash: &Hash, why: &str) {
+        let url = self.objects.store.as_ref().map(|t| t.url.clone()).unwrap_or_default();
+        tracing::warn!("object store {url}: object {hash} refused ({why}); fetching it from the master");
+        self.out.stats.store_refused += 1;
+        self.out.stats.store_url.get_or_insert(url);
     }
 
     fn copy_local(&mut self, loc: &Location, w: &mut VerifyingWriter) -> io::Result<u64> {

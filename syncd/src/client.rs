@@ -26,6 +26,66 @@ pub struct Transport {
     pub insecure: bool,
     /// How long to wait on the master before calling it gone.
     pub deadlines: Deadlines,
+    /// Where objects come from when an object store is named.
+    pub store: StoreConfig,
+}
+
+/// The host's object store settings (issue 25): fetch objects from the store the master's
+/// manifest header names (`object_store_url`), or the one configured here, falling back to
+/// the master for any object the store fails to give.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// `object_store`: a URL overriding the header's (a nearby cache, a read-only bucket), or
+    /// `none`: always fetch from the master.
+    pub url: Option<String>,
+    /// `object_store_fallback` (default true): fetch from the master what the store fails to
+    /// give; off, a store failure breaks the pass like a lost master (exit 3).
+    pub fallback: bool,
+    /// `object_store_concurrency` (default 8): GETs in flight, their output kept in order.
+    pub concurrency: usize,
+    /// `object_store_anonymous` (default false): unsigned S3 requests when no AWS credentials
+    /// are set.
+    pub anonymous: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig { url: None, fallback: true, concurrency: 8, anonymous: false }
+    }
+}
+
+/// Where the objects of one stream came from, when it reads from an object store: shared by
+/// the receiving task (which fills it) and the apply (which reads it to count).
+#[derive(Debug, Default)]
+pub struct StoreTally {
+    pub url: String,
+    /// Objects the store gave (before verification).
+    pub from_store: std::sync::atomic::AtomicU64,
+    /// Objects the store failed to give (error, missing, deadline).
+    pub failures: std::sync::atomic::AtomicU64,
+    /// Those objects: fetched from the master instead.
+    failed_over: std::sync::Mutex<std::collections::HashSet<Hash>>,
+}
+
+impl StoreTally {
+    /// Whether `hash` was fetched from the master after the store failed for it.
+    pub fn failed_over(&self, hash: &Hash) -> bool {
+        self.failed_over.lock().is_ok_and(|s| s.contains(hash))
+    }
+
+    fn fail_over(&self, hashes: &[Hash]) {
+        self.failures.fetch_add(hashes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut s) = self.failed_over.lock() {
+            s.extend(hashes.iter().copied());
+        }
+    }
+}
+
+/// The store a pass fetches from.
+struct StoreSource {
+    store: objstore::Store,
+    fallback: bool,
+    concurrency: usize,
 }
 
 /// Every wait on the network path is bounded: a master that accepts the connection and then
@@ -106,6 +166,8 @@ pub struct Received {
     pub signature: Option<manifest::trust::VersionSignature>,
     /// This host's exclusion lists from the master's inventory.
     pub lists: Vec<PatternList>,
+    /// The object store the header names (empty: none).
+    pub object_store_url: String,
 }
 
 fn bad_stream(what: &str) -> SyncError {
@@ -124,6 +186,9 @@ pub struct Master {
     /// Charged for every object byte received.
     net: throttle::Limiter,
     deadlines: Deadlines,
+    store_config: StoreConfig,
+    /// Set by [`Master::with_store`]: [`Master::spawn_fetch`] reads from this store.
+    store: Option<Arc<StoreSource>>,
 }
 
 impl Master {
@@ -162,6 +227,8 @@ impl Master {
             side: client(endpoint.connect_lazy()),
             net: throttle::Limiter::unlimited(),
             deadlines: d,
+            store_config: transport.store.clone(),
+            store: None,
         })
     }
 
@@ -176,6 +243,45 @@ impl Master {
         &self.url
     }
 
+    /// Makes [`Master::spawn_fetch`] read from the object store: the one this host's config
+    /// names, else `announced` (the manifest header's `object_store_url`; empty: none). A store
+    /// the host's config names that cannot be opened is a configuration error; one only the
+    /// master announced is passed over with a warning (objects then come from the master).
+    pub fn with_store(mut self, announced: &str) -> Result<Master, SyncError> {
+        let cfg = self.store_config.clone();
+        let (url, setting) = match cfg.url.as_deref() {
+            Some("none") => return Ok(self),
+            Some(u) => (u.to_owned(), "config key object_store"),
+            None if announced.is_empty() => return Ok(self),
+            None => (announced.to_owned(), "the object store the master announced,"),
+        };
+        let mut opts = objstore::Options::new(setting);
+        opts.anonymous = cfg.anonymous;
+        // Few retries of its own: every wait is bounded by this host's deadlines, and an object
+        // the store fails to give comes from the master.
+        opts.retry.max_retries = 1;
+        opts.retry.retry_timeout = self.deadlines.rpc;
+        opts.retry.backoff.max_backoff = Duration::from_secs(1);
+        match objstore::Store::open(&url, &opts) {
+            Ok(store) => {
+                self.store =
+                    Some(Arc::new(StoreSource { store, fallback: cfg.fallback, concurrency: cfg.concurrency.max(1) }))
+            }
+            Err(e) => {
+                let hint = if e.to_string().contains("no credentials") {
+                    " (hint: or object_store_anonymous = true for a bucket that allows unsigned reads, or object_store = \"none\" to fetch from the master)"
+                } else {
+                    ""
+                };
+                if cfg.url.is_some() || !cfg.fallback {
+                    return Err(SyncError::Config(format!("{e}{hint}")));
+                }
+                tracing::warn!("{e}{hint}; fetching every object from the master");
+            }
+        }
+        Ok(self)
+    }
+
     /// Receives and validates the manifest, and this host's exclusion lists from the master's
     /// inventory. `cached` is the identity of the host's cached copy: if the image still has
     /// that identity, the master may send the header alone ([`Received::manifest`] is `None`).
@@ -184,9 +290,11 @@ impl Master {
         let mut asm = ManifestAssembler::default();
         let mut lists = Vec::new();
         let mut omitted = None;
+        let mut object_store_url = String::new();
         while let Some(msg) = self.next_message(&mut stream, "manifest").await? {
             if let Some(pb::manifest_message::Msg::Header(h)) = &msg.msg {
                 lists = lists_from_wire(&h.exclusions);
+                object_store_url.clone_from(&h.object_store_url);
                 if h.entries_omitted {
                     omitted = Some(h.clone());
                     continue;
@@ -210,13 +318,20 @@ impl Master {
             header
                 .push(pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Header(h.clone())) })
                 .map_err(SyncError::BadManifest)?;
-            return Ok(Received { manifest: None, version: h.version, identity, signature: header.signature(), lists });
+            return Ok(Received {
+                manifest: None,
+                version: h.version,
+                identity,
+                signature: header.signature(),
+                lists,
+                object_store_url,
+            });
         }
         let identity = asm.identity();
         // `finish_signed` checks that the entries hash to the header's identity.
         let (m, signature) = asm.finish_signed().map_err(SyncError::BadManifest)?;
         let identity = identity.ok_or(SyncError::BadManifest(manifest::ManifestError::NoHeader))?;
-        Ok(Received { version: m.version, identity, manifest: Some(m), signature, lists })
+        Ok(Received { version: m.version, identity, manifest: Some(m), signature, lists, object_store_url })
     }
 
     /// Only this host's exclusion lists: reads the manifest header and hangs up.
@@ -299,7 +414,10 @@ impl Master {
         bases: Option<Bases>,
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
-        self.spawn_fetch_on(self.client.clone(), objects, bases, rt)
+        match &self.store {
+            Some(store) => self.spawn_fetch_store(store.clone(), objects, rt),
+            None => self.spawn_fetch_on(self.client.clone(), objects, bases, rt),
+        }
     }
 
     /// Like [`Master::spawn_fetch`], on the side connection: for fetches made while the main
@@ -322,89 +440,338 @@ impl Master {
             bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
         let bases_req = if offered.iter().any(Option::is_some) { offered } else { Vec::new() };
         let hashes: Vec<Hash> = objects.iter().map(|(h, _)| *h).collect();
-        let (tx, net_rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(NET_CHUNKS);
-        let received = Arc::new(Semaphore::new(NET_BYTES));
-        let held = received.clone();
-        let (piece_tx, rx) = queue::bounded::<Result<Piece, String>>(QUEUE_BYTES, QUEUE_PIECES);
-        let spawned = std::thread::Builder::new()
-            .name("decode".into())
-            .spawn(move || decode_stage(net_rx, &held, piece_tx, &objects, bases));
-        if let Err(e) = spawned {
-            // No thread: the stream reads as broken, and each object is fetched on its own.
-            tracing::warn!("cannot start the object decode thread: {e}");
-        }
-        let url = self.url.clone();
-        let net = self.net.clone();
-        let d = self.deadlines;
+        let (tx, received, stream) = start_stream(objects, bases, None);
+        let pump = self.pump();
         rt.spawn(async move {
-            for (n, batch) in hashes.chunks(proto::MAX_FETCH_HASHES).enumerate() {
-                let at = n * proto::MAX_FETCH_HASHES;
-                let bases = bases_req.get(at..at + batch.len()).unwrap_or_default();
-                let req = pb::FetchRequest {
-                    hashes: batch.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
-                    bases: bases
-                        .iter()
-                        .map(|b| b.map_or_else(bytes::Bytes::new, |h| bytes::Bytes::copy_from_slice(&h.0)))
-                        .collect(),
-                };
-                let mut c = client.clone();
-                // A deadline that fires reads, downstream, as a broken stream: the master is
-                // then taken as lost, exactly as when the connection breaks.
-                let mut stream = match tokio::time::timeout(d.rpc, c.fetch_objects(req)).await {
-                    Ok(Ok(r)) => r.into_inner(),
-                    Ok(Err(s)) => {
-                        let _ = tx.send(Err(format!("master {url}: {}", describe_status(&s)))).await;
-                        return;
-                    }
-                    Err(_) => {
-                        let _ = tx.send(Err(format!("master {url}: {}", no_reply(&d, "FetchObjects", true)))).await;
-                        return;
-                    }
-                };
-                loop {
-                    // Only the wait for the master counts: not the rate limit, nor waiting
-                    // for the decode thread to make room.
-                    let next = match tokio::time::timeout(d.stream_idle, stream.message()).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            let _ = tx.send(Err(format!("master {url}: {}", stalled(&d, "object", true)))).await;
-                            return;
-                        }
-                    };
-                    match next {
-                        Ok(Some(batch)) => {
-                            let bytes: usize = batch.chunks.iter().map(|c| c.data.len()).sum();
-                            net.charge_async(bytes as u64).await;
-                            for chunk in batch.chunks {
-                                // Released by the decode thread once it is done with the chunk.
-                                match received.acquire_many(net_weight(&chunk)).await {
-                                    Ok(p) => p.forget(),
-                                    Err(_) => return,
-                                }
-                                if tx.send(Ok(chunk)).await.is_err() {
-                                    return;
-                                }
+            pump.master(client, &hashes, &bases_req, &tx, &received).await;
+        });
+        stream
+    }
+
+    fn pump(&self) -> Pump {
+        Pump { url: self.url.clone(), net: self.net.clone(), d: self.deadlines }
+    }
+
+    /// Like [`Master::spawn_fetch_on`], from the object store: whole objects only (no deltas),
+    /// GETs up to `object_store_concurrency` ahead, their chunks passed on in order. An object
+    /// the store fails to give comes from the master in its place (a `FetchObjects` of its
+    /// own, on the main connection, which this stream leaves idle), or with
+    /// `object_store_fallback` off, breaks the stream.
+    fn spawn_fetch_store(
+        &self,
+        src: Arc<StoreSource>,
+        objects: Vec<(Hash, u64)>,
+        rt: &tokio::runtime::Handle,
+    ) -> ObjectStream {
+        let tally = Arc::new(StoreTally { url: src.store.url.clone(), ..StoreTally::default() });
+        let (tx, received, stream) = start_stream(objects.clone(), None, Some(tally.clone()));
+        let pump = self.pump();
+        let client = self.client.clone();
+        rt.spawn(async move {
+            use futures_util::stream::StreamExt;
+            let d = pump.d;
+            let store = &src.store;
+            let opens: Vec<_> = objects
+                .iter()
+                .enumerate()
+                .map(|(i, (h, _))| {
+                    let (store, h) = (store.clone(), *h);
+                    async move { (i, open_object(&store, &h, d).await) }
+                })
+                .collect();
+            let mut opened = futures_util::stream::iter(opens).buffered(src.concurrency);
+            let mut warned = false;
+            while let Some((i, r)) = opened.next().await {
+                let (hash, size) = objects[i];
+                let failure = match r {
+                    Ok((encoding, key, get)) => {
+                        match pump.store_body(hash, size, encoding, &key, get, &tx, &received).await {
+                            Ok(true) => {
+                                tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                continue;
                             }
-                        }
-                        Ok(None) => break,
-                        Err(s) => {
-                            let _ = tx.send(Err(format!("master {url}: {}", describe_status(&s)))).await;
-                            return;
+                            Ok(false) => return,
+                            Err(f) => f,
                         }
                     }
+                    Err(f) => f,
+                };
+                let url = &store.url;
+                if !src.fallback {
+                    let _ = tx
+                        .send(Err(format!(
+                            "object store {url}: {} {}: {} (object_store_fallback is off)",
+                            failure.key, "failed", failure.why
+                        )))
+                        .await;
+                    return;
+                }
+                // Once per pass at warning level; the summary counts the rest.
+                if !warned {
+                    tracing::warn!(
+                        "object store {url}: {}: {}; fetching from the master instead{}",
+                        failure.key,
+                        failure.why,
+                        if failure.down { ", this object and every one after it this pass" } else { "" }
+                    );
+                    warned = true;
+                } else {
+                    tracing::debug!("object store {url}: {}: {}", failure.key, failure.why);
+                }
+                if failure.sent_any {
+                    // Part of the object is on its way: it is marked missing, and the apply
+                    // fetches it on its own.
+                    tally.fail_over(&[hash]);
+                    let chunk = pb::ObjectChunk {
+                        hash: bytes::Bytes::copy_from_slice(&hash.0),
+                        error: format!("object store {url}: {}: {}", failure.key, failure.why),
+                        last: true,
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                if failure.down {
+                    // The store itself failed: the rest of the pass comes from the master.
+                    drop(opened);
+                    let rest: Vec<Hash> = objects[i..].iter().map(|(h, _)| *h).collect();
+                    tally.fail_over(&rest);
+                    pump.master(client, &rest, &[], &tx, &received).await;
+                    return;
+                }
+                tally.fail_over(&[hash]);
+                if !pump.master(client.clone(), &[hash], &[], &tx, &received).await {
+                    return;
                 }
             }
         });
-        ObjectStream {
-            rx,
-            broken: None,
-            abandoned: None,
-            wire_bytes: 0,
-            objects: 0,
-            bytes: 0,
-            deltas: 0,
-            waited: Stopwatch::default(),
+        stream
+    }
+}
+
+/// Sets up an object stream: the channel a receiving task fills, the byte budget it takes
+/// permits from, and the decode thread between it and the returned reader.
+#[allow(clippy::type_complexity)]
+fn start_stream(
+    objects: Vec<(Hash, u64)>,
+    bases: Option<Bases>,
+    store: Option<Arc<StoreTally>>,
+) -> (mpsc::Sender<Result<pb::ObjectChunk, String>>, Arc<Semaphore>, ObjectStream) {
+    let (tx, net_rx) = mpsc::channel::<Result<pb::ObjectChunk, String>>(NET_CHUNKS);
+    let received = Arc::new(Semaphore::new(NET_BYTES));
+    let held = received.clone();
+    let (piece_tx, rx) = queue::bounded::<Result<Piece, String>>(QUEUE_BYTES, QUEUE_PIECES);
+    let spawned = std::thread::Builder::new()
+        .name("decode".into())
+        .spawn(move || decode_stage(net_rx, &held, piece_tx, &objects, bases));
+    if let Err(e) = spawned {
+        // No thread: the stream reads as broken, and each object is fetched on its own.
+        tracing::warn!("cannot start the object decode thread: {e}");
+    }
+    let stream = ObjectStream {
+        rx,
+        broken: None,
+        abandoned: None,
+        wire_bytes: 0,
+        objects: 0,
+        bytes: 0,
+        deltas: 0,
+        waited: Stopwatch::default(),
+        store,
+    };
+    (tx, received, stream)
+}
+
+/// Why the store did not give one object.
+struct StoreFailure {
+    key: String,
+    why: String,
+    /// The store itself failed (not a missing object): the rest of the pass skips it.
+    down: bool,
+    /// Chunks of the object were passed on already.
+    sent_any: bool,
+}
+
+/// Opens the GET of `hash`: `.zst` (a zstd frame), else `.raw`, within `rpc_timeout` each.
+async fn open_object(
+    store: &objstore::Store,
+    hash: &Hash,
+    d: Deadlines,
+) -> Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure> {
+    use objstore::object_store::ObjectStoreExt;
+    let hex = hash.to_hex();
+    for (raw, encoding) in [(false, pb::Encoding::Zstd), (true, pb::Encoding::Raw)] {
+        let key = store.key(&hex, raw);
+        let fail = |why: String, down: bool| StoreFailure { key: key.to_string(), why, down, sent_any: false };
+        match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
+            Ok(Ok(get)) => return Ok((encoding, key.to_string(), get)),
+            Ok(Err(objstore::object_store::Error::NotFound { .. })) if !raw => continue,
+            Ok(Err(objstore::object_store::Error::NotFound { .. })) => {
+                return Err(StoreFailure {
+                    key: store.key(&hex, false).to_string(),
+                    why: "not in the store (neither .zst nor .raw)".into(),
+                    down: false,
+                    sent_any: false,
+                })
+            }
+            Ok(Err(e)) => return Err(fail(source_chain(&e), true)),
+            Err(_) => {
+                return Err(fail(format!("no reply within {} (rpc_timeout sets this deadline)", secs(d.rpc)), true))
+            }
         }
+    }
+    unreachable!("the .raw attempt returns")
+}
+
+/// What a receiving task needs of the master, cloned into it.
+struct Pump {
+    url: String,
+    net: throttle::Limiter,
+    d: Deadlines,
+}
+
+impl Pump {
+    /// Sends one chunk on, once the byte budget has room for it. False: the reader is gone.
+    async fn forward(
+        &self,
+        chunk: pb::ObjectChunk,
+        tx: &mpsc::Sender<Result<pb::ObjectChunk, String>>,
+        received: &Semaphore,
+    ) -> bool {
+        // Released by the decode thread once it is done with the chunk.
+        match received.acquire_many(net_weight(&chunk)).await {
+            Ok(p) => p.forget(),
+            Err(_) => return false,
+        }
+        tx.send(Ok(chunk)).await.is_ok()
+    }
+
+    /// Passes the body of one store object on, in chunks of at most [`proto::OBJECT_CHUNK`]
+    /// bytes, each charged to the network limit; no data for `stream_idle_timeout` fails it.
+    /// `Ok(false)`: the reader is gone.
+    #[allow(clippy::too_many_arguments)]
+    async fn store_body(
+        &self,
+        hash: Hash,
+        size: u64,
+        encoding: pb::Encoding,
+        key: &str,
+        get: objstore::object_store::GetResult,
+        tx: &mpsc::Sender<Result<pb::ObjectChunk, String>>,
+        received: &Semaphore,
+    ) -> Result<bool, StoreFailure> {
+        use futures_util::stream::StreamExt;
+        let hash_bytes = bytes::Bytes::copy_from_slice(&hash.0);
+        let chunk = |data: bytes::Bytes, last: bool| pb::ObjectChunk {
+            hash: hash_bytes.clone(),
+            size,
+            encoding: encoding as i32,
+            data,
+            last,
+            ..Default::default()
+        };
+        let mut body = get.into_stream();
+        // Held back one piece, so the final one can be marked last.
+        let mut pending: Option<bytes::Bytes> = None;
+        let mut sent_any = false;
+        loop {
+            let fail = |why: String| StoreFailure { key: key.to_owned(), why, down: true, sent_any };
+            let next = match tokio::time::timeout(self.d.stream_idle, body.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    return Err(fail(format!(
+                        "no data for {} (stream_idle_timeout sets this deadline)",
+                        secs(self.d.stream_idle)
+                    )))
+                }
+            };
+            match next {
+                Some(Ok(mut data)) => {
+                    self.net.charge_async(data.len() as u64).await;
+                    while !data.is_empty() {
+                        let piece = data.split_to(data.len().min(proto::OBJECT_CHUNK));
+                        if let Some(p) = pending.replace(piece) {
+                            if !self.forward(chunk(p, false), tx, received).await {
+                                return Ok(false);
+                            }
+                            sent_any = true;
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(fail(source_chain(&e))),
+                None => break,
+            }
+        }
+        Ok(self.forward(chunk(pending.unwrap_or_default(), true), tx, received).await)
+    }
+
+    /// Fetches `hashes` from the master in order, in requests of at most `MAX_FETCH_HASHES`,
+    /// and passes their chunks on. False once the stream has ended: an error was sent (the
+    /// master is then taken as lost), or the reader is gone.
+    async fn master(
+        &self,
+        client: ImageSyncClient<Channel>,
+        hashes: &[Hash],
+        bases_req: &[Option<Hash>],
+        tx: &mpsc::Sender<Result<pb::ObjectChunk, String>>,
+        received: &Semaphore,
+    ) -> bool {
+        let (url, net, d) = (&self.url, &self.net, self.d);
+        for (n, batch) in hashes.chunks(proto::MAX_FETCH_HASHES).enumerate() {
+            let at = n * proto::MAX_FETCH_HASHES;
+            let bases = bases_req.get(at..at + batch.len()).unwrap_or_default();
+            let req = pb::FetchRequest {
+                hashes: batch.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
+                bases: bases
+                    .iter()
+                    .map(|b| b.map_or_else(bytes::Bytes::new, |h| bytes::Bytes::copy_from_slice(&h.0)))
+                    .collect(),
+            };
+            let mut c = client.clone();
+            // A deadline that fires reads, downstream, as a broken stream: the master is
+            // then taken as lost, exactly as when the connection breaks.
+            let mut stream = match tokio::time::timeout(d.rpc, c.fetch_objects(req)).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(s)) => {
+                    let _ = tx.send(Err(format!("master {url}: {}", describe_status(&s)))).await;
+                    return false;
+                }
+                Err(_) => {
+                    let _ = tx.send(Err(format!("master {url}: {}", no_reply(&d, "FetchObjects", true)))).await;
+                    return false;
+                }
+            };
+            loop {
+                // Only the wait for the master counts: not the rate limit, nor waiting
+                // for the decode thread to make room.
+                let next = match tokio::time::timeout(d.stream_idle, stream.message()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let _ = tx.send(Err(format!("master {url}: {}", stalled(&d, "object", true)))).await;
+                        return false;
+                    }
+                };
+                match next {
+                    Ok(Some(batch)) => {
+                        let bytes: usize = batch.chunks.iter().map(|c| c.data.len()).sum();
+                        net.charge_async(bytes as u64).await;
+                        for chunk in batch.chunks {
+                            if !self.forward(chunk, tx, received).await {
+                                return false;
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => {
+                        let _ = tx.send(Err(format!("master {url}: {}", describe_status(&s)))).await;
+                        return false;
+                    }
+                }
+            }
+        }
+        true
     }
 }
 
@@ -867,6 +1234,8 @@ pub struct ObjectStream {
     pub deltas: u64,
     /// Time the reader spent waiting for pieces.
     pub waited: Stopwatch,
+    /// Set when the stream reads from an object store: where each object came from.
+    pub store: Option<Arc<StoreTally>>,
 }
 
 impl ObjectStream {

@@ -63,6 +63,16 @@ pub struct Config {
     pub read_bytes_per_sec: Option<ByteRate>,
     /// Limit on object bytes fetched from the master; 0 means unlimited (default).
     pub net_bytes_per_sec: Option<ByteRate>,
+    /// Object store to fetch objects from, overriding the one the master announces (a nearby
+    /// cache, a read-only bucket): `s3://BUCKET/PREFIX`, `file:///DIR`, or `none` (always the
+    /// master).
+    pub object_store: Option<String>,
+    /// Fetch from the master what the store fails to give (default true).
+    pub object_store_fallback: Option<bool>,
+    /// Object store GETs in flight (default 8).
+    pub object_store_concurrency: Option<usize>,
+    /// Unsigned S3 requests when no AWS credentials are set (default false).
+    pub object_store_anonymous: Option<bool>,
     /// I/O scheduling class: "idle" or "best-effort" (default: leave it as started).
     pub io_priority: Option<String>,
     /// Nice level, -20..=19 (default: leave it as started).

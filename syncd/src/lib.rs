@@ -169,6 +169,8 @@ struct Started {
     rules_digest: Hash,
     /// Whether the entries came off the wire (and so should be cached).
     fresh: bool,
+    /// The object store the manifest header names (empty: none).
+    object_store_url: String,
     walk: manifest::scan::Scan,
 }
 
@@ -214,6 +216,7 @@ async fn start_pass(
                     rules,
                     rules_digest,
                     fresh: false,
+                    object_store_url: got.object_store_url,
                     walk: done,
                 });
             }
@@ -255,6 +258,7 @@ async fn start_pass(
             rules,
             rules_digest,
             fresh,
+            object_store_url: got.object_store_url,
             walk,
         });
     }
@@ -378,7 +382,7 @@ impl PassReport {
                 },
             ),
             Some(o) => format!(
-                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed{}, {} excluded; fetched {} objects, {} ({} on the wire){}; copied {} locally ({}){}; {:.2}s",
+                "{} image v{} ({}): created {c}, updated {u}, deleted {d}, {fails} failed{}, {} excluded; fetched {} objects, {} ({} on the wire){}{}; copied {} locally ({}){}; {:.2}s",
                 match (fails, o.rolled_back) {
                     (_, true) => "rolled back, nothing changed: staging against",
                     (0, false) => "converged to",
@@ -397,6 +401,19 @@ impl PassReport {
                 match o.stats.delta_objects {
                     0 => String::new(),
                     n => format!(", {n} of them as deltas"),
+                },
+                match &o.stats.store_url {
+                    None => String::new(),
+                    Some(_) => format!(
+                        ": {} from the object store, {} from the master ({} after a store failure){}",
+                        o.stats.store_objects,
+                        o.stats.master_objects,
+                        o.stats.store_fallback_objects,
+                        match o.stats.store_refused {
+                            0 => String::new(),
+                            n => format!(", {n} refused from the store (content not matching its hash) and fetched again from the master"),
+                        }
+                    ),
                 },
                 o.stats.local_copies,
                 mib(o.stats.local_bytes),
@@ -446,7 +463,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: connected");
     let applied_record = trust::record_path(&opts.state_dir, &opts.root);
-    let Started { manifest, version, identity, rules, rules_digest, fresh, walk } =
+    let Started { manifest, version, identity, rules, rules_digest, fresh, object_store_url, walk } =
         start_pass(opts, &master, &local, &applied_record).await?;
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
     // The digest of this walk, recorded if the pass finds the host matching the image.
@@ -538,6 +555,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             paths: report.plan.fetch_bases.clone(),
             read: opts.throttle.read.clone(),
         });
+        let master = master.with_store(&object_store_url)?;
         let objects = master.spawn_fetch(report.plan.fetch.clone(), bases, &rt);
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();

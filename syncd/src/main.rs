@@ -46,6 +46,17 @@ struct Common {
     /// Limit on object bytes fetched from the master [config: net_bytes_per_sec].
     #[arg(long, value_name = "RATE", value_parser = throttle::parse_bytes)]
     net_bytes_per_sec: Option<u64>,
+    /// Object store to fetch objects from instead of the one the master announces, or `none`
+    /// [config: object_store].
+    #[arg(long, value_name = "URL")]
+    object_store: Option<String>,
+    /// Fetch from the master what the object store fails to give: true (default) or false
+    /// [config: object_store_fallback].
+    #[arg(long, value_name = "BOOL")]
+    object_store_fallback: Option<bool>,
+    /// Object store GETs in flight (default 8) [config: object_store_concurrency].
+    #[arg(long, value_name = "N")]
+    object_store_concurrency: Option<usize>,
     /// I/O scheduling class: idle or best-effort [config: io_priority].
     #[arg(long, value_name = "CLASS")]
     io_priority: Option<String>,
@@ -279,6 +290,16 @@ impl Common {
             self.host_id
                 .or(cfg.host_id)
                 .unwrap_or_else(|| if tls.is_some() { String::new() } else { default_host_id() });
+        let store = syncd::client::StoreConfig {
+            url: self.object_store.or(cfg.object_store),
+            fallback: self.object_store_fallback.or(cfg.object_store_fallback).unwrap_or(true),
+            concurrency: match self.object_store_concurrency.or(cfg.object_store_concurrency) {
+                Some(0) => return Err(SyncError::Config("object_store_concurrency: must be at least 1".into())),
+                Some(n) => n,
+                None => 8,
+            },
+            anonymous: cfg.object_store_anonymous.unwrap_or(false),
+        };
         let staging = match self.staging.as_ref().or(cfg.staging.as_ref()) {
             Some(s) => s.parse().map_err(|e| SyncError::Config(format!("staging: {e}")))?,
             None => syncd::apply::Staging::default(),
@@ -301,7 +322,7 @@ impl Common {
                 max_backoff: cfg.max_backoff,
             },
             throttle,
-            transport: syncd::client::Transport { tls, insecure: self.insecure, deadlines },
+            transport: syncd::client::Transport { tls, insecure: self.insecure, deadlines, store },
             trusted_keys,
         })
     }

@@ -30,15 +30,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 use crate::Image;
 
-/// Why a store cannot be used. `BadUrl` is a configuration error (exit 2); `Unreachable` one of
-/// the store (exit 1).
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("{0}")]
-    BadUrl(String),
-    #[error("{0}")]
-    Unreachable(String),
-}
+pub use objstore::OpenError;
 
 /// Attempts per object before an upload (and so the publish) fails.
 const ATTEMPTS: u32 = 5;
@@ -63,67 +55,11 @@ pub struct Summary {
     pub bytes: u64,
 }
 
-fn has_aws_credentials() -> bool {
-    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
-    (set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY"))
-        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
-        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-        || std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v == "true")
-}
-
 impl ObjectStoreTarget {
     /// Parses `url` (`s3://bucket/prefix`, `file:///dir`) into a store. Does not touch the network.
     pub fn new(url: &str, concurrency: usize, level: i32) -> Result<ObjectStoreTarget, OpenError> {
-        let bad = |why: String| OpenError::BadUrl(format!("--object-store {url}: {why}"));
-        let parsed = url::Url::parse(url)
-            .map_err(|e| bad(format!("not a URL ({e}); hint: s3://BUCKET/PREFIX or file:///DIR")))?;
-        let (store, prefix): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
-            "s3" | "s3a" => {
-                if parsed.host_str().is_none_or(str::is_empty) {
-                    return Err(bad("no bucket (hint: s3://BUCKET/PREFIX)".into()));
-                }
-                if !has_aws_credentials() {
-                    return Err(bad(
-                        "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_REGION; AWS_ENDPOINT_URL for a store other than AWS, AWS_ALLOW_HTTP=true for a plain-http one)".into(),
-                    ));
-                }
-                // reqwest's rustls has no provider of its own here (see the root Cargo.toml): ring,
-                // as for tonic. An error means one is installed already.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let retry = object_store::RetryConfig {
-                    backoff: object_store::BackoffConfig {
-                        init_backoff: Duration::from_millis(100),
-                        max_backoff: Duration::from_secs(5),
-                        base: 2.0,
-                    },
-                    max_retries: 4,
-                    retry_timeout: Duration::from_secs(30),
-                };
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(|e| bad(format!("{e}")))?;
-                (Arc::new(s3), parsed.path().to_owned())
-            }
-            "file" => {
-                let dir = parsed.to_file_path().map_err(|()| bad("not a local path (hint: file:///DIR)".into()))?;
-                if !dir.is_dir() {
-                    return Err(OpenError::Unreachable(format!(
-                        "--object-store {url}: {} is not a directory (hint: create it)",
-                        dir.display()
-                    )));
-                }
-                let fs =
-                    object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(format!("{e}")))?;
-                (Arc::new(fs), String::new())
-            }
-            other => {
-                return Err(bad(format!("unsupported scheme {other:?} (hint: s3://BUCKET/PREFIX or file:///DIR)")))
-            }
-        };
-        let objects = StorePath::from(prefix.trim_matches('/')).join("objects");
+        let objstore::Store { store, objects, .. } =
+            objstore::Store::open(url, &objstore::Options::new("--object-store"))?;
         Ok(ObjectStoreTarget { url: url.to_owned(), store, objects, concurrency: concurrency.max(1), level })
     }
 
@@ -310,7 +246,7 @@ mod tests {
         let mut noise = vec![0u8; 50_000];
         blake3::Hasher::new().finalize_xof().fill(&mut noise);
         std::fs::write(img.path().join("noise"), &noise).unwrap();
-        let url = url::Url::from_directory_path(store_dir.path()).unwrap().to_string();
+        let url = format!("file://{}/", store_dir.path().display());
         let t = ObjectStoreTarget::new(&url, 4, 3).unwrap();
         t.probe().await.unwrap();
         let v1 = image(img.path(), 1);

@@ -292,3 +292,161 @@ fn a_version_whose_upload_fails_is_not_announced_until_it_succeeds() {
     );
     check_stored(&objects, &hashes(&v2));
 }
+
+// Issue 25, part 2: hosts fetch objects from the store, falling back to the master.
+
+/// `syncd sync` against `master` on `root` with `env` (the store's AWS variables) and `extra`.
+fn sync_env(master: &Master, root: &Path, extra: &[&str], env: &[(&str, String)]) -> gis_tests::Output {
+    let mut cmd = Command::new(bin("syncd"));
+    cmd.args(["sync", "--master", master.url(), "--root"])
+        .arg(root)
+        .args(["--host-id", "e2e-host", "--insecure"])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null());
+    let out = cmd.output().unwrap();
+    gis_tests::Output {
+        command: format!("syncd sync {} {extra:?}", root.display()),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The summary's "N from the object store, M from the master (K after a store failure)".
+fn sources(out: &gis_tests::Output) -> (u64, u64, u64) {
+    let s = out.summary();
+    let n = |after: &str, before: &str| -> u64 {
+        let i = s.find(before).unwrap_or_else(|| panic!("no {before:?} in {s}"));
+        s[..i].rsplit(after).next().unwrap().trim().parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    };
+    (n(": ", " from the object store"), n(", ", " from the master"), n("(", " after a store failure"))
+}
+
+/// A master of one image (the fixture, a large compressible file and an incompressible one)
+/// uploading to `s3://bkt/fleet` on `s3`.
+fn store_master(s: &gis_tests::Scratch, s3: &S3Server) -> (PathBuf, PathBuf, Master) {
+    let images = s.dir("images");
+    let v1 = images.join("v1");
+    std::fs::create_dir(&v1).unwrap();
+    build_fixture(&v1);
+    let text: String = (0..20_000).map(|i| format!("line {i}: the quick brown fox\n")).collect();
+    std::fs::write(v1.join("etc/big.txt"), text).unwrap();
+    std::fs::write(v1.join("usr/noise.gz"), random_bytes(9, 300 * 1024)).unwrap();
+    flip(&images, "v1");
+    s3.bucket("bkt");
+    let state = s.join("mstate");
+    let args = [
+        OsStr::new("--images"),
+        images.as_os_str(),
+        OsStr::new("--state-dir"),
+        state.as_os_str(),
+        OsStr::new("--poll"),
+        OsStr::new("200ms"),
+        OsStr::new("--object-store"),
+        OsStr::new("s3://bkt/fleet"),
+    ];
+    let master = Master::start_with_env(&args, &s3.env());
+    (images, v1, master)
+}
+
+#[test]
+fn a_host_fetches_every_object_from_the_store_and_none_from_the_master() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let (_, v1, master) = store_master(&s, &s3);
+    let root = s.dir("root");
+    let out = sync_env(&master, &root, &[], &s3.env());
+    out.expect_code(0, &[&root]);
+    assert_converged(&v1, &root, &out);
+    let (store, from_master, after) = sources(&out);
+    assert!(store >= 3, "{}", out.summary());
+    assert_eq!((from_master, after), (0, 0), "{}", out.summary());
+    // `none` on the host: every object from the master.
+    let root2 = s.dir("root2");
+    let out = sync_env(&master, &root2, &["--object-store", "none"], &s3.env());
+    out.expect_code(0, &[&root2]);
+    assert_converged(&v1, &root2, &out);
+    assert!(!out.summary().contains("object store"), "{}", out.summary());
+}
+
+#[test]
+fn a_stopped_store_falls_back_to_the_master() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let (_, v1, master) = store_master(&s, &s3);
+    let env = s3.env();
+    drop(s3);
+    let root = s.dir("root");
+    let out = sync_env(&master, &root, &["--rpc-timeout", "5s"], &env);
+    out.expect_code(0, &[&root]);
+    assert_converged(&v1, &root, &out);
+    let (store, from_master, after) = sources(&out);
+    assert_eq!(store, 0, "{}", out.summary());
+    assert!(from_master >= 3 && after == from_master, "{}", out.summary());
+    assert!(out.stderr.contains("object store s3://bkt/fleet"), "the failure is not logged:\n{}", out.stderr);
+}
+
+#[test]
+fn a_stopped_store_without_fallback_exits_3_and_leaves_old_or_new_files() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let (images, v1, master) = store_master(&s, &s3);
+    let root = s.dir("root");
+    sync_env(&master, &root, &[], &s3.env()).expect_code(0, &[&root]);
+    // v2 changes some files; announced once its objects are in the store.
+    let v2 = images.join("v2");
+    cp_a(&v1, &v2);
+    std::fs::write(v2.join("etc/motd"), b"version 2\n").unwrap();
+    std::fs::write(v2.join("etc/big.txt"), "changed\n".repeat(5000)).unwrap();
+    std::fs::write(v2.join("usr/new.bin"), random_bytes(10, 100_000)).unwrap();
+    flip(&images, "v2");
+    assert!(wait_until(WAIT, || fleet_status(master.url())["image_version"] == 2), "{}", master.stderr());
+    let env = s3.env();
+    drop(s3);
+    let out = sync_env(&master, &root, &["--object-store-fallback", "false", "--rpc-timeout", "5s"], &env);
+    out.expect_code(3, &[&root]);
+    assert!(out.stderr.contains("s3://bkt/fleet"), "the error does not name the store:\n{}", out.stderr);
+    for e in walkdir::WalkDir::new(&root).into_iter().map(|e| e.unwrap()) {
+        let name = e.file_name().to_string_lossy();
+        assert!(!name.starts_with(".syncd-"), "temp file left: {}", e.path().display());
+        if e.file_type().is_file() {
+            let rel = e.path().strip_prefix(&root).unwrap();
+            let have = std::fs::read(e.path()).unwrap();
+            let old = std::fs::read(v1.join(rel)).ok();
+            let new = std::fs::read(v2.join(rel)).ok();
+            assert!(
+                Some(&have) == old.as_ref() || Some(&have) == new.as_ref(),
+                "{} is neither old nor new",
+                rel.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_wrong_object_in_the_store_is_refused_and_fetched_from_the_master() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let (_, v1, master) = store_master(&s, &s3);
+    // Overwrite big.txt's object with another valid object of the same size.
+    let content = std::fs::read(v1.join("etc/big.txt")).unwrap();
+    let hex = blake3::hash(&content).to_hex().to_string();
+    let dir = s3.bucket("bkt").join("fleet/objects").join(&hex[..2]);
+    let mut other = content.clone();
+    other[0] ^= 1;
+    let zst = dir.join(format!("{hex}.zst"));
+    if zst.exists() {
+        std::fs::write(&zst, zstd::encode_all(&other[..], 3).unwrap()).unwrap();
+    } else {
+        std::fs::write(dir.join(format!("{hex}.raw")), &other).unwrap();
+    }
+    let root = s.dir("root");
+    let out = sync_env(&master, &root, &[], &s3.env());
+    out.expect_code(0, &[&root]);
+    assert_converged(&v1, &root, &out);
+    assert_eq!(std::fs::read(root.join("etc/big.txt")).unwrap(), content);
+    assert!(out.summary().contains("1 refused from the store"), "{}", out.summary());
+    let (_, from_master, after) = sources(&out);
+    assert_eq!((from_master, after), (1, 0), "{}", out.summary());
+}

@@ -1,0 +1,149 @@
+//! The object store a URL names (`s3://BUCKET/PREFIX`, `file:///DIR`), opened the same way by
+//! syncmaster (which uploads) and syncd (which fetches), and the layout of objects in it:
+//!
+//! ```text
+//! PREFIX/objects/<first two hex digits>/<blake3 hex>.zst   one zstd frame of the content
+//! PREFIX/objects/<first two hex digits>/<blake3 hex>.raw   the content itself
+//! ```
+//!
+//! S3 credentials come from the standard AWS variables (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, …). TLS is
+//! rustls with ring as its only provider (see the root Cargo.toml): never aws-lc-rs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::path::Path as StorePath;
+use object_store::ObjectStore;
+
+pub use object_store;
+
+/// Why a store cannot be used. `BadUrl` is a configuration error; `Unreachable` one of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    BadUrl(String),
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// An opened store: its URL, the client, and the `PREFIX/objects` directory.
+#[derive(Clone)]
+pub struct Store {
+    pub url: String,
+    pub store: Arc<dyn ObjectStore>,
+    /// `PREFIX/objects`.
+    pub objects: StorePath,
+}
+
+/// How to open a store.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Names the setting in errors: `--object-store`, `config key object_store`, ….
+    pub setting: String,
+    /// S3: send unsigned requests when no credentials are set (a public or proxied bucket).
+    pub anonymous: bool,
+    /// S3: the retries object_store makes itself on a transient error.
+    pub retry: object_store::RetryConfig,
+}
+
+impl Options {
+    /// The master's: patient retries (an upload that fails holds back a version).
+    pub fn new(setting: &str) -> Options {
+        Options {
+            setting: setting.to_owned(),
+            anonymous: false,
+            retry: object_store::RetryConfig {
+                backoff: object_store::BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(5),
+                    base: 2.0,
+                },
+                max_retries: 4,
+                retry_timeout: Duration::from_secs(30),
+            },
+        }
+    }
+}
+
+/// Whether the environment holds AWS credentials (or asks for unsigned requests).
+pub fn has_aws_credentials() -> bool {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    (set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY"))
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        || std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v == "true")
+}
+
+impl Store {
+    /// Parses `url` into a store. Does not touch the network (a `file://` directory must exist).
+    pub fn open(url: &str, opts: &Options) -> Result<Store, OpenError> {
+        let setting = &opts.setting;
+        let bad = |why: String| OpenError::BadUrl(format!("{setting} {url}: {why}"));
+        let parsed = url::Url::parse(url)
+            .map_err(|e| bad(format!("not a URL ({e}); hint: s3://BUCKET/PREFIX or file:///DIR")))?;
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
+            "s3" | "s3a" => {
+                if parsed.host_str().is_none_or(str::is_empty) {
+                    return Err(bad("no bucket (hint: s3://BUCKET/PREFIX)".into()));
+                }
+                if !opts.anonymous && !has_aws_credentials() {
+                    return Err(bad(
+                        "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_REGION; AWS_ENDPOINT_URL for a store other than AWS, AWS_ALLOW_HTTP=true for a plain-http one)".into(),
+                    ));
+                }
+                // reqwest's rustls has no provider of its own here (see the root Cargo.toml): ring,
+                // as for tonic. An error means one is installed already.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url).with_retry(opts.retry.clone());
+                if opts.anonymous && !has_aws_credentials() {
+                    b = b.with_skip_signature(true);
+                }
+                let s3 = b.build().map_err(|e| bad(format!("{e}")))?;
+                (Arc::new(s3), parsed.path().to_owned())
+            }
+            "file" => {
+                let dir = parsed.to_file_path().map_err(|()| bad("not a local path (hint: file:///DIR)".into()))?;
+                if !dir.is_dir() {
+                    return Err(OpenError::Unreachable(format!(
+                        "{setting} {url}: {} is not a directory (hint: create it)",
+                        dir.display()
+                    )));
+                }
+                let fs =
+                    object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(format!("{e}")))?;
+                (Arc::new(fs), String::new())
+            }
+            other => {
+                return Err(bad(format!("unsupported scheme {other:?} (hint: s3://BUCKET/PREFIX or file:///DIR)")))
+            }
+        };
+        let objects = StorePath::from(prefix.trim_matches('/')).join("objects");
+        Ok(Store { url: url.to_owned(), store, objects })
+    }
+
+    /// The key of the object whose blake3 is `hex` (64 lowercase hex digits), stored raw or as
+    /// a zstd frame.
+    pub fn key(&self, hex: &str, raw: bool) -> StorePath {
+        self.objects.clone().join(&hex[..2]).join(format!("{hex}.{}", if raw { "raw" } else { "zst" }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_bad_urls() {
+        let dir = std::env::temp_dir();
+        let url = format!("file://{}", dir.display());
+        let s = Store::open(&url, &Options::new("--object-store")).unwrap();
+        let hex = "ab".repeat(32);
+        assert_eq!(s.key(&hex, true).as_ref(), format!("objects/ab/{hex}.raw"));
+        for url in ["s4://x", "not a url", "file:///no/such/dir/anywhere"] {
+            let e = Store::open(url, &Options::new("config key object_store")).err().unwrap();
+            assert!(e.to_string().contains(url) && e.to_string().contains("object_store"), "{e}");
+        }
+    }
+}
