@@ -80,6 +80,25 @@ impl rollout::Hosts for View<'_> {
 }
 
 impl Inner {
+    /// Mirrors a committed change in memory (all but its rollout, which the caller owns).
+    /// Returns whether some host's target may have moved.
+    fn mirror(&mut self, c: Change) -> bool {
+        for v in c.versions {
+            self.versions.insert(v.version, v);
+        }
+        let retarget = !c.set_targets.is_empty() || c.baseline.is_some();
+        for (h, t) in c.set_targets {
+            self.targets.insert(h, t);
+        }
+        for h in &c.clear_targets {
+            self.targets.remove(h);
+        }
+        if let Some(b) = c.baseline {
+            self.baseline = b;
+        }
+        retarget
+    }
+
     fn target_of(&self, host: &str) -> u64 {
         self.targets.get(host).map_or(self.baseline, |t| t.version)
     }
@@ -279,7 +298,7 @@ impl Control {
             rollback_of: None,
             published_ms: now,
         };
-        let mut c = Change { versions: vec![row.clone()], ..Default::default() };
+        let mut c = Change { versions: vec![row], ..Default::default() };
         let mut new_rollout = None;
         let mut superseded = None;
         let outside =
@@ -325,19 +344,12 @@ impl Control {
         c.rollout = new_rollout.as_ref();
         c.events = events;
         i.store.commit(&c)?;
-        i.versions.insert(v, row);
-        if let Some(b) = c.baseline {
-            i.baseline = b;
-            i.targets.clear();
-        }
+        i.mirror(c);
         if let Some(r) = new_rollout.or(superseded) {
             tracing::info!(rollout = r.id, version = r.version, state = r.state.as_str(), "rollout");
             i.rollout = Some(r);
         }
-        self.refresh_view(&i);
-        drop(i);
-        self.changed.send_modify(|g| *g += 1);
-        self.settle();
+        self.wake(i, true);
         Ok(())
     }
 
@@ -392,23 +404,9 @@ impl Control {
         for e in &events {
             tracing::info!(rollout = r.id, version = r.version, kind = e.kind, host = %e.host, wave = ?e.wave, "{}", e.detail);
         }
-        let retarget = !c.set_targets.is_empty() || c.baseline.is_some();
-        for (h, t) in c.set_targets.drain(..) {
-            i.targets.insert(h, t);
-        }
-        if let Some(b) = c.baseline {
-            i.baseline = b;
-            for h in &c.clear_targets {
-                i.targets.remove(h);
-            }
-        }
+        let retarget = i.mirror(c);
         i.rollout = Some(r);
-        self.refresh_view(&i);
-        drop(i);
-        if retarget {
-            self.changed.send_modify(|g| *g += 1);
-            self.settle();
-        }
+        self.wake(i, retarget);
     }
 
     /// A host reported a pass: keep it (it survives a restart) and let the engine judge it.
@@ -450,6 +448,17 @@ impl Control {
 
     pub fn baseline(&self) -> u64 {
         self.view.read().expect("view lock").0
+    }
+
+    /// After a commit: publishes the targets to readers, wakes the Watch streams when some
+    /// host's target may have moved, and drops the images no host needs any more.
+    fn wake(&self, i: std::sync::MutexGuard<'_, Inner>, retarget: bool) {
+        self.refresh_view(&i);
+        drop(i);
+        if retarget {
+            self.changed.send_modify(|g| *g += 1);
+        }
+        self.settle();
     }
 
     /// Publishes the targets to readers (Watch, GetManifest, status) that must never wait
@@ -581,23 +590,9 @@ impl Control {
         c.rollout = Some(&r);
         i.store.commit(&c).map_err(ControlError::Failed)?;
         tracing::info!(rollout = r.id, version = r.version, action, caller, reason, "operator action");
-        let retarget = !c.set_targets.is_empty() || c.baseline.is_some();
-        for v in &c.versions {
-            i.versions.insert(v.version, v.clone());
-        }
-        for (h, t) in c.set_targets.drain(..) {
-            i.targets.insert(h, t);
-        }
-        if let Some(b) = c.baseline {
-            i.baseline = b;
-        }
+        let retarget = i.mirror(c);
         i.rollout = Some(r);
-        self.refresh_view(&i);
-        drop(i);
-        if retarget {
-            self.changed.send_modify(|g| *g += 1);
-        }
-        self.settle();
+        self.wake(i, retarget);
         self.tick();
         Ok(())
     }

@@ -481,6 +481,21 @@ impl Drop for LoopExt4 {
     }
 }
 
+/// `syncd run --insecure --config CFG` with `RUST_LOG=info`, its log going to `log`; killed on
+/// drop.
+pub fn spawn_syncd_run(cfg: &Path, log: std::fs::File) -> KillOnDrop {
+    let child = Command::new(bin("syncd"))
+        .args(["run", "--insecure", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start syncd run");
+    KillOnDrop(child)
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct KillOnDrop(pub Child);
 

@@ -6,10 +6,10 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
-use gis_tests::{bin, fleet_status, scratch, wait_until, KillOnDrop, Master, Scratch};
+use gis_tests::{fleet_status, scratch, spawn_syncd_run, wait_until, KillOnDrop, Master, Scratch};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -62,16 +62,7 @@ fn daemon_with(s: &Scratch, url: &str, root: &Path, interval: &str, tables: &str
         ),
     )
     .unwrap();
-    let log = fs::File::create(s.join("syncd.log")).unwrap();
-    let child = Command::new(bin("syncd"))
-        .args(["run", "--insecure", "--config", cfg.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    KillOnDrop(child)
+    spawn_syncd_run(&cfg, fs::File::create(s.join("syncd.log")).unwrap())
 }
 
 fn motd(root: &Path) -> String {

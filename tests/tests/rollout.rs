@@ -14,12 +14,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use gis_tests::fake::{FakeMaster, Image};
 use gis_tests::tree::{differences, rsync_differences};
-use gis_tests::{bin, fleet_status, run_syncd, scratch, wait_until, KillOnDrop, Master, Scratch};
+use gis_tests::{bin, fleet_status, run_syncd, scratch, spawn_syncd_run, wait_until, KillOnDrop, Master, Scratch};
 use serde_json::Value;
 
 const HOSTS: usize = 12;
@@ -154,15 +154,7 @@ impl Fleet {
         )
         .unwrap();
         let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("syncd.log")).unwrap();
-        let child = Command::new(bin("syncd"))
-            .args(["run", "--insecure", "--config", cfg.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemons.insert(h.to_owned(), KillOnDrop(child));
+        self.daemons.insert(h.to_owned(), spawn_syncd_run(&cfg, log));
     }
 
     fn syncmaster(&self, args: &[&str]) -> (i32, String, String) {
