@@ -359,3 +359,42 @@ fn a_master_killed_in_the_middle_of_an_upload_resumes_and_puts_nothing_twice() {
     let (store, from_master, _) = sources(&out);
     assert!(store >= 1500 && from_master == 0, "{}", out.summary());
 }
+
+#[test]
+fn a_host_without_credentials_or_refused_reads_fetches_from_the_master() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let (v1, master) = store_master(&s, &s3, 4, &[]);
+    let no_keys: Vec<(&str, String)> =
+        s3.env().into_iter().filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET")).collect();
+    // The store the master announced cannot be opened without keys: a warning with the way
+    // out, and every object from the master.
+    let root = s.dir("root");
+    let (out, _) = sync_env(&master, &root, &[], &no_keys);
+    out.expect_code(0, &[&root]);
+    assert_converged(&v1, &root, &out);
+    assert!(!out.summary().contains("from the object store"), "{}", out.summary());
+    assert!(
+        out.stderr.contains("s3://bkt/fleet") && out.stderr.contains("object_store_anonymous"),
+        "the warning does not name the store and the hint:\n{}",
+        out.stderr
+    );
+    // With fallback off, that is a configuration error (exit 2) naming the store.
+    let root2 = s.dir("root2");
+    let (out, _) = sync_env(&master, &root2, &["--object-store-fallback", "false"], &no_keys);
+    out.expect_code(2, &[&root2]);
+    assert!(out.stderr.contains("s3://bkt/fleet"), "{}", out.stderr);
+    assert!(std::fs::read_dir(&root2).unwrap().next().is_none(), "something was written");
+    // Unsigned reads of a bucket that wants signed ones are refused (403): the store is passed
+    // over for the pass, the refusal logged with the key, and the master serves the objects.
+    let root3 = s.dir("root3");
+    let cfg = s.join("anon.toml");
+    std::fs::write(&cfg, "object_store_anonymous = true\n").unwrap();
+    let (out, _) = sync_env(&master, &root3, &["--config", cfg.to_str().unwrap(), "--rpc-timeout", "5s"], &no_keys);
+    out.expect_code(0, &[&root3]);
+    assert_converged(&v1, &root3, &out);
+    let (store, from_master, after) = sources(&out);
+    assert_eq!(store, 0, "{}", out.summary());
+    assert!(from_master >= 4 && after == from_master, "{}", out.summary());
+    assert!(out.stderr.contains("objects/"), "the refusal does not name the key:\n{}", out.stderr);
+}
