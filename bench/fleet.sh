@@ -26,6 +26,7 @@
 # for all, and reads them again. Wall time is from the first start to the last exit. A host
 # fails when it exits non-zero. Then SAMPLE hosts chosen at random (SAMPLE=all: every host) are
 # checked with `rsync -aHAXcn --numeric-ids --delete IMAGE/ ROOT/` (must print nothing).
+# The master's CPU before the first round (scan, upload, object cache) is reported apart.
 # The master's peak RSS is its VmHWM after the round (one master per mode, so it covers the
 # scan, the cache or upload, and every round so far).
 #
@@ -172,7 +173,9 @@ for mode in $MODES; do
     fi
     wait_log "$LOGS/master-$mode.log" 'object cache ready' 900 "$MASTER_PID" ||
         { tail -20 "$LOGS/master-$mode.log" >&2; die "the master's object cache never became ready"; }
-    log "mode $mode: master (pid $MASTER_PID) on $addr, ready"
+    setup_cpu=$(secs "$(cpu_ticks "$MASTER_PID")")
+    echo "$mode $setup_cpu" >>"$SCRATCH/setup.txt"
+    log "mode $mode: master (pid $MASTER_PID) on $addr, ready after ${setup_cpu}s of CPU (scan, upload, object cache)"
 
     for round in $(seq "$ROUNDS"); do
         find "$SCRATCH/roots" -mindepth 1 -maxdepth 1 -exec rm -rf --one-file-system {} +
@@ -269,6 +272,9 @@ report() {
         b=$(awk -F'\t' -v m="$mode" '$1 == m { print $8 }' "$ROWS" | median)
         echo "- median, mode $mode: wall ${w} s, master CPU ${c} s ($(awk -v c="$c" -v h="$HOSTS" 'BEGIN { printf "%.1f", c * 1000 / h }') ms/host), master peak RSS ${r} MiB, S3 CPU ${s} s, master sent $(awk -v b="$b" -v t="$total" 'BEGIN { printf "%.1f MiB (%.2f %% of the content)", b / 1048576, b * 100 / t }')"
     done
+    while read -r m c; do
+        echo "- master CPU before the first host, mode $m: $c s (scan$([ "$m" = store ] && echo ", upload"), object cache at level 19)"
+    done <"$SCRATCH/setup.txt"
     local cm cs
     cm=$(awk -F'\t' '$1 == "master" { print $5 }' "$ROWS" | median)
     cs=$(awk -F'\t' '$1 == "store" { print $5 }' "$ROWS" | median)
