@@ -143,6 +143,9 @@ pub struct HostTree {
     pub excluded: Vec<(RelPath, bool)>,
 }
 
+/// The smallest object a seed is recorded for: the smallest chunk threshold a master takes.
+pub const SEED_MIN: u64 = 256 << 10;
+
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
     pub image_version: u64,
@@ -157,6 +160,10 @@ pub struct Plan {
     /// as a delta against, chosen as [`manifest::delta`] says. Empty when no object has one
     /// (a cold sync): a million `None`s would cost 48 MB.
     pub fetch_bases: Vec<Option<(RelPath, Hash)>>,
+    /// One per `fetch`: the host file an update replaces, for an object of at least
+    /// [`SEED_MIN`] bytes, to reuse the chunks of when the object is stored as chunks (see
+    /// `client::chunked`). Empty when no object has one.
+    pub fetch_seeds: Vec<Option<RelPath>>,
     /// Content that more than one change needs: the apply remembers where it put the first
     /// copy of these (and only these) to copy it locally for the others.
     pub reused: HashSet<Hash>,
@@ -409,10 +416,19 @@ impl Plan {
                     plan.fetch_bases.resize(plan.fetch.len() - 1, None);
                     plan.fetch_bases.push(Some((b.path.clone(), b.hash)));
                 }
+                if let Op::Update { old, .. } = &c.op {
+                    if old.entry.kind == Kind::File && new.size >= SEED_MIN {
+                        plan.fetch_seeds.resize(plan.fetch.len() - 1, None);
+                        plan.fetch_seeds.push(Some(c.path.clone()));
+                    }
+                }
             }
         }
         if !plan.fetch_bases.is_empty() {
             plan.fetch_bases.resize(plan.fetch.len(), None);
+        }
+        if !plan.fetch_seeds.is_empty() {
+            plan.fetch_seeds.resize(plan.fetch.len(), None);
         }
         plan
     }
