@@ -160,9 +160,10 @@ pub struct Plan {
     /// as a delta against, chosen as [`manifest::delta`] says. Empty when no object has one
     /// (a cold sync): a million `None`s would cost 48 MB.
     pub fetch_bases: Vec<Option<(RelPath, Hash)>>,
-    /// One per `fetch`: the host file an update replaces, for an object of at least
-    /// [`SEED_MIN`] bytes, to reuse the chunks of when the object is stored as chunks (see
-    /// `client::chunked`). Empty when no object has one.
+    /// One per `fetch`, for an object of at least [`SEED_MIN`] bytes: the host file an update
+    /// replaces, or else the gone file most like it by name (as for delta bases, any size), to
+    /// reuse the chunks of when the object is stored as chunks (see `client::chunked`). Empty
+    /// when no object has one.
     pub fetch_seeds: Vec<Option<RelPath>>,
     /// Content that more than one change needs: the apply remembers where it put the first
     /// copy of these (and only these) to copy it locally for the others.
@@ -416,11 +417,16 @@ impl Plan {
                     plan.fetch_bases.resize(plan.fetch.len() - 1, None);
                     plan.fetch_bases.push(Some((b.path.clone(), b.hash)));
                 }
-                if let Op::Update { old, .. } = &c.op {
-                    if old.entry.kind == Kind::File && new.size >= SEED_MIN {
-                        plan.fetch_seeds.resize(plan.fetch.len() - 1, None);
-                        plan.fetch_seeds.push(Some(c.path.clone()));
-                    }
+                let seed = match &c.op {
+                    _ if new.size < SEED_MIN => None,
+                    Op::Update { old, .. } if old.entry.kind == Kind::File => Some(c.path.clone()),
+                    // A renamed file (libLLVM-15.so → libLLVM-16.so): the gone one most alike.
+                    Op::Update { .. } => None,
+                    _ => gone.seed_for(&c.path, SEED_MIN).map(|g| g.path.clone()),
+                };
+                if let Some(seed) = seed {
+                    plan.fetch_seeds.resize(plan.fetch.len() - 1, None);
+                    plan.fetch_seeds.push(Some(seed));
                 }
             }
         }

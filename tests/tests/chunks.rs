@@ -205,6 +205,23 @@ fn a_large_file_is_rebuilt_from_chunks_and_an_upgrade_fetches_little_more_than_t
     assert!(bytes <= 2 * changed, "{bytes} bytes fetched for {changed} changed: {}", out.summary());
     assert!(reused > 100 && fetched < 40, "{}", out.summary());
     assert_eq!(sources(&out).1, 0, "{}", out.summary());
+
+    // v3 renames it (as libLLVM-15.so becomes libLLVM-16.so) and changes 64 KiB: the gone file
+    // most like it by name is the seed.
+    let v3 = images.join("v3");
+    cp_a(&v2, &v3);
+    let mut big3 = big2.clone();
+    big3[5 << 20..(5 << 20) + (64 << 10)].copy_from_slice(&random_bytes(29, 64 << 10));
+    std::fs::remove_file(v3.join(BIG)).unwrap();
+    std::fs::write(v3.join("var/lib/disk-2.img"), &big3).unwrap();
+    flip(&images, "v3");
+    assert!(wait_until(WAIT, || fleet_status(master.url())["image_version"] == 3), "{}", master.stderr());
+    let out = sync_env(&master, &root, &[], &s3.env());
+    out.expect_code(0, &[&root]);
+    assert_converged(&v3, &root, &out);
+    let (n, reused, _, bytes, _) = chunk_counts(&out);
+    assert_eq!(n, 1, "{}", out.summary());
+    assert!(reused > 100 && bytes < 1 << 20, "{}", out.summary());
 }
 
 #[test]
