@@ -14,6 +14,8 @@
 # reads (/proc/PID/io rchar less the file reads is not separable, so not used).
 # rsync: a daemon on loopback serving v2, `rsync -a --no-whole-file --stats` into a copy of v1
 # (the delta algorithm; -z would not help on random data): Total bytes received, Literal data.
+# Each run also times a cold host (v2 into an empty dir): every chunk from the store, then the
+# whole object from the master (`--object-store none`).
 #
 # Usage: bench/largefile.sh [RUNS]  (default 3). Needs s3s-fs (see README, Tests), rsync,
 # python3, and `cargo build --release --bins` (CARGO_TARGET_DIR is honoured). Appends its raw
@@ -91,7 +93,19 @@ PIDS+=("$!")
 sleep 0.5
 
 wchar() { awk '/^wchar/ {print $2}' "/proc/$1/io"; }
-declare -a SY_STORE SY_IDX SY_S3W SY_T RS_RECV RS_LIT RS_T
+declare -a SY_STORE SY_IDX SY_S3W SY_T RS_RECV RS_LIT RS_T COLD_STORE COLD_MASTER
+# cold_run NAME EXTRA...: wall seconds of syncd syncing v2 into an empty host.
+cold_run() {
+    local name=$1; shift
+    rm -rf "$S/cold" "$S/cstate"; mkdir "$S/cold"
+    local t0 t1; t0=$(date +%s.%N)
+    "$TARGET/syncd" sync --master "$MASTER" --root "$S/cold" --host-id bench --insecure --state-dir "$S/cstate" "$@" \
+        >"$S/cold.out" 2>"$S/cold.err"
+    t1=$(date +%s.%N)
+    cmp "$S/cold/big.img" "$S/images/v2/big.img"
+    echo "cold $name: $(grep 'converged to image' "$S/cold.out" "$S/cold.err" | tail -1)" >&2
+    awk "BEGIN {print $t1 - $t0}"
+}
 for run in $(seq "$RUNS"); do
     rm -rf "$S/host" "$S/state"; cp -a "$S/images/v1" "$S/host"
     before=$(wchar "$S3PID"); t0=$(date +%s.%N)
@@ -121,10 +135,15 @@ EOF
     RS_LIT+=("$(sed -n 's/^Literal data: \([0-9,]*\) bytes/\1/p' "$S/rsync.out" | tr -d ,)")
     RS_T+=("$(awk "BEGIN {print $t1 - $t0}")")
     echo "rsync run $run: received ${RS_RECV[-1]}, literal ${RS_LIT[-1]}"
+
+    # A cold host: every chunk from the store, against the whole object from the master.
+    COLD_STORE+=("$(cold_run "store (chunks)")")
+    COLD_MASTER+=("$(cold_run "master (whole)" --object-store none)")
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 m_store=$(median "${SY_STORE[@]}"); m_idx=$(median "${SY_IDX[@]}"); m_s3w=$(median "${SY_S3W[@]}"); m_syt=$(median "${SY_T[@]}")
+m_cs=$(median "${COLD_STORE[@]}"); m_cm=$(median "${COLD_MASTER[@]}")
 m_recv=$(median "${RS_RECV[@]}"); m_lit=$(median "${RS_LIT[@]}"); m_rst=$(median "${RS_T[@]}")
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 {
@@ -148,6 +167,8 @@ ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
     echo "| rsync: Literal data | $m_lit | ${RS_LIT[*]} | $(ratio "$m_lit" "$CHANGED") |"
     echo "| syncd wall s | $m_syt | ${SY_T[*]} | |"
     echo "| rsync wall s | $m_rst | ${RS_T[*]} | |"
+    echo "| cold host, syncd wall s: every chunk from the store | $m_cs | ${COLD_STORE[*]} | |"
+    echo "| cold host, syncd wall s: the whole object from the master (\`--object-store none\`) | $m_cm | ${COLD_MASTER[*]} | |"
     echo
     echo "- syncd (chunks + index) / rsync (total received): $(ratio "$((m_store + m_idx))" "$m_recv"); s3s-fs socket bytes / rsync total received: $(ratio "$m_s3w" "$m_recv")"
     echo "- goal (issue 25): chunks <= 2 x changed bytes + the index: $([ "$m_store" -le $((2 * CHANGED)) ] && echo met || echo NOT met)"

@@ -23,10 +23,15 @@ use manifest::{Hash, RelPath};
 use objstore::chunks::{ChunkRef, Index, Params};
 use tokio::sync::{mpsc, Semaphore};
 
-use super::{open_object, pb, secs, source_chain, Bases, Deadlines, Pump, StoreFailure, StoreSource, StoreTally};
+use super::{
+    open_object_in_order, pb, secs, source_chain, Bases, Deadlines, Pump, StoreFailure, StoreSource, StoreTally,
+};
 
 /// Seed chunks read back in one blocking call, up to this many bytes.
 const SEED_BATCH: u64 = 1 << 20;
+/// Chunk GETs in flight per `object_store_concurrency`: a chunk is small (64 KiB on average),
+/// so a GET is mostly its round trip, and a cold host GETs thousands per large file.
+const CHUNK_GETS_PER_OBJECT_GET: usize = 4;
 
 /// The host files an object stored as chunks may reuse: one per object of the stream.
 pub(super) struct Seeds {
@@ -130,10 +135,18 @@ async fn read_body(get: objstore::object_store::GetResult, cap: u64, d: Deadline
     }
 }
 
-/// GETs one chunk and checks it: `(content, bytes on the wire)`.
-async fn get_chunk(store: &objstore::Store, c: ChunkRef, d: Deadlines) -> Result<(Bytes, u64), StoreFailure> {
+/// GETs one chunk and checks it: `(content, bytes on the wire)`. `raw_first` guesses its
+/// encoding from the chunk before it (the chunks of one file mostly compress alike), and is
+/// set to what was found.
+async fn get_chunk(
+    store: &objstore::Store,
+    c: ChunkRef,
+    d: Deadlines,
+    raw_first: &std::sync::atomic::AtomicBool,
+) -> Result<(Bytes, u64), StoreFailure> {
     let hash = Hash(c.hash);
-    let (encoding, key, get) = open_object(store, &hash, d).await?;
+    let (encoding, key, get) = open_object_in_order(store, &hash, d, raw_first.load(Relaxed)).await?;
+    raw_first.store(encoding == pb::Encoding::Raw, Relaxed);
     let fail = |why: String, down: bool| StoreFailure { key: key.clone(), why, down, sent_any: false };
     let len = u64::from(c.len);
     let raw = encoding == pb::Encoding::Raw;
@@ -209,7 +222,11 @@ impl Pump {
             }
             *n += 1;
         }
-        let mut fetched = futures_util::stream::iter(fetch).map(|c| get_chunk(store, c, d)).buffered(src.concurrency);
+        let raw_first = std::sync::atomic::AtomicBool::new(false);
+        let raw_first = &raw_first;
+        let mut fetched = futures_util::stream::iter(fetch)
+            .map(|c| get_chunk(store, c, d, raw_first))
+            .buffered(src.concurrency * CHUNK_GETS_PER_OBJECT_GET);
         let mut kept: HashMap<[u8; 32], Bytes> = HashMap::new();
         let mut sent = 0u64;
         let mut pos = 0;
@@ -262,7 +279,7 @@ impl Pump {
                             b
                         }
                         // The host file changed under this pass: that chunk comes from the store.
-                        None => self.fetched_chunk(store, c, tally).await.map_err(with_sent(sent))?,
+                        None => self.fetched_chunk(store, c, tally, raw_first).await.map_err(with_sent(sent))?,
                     };
                     if !self.emit(hash, size, data, &mut sent, tx, received, tally).await {
                         return Ok(false);
@@ -305,8 +322,9 @@ impl Pump {
         store: &objstore::Store,
         c: ChunkRef,
         tally: &StoreTally,
+        raw_first: &std::sync::atomic::AtomicBool,
     ) -> Result<Bytes, StoreFailure> {
-        let (b, wire) = get_chunk(store, c, self.d).await?;
+        let (b, wire) = get_chunk(store, c, self.d, raw_first).await?;
         self.net.charge_async(wire).await;
         tally.chunks_fetched.fetch_add(1, Relaxed);
         tally.chunk_bytes.fetch_add(wire, Relaxed);
