@@ -146,11 +146,13 @@ m_store=$(median "${SY_STORE[@]}"); m_idx=$(median "${SY_IDX[@]}"); m_s3w=$(medi
 m_cs=$(median "${COLD_STORE[@]}"); m_cm=$(median "${COLD_MASTER[@]}")
 m_recv=$(median "${RS_RECV[@]}"); m_lit=$(median "${RS_LIT[@]}"); m_rst=$(median "${RS_T[@]}")
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+# Before the report starts appending to $OUT (which would make the tree look dirty).
+REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty tree)')"
 {
     echo
     echo "## $(date -u '+%Y-%m-%d %H:%M:%S UTC'): one $MIB MiB file, 10 KiB inserted near the start + 1 MiB changed in the middle"
     echo
-    echo "- machine: $(nproc) cores, kernel $(uname -r); scratch on $(findmnt -n -o FSTYPE -T "$S" 2>/dev/null || echo '?'); source rev: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty tree)')"
+    echo "- machine: $(nproc) cores, kernel $(uname -r); scratch on $(findmnt -n -o FSTYPE -T "$S" 2>/dev/null || echo '?'); source rev: $REV"
     echo "- corpus: $MIB MiB seeded pseudo-random (Python random.Random(25)); changed bytes: $CHANGED"
     echo "- syncd ($TARGET): \`syncd sync\` from a copy of v1 to v2; master \`--object-store s3://bkt/lf --chunk-threshold 16MiB --cache-level 3\`, s3s-fs 0.14.1 on loopback"
     echo "- rsync: $(rsync --version | head -1); daemon on loopback, \`rsync -a --no-whole-file --stats\` into a copy of v1"
