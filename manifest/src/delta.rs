@@ -84,9 +84,20 @@ impl<'a> Gone<'a> {
     /// enough (prefix and suffix together cover at least half the new name) and usable as a
     /// base for `size` bytes. The first such file in path order wins a tie.
     pub fn base_for(&self, path: &RelPath, size: u64) -> Option<Candidate<'a>> {
+        self.most_alike(path, |c| usable(size, c.size))
+    }
+
+    /// Like [`Gone::base_for`], among the gone files of at least `min` bytes, whatever their
+    /// size: the old file whose chunks a large new file may reuse (a host-side choice only;
+    /// see syncd's `client::chunked`).
+    pub fn seed_for(&self, path: &RelPath, min: u64) -> Option<Candidate<'a>> {
+        self.most_alike(path, |c| c.size >= min)
+    }
+
+    fn most_alike(&self, path: &RelPath, fits: impl Fn(&Candidate<'a>) -> bool) -> Option<Candidate<'a>> {
         let name = path.file_name();
         let mut best: Option<(usize, Candidate<'a>)> = None;
-        for c in self.by_dir.get(dir_of(path))?.iter().filter(|c| usable(size, c.size)) {
+        for c in self.by_dir.get(dir_of(path))?.iter().filter(|c| fits(c)) {
             let score = likeness(name, c.path.file_name());
             if score * 2 >= name.len() && score >= 3 && best.is_none_or(|(b, _)| score > b) {
                 best = Some((score, *c));
@@ -150,6 +161,18 @@ mod tests {
         assert_eq!(gone.base_for(&rel("lib/unrelated-name"), 5000), None, "not alike enough");
         assert_eq!(gone.base_for(&rel("elsewhere/libfoo.so.1.3"), 5000), None);
         assert_eq!(gone.base_for(&new, MAX_DELTA_BYTES + 1), None, "too large for a delta");
+    }
+
+    #[test]
+    fn a_large_renamed_file_is_a_seed_but_no_base() {
+        let old = [rel("usr/lib/libLLVM-15.so"), rel("usr/lib/small-15.so")];
+        let sizes = [150 << 20, 4000];
+        let gone =
+            Gone::new(old.iter().zip(sizes).map(|(p, size)| Candidate { path: p, size, hash: Hash::of(p.as_bytes()) }));
+        let new = rel("usr/lib/libLLVM-16.so");
+        assert_eq!(gone.seed_for(&new, 1 << 20).map(|c| c.path), Some(&old[0]));
+        assert_eq!(gone.base_for(&new, 160 << 20), None);
+        assert_eq!(gone.seed_for(&rel("usr/lib/small-16.so"), 1 << 20), None, "below the minimum");
     }
 
     #[test]

@@ -133,6 +133,7 @@ pub fn manifest_header(m: &Manifest, identity: &Hash) -> pb::ManifestHeader {
         signature: None,
         entries_omitted: false,
         object_store_url: String::new(),
+        chunk_threshold: 0,
     }
 }
 

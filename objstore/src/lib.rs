@@ -4,11 +4,14 @@
 //! ```text
 //! PREFIX/objects/<first two hex digits>/<blake3 hex>.zst   one zstd frame of the content
 //! PREFIX/objects/<first two hex digits>/<blake3 hex>.raw   the content itself
+//! PREFIX/chunks/<first two hex digits>/<blake3 hex>.idx    a large file's chunk index (see [`chunks`])
 //! ```
 //!
 //! S3 credentials come from the standard AWS variables (`AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, …). TLS is
 //! rustls with ring as its only provider (see the root Cargo.toml): never aws-lc-rs.
+
+pub mod chunks;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -92,6 +92,13 @@ pub struct ApplyStats {
     pub store_fallback_objects: u64,
     /// Objects from the store whose content did not match their hash, fetched again.
     pub store_refused: u64,
+    /// Objects the store gave as chunks, their chunks reused from the host's old version of
+    /// the file and fetched, the bytes of those fetched (as stored) and of the chunk indexes.
+    pub store_chunked_objects: u64,
+    pub store_chunks_reused: u64,
+    pub store_chunks_fetched: u64,
+    pub store_chunk_bytes: u64,
+    pub store_index_bytes: u64,
     pub local_copies: u64,
     pub local_bytes: u64,
     /// Temp files of an interrupted pass renamed into place instead of fetched again.
@@ -362,6 +369,19 @@ pub fn apply(
     a.out.stats.fetched_objects += a.objects.objects;
     a.out.stats.wire_bytes += a.objects.wire_bytes;
     a.out.stats.delta_objects = a.objects.deltas;
+    if let Some(t) = &a.objects.store {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &mut a.out.stats;
+        s.store_chunked_objects = t.chunked_objects.load(Relaxed);
+        s.store_chunks_reused = t.chunks_reused.load(Relaxed);
+        s.store_chunks_fetched = t.chunks_fetched.load(Relaxed);
+        s.store_chunk_bytes = t.chunk_bytes.load(Relaxed);
+        s.store_index_bytes = t.index_bytes.load(Relaxed);
+        // Content rebuilt from chunks passed the stream as whole content: on the wire were
+        // only the chunks fetched and the indexes.
+        s.wire_bytes =
+            s.wire_bytes.saturating_sub(t.rebuilt_bytes.load(Relaxed)) + s.store_chunk_bytes + s.store_index_bytes;
+    }
     a.out
 }
 

@@ -1,5 +1,7 @@
 //! Talking to syncmaster: the manifest stream and the ordered object stream.
 
+mod chunked;
+
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +67,17 @@ pub struct StoreTally {
     pub failures: std::sync::atomic::AtomicU64,
     /// Those objects: fetched from the master instead.
     failed_over: std::sync::Mutex<std::collections::HashSet<Hash>>,
+    /// Objects the store gave as chunks (see [`chunked`]) …
+    pub chunked_objects: std::sync::atomic::AtomicU64,
+    /// … their chunks taken from the host's old version of the file …
+    pub chunks_reused: std::sync::atomic::AtomicU64,
+    /// … and those fetched, with their bytes as stored (compressed or not) …
+    pub chunks_fetched: std::sync::atomic::AtomicU64,
+    pub chunk_bytes: std::sync::atomic::AtomicU64,
+    /// … and the bytes of the chunk indexes fetched.
+    pub index_bytes: std::sync::atomic::AtomicU64,
+    /// Content passed on rebuilt from chunks (counted as on the wire by the stream).
+    pub rebuilt_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl StoreTally {
@@ -168,6 +181,8 @@ pub struct Received {
     pub lists: Vec<PatternList>,
     /// The object store the header names (empty: none).
     pub object_store_url: String,
+    /// The header's `chunk_threshold` (0: no object is stored as chunks).
+    pub chunk_threshold: u64,
 }
 
 fn bad_stream(what: &str) -> SyncError {
@@ -189,6 +204,8 @@ pub struct Master {
     store_config: StoreConfig,
     /// Set by [`Master::with_store`]: [`Master::spawn_fetch`] reads from this store.
     store: Option<Arc<StoreSource>>,
+    /// Objects this large are stored as chunks in the store (0: none): see [`chunked`].
+    chunk_threshold: u64,
 }
 
 impl Master {
@@ -229,6 +246,7 @@ impl Master {
             deadlines: d,
             store_config: transport.store.clone(),
             store: None,
+            chunk_threshold: 0,
         })
     }
 
@@ -282,6 +300,13 @@ impl Master {
         Ok(self)
     }
 
+    /// Objects of at least `threshold` bytes (the manifest header's `chunk_threshold`; 0:
+    /// none) are fetched from the store as chunks, reusing what the host has (see [`chunked`]).
+    pub fn with_chunk_threshold(mut self, threshold: u64) -> Master {
+        self.chunk_threshold = threshold;
+        self
+    }
+
     /// Receives and validates the manifest, and this host's exclusion lists from the master's
     /// inventory. `cached` is the identity of the host's cached copy: if the image still has
     /// that identity, the master may send the header alone ([`Received::manifest`] is `None`).
@@ -291,10 +316,12 @@ impl Master {
         let mut lists = Vec::new();
         let mut omitted = None;
         let mut object_store_url = String::new();
+        let mut chunk_threshold = 0;
         while let Some(msg) = self.next_message(&mut stream, "manifest").await? {
             if let Some(pb::manifest_message::Msg::Header(h)) = &msg.msg {
                 lists = lists_from_wire(&h.exclusions);
                 object_store_url.clone_from(&h.object_store_url);
+                chunk_threshold = h.chunk_threshold;
                 if h.entries_omitted {
                     omitted = Some(h.clone());
                     continue;
@@ -325,13 +352,22 @@ impl Master {
                 signature: header.signature(),
                 lists,
                 object_store_url,
+                chunk_threshold,
             });
         }
         let identity = asm.identity();
         // `finish_signed` checks that the entries hash to the header's identity.
         let (m, signature) = asm.finish_signed().map_err(SyncError::BadManifest)?;
         let identity = identity.ok_or(SyncError::BadManifest(manifest::ManifestError::NoHeader))?;
-        Ok(Received { version: m.version, identity, manifest: Some(m), signature, lists, object_store_url })
+        Ok(Received {
+            version: m.version,
+            identity,
+            manifest: Some(m),
+            signature,
+            lists,
+            object_store_url,
+            chunk_threshold,
+        })
     }
 
     /// Only this host's exclusion lists: reads the manifest header and hangs up.
@@ -415,7 +451,7 @@ impl Master {
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
         match &self.store {
-            Some(store) => self.spawn_fetch_store(store.clone(), objects, rt),
+            Some(store) => self.spawn_fetch_store(store.clone(), objects, bases, rt),
             None => self.spawn_fetch_on(self.client.clone(), objects, bases, rt),
         }
     }
@@ -461,12 +497,15 @@ impl Master {
         &self,
         src: Arc<StoreSource>,
         objects: Vec<(Hash, u64)>,
+        bases: Option<Bases>,
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
         let tally = Arc::new(StoreTally { url: src.store.url.clone(), ..StoreTally::default() });
         let (tx, received, stream) = start_stream(objects.clone(), None, Some(tally.clone()));
         let pump = self.pump();
         let client = self.client.clone();
+        let threshold = self.chunk_threshold;
+        let seeds = bases.and_then(chunked::Seeds::from_bases);
         rt.spawn(async move {
             use futures_util::stream::StreamExt;
             let d = pump.d;
@@ -474,15 +513,38 @@ impl Master {
             let opens: Vec<_> = objects
                 .iter()
                 .enumerate()
-                .map(|(i, (h, _))| {
-                    let (store, h) = (store.clone(), *h);
-                    async move { (i, open_object(&store, &h, d).await) }
+                .map(|(i, &(h, size))| {
+                    let (store, tally) = (store.clone(), tally.clone());
+                    async move {
+                        if threshold > 0 && size >= threshold {
+                            (i, Opened::Index(chunked::get_index(&store, &h, size, d, &tally).await))
+                        } else {
+                            (i, Opened::Whole(open_object(&store, &h, d).await))
+                        }
+                    }
                 })
                 .collect();
             let mut opened = futures_util::stream::iter(opens).buffered(src.concurrency);
             let mut warned = false;
             while let Some((i, r)) = opened.next().await {
                 let (hash, size) = objects[i];
+                let r = match r {
+                    Opened::Whole(r) => r,
+                    Opened::Index(Ok(Some(index))) => {
+                        let seed = seeds.as_ref().and_then(|s| s.get(i));
+                        match pump.chunked(&src, hash, size, index, seed, &tx, &received, &tally).await {
+                            Ok(true) => {
+                                tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                continue;
+                            }
+                            Ok(false) => return,
+                            Err(f) => Err(f),
+                        }
+                    }
+                    // No chunk index: the object may be stored whole.
+                    Opened::Index(Ok(None)) => open_object(store, &hash, d).await,
+                    Opened::Index(Err(f)) => Err(f),
+                };
                 let failure = match r {
                     Ok((encoding, key, get)) => {
                         match pump.store_body(hash, size, encoding, &key, get, &tx, &received).await {
@@ -584,6 +646,12 @@ fn start_stream(
     (tx, received, stream)
 }
 
+/// What the store answered first for one object: its whole body, or its chunk index.
+enum Opened {
+    Whole(Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure>),
+    Index(Result<Option<objstore::chunks::Index>, StoreFailure>),
+}
+
 /// Why the store did not give one object.
 struct StoreFailure {
     key: String,
@@ -600,14 +668,28 @@ async fn open_object(
     hash: &Hash,
     d: Deadlines,
 ) -> Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure> {
+    open_object_in_order(store, hash, d, false).await
+}
+
+/// [`open_object`], trying `.raw` first when `raw_first` (a guess: a miss costs one request).
+async fn open_object_in_order(
+    store: &objstore::Store,
+    hash: &Hash,
+    d: Deadlines,
+    raw_first: bool,
+) -> Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure> {
     use objstore::object_store::ObjectStoreExt;
     let hex = hash.to_hex();
-    for (raw, encoding) in [(false, pb::Encoding::Zstd), (true, pb::Encoding::Raw)] {
+    let mut order = [(false, pb::Encoding::Zstd), (true, pb::Encoding::Raw)];
+    if raw_first {
+        order.reverse();
+    }
+    for (n, (raw, encoding)) in order.into_iter().enumerate() {
         let key = store.key(&hex, raw);
         let fail = |why: String, down: bool| StoreFailure { key: key.to_string(), why, down, sent_any: false };
         match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
             Ok(Ok(get)) => return Ok((encoding, key.to_string(), get)),
-            Ok(Err(objstore::object_store::Error::NotFound { .. })) if !raw => continue,
+            Ok(Err(objstore::object_store::Error::NotFound { .. })) if n == 0 => continue,
             Ok(Err(objstore::object_store::Error::NotFound { .. })) => {
                 return Err(StoreFailure {
                     key: store.key(&hex, false).to_string(),
@@ -622,7 +704,7 @@ async fn open_object(
             }
         }
     }
-    unreachable!("the .raw attempt returns")
+    unreachable!("the second attempt returns")
 }
 
 /// What a receiving task needs of the master, cloned into it.
@@ -917,6 +999,9 @@ impl Piece {
 pub struct Bases {
     pub root: crate::root::RootDir,
     pub paths: Vec<Option<(manifest::RelPath, Hash)>>,
+    /// Empty, or one per object: the host file whose chunks an object stored as chunks may
+    /// reuse (see [`Plan::fetch_seeds`](crate::plan::Plan::fetch_seeds)).
+    pub seeds: Vec<Option<manifest::RelPath>>,
     pub read: throttle::Limiter,
 }
 

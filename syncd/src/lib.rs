@@ -171,6 +171,8 @@ struct Started {
     fresh: bool,
     /// The object store the manifest header names (empty: none).
     object_store_url: String,
+    /// The header's `chunk_threshold`: objects this large are stored as chunks (0: none).
+    chunk_threshold: u64,
     walk: manifest::scan::Scan,
 }
 
@@ -217,6 +219,7 @@ async fn start_pass(
                     rules_digest,
                     fresh: false,
                     object_store_url: got.object_store_url,
+                    chunk_threshold: got.chunk_threshold,
                     walk: done,
                 });
             }
@@ -259,6 +262,7 @@ async fn start_pass(
             rules_digest,
             fresh,
             object_store_url: got.object_store_url,
+            chunk_threshold: got.chunk_threshold,
             walk,
         });
     }
@@ -413,7 +417,16 @@ impl PassReport {
                             0 => String::new(),
                             n => format!(", {n} refused from the store (content not matching its hash) and fetched again from the master"),
                         }
-                    ),
+                    ) + &match o.stats.store_chunked_objects {
+                        0 => String::new(),
+                        n => format!(
+                            "; {n} rebuilt from chunks: {} chunks reused from the host, {} fetched ({} from the store, {} of chunk indexes)",
+                            o.stats.store_chunks_reused,
+                            o.stats.store_chunks_fetched,
+                            mib(o.stats.store_chunk_bytes),
+                            mib(o.stats.store_index_bytes),
+                        ),
+                    },
                 },
                 o.stats.local_copies,
                 mib(o.stats.local_bytes),
@@ -463,7 +476,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: connected");
     let applied_record = trust::record_path(&opts.state_dir, &opts.root);
-    let Started { manifest, version, identity, rules, rules_digest, fresh, object_store_url, walk } =
+    let Started { manifest, version, identity, rules, rules_digest, fresh, object_store_url, chunk_threshold, walk } =
         start_pass(opts, &master, &local, &applied_record).await?;
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
     // The digest of this walk, recorded if the pass finds the host matching the image.
@@ -550,12 +563,14 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
         let rt = tokio::runtime::Handle::current();
         // Delta bases are read by the stream's decode thread, beneath the same root.
-        let bases = (!report.plan.fetch_bases.is_empty()).then(|| client::Bases {
+        let plan = &report.plan;
+        let bases = (!plan.fetch_bases.is_empty() || !plan.fetch_seeds.is_empty()).then(|| client::Bases {
             root: root.share(),
-            paths: report.plan.fetch_bases.clone(),
+            paths: plan.fetch_bases.clone(),
+            seeds: plan.fetch_seeds.clone(),
             read: opts.throttle.read.clone(),
         });
-        let master = master.with_store(&object_store_url)?;
+        let master = master.with_store(&object_store_url)?.with_chunk_threshold(chunk_threshold);
         let objects = master.spawn_fetch(report.plan.fetch.clone(), bases, &rt);
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();

@@ -143,6 +143,9 @@ pub struct HostTree {
     pub excluded: Vec<(RelPath, bool)>,
 }
 
+/// The smallest object a seed is recorded for: the smallest chunk threshold a master takes.
+pub const SEED_MIN: u64 = 256 << 10;
+
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
     pub image_version: u64,
@@ -157,6 +160,11 @@ pub struct Plan {
     /// as a delta against, chosen as [`manifest::delta`] says. Empty when no object has one
     /// (a cold sync): a million `None`s would cost 48 MB.
     pub fetch_bases: Vec<Option<(RelPath, Hash)>>,
+    /// One per `fetch`, for an object of at least [`SEED_MIN`] bytes: the host file an update
+    /// replaces, or else the gone file most like it by name (as for delta bases, any size), to
+    /// reuse the chunks of when the object is stored as chunks (see `client::chunked`). Empty
+    /// when no object has one.
+    pub fetch_seeds: Vec<Option<RelPath>>,
     /// Content that more than one change needs: the apply remembers where it put the first
     /// copy of these (and only these) to copy it locally for the others.
     pub reused: HashSet<Hash>,
@@ -409,10 +417,24 @@ impl Plan {
                     plan.fetch_bases.resize(plan.fetch.len() - 1, None);
                     plan.fetch_bases.push(Some((b.path.clone(), b.hash)));
                 }
+                let seed = match &c.op {
+                    _ if new.size < SEED_MIN => None,
+                    Op::Update { old, .. } if old.entry.kind == Kind::File => Some(c.path.clone()),
+                    // A renamed file (libLLVM-15.so → libLLVM-16.so): the gone one most alike.
+                    Op::Update { .. } => None,
+                    _ => gone.seed_for(&c.path, SEED_MIN).map(|g| g.path.clone()),
+                };
+                if let Some(seed) = seed {
+                    plan.fetch_seeds.resize(plan.fetch.len() - 1, None);
+                    plan.fetch_seeds.push(Some(seed));
+                }
             }
         }
         if !plan.fetch_bases.is_empty() {
             plan.fetch_bases.resize(plan.fetch.len(), None);
+        }
+        if !plan.fetch_seeds.is_empty() {
+            plan.fetch_seeds.resize(plan.fetch.len(), None);
         }
         plan
     }

@@ -91,6 +91,9 @@ pub struct Security {
     /// The object store's public location, sent in every manifest header (not signed; see
     /// [`objstore`]). Empty: no store.
     pub object_store_url: String,
+    /// Sent in every manifest header with a store: files this large and larger are stored as
+    /// chunks (`--chunk-threshold`; 0: none). See [`objstore`].
+    pub chunk_threshold: u64,
 }
 
 /// The gRPC service.
@@ -109,6 +112,8 @@ pub struct Service {
     operators: Vec<String>,
     /// Sent in every manifest header (empty without `--object-store`).
     object_store_url: String,
+    /// Sent in every manifest header (0 without `--object-store`).
+    chunk_threshold: u64,
 }
 
 impl Service {
@@ -132,6 +137,7 @@ impl Service {
             mtls: security.tls.is_some(),
             operators: security.operators.clone(),
             object_store_url: security.object_store_url.clone(),
+            chunk_threshold: security.chunk_threshold,
         }
     }
 
@@ -206,6 +212,7 @@ impl ImageSync for Service {
         let (tx, rx) = mpsc::channel(16);
         let signer = self.signing_key.clone().map(|k| (k, self.signature_ttl));
         let object_store_url = self.object_store_url.clone();
+        let chunk_threshold = self.chunk_threshold;
         tokio::spawn(async move {
             let mut lists = Some(lists);
             let messages = manifest::wire::manifest_messages(&image.manifest, &image.identity, proto::MANIFEST_BATCH);
@@ -214,6 +221,7 @@ impl ImageSync for Service {
                     h.exclusions = lists.take().unwrap_or_default();
                     h.entries_omitted = omit;
                     h.object_store_url = object_store_url.clone();
+                    h.chunk_threshold = chunk_threshold;
                     if let (Some((key, ttl)), Some(id)) = (&signer, Hash::from_slice(&h.identity)) {
                         let expires = manifest::trust::now_unix() + ttl.as_secs().max(1);
                         h.signature = Some(manifest::wire::signature_to_wire(&key.sign(&id, h.version, expires)));

@@ -20,6 +20,15 @@ fn duration(s: &str) -> Result<Duration, String> {
     manifest::units::parse_duration(s)
 }
 
+/// `--chunk-threshold`: 0, or at least 256 KiB (the largest chunk).
+fn chunk_threshold(s: &str) -> Result<u64, String> {
+    let n = throttle::parse_bytes(s)?;
+    if n != 0 && n < 256 << 10 {
+        return Err(format!("{s} is below 256KiB, the largest chunk (hint: 16MiB, or 0 to chunk no file)"));
+    }
+    Ok(n)
+}
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
@@ -82,6 +91,11 @@ enum Cmd {
         /// Objects uploaded at a time.
         #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
         object_store_concurrency: u16,
+        /// With --object-store: regular files of at least this size (`16MiB`, at least `256KiB`)
+        /// are stored as content-defined chunks plus a chunk index, so hosts fetch only the
+        /// chunks they lack; `0`: no file is chunked. See README, Object store.
+        #[arg(long, value_name = "BYTES", default_value = "16MiB", value_parser = chunk_threshold)]
+        chunk_threshold: u64,
         #[command(flatten)]
         tls: ServerTls,
     },
@@ -270,6 +284,7 @@ fn main() -> ExitCode {
             object_store,
             object_store_public_url,
             object_store_concurrency,
+            chunk_threshold,
             tls,
         } => {
             // Validate configuration before scanning or opening a port.
@@ -301,7 +316,10 @@ fn main() -> ExitCode {
             let store_level = if cache_level > 0 { cache_level } else { zstd_level };
             let store = match object_store
                 .as_deref()
-                .map(|u| syncmaster::objstore::ObjectStoreTarget::new(u, object_store_concurrency.into(), store_level))
+                .map(|u| {
+                    syncmaster::objstore::ObjectStoreTarget::new(u, object_store_concurrency.into(), store_level)
+                        .map(|t| t.with_chunk_threshold(chunk_threshold))
+                })
                 .transpose()
             {
                 Ok(s) => s.map(Arc::new),
@@ -313,9 +331,16 @@ fn main() -> ExitCode {
                     });
                 }
             };
+            let chunk_threshold = if store.is_some() { chunk_threshold } else { 0 };
             let object_store_url = object_store_public_url.or(object_store).unwrap_or_default();
-            let security =
-                syncmaster::Security { signing_key, signature_ttl, tls, operators: tls_operators, object_store_url };
+            let security = syncmaster::Security {
+                signing_key,
+                signature_ttl,
+                tls,
+                operators: tls_operators,
+                object_store_url,
+                chunk_threshold,
+            };
             let tree = match (&image, &images) {
                 (Some(dir), _) => dir.clone(),
                 // Resolved once, so a flip during the first scan cannot mix two trees.

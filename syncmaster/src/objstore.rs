@@ -17,6 +17,11 @@
 //! 412), and before any put the master lists `objects/` once to skip what is present, so a
 //! restart puts nothing twice. A store that ignored `If-None-Match` could only be overwritten by
 //! a concurrent writer between the listing and the put, with identical bytes.
+//!
+//! Files of at least the chunk threshold (`--chunk-threshold`) are stored as content-defined
+//! chunks and a chunk index instead (see [`objstore::chunks`] and [`chunked`]).
+
+mod chunked;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +48,8 @@ pub struct ObjectStoreTarget {
     objects: StorePath,
     concurrency: usize,
     level: i32,
+    /// Files this large and larger are chunked (0: none).
+    chunk_threshold: u64,
 }
 
 /// What one upload did.
@@ -53,6 +60,11 @@ pub struct Summary {
     pub present: u64,
     /// Bytes put (compressed where compressed).
     pub bytes: u64,
+    /// Of `objects`, the files stored as chunks (their index put or present).
+    pub chunked: u64,
+    /// Chunks of those files, and those put by this upload.
+    pub chunks: u64,
+    pub chunks_uploaded: u64,
 }
 
 impl ObjectStoreTarget {
@@ -60,7 +72,20 @@ impl ObjectStoreTarget {
     pub fn new(url: &str, concurrency: usize, level: i32) -> Result<ObjectStoreTarget, OpenError> {
         let objstore::Store { store, objects, .. } =
             objstore::Store::open(url, &objstore::Options::new("--object-store"))?;
-        Ok(ObjectStoreTarget { url: url.to_owned(), store, objects, concurrency: concurrency.max(1), level })
+        Ok(ObjectStoreTarget {
+            url: url.to_owned(),
+            store,
+            objects,
+            concurrency: concurrency.max(1),
+            level,
+            chunk_threshold: 0,
+        })
+    }
+
+    /// Stores files of at least `threshold` bytes as chunks (0: none).
+    pub fn with_chunk_threshold(mut self, threshold: u64) -> ObjectStoreTarget {
+        self.chunk_threshold = threshold;
+        self
     }
 
     pub fn url(&self) -> &str {
@@ -121,8 +146,11 @@ impl ObjectStoreTarget {
         todo.dedup_by_key(|(h, _, _)| *h);
         let objects = todo.len() as u64;
         let present = self.present().await?;
+        // Large files go as chunks and an index, whether or not they are also stored whole.
+        let (large, mut todo): (Vec<_>, Vec<_>) =
+            todo.into_iter().partition(|(_, _, size)| self.chunk_threshold > 0 && *size >= self.chunk_threshold);
         todo.retain(|(h, _, _)| !present.contains(h));
-        let already = objects - todo.len() as u64;
+        let already = objects - todo.len() as u64 - large.len() as u64;
         tracing::info!(
             version = image.manifest.version,
             objects,
@@ -157,21 +185,27 @@ impl ObjectStoreTarget {
             .buffer_unordered(self.concurrency)
             .try_collect::<()>()
             .await?;
-        let s = Summary {
+        let mut s = Summary {
             objects,
             uploaded: uploaded.into_inner(),
             present: already + raced.into_inner(),
             bytes: bytes.into_inner(),
+            ..Summary::default()
         };
+        // Large files after the small ones, one at a time, each file's chunks in parallel.
+        self.upload_large(image, large, &present, &mut s).await?;
         tracing::info!(
             version = image.manifest.version,
             secs = t.elapsed().as_secs_f64(),
-            "object store: version {} uploaded {}, already present {}, {} bytes put, of {} objects",
+            "object store: version {} uploaded {}, already present {}, {} bytes put, of {} objects; {} of them as chunks ({} chunks, {} put)",
             image.manifest.version,
             s.uploaded,
             s.present,
             s.bytes,
-            s.objects
+            s.objects,
+            s.chunked,
+            s.chunks,
+            s.chunks_uploaded
         );
         Ok(s)
     }
@@ -218,6 +252,12 @@ fn encode(
     level: i32,
 ) -> std::io::Result<(bool, Vec<u8>)> {
     let data = crate::objcache::read_checked(image, rel, size, hash)?;
+    encode_bytes(data, level)
+}
+
+/// `(true, data)` when `data` is stored raw, `(false, zstd frame)` otherwise.
+fn encode_bytes(data: Vec<u8>, level: i32) -> std::io::Result<(bool, Vec<u8>)> {
+    let size = data.len() as u64;
     if size < crate::MIN_COMPRESS {
         return Ok((true, data));
     }

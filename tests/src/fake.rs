@@ -244,6 +244,7 @@ pub fn raw_manifest(entries: Vec<pb::Entry>) -> Vec<pb::ManifestMessage> {
                 signature: None,
                 entries_omitted: false,
                 object_store_url: String::new(),
+                chunk_threshold: 0,
             })),
         },
         pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Batch(pb::EntryBatch { entries })) },
