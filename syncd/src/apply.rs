@@ -92,6 +92,10 @@ pub struct ApplyStats {
     pub store_fallback_objects: u64,
     /// Objects from the store whose content did not match their hash, fetched again.
     pub store_refused: u64,
+    /// GETs sent to the store, the bytes it sent, and the objects cut from ranges of packs.
+    pub store_gets: u64,
+    pub store_bytes: u64,
+    pub store_packed: u64,
     pub local_copies: u64,
     pub local_bytes: u64,
     /// Temp files of an interrupted pass renamed into place instead of fetched again.
@@ -362,6 +366,12 @@ pub fn apply(
     a.out.stats.fetched_objects += a.objects.objects;
     a.out.stats.wire_bytes += a.objects.wire_bytes;
     a.out.stats.delta_objects = a.objects.deltas;
+    if let Some(t) = &a.objects.store {
+        use std::sync::atomic::Ordering::Relaxed;
+        a.out.stats.store_gets = t.gets.load(Relaxed);
+        a.out.stats.store_bytes = t.bytes.load(Relaxed);
+        a.out.stats.store_packed = t.from_packs.load(Relaxed);
+    }
     a.out
 }
 
