@@ -487,7 +487,28 @@ impl Master {
             use futures_util::stream::StreamExt;
             let d = pump.d;
             let store = &src.store;
-            let index = packs::load_index(store, &src.identity, d, &tally).await;
+            let index = match packs::load_index(store, &src.identity, d, &tally).await {
+                Ok(index) => index,
+                // The store failed on its first GET: the whole pass from the master, or with
+                // fallback off, a broken stream.
+                Err(failure) => {
+                    let url = &store.url;
+                    if !src.fallback {
+                        let why = format!("{} failed: {} (object_store_fallback is off)", failure.key, failure.why);
+                        let _ = tx.send(Err(format!("object store {url}: {why}"))).await;
+                        return;
+                    }
+                    tracing::warn!(
+                        "object store {url}: {}: {}; fetching every object of this pass from the master instead",
+                        failure.key,
+                        failure.why
+                    );
+                    let all: Vec<Hash> = objects.iter().map(|(h, _)| *h).collect();
+                    tally.fail_over(&all);
+                    pump.master(client, &all, &[], &tx, &received).await;
+                    return;
+                }
+            };
             let units = packs::plan(&objects, index.as_ref(), packs::GAP, packs::MAX_RANGE);
             drop(index);
             let opens: Vec<_> = units

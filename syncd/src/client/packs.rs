@@ -94,37 +94,27 @@ pub(super) fn plan(objects: &[(Hash, u64)], index: Option<&PackIndex>, gap: u64,
 }
 
 /// The pack index of `identity`, if the store has a readable one. A missing index is normal
-/// (a master without packs, an older master): every object then takes a loose GET. One that
-/// cannot be read is logged, naming the key and URL, and the same.
+/// (a master without packs, an older master): every object then takes a loose GET, as it does
+/// when the index is too large or damaged (logged, naming the key and URL). `Err`: the store
+/// itself failed (an error other than *not found*, or a deadline), as for a loose object.
 pub(super) async fn load_index(
     store: &objstore::Store,
     identity: &Hash,
     d: Deadlines,
     tally: &StoreTally,
-) -> Option<PackIndex> {
+) -> Result<Option<PackIndex>, StoreFailure> {
     let key = objstore::pack::index_key(&store.packs, &identity.0);
     let url = &store.url;
+    let down = |why: String| StoreFailure { key: key.to_string(), why, down: true, sent_any: false };
     tally.gets.fetch_add(1, Relaxed);
     let got = match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
         Ok(Ok(g)) => g,
         Ok(Err(objstore::object_store::Error::NotFound { .. })) => {
             tracing::debug!("object store {url}: no pack index {key}: one GET per object");
-            return None;
+            return Ok(None);
         }
-        Ok(Err(e)) => {
-            tracing::warn!(
-                "object store {url}: cannot read the pack index {key}: {}; one GET per object",
-                source_chain(&e)
-            );
-            return None;
-        }
-        Err(_) => {
-            tracing::warn!(
-                "object store {url}: no reply for the pack index {key} within {} (rpc_timeout sets this deadline); one GET per object",
-                secs(d.rpc)
-            );
-            return None;
-        }
+        Ok(Err(e)) => return Err(down(source_chain(&e))),
+        Err(_) => return Err(down(format!("no reply within {} (rpc_timeout sets this deadline)", secs(d.rpc)))),
     };
     if got.meta.size > objstore::pack::MAX_INDEX_BYTES {
         tracing::warn!(
@@ -132,21 +122,13 @@ pub(super) async fn load_index(
             got.meta.size,
             objstore::pack::MAX_INDEX_BYTES
         );
-        return None;
+        return Ok(None);
     }
-    let body = match tokio::time::timeout(d.stream_idle.max(d.rpc), got.bytes()).await {
+    let wait = d.stream_idle.max(d.rpc);
+    let body = match tokio::time::timeout(wait, got.bytes()).await {
         Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            tracing::warn!(
-                "object store {url}: cannot read the pack index {key}: {}; one GET per object",
-                source_chain(&e)
-            );
-            return None;
-        }
-        Err(_) => {
-            tracing::warn!("object store {url}: the pack index {key} stalled; one GET per object");
-            return None;
-        }
+        Ok(Err(e)) => return Err(down(source_chain(&e))),
+        Err(_) => return Err(down(format!("no data for {} (stream_idle_timeout sets this deadline)", secs(wait)))),
     };
     tally.bytes.fetch_add(body.len() as u64, Relaxed);
     match PackIndex::decode(&body) {
@@ -156,11 +138,11 @@ pub(super) async fn load_index(
                 idx.len(),
                 idx.packs().len()
             );
-            Some(idx)
+            Ok(Some(idx))
         }
         Err(e) => {
             tracing::warn!("object store {url}: refusing the pack index {key}: {e}; one GET per object");
-            None
+            Ok(None)
         }
     }
 }
