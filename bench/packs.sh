@@ -4,14 +4,21 @@
 # with a cold `rsync -aHAX` from an rsync daemon as the anchor, alternated in the same runs.
 #
 # Usage: bench/packs.sh            (appends a report to bench/packs-results.md)
+#        SCENARIO=upgrade bench/packs.sh
 #
+# SCENARIO=cold (default): CORPUS into an empty directory.
 # Phase "loose": syncmaster serves CORPUS with --pack-max-object 0 (loose objects only).
 # Phase "packs": the same master restarted on the same store prefix with packs on: it puts
 # only the packs and the index (its loose objects are there), so the store holds both, and the
 # report gives the storage each takes.
 #
+# SCENARIO=upgrade: the host starts as a copy of FROM, the master published FROM as v1 and then
+# CORPUS as v2 (so v2's packs hold only the objects new in v2, in path order, as in a fleet);
+# each phase has its own master and store prefix, stored encodings at --zstd-level 3.
+#
 # Env:
 #   CORPUS=/var/tmp/gis-corpora/bookworm-minbase   (bench/corpora.sh builds it)
+#   FROM=/var/tmp/gis-corpora/bullseye-minbase     the host's starting tree (upgrade)
 #   RUNS=3             timed runs per tool per phase
 #   SCRATCH=/var/tmp/gis-bench-packs   store, roots and logs (removed at the end, logs kept)
 #   SYNCD, SYNCMASTER  binaries (default target/release/{syncd,syncmaster}, or $CARGO_TARGET_DIR)
@@ -30,6 +37,9 @@ SYNCD=${SYNCD:-$TGT/release/syncd}
 SYNCMASTER=${SYNCMASTER:-$TGT/release/syncmaster}
 S3S_FS=${S3S_FS:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}
 PACK_FLAGS=${PACK_FLAGS:-}
+SCENARIO=${SCENARIO:-cold}
+FROM=${FROM:-/var/tmp/gis-corpora/bullseye-minbase}
+LEVEL=19; [ "$SCENARIO" = upgrade ] && LEVEL=3
 OUT=$HERE/packs-results.md
 
 die() { echo "packs.sh: $*" >&2; exit 1; }
@@ -71,8 +81,16 @@ MASTER_PID=""
 start_master() {  # start_master NAME FLAGS...: sets MASTER_PID, MASTER_URL
     local name=$1; shift
     local out=$LOGS/master-$name.out err=$LOGS/master-$name.err
-    "$SYNCMASTER" serve --image "$CORPUS" --listen 127.0.0.1:0 --insecure \
-        --object-store s3://bench/gis --cache-level 0 --zstd-level 19 "$@" >"$out" 2>"$err" &
+    local src=(--image "$CORPUS") prefix=gis
+    if [ "$SCENARIO" = upgrade ]; then
+        prefix=gis-$name
+        mkdir -p "$SCRATCH/images-$name" "$SCRATCH/mstate-$name"
+        ln -sfn "$FROM" "$SCRATCH/images-$name/v1"; ln -sfn "$CORPUS" "$SCRATCH/images-$name/v2"
+        ln -sfn v1 "$SCRATCH/images-$name/current"
+        src=(--images "$SCRATCH/images-$name" --state-dir "$SCRATCH/mstate-$name" --poll 500ms)
+    fi
+    "$SYNCMASTER" serve "${src[@]}" --listen 127.0.0.1:0 --insecure \
+        --object-store "s3://bench/$prefix" --cache-level 0 --zstd-level "$LEVEL" "$@" >"$out" 2>"$err" &
     MASTER_PID=$!; PIDS+=("$MASTER_PID")
     local t0=$SECONDS
     until grep -q "listening on" "$out"; do
@@ -81,6 +99,14 @@ start_master() {  # start_master NAME FLAGS...: sets MASTER_PID, MASTER_URL
         sleep 0.5
     done
     MASTER_URL=http://$(sed -n 's/^listening on //p' "$out" | head -1)
+    if [ "$SCENARIO" = upgrade ]; then
+        ln -sfn v2 "$SCRATCH/images-$name/current.new" && mv -T "$SCRATCH/images-$name/current.new" "$SCRATCH/images-$name/current"
+        until grep -q "published a new version" "$err"; do
+            kill -0 "$MASTER_PID" 2>/dev/null || die "syncmaster exited (see $err)"
+            [ $((SECONDS - t0)) -lt 1800 ] || die "v2 not published after 30 min"
+            sleep 0.5
+        done
+    fi
     echo "master $name ready in $((SECONDS - t0)) s: $(grep -o 'object store: version .*' "$err" | tr '\n' ' ')" >&2
 }
 stop_master() { kill "$MASTER_PID"; wait "$MASTER_PID" 2>/dev/null || true; }
@@ -93,7 +119,9 @@ ROWS=$SCRATCH/rows.tsv
 : >"$ROWS"
 run() {
     local tool=$1 phase=$2 i=$3 root=$SCRATCH/root-$1-$2-$3 log=$LOGS/$1-$2-$3.log t0 t1 lo0 lo1
-    rm -rf "$root"; mkdir -p "$root"; sync
+    rm -rf "$root"
+    if [ "$SCENARIO" = upgrade ]; then cp -a "$FROM" "$root"; else mkdir -p "$root"; fi
+    sync
     lo0=$(lo_bytes); t0=$(now)
     if [ "$tool" = rsync ]; then
         rsync -aHAX --numeric-ids --delete "rsync://127.0.0.1:$RSYNC_PORT/img/" "$root/" >"$log" 2>&1
@@ -121,16 +149,19 @@ run() {
 start_master loose --pack-max-object 0
 for i in $(seq "$RUNS"); do run rsync loose "$i"; run syncd loose "$i"; done
 stop_master
-OBJ_BYTES=$(du -sb "$SCRATCH/s3/bench/gis/objects" | cut -f1)
-OBJ_COUNT=$(find "$SCRATCH/s3/bench/gis/objects" -type f | wc -l)
 
 # shellcheck disable=SC2086
 start_master packs $PACK_FLAGS
 for i in $(seq "$RUNS"); do run rsync packs "$i"; run syncd packs "$i"; done
 stop_master
-PACK_BYTES=$(du -sb --exclude=index "$SCRATCH/s3/bench/gis/packs" | cut -f1)
-PACK_COUNT=$(find "$SCRATCH/s3/bench/gis/packs" -maxdepth 1 -name '*.pack' | wc -l)
-IDX_BYTES=$(du -sb "$SCRATCH/s3/bench/gis/packs/index" | cut -f1)
+# The store of the packs phase (for cold, the same prefix as the loose phase).
+P=$SCRATCH/s3/bench/gis; [ "$SCENARIO" = upgrade ] && P=$SCRATCH/s3/bench/gis-packs
+OBJ_BYTES=$(du -sb "$P/objects" | cut -f1)
+OBJ_COUNT=$(find "$P/objects" -type f | wc -l)
+PACK_BYTES=$(du -sb --exclude=index "$P/packs" | cut -f1)
+PACK_COUNT=$(find "$P/packs" -maxdepth 1 -name '*.pack' | wc -l)
+IDX_BYTES=$(du -sb "$P/packs/index" | cut -f1)
+IDX_COUNT=$(find "$P/packs/index" -name '*.idx' | wc -l)
 SMALL=$(find "$CORPUS" -type f -size -1024k | wc -l)
 
 median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -139,9 +170,14 @@ col() { awk -F'\t' -v p="$1" -v t="$2" -v c="$3" '$1 == p && $2 == t { print $c 
     echo
     echo "## packs.sh, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
-    echo "Corpus: $(basename "$CORPUS") ($(find "$CORPUS" -type f | wc -l) files, $SMALL under 1 MiB, $(du -sh "$CORPUS" | cut -f1)); cold sync into an empty"
-    echo "directory; store s3s-fs on loopback; $(nproc) cores; RUNS=$RUNS; master --cache-level 0 --zstd-level 19"
-    echo "(stored encodings at level 19); packs phase flags: defaults${PACK_FLAGS:+ plus $PACK_FLAGS}."
+    echo "Corpus: $(basename "$CORPUS") ($(find "$CORPUS" -type f | wc -l) files, $SMALL under 1 MiB, $(du -sh "$CORPUS" | cut -f1)); scenario $SCENARIO:"
+    if [ "$SCENARIO" = upgrade ]; then
+        echo "host starts as $(basename "$FROM"), master published it as v1 then the corpus as v2;"
+    else
+        echo "cold sync into an empty directory;"
+    fi
+    echo "store s3s-fs on loopback; $(nproc) cores; RUNS=$RUNS; master --cache-level 0 --zstd-level $LEVEL"
+    echo "(stored encodings at level $LEVEL); packs phase flags: defaults${PACK_FLAGS:+ plus $PACK_FLAGS}."
     echo "syncd commit $(git -C "$TOP" rev-parse --short HEAD 2>/dev/null || echo '?')."
     echo
     echo "| phase | tool | run | wall s | GETs | store read | objects from store | from packs | from master | loopback bytes | rsync -aHAXcn diffs |"
@@ -158,6 +194,6 @@ col() { awk -F'\t' -v p="$1" -v t="$2" -v c="$3" '$1 == p && $2 == t { print $c 
             "$(echo "$(col "$p" syncd 10) / 1048576" | bc -l)" "$(echo "$(col "$p" rsync 10) / 1048576" | bc -l)"
     done
     echo
-    echo "Store: objects/ $OBJ_COUNT loose objects, $OBJ_BYTES bytes; packs/ $PACK_COUNT packs, $PACK_BYTES bytes"
-    echo "(+$(echo "scale=1; 100 * $PACK_BYTES / $OBJ_BYTES" | bc)% over the loose objects); index $IDX_BYTES bytes."
+    echo "Store: objects/ $OBJ_COUNT loose objects, $OBJ_BYTES bytes; packs/ $PACK_COUNT packs, $PACK_BYTES bytes, $IDX_COUNT index(es)"
+    echo "(+$(echo "scale=1; 100 * $PACK_BYTES / $OBJ_BYTES" | bc)% over the loose objects); indexes $IDX_BYTES bytes."
 } | tee -a "$OUT"
