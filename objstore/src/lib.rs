@@ -5,6 +5,8 @@
 //! PREFIX/objects/<first two hex digits>/<blake3 hex>.zst   one zstd frame of the content
 //! PREFIX/objects/<first two hex digits>/<blake3 hex>.raw   the content itself
 //! PREFIX/chunks/<first two hex digits>/<blake3 hex>.idx    a large file's chunk index (see [`chunks`])
+//! PREFIX/packs/<blake3 hex>.pack                           small objects, concatenated
+//! PREFIX/packs/index/<manifest identity hex>.idx           where they lie (see [`pack`])
 //! ```
 //!
 //! S3 credentials come from the standard AWS variables (`AWS_ACCESS_KEY_ID`,
@@ -20,6 +22,8 @@ use object_store::path::Path as StorePath;
 use object_store::ObjectStore;
 
 pub use object_store;
+
+pub mod pack;
 
 /// Why a store cannot be used. `BadUrl` is a configuration error; `Unreachable` one of the store.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,8 @@ pub struct Store {
     pub store: Arc<dyn ObjectStore>,
     /// `PREFIX/objects`.
     pub objects: StorePath,
+    /// `PREFIX/packs`.
+    pub packs: StorePath,
 }
 
 /// How to open a store.
@@ -122,8 +128,9 @@ impl Store {
                 return Err(bad(format!("unsupported scheme {other:?} (hint: s3://BUCKET/PREFIX or file:///DIR)")))
             }
         };
-        let objects = StorePath::from(prefix.trim_matches('/')).join("objects");
-        Ok(Store { url: url.to_owned(), store, objects })
+        let base = StorePath::from(prefix.trim_matches('/'));
+        let (objects, packs) = (base.clone().join("objects"), base.join("packs"));
+        Ok(Store { url: url.to_owned(), store, objects, packs })
     }
 
     /// The key of the object whose blake3 is `hex` (64 lowercase hex digits), stored raw or as

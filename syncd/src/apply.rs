@@ -99,6 +99,10 @@ pub struct ApplyStats {
     pub store_chunks_fetched: u64,
     pub store_chunk_bytes: u64,
     pub store_index_bytes: u64,
+    /// GETs sent to the store, the bytes it sent, and the objects cut from ranges of packs.
+    pub store_gets: u64,
+    pub store_bytes: u64,
+    pub store_packed: u64,
     pub local_copies: u64,
     pub local_bytes: u64,
     /// Temp files of an interrupted pass renamed into place instead of fetched again.
@@ -381,6 +385,9 @@ pub fn apply(
         // only the chunks fetched and the indexes.
         s.wire_bytes =
             s.wire_bytes.saturating_sub(t.rebuilt_bytes.load(Relaxed)) + s.store_chunk_bytes + s.store_index_bytes;
+        a.out.stats.store_gets = t.gets.load(Relaxed);
+        a.out.stats.store_bytes = t.bytes.load(Relaxed);
+        a.out.stats.store_packed = t.from_packs.load(Relaxed);
     }
     a.out
 }

@@ -16,6 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{queue, SyncError};
 
+mod packs;
+
 /// Largest zstd window a host accepts (32 MiB): bounds decoder memory whatever the master sends.
 const MAX_WINDOW_LOG: u32 = 25;
 
@@ -65,6 +67,12 @@ pub struct StoreTally {
     pub from_store: std::sync::atomic::AtomicU64,
     /// Objects the store failed to give (error, missing, deadline).
     pub failures: std::sync::atomic::AtomicU64,
+    /// Of `from_store`, those cut from ranges of packs.
+    pub from_packs: std::sync::atomic::AtomicU64,
+    /// GETs sent to the store (the pack index, loose objects, ranges of packs).
+    pub gets: std::sync::atomic::AtomicU64,
+    /// Bytes the store sent (gaps between objects of a range included).
+    pub bytes: std::sync::atomic::AtomicU64,
     /// Those objects: fetched from the master instead.
     failed_over: std::sync::Mutex<std::collections::HashSet<Hash>>,
     /// Objects the store gave as chunks (see [`chunked`]) …
@@ -99,6 +107,8 @@ struct StoreSource {
     store: objstore::Store,
     fallback: bool,
     concurrency: usize,
+    /// The manifest's identity: names the pack index of the version.
+    identity: Hash,
 }
 
 /// Every wait on the network path is bounded: a master that accepts the connection and then
@@ -265,7 +275,9 @@ impl Master {
     /// names, else `announced` (the manifest header's `object_store_url`; empty: none). A store
     /// the host's config names that cannot be opened is a configuration error; one only the
     /// master announced is passed over with a warning (objects then come from the master).
-    pub fn with_store(mut self, announced: &str) -> Result<Master, SyncError> {
+    /// `identity` is the manifest's: small objects come from packs when the store has a pack
+    /// index for it.
+    pub fn with_store(mut self, announced: &str, identity: &Hash) -> Result<Master, SyncError> {
         let cfg = self.store_config.clone();
         let (url, setting) = match cfg.url.as_deref() {
             Some("none") => return Ok(self),
@@ -282,8 +294,12 @@ impl Master {
         opts.retry.backoff.max_backoff = Duration::from_secs(1);
         match objstore::Store::open(&url, &opts) {
             Ok(store) => {
-                self.store =
-                    Some(Arc::new(StoreSource { store, fallback: cfg.fallback, concurrency: cfg.concurrency.max(1) }))
+                self.store = Some(Arc::new(StoreSource {
+                    store,
+                    fallback: cfg.fallback,
+                    concurrency: cfg.concurrency.max(1),
+                    identity: *identity,
+                }))
             }
             Err(e) => {
                 let hint = if e.to_string().contains("no credentials") {
@@ -510,27 +526,56 @@ impl Master {
             use futures_util::stream::StreamExt;
             let d = pump.d;
             let store = &src.store;
-            let opens: Vec<_> = objects
-                .iter()
-                .enumerate()
-                .map(|(i, &(h, size))| {
-                    let (store, tally) = (store.clone(), tally.clone());
+            let index = match packs::load_index(store, &src.identity, d, &tally).await {
+                Ok(index) => index,
+                // The store failed on its first GET: the whole pass from the master, or with
+                // fallback off, a broken stream.
+                Err(failure) => {
+                    let url = &store.url;
+                    if !src.fallback {
+                        let why = format!("{} failed: {} (object_store_fallback is off)", failure.key, failure.why);
+                        let _ = tx.send(Err(format!("object store {url}: {why}"))).await;
+                        return;
+                    }
+                    tracing::warn!(
+                        "object store {url}: {}: {}; fetching every object of this pass from the master instead",
+                        failure.key,
+                        failure.why
+                    );
+                    let all: Vec<Hash> = objects.iter().map(|(h, _)| *h).collect();
+                    tally.fail_over(&all);
+                    pump.master(client, &all, &[], &tx, &received).await;
+                    return;
+                }
+            };
+            let units = packs::plan(&objects, index.as_ref(), packs::GAP, packs::MAX_RANGE);
+            drop(index);
+            let opens: Vec<_> = units
+                .into_iter()
+                .map(|u| {
+                    let (store, objects, tally) = (store.clone(), &objects, &tally);
                     async move {
-                        if threshold > 0 && size >= threshold {
-                            (i, Opened::Index(chunked::get_index(&store, &h, size, d, &tally).await))
-                        } else {
-                            (i, Opened::Whole(open_object(&store, &h, d).await))
-                        }
+                        let r = match u {
+                            // A large file: its chunk index first (see [`chunked`]).
+                            packs::Unit::Loose(i) if threshold > 0 && objects[i].1 >= threshold => {
+                                let (h, size) = objects[i];
+                                chunked::get_index(&store, &h, size, d, tally).await.map(packs::Opened::Index)
+                            }
+                            _ => packs::open_unit(&store, objects, &u, d, tally).await,
+                        };
+                        (u, r)
                     }
                 })
                 .collect();
             let mut opened = futures_util::stream::iter(opens).buffered(src.concurrency);
             let mut warned = false;
-            while let Some((i, r)) = opened.next().await {
-                let (hash, size) = objects[i];
-                let r = match r {
-                    Opened::Whole(r) => r,
-                    Opened::Index(Ok(Some(index))) => {
+            while let Some((unit, r)) = opened.next().await {
+                let span = unit.span();
+                // The place in the request of the first object not given, and why.
+                let (at, failure) = match (unit, r) {
+                    (_, Err(f)) => (span.start, f),
+                    (packs::Unit::Loose(i), Ok(packs::Opened::Index(Some(index)))) => {
+                        let (hash, size) = objects[i];
                         let seed = seeds.as_ref().and_then(|s| s.get(i));
                         match pump.chunked(&src, hash, size, index, seed, &tx, &received, &tally).await {
                             Ok(true) => {
@@ -538,25 +583,46 @@ impl Master {
                                 continue;
                             }
                             Ok(false) => return,
-                            Err(f) => Err(f),
+                            Err(f) => (i, f),
                         }
                     }
-                    // No chunk index: the object may be stored whole.
-                    Opened::Index(Ok(None)) => open_object(store, &hash, d).await,
-                    Opened::Index(Err(f)) => Err(f),
-                };
-                let failure = match r {
-                    Ok((encoding, key, get)) => {
-                        match pump.store_body(hash, size, encoding, &key, get, &tx, &received).await {
+                    // No chunk index: the large file may be stored whole.
+                    (packs::Unit::Loose(i), Ok(packs::Opened::Index(None))) => {
+                        let (hash, size) = objects[i];
+                        let r = match open_object(store, &hash, d, &tally).await {
+                            Ok((encoding, key, get)) => {
+                                pump.store_body(hash, size, encoding, &key, get, &tx, &received, &tally).await
+                            }
+                            Err(f) => Err(f),
+                        };
+                        match r {
                             Ok(true) => {
                                 tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 continue;
                             }
                             Ok(false) => return,
-                            Err(f) => f,
+                            Err(f) => (i, f),
                         }
                     }
-                    Err(f) => f,
+                    (packs::Unit::Loose(i), Ok(packs::Opened::Loose(encoding, key, get))) => {
+                        let (hash, size) = objects[i];
+                        match pump.store_body(hash, size, encoding, &key, get, &tx, &received, &tally).await {
+                            Ok(true) => {
+                                tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                continue;
+                            }
+                            Ok(false) => return,
+                            Err(f) => (i, f),
+                        }
+                    }
+                    (packs::Unit::Range { start, members, .. }, Ok(packs::Opened::Range(key, get))) => {
+                        match pump.store_range(&objects, start, &members, &key, get, &tx, &received, &tally).await {
+                            Ok(true) => continue,
+                            Ok(false) => return,
+                            Err((k, f)) => (members[k].i, f),
+                        }
+                    }
+                    (_, Ok(_)) => unreachable!("a unit opens as its kind"),
                 };
                 let url = &store.url;
                 if !src.fallback {
@@ -580,9 +646,11 @@ impl Master {
                 } else {
                     tracing::debug!("object store {url}: {}: {}", failure.key, failure.why);
                 }
+                let mut todo: Vec<Hash> = objects[at..span.end].iter().map(|(h, _)| *h).collect();
                 if failure.sent_any {
                     // Part of the object is on its way: it is marked missing, and the apply
                     // fetches it on its own.
+                    let hash = todo.remove(0);
                     tally.fail_over(&[hash]);
                     let chunk = pb::ObjectChunk {
                         hash: bytes::Bytes::copy_from_slice(&hash.0),
@@ -593,18 +661,20 @@ impl Master {
                     if tx.send(Ok(chunk)).await.is_err() {
                         return;
                     }
-                    continue;
                 }
                 if failure.down {
                     // The store itself failed: the rest of the pass comes from the master.
                     drop(opened);
-                    let rest: Vec<Hash> = objects[i..].iter().map(|(h, _)| *h).collect();
-                    tally.fail_over(&rest);
-                    pump.master(client, &rest, &[], &tx, &received).await;
+                    todo.extend(objects[span.end..].iter().map(|(h, _)| *h));
+                    tally.fail_over(&todo);
+                    pump.master(client, &todo, &[], &tx, &received).await;
                     return;
                 }
-                tally.fail_over(&[hash]);
-                if !pump.master(client.clone(), &[hash], &[], &tx, &received).await {
+                if todo.is_empty() {
+                    continue;
+                }
+                tally.fail_over(&todo);
+                if !pump.master(client.clone(), &todo, &[], &tx, &received).await {
                     return;
                 }
             }
@@ -646,12 +716,6 @@ fn start_stream(
     (tx, received, stream)
 }
 
-/// What the store answered first for one object: its whole body, or its chunk index.
-enum Opened {
-    Whole(Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure>),
-    Index(Result<Option<objstore::chunks::Index>, StoreFailure>),
-}
-
 /// Why the store did not give one object.
 struct StoreFailure {
     key: String,
@@ -667,8 +731,9 @@ async fn open_object(
     store: &objstore::Store,
     hash: &Hash,
     d: Deadlines,
+    tally: &StoreTally,
 ) -> Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure> {
-    open_object_in_order(store, hash, d, false).await
+    open_object_in_order(store, hash, d, false, tally).await
 }
 
 /// [`open_object`], trying `.raw` first when `raw_first` (a guess: a miss costs one request).
@@ -677,6 +742,7 @@ async fn open_object_in_order(
     hash: &Hash,
     d: Deadlines,
     raw_first: bool,
+    tally: &StoreTally,
 ) -> Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure> {
     use objstore::object_store::ObjectStoreExt;
     let hex = hash.to_hex();
@@ -687,6 +753,7 @@ async fn open_object_in_order(
     for (n, (raw, encoding)) in order.into_iter().enumerate() {
         let key = store.key(&hex, raw);
         let fail = |why: String, down: bool| StoreFailure { key: key.to_string(), why, down, sent_any: false };
+        tally.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
             Ok(Ok(get)) => return Ok((encoding, key.to_string(), get)),
             Ok(Err(objstore::object_store::Error::NotFound { .. })) if n == 0 => continue,
@@ -743,6 +810,7 @@ impl Pump {
         get: objstore::object_store::GetResult,
         tx: &mpsc::Sender<Result<pb::ObjectChunk, String>>,
         received: &Semaphore,
+        tally: &StoreTally,
     ) -> Result<bool, StoreFailure> {
         use futures_util::stream::StreamExt;
         let hash_bytes = bytes::Bytes::copy_from_slice(&hash.0);
@@ -772,6 +840,7 @@ impl Pump {
             match next {
                 Some(Ok(mut data)) => {
                     self.net.charge_async(data.len() as u64).await;
+                    tally.bytes.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     while !data.is_empty() {
                         let piece = data.split_to(data.len().min(proto::OBJECT_CHUNK));
                         if let Some(p) = pending.replace(piece) {

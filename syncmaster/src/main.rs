@@ -96,6 +96,13 @@ enum Cmd {
         /// chunks they lack; `0`: no file is chunked. See README, Object store.
         #[arg(long, value_name = "BYTES", default_value = "16MiB", value_parser = chunk_threshold)]
         chunk_threshold: u64,
+        /// Objects smaller than this also go into packs in the object store, with a pack index
+        /// per version, so a host fetches them in a few range GETs (`0`: no packs).
+        #[arg(long, value_name = "BYTES", default_value = "1MiB", value_parser = throttle::parse_bytes)]
+        pack_max_object: u64,
+        /// A pack is cut once it holds this many bytes.
+        #[arg(long, value_name = "BYTES", default_value = "8MiB", value_parser = throttle::parse_bytes)]
+        pack_size: u64,
         #[command(flatten)]
         tls: ServerTls,
     },
@@ -285,6 +292,8 @@ fn main() -> ExitCode {
             object_store_public_url,
             object_store_concurrency,
             chunk_threshold,
+            pack_max_object,
+            pack_size,
             tls,
         } => {
             // Validate configuration before scanning or opening a port.
@@ -322,7 +331,13 @@ fn main() -> ExitCode {
                 })
                 .transpose()
             {
-                Ok(s) => s.map(Arc::new),
+                Ok(s) => s.map(|s| {
+                    let packs = (pack_max_object > 0).then_some(syncmaster::objstore::PackConfig {
+                        max_object: pack_max_object,
+                        pack_size: pack_size.max(1),
+                    });
+                    Arc::new(s.with_packs(packs))
+                }),
                 Err(e) => {
                     eprintln!("syncmaster: {e}");
                     return ExitCode::from(match e {

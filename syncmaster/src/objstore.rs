@@ -6,6 +6,7 @@
 //! ```text
 //! objects/<first two hex digits>/<blake3 hex>.zst   one zstd frame of the content
 //! objects/<first two hex digits>/<blake3 hex>.raw   the content itself
+//! packs/<blake3 hex>.pack, packs/index/<identity>.idx  small objects again, in packs (see [`packs`])
 //! ```
 //!
 //! An object is stored once, under one of the two names: `.raw` when it is smaller than 128 bytes
@@ -36,6 +37,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use crate::Image;
 
 pub use objstore::OpenError;
+pub use packs::{PackConfig, PackSummary};
+
+mod packs;
 
 /// Attempts per object before an upload (and so the publish) fails.
 const ATTEMPTS: u32 = 5;
@@ -46,10 +50,14 @@ pub struct ObjectStoreTarget {
     store: Arc<dyn ObjectStore>,
     /// `PREFIX/objects`.
     objects: StorePath,
+    /// `PREFIX/packs`.
+    packs: StorePath,
     concurrency: usize,
     level: i32,
     /// Files this large and larger are chunked (0: none).
     chunk_threshold: u64,
+    /// Small objects also go into packs (`--pack-max-object`, `--pack-size`); `None`: no packs.
+    pack: Option<PackConfig>,
 }
 
 /// What one upload did.
@@ -65,26 +73,36 @@ pub struct Summary {
     /// Chunks of those files, and those put by this upload.
     pub chunks: u64,
     pub chunks_uploaded: u64,
+    /// What packing did, when packs are on.
+    pub packs: Option<PackSummary>,
 }
 
 impl ObjectStoreTarget {
     /// Parses `url` (`s3://bucket/prefix`, `file:///dir`) into a store. Does not touch the network.
     pub fn new(url: &str, concurrency: usize, level: i32) -> Result<ObjectStoreTarget, OpenError> {
-        let objstore::Store { store, objects, .. } =
+        let objstore::Store { store, objects, packs, .. } =
             objstore::Store::open(url, &objstore::Options::new("--object-store"))?;
         Ok(ObjectStoreTarget {
             url: url.to_owned(),
             store,
             objects,
+            packs,
             concurrency: concurrency.max(1),
             level,
             chunk_threshold: 0,
+            pack: None,
         })
     }
 
     /// Stores files of at least `threshold` bytes as chunks (0: none).
     pub fn with_chunk_threshold(mut self, threshold: u64) -> ObjectStoreTarget {
         self.chunk_threshold = threshold;
+        self
+    }
+
+    /// Also writes small objects into packs, with a pack index per version (`None`: no packs).
+    pub fn with_packs(mut self, pack: Option<PackConfig>) -> ObjectStoreTarget {
+        self.pack = pack;
         self
     }
 
@@ -207,6 +225,11 @@ impl ObjectStoreTarget {
             s.chunks,
             s.chunks_uploaded
         );
+        // Packs after the loose objects, and the index last: a version is announced only once
+        // its index is in the store too.
+        if let Some(cfg) = self.pack {
+            s.packs = Some(self.upload_packs(image, cfg).await?);
+        }
         Ok(s)
     }
 
@@ -313,6 +336,65 @@ mod tests {
         let h = Hash::of(b"tiny");
         assert!(!t.put_once(&t.key(&h, true), b"other".to_vec()).await.unwrap());
         assert_eq!(std::fs::read(store_dir.path().join(t.key(&h, true).as_ref())).unwrap(), b"tiny");
+    }
+
+    #[tokio::test]
+    async fn small_objects_go_into_packs_once_and_the_index_says_where() {
+        let img = tempfile::tempdir().unwrap();
+        let store_dir = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            std::fs::write(img.path().join(format!("f{i:02}")), format!("small file {i}\n").repeat(i + 1)).unwrap();
+        }
+        std::fs::write(img.path().join("dup"), "small file 0\n").unwrap();
+        std::fs::write(img.path().join("large"), "large\n".repeat(1000)).unwrap();
+        let url = format!("file://{}/", store_dir.path().display());
+        let cfg = PackConfig { max_object: 1000, pack_size: 300 };
+        let t = ObjectStoreTarget::new(&url, 4, 3).unwrap().with_packs(Some(cfg));
+        let v1 = image(img.path(), 1);
+        let p = t.upload(&v1).await.unwrap().packs.unwrap();
+        assert_eq!((p.indexed, p.reused, p.index_present), (40, 0, false), "{p:?}");
+        assert!(p.packs >= 2 && p.packs_put == p.packs, "{p:?}");
+        let read_index = |id: &Hash| {
+            let key = objstore::pack::index_key(&t.packs, &id.0);
+            objstore::pack::PackIndex::decode(&std::fs::read(store_dir.path().join(key.as_ref())).unwrap()).unwrap()
+        };
+        let idx = read_index(&v1.identity);
+        assert_eq!(packs::by_pack(&idx).len() as u64, p.packs);
+        // Every small object lies where the index says, in its stored encoding; the large one
+        // is not packed.
+        for i in 0..40 {
+            let content = std::fs::read(img.path().join(format!("f{i:02}"))).unwrap();
+            let loc = idx.get(&Hash::of(&content).0).unwrap_or_else(|| panic!("f{i:02} not indexed"));
+            let pack =
+                std::fs::read(store_dir.path().join(objstore::pack::pack_key(&t.packs, &loc.pack).as_ref())).unwrap();
+            assert_eq!(Hash::of(&pack).0, loc.pack, "a pack's name is its hash");
+            let stored = &pack[loc.offset as usize..][..loc.length as usize];
+            let got = match loc.encoding {
+                objstore::pack::Encoding::Raw => stored.to_vec(),
+                objstore::pack::Encoding::Zstd => zstd::decode_all(stored).unwrap(),
+            };
+            assert_eq!(got, content, "f{i:02}");
+        }
+        assert!(idx.get(&Hash::of(&std::fs::read(img.path().join("large")).unwrap()).0).is_none());
+        // Again (a restart after the index was put): nothing at all.
+        let again = t.upload(&v1).await.unwrap().packs.unwrap();
+        assert!(again.index_present && again.packs_put == 0, "{again:?}");
+        // v2 adds one small file: only it is packed; the rest keep their places.
+        std::fs::write(img.path().join("f99"), "brand new\n").unwrap();
+        let v2 = image(img.path(), 2);
+        let p2 = t.upload(&v2).await.unwrap().packs.unwrap();
+        assert_eq!((p2.indexed, p2.reused, p2.packs, p2.packs_put), (41, 40, 1, 1), "{p2:?}");
+        let idx2 = read_index(&v2.identity);
+        for (h, loc) in idx.iter() {
+            assert_eq!(idx2.get(&h), Some(loc));
+        }
+        // A master that stopped after v2's packs but before its index makes the same packs
+        // again, and puts none of them.
+        std::fs::remove_file(store_dir.path().join(objstore::pack::index_key(&t.packs, &v2.identity.0).as_ref()))
+            .unwrap();
+        let p3 = t.upload(&v2).await.unwrap().packs.unwrap();
+        assert_eq!((p3.packs, p3.packs_put, p3.bytes), (1, 0, 0), "{p3:?}");
+        assert_eq!(read_index(&v2.identity), idx2);
     }
 
     #[tokio::test]

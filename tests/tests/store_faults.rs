@@ -396,5 +396,9 @@ fn a_host_without_credentials_or_refused_reads_fetches_from_the_master() {
     let (store, from_master, after) = sources(&out);
     assert_eq!(store, 0, "{}", out.summary());
     assert!(from_master >= 4 && after == from_master, "{}", out.summary());
-    assert!(out.stderr.contains("objects/"), "the refusal does not name the key:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains("object store s3://bkt/fleet: fleet/") && out.stderr.contains("403"),
+        "the refusal does not name the store, the key and the status:\n{}",
+        out.stderr
+    );
 }

@@ -97,6 +97,7 @@ pub(super) async fn get_index(
     use objstore::object_store::ObjectStoreExt;
     let key = objstore::chunks::index_key(&store.objects, &hash.to_hex());
     let fail = |why: String, down: bool| StoreFailure { key: key.to_string(), why, down, sent_any: false };
+    tally.gets.fetch_add(1, Relaxed);
     let get = match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
         Ok(Ok(get)) => get,
         Ok(Err(objstore::object_store::Error::NotFound { .. })) => return Ok(None),
@@ -105,6 +106,7 @@ pub(super) async fn get_index(
     };
     let body = read_body(get, Index::max_bytes(size), d).await.map_err(|(why, down)| fail(why, down))?;
     tally.index_bytes.fetch_add(body.len() as u64, Relaxed);
+    tally.bytes.fetch_add(body.len() as u64, Relaxed);
     Index::parse(&body, &hash.0, size).map(Some).map_err(|why| {
         fail(format!("bad chunk index: {why} (hint: the store holds something else under this key)"), false)
     })
@@ -143,9 +145,10 @@ async fn get_chunk(
     c: ChunkRef,
     d: Deadlines,
     raw_first: &std::sync::atomic::AtomicBool,
+    tally: &StoreTally,
 ) -> Result<(Bytes, u64), StoreFailure> {
     let hash = Hash(c.hash);
-    let (encoding, key, get) = open_object_in_order(store, &hash, d, raw_first.load(Relaxed)).await?;
+    let (encoding, key, get) = open_object_in_order(store, &hash, d, raw_first.load(Relaxed), tally).await?;
     raw_first.store(encoding == pb::Encoding::Raw, Relaxed);
     let fail = |why: String, down: bool| StoreFailure { key: key.clone(), why, down, sent_any: false };
     let len = u64::from(c.len);
@@ -225,7 +228,7 @@ impl Pump {
         let raw_first = std::sync::atomic::AtomicBool::new(false);
         let raw_first = &raw_first;
         let mut fetched = futures_util::stream::iter(fetch)
-            .map(|c| get_chunk(store, c, d, raw_first))
+            .map(|c| get_chunk(store, c, d, raw_first, tally))
             .buffered(src.concurrency * CHUNK_GETS_PER_OBJECT_GET);
         let mut kept: HashMap<[u8; 32], Bytes> = HashMap::new();
         let mut sent = 0u64;
@@ -296,6 +299,7 @@ impl Pump {
                     self.net.charge_async(wire).await;
                     tally.chunks_fetched.fetch_add(1, Relaxed);
                     tally.chunk_bytes.fetch_add(wire, Relaxed);
+                    tally.bytes.fetch_add(wire, Relaxed);
                     b
                 }
             };
@@ -324,10 +328,11 @@ impl Pump {
         tally: &StoreTally,
         raw_first: &std::sync::atomic::AtomicBool,
     ) -> Result<Bytes, StoreFailure> {
-        let (b, wire) = get_chunk(store, c, self.d, raw_first).await?;
+        let (b, wire) = get_chunk(store, c, self.d, raw_first, tally).await?;
         self.net.charge_async(wire).await;
         tally.chunks_fetched.fetch_add(1, Relaxed);
         tally.chunk_bytes.fetch_add(wire, Relaxed);
+        tally.bytes.fetch_add(wire, Relaxed);
         Ok(b)
     }
 
