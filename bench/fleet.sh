@@ -214,7 +214,7 @@ for line in sys.stdin:
     if not m:
         continue
     n = int(m.group(1))
-    s = re.search(r": (\d+) from the object store, (\d+) from the master", line)
+    s = re.search(r": (\d+) from the object store(?: \([^)]*\))?, (\d+) from the master", line)
     if s:
         st += int(s.group(1)); ma += int(s.group(2))
     else:

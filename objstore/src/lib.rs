@@ -54,6 +54,11 @@ pub struct Options {
     pub anonymous: bool,
     /// S3: the retries object_store makes itself on a transient error.
     pub retry: object_store::RetryConfig,
+    /// S3: the most one request may take, body included (`None`: object_store's 30 s). A
+    /// client that bounds its waits itself (no reply, or no data for a while) sets it long: a
+    /// whole-request limit cuts a large range that arrives slowly but steadily from a store
+    /// shared by many hosts (bench/fleet.sh, 200 hosts: 4 MiB ranges at ~125 KiB/s each).
+    pub request_timeout: Option<Duration>,
 }
 
 impl Options {
@@ -71,6 +76,7 @@ impl Options {
                 max_retries: 4,
                 retry_timeout: Duration::from_secs(30),
             },
+            request_timeout: None,
         }
     }
 }
@@ -108,6 +114,14 @@ impl Store {
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url).with_retry(opts.retry.clone());
                 if opts.anonymous && !has_aws_credentials() {
                     b = b.with_skip_signature(true);
+                }
+                if let Some(t) = opts.request_timeout {
+                    use object_store::aws::AmazonS3ConfigKey;
+                    use object_store::ClientConfigKey;
+                    b = b.with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                        format!("{}s", t.as_secs().max(1)),
+                    );
                 }
                 let s3 = b.build().map_err(|e| bad(format!("{e}")))?;
                 (Arc::new(s3), parsed.path().to_owned())

@@ -292,6 +292,9 @@ impl Master {
         opts.retry.max_retries = 1;
         opts.retry.retry_timeout = self.deadlines.rpc;
         opts.retry.backoff.max_backoff = Duration::from_secs(1);
+        // rpc_timeout bounds the wait for a reply and stream_idle_timeout the silences in a
+        // body; a limit on the whole request would cut slow but steady ranges of a busy store.
+        opts.request_timeout = Some(Duration::from_secs(24 * 3600));
         match objstore::Store::open(&url, &opts) {
             Ok(store) => {
                 self.store = Some(Arc::new(StoreSource {
