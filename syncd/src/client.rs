@@ -415,7 +415,7 @@ impl Master {
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
         match &self.store {
-            Some(store) => self.spawn_fetch_store(store.clone(), objects, rt),
+            Some(store) => self.spawn_fetch_store(store.clone(), objects, bases, rt),
             None => self.spawn_fetch_on(self.client.clone(), objects, bases, rt),
         }
     }
@@ -452,8 +452,10 @@ impl Master {
         Pump { url: self.url.clone(), net: self.net.clone(), d: self.deadlines }
     }
 
-    /// Like [`Master::spawn_fetch_on`], from the object store: whole objects only (no deltas),
-    /// GETs up to `object_store_concurrency` ahead, their chunks passed on in order. An object
+    /// Like [`Master::spawn_fetch_on`], from the object store: GETs up to
+    /// `object_store_concurrency` ahead, their chunks passed on in order. An object offered a
+    /// base is first asked for as a delta against it (`deltas/…`; not there: the whole object),
+    /// decoded by the same stage as the master's deltas. An object
     /// the store fails to give comes from the master in its place (a `FetchObjects` of its
     /// own, on the main connection, which this stream leaves idle), or with
     /// `object_store_fallback` off, breaks the stream.
@@ -461,10 +463,13 @@ impl Master {
         &self,
         src: Arc<StoreSource>,
         objects: Vec<(Hash, u64)>,
+        bases: Option<Bases>,
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
         let tally = Arc::new(StoreTally { url: src.store.url.clone(), ..StoreTally::default() });
-        let (tx, received, stream) = start_stream(objects.clone(), None, Some(tally.clone()));
+        let offered: Vec<Option<Hash>> =
+            bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
+        let (tx, received, stream) = start_stream(objects.clone(), bases, Some(tally.clone()));
         let pump = self.pump();
         let client = self.client.clone();
         rt.spawn(async move {
@@ -475,8 +480,8 @@ impl Master {
                 .iter()
                 .enumerate()
                 .map(|(i, (h, _))| {
-                    let (store, h) = (store.clone(), *h);
-                    async move { (i, open_object(&store, &h, d).await) }
+                    let (store, h, base) = (store.clone(), *h, offered.get(i).copied().flatten());
+                    async move { (i, open_object(&store, &h, base, d).await) }
                 })
                 .collect();
             let mut opened = futures_util::stream::iter(opens).buffered(src.concurrency);
@@ -484,8 +489,8 @@ impl Master {
             while let Some((i, r)) = opened.next().await {
                 let (hash, size) = objects[i];
                 let failure = match r {
-                    Ok((encoding, key, get)) => {
-                        match pump.store_body(hash, size, encoding, &key, get, &tx, &received).await {
+                    Ok((encoding, key, get, base)) => {
+                        match pump.store_body(hash, size, (encoding, base), &key, get, &tx, &received).await {
                             Ok(true) => {
                                 tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 continue;
@@ -594,19 +599,35 @@ struct StoreFailure {
     sent_any: bool,
 }
 
-/// Opens the GET of `hash`: `.zst` (a zstd frame), else `.raw`, within `rpc_timeout` each.
+/// What a GET of one object opened: its encoding, key, body, and the base of a delta.
+type Opened = (pb::Encoding, String, objstore::object_store::GetResult, Option<Hash>);
+
+/// Opens the GET of `hash`: with a `base`, its delta against that base first; then `.zst` (a
+/// zstd frame), else `.raw`; within `rpc_timeout` each.
 async fn open_object(
     store: &objstore::Store,
     hash: &Hash,
+    base: Option<Hash>,
     d: Deadlines,
-) -> Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure> {
+) -> Result<Opened, StoreFailure> {
     use objstore::object_store::ObjectStoreExt;
     let hex = hash.to_hex();
+    if let Some(base) = base {
+        let key = store.delta_key(&hex, &base.to_hex());
+        let fail = |why: String| StoreFailure { key: key.to_string(), why, down: true, sent_any: false };
+        match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
+            Ok(Ok(get)) => return Ok((pb::Encoding::ZstdDelta, key.to_string(), get, Some(base))),
+            // No delta against this base: the whole object.
+            Ok(Err(objstore::object_store::Error::NotFound { .. })) => {}
+            Ok(Err(e)) => return Err(fail(source_chain(&e))),
+            Err(_) => return Err(fail(format!("no reply within {} (rpc_timeout sets this deadline)", secs(d.rpc)))),
+        }
+    }
     for (raw, encoding) in [(false, pb::Encoding::Zstd), (true, pb::Encoding::Raw)] {
         let key = store.key(&hex, raw);
         let fail = |why: String, down: bool| StoreFailure { key: key.to_string(), why, down, sent_any: false };
         match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
-            Ok(Ok(get)) => return Ok((encoding, key.to_string(), get)),
+            Ok(Ok(get)) => return Ok((encoding, key.to_string(), get, None)),
             Ok(Err(objstore::object_store::Error::NotFound { .. })) if !raw => continue,
             Ok(Err(objstore::object_store::Error::NotFound { .. })) => {
                 return Err(StoreFailure {
@@ -656,7 +677,7 @@ impl Pump {
         &self,
         hash: Hash,
         size: u64,
-        encoding: pb::Encoding,
+        (encoding, base): (pb::Encoding, Option<Hash>),
         key: &str,
         get: objstore::object_store::GetResult,
         tx: &mpsc::Sender<Result<pb::ObjectChunk, String>>,
@@ -664,12 +685,14 @@ impl Pump {
     ) -> Result<bool, StoreFailure> {
         use futures_util::stream::StreamExt;
         let hash_bytes = bytes::Bytes::copy_from_slice(&hash.0);
+        let base_bytes = base.map_or_else(bytes::Bytes::new, |b| bytes::Bytes::copy_from_slice(&b.0));
         let chunk = |data: bytes::Bytes, last: bool| pb::ObjectChunk {
             hash: hash_bytes.clone(),
             size,
             encoding: encoding as i32,
             data,
             last,
+            base: base_bytes.clone(),
             ..Default::default()
         };
         let mut body = get.into_stream();

@@ -18,9 +18,10 @@
 //! restart puts nothing twice. A store that ignored `If-None-Match` could only be overwritten by
 //! a concurrent writer between the listing and the put, with identical bytes.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{StreamExt, TryStreamExt};
@@ -38,11 +39,13 @@ const ATTEMPTS: u32 = 5;
 /// A store this master uploads objects to.
 pub struct ObjectStoreTarget {
     url: String,
-    store: Arc<dyn ObjectStore>,
+    pub(crate) store: Arc<dyn ObjectStore>,
     /// `PREFIX/objects`.
     objects: StorePath,
-    concurrency: usize,
-    level: i32,
+    /// The opened store, for the keys of deltas ([`crate::storedelta`]).
+    pub(crate) keys: objstore::Store,
+    pub(crate) concurrency: usize,
+    pub(crate) level: i32,
 }
 
 /// What one upload did.
@@ -53,14 +56,18 @@ pub struct Summary {
     pub present: u64,
     /// Bytes put (compressed where compressed).
     pub bytes: u64,
+    /// The deltas against the previous version.
+    pub deltas: crate::storedelta::DeltaSummary,
+    /// The solid delta from the previous version.
+    pub solid: crate::storedelta::SolidSummary,
 }
 
 impl ObjectStoreTarget {
     /// Parses `url` (`s3://bucket/prefix`, `file:///dir`) into a store. Does not touch the network.
     pub fn new(url: &str, concurrency: usize, level: i32) -> Result<ObjectStoreTarget, OpenError> {
-        let objstore::Store { store, objects, .. } =
-            objstore::Store::open(url, &objstore::Options::new("--object-store"))?;
-        Ok(ObjectStoreTarget { url: url.to_owned(), store, objects, concurrency: concurrency.max(1), level })
+        let keys = objstore::Store::open(url, &objstore::Options::new("--object-store"))?;
+        let (store, objects) = (keys.store.clone(), keys.objects.clone());
+        Ok(ObjectStoreTarget { url: url.to_owned(), store, objects, keys, concurrency: concurrency.max(1), level })
     }
 
     pub fn url(&self) -> &str {
@@ -92,23 +99,25 @@ impl ObjectStoreTarget {
         self.objects.clone().join(&hex[..2]).join(format!("{hex}.{}", if raw { "raw" } else { "zst" }))
     }
 
-    /// The hashes with an object under `objects/` (either encoding).
-    async fn present(&self) -> anyhow::Result<HashSet<Hash>> {
-        let mut out = HashSet::new();
+    /// The hashes with an object under `objects/` (either encoding), with the stored size.
+    async fn present(&self) -> anyhow::Result<HashMap<Hash, u64>> {
+        let mut out = HashMap::new();
         let mut list = self.store.list(Some(&self.objects));
         while let Some(meta) = list.next().await {
             let meta = meta.map_err(|e| anyhow::anyhow!("cannot list {} in {}: {e}", self.objects, self.url))?;
             let name = meta.location.filename().unwrap_or_default();
             let hex = name.strip_suffix(".zst").or_else(|| name.strip_suffix(".raw")).unwrap_or_default();
             if let Some(h) = Hash::from_hex(hex) {
-                out.insert(h);
+                out.insert(h, meta.size);
             }
         }
         Ok(out)
     }
 
-    /// Uploads every object of `image` the store lacks; returns when all are in the store.
-    pub async fn upload(&self, image: &Arc<Image>) -> anyhow::Result<Summary> {
+    /// Uploads every object of `image` the store lacks and, over `prev` (the version before
+    /// it), its deltas and its solid delta ([`crate::storedelta`]); returns when all are in
+    /// the store.
+    pub async fn upload(&self, image: &Arc<Image>, prev: Option<&Arc<Image>>) -> anyhow::Result<Summary> {
         let t = Instant::now();
         let mut todo: Vec<(Hash, manifest::RelPath, u64)> = image
             .manifest
@@ -121,7 +130,9 @@ impl ObjectStoreTarget {
         todo.dedup_by_key(|(h, _, _)| *h);
         let objects = todo.len() as u64;
         let present = self.present().await?;
-        todo.retain(|(h, _, _)| !present.contains(h));
+        todo.retain(|(h, _, _)| !present.contains_key(h));
+        // What each object takes in the store (as stored): a delta must save on it.
+        let stored = Mutex::new(present);
         let already = objects - todo.len() as u64;
         tracing::info!(
             version = image.manifest.version,
@@ -135,7 +146,7 @@ impl ObjectStoreTarget {
         futures_util::stream::iter(todo)
             .map(|(hash, rel, size)| {
                 let image = image.clone();
-                let (uploaded, raced, bytes) = (&uploaded, &raced, &bytes);
+                let (uploaded, raced, bytes, stored) = (&uploaded, &raced, &bytes, &stored);
                 async move {
                     let (raw, body) = {
                         let level = self.level;
@@ -145,6 +156,7 @@ impl ObjectStoreTarget {
                     };
                     let key = self.key(&hash, raw);
                     let len = body.len() as u64;
+                    stored.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, len);
                     if self.put_once(&key, body).await? {
                         uploaded.fetch_add(1, Ordering::Relaxed);
                         bytes.fetch_add(len, Ordering::Relaxed);
@@ -157,12 +169,18 @@ impl ObjectStoreTarget {
             .buffer_unordered(self.concurrency)
             .try_collect::<()>()
             .await?;
-        let s = Summary {
+        let mut s = Summary {
             objects,
             uploaded: uploaded.into_inner(),
             present: already + raced.into_inner(),
             bytes: bytes.into_inner(),
+            ..Summary::default()
         };
+        if let Some(prev) = prev.filter(|p| p.identity != image.identity) {
+            let stored = stored.into_inner().unwrap_or_else(|p| p.into_inner());
+            s.deltas = crate::storedelta::upload_deltas(self, image, prev, &stored).await?;
+            s.solid = crate::storedelta::upload_solid(self, image, prev).await?;
+        }
         tracing::info!(
             version = image.manifest.version,
             secs = t.elapsed().as_secs_f64(),
@@ -178,7 +196,7 @@ impl ObjectStoreTarget {
 
     /// Puts `body` at `key`, create-only, retrying transient errors with backoff. `Ok(false)`:
     /// the object was already there (another writer, or a retry of a put that had landed).
-    async fn put_once(&self, key: &StorePath, body: Vec<u8>) -> anyhow::Result<bool> {
+    pub(crate) async fn put_once(&self, key: &StorePath, body: Vec<u8>) -> anyhow::Result<bool> {
         let payload = PutPayload::from(body);
         let mut delay = Duration::from_millis(200);
         for attempt in 1..=ATTEMPTS {
@@ -250,7 +268,7 @@ mod tests {
         let t = ObjectStoreTarget::new(&url, 4, 3).unwrap();
         t.probe().await.unwrap();
         let v1 = image(img.path(), 1);
-        let s = t.upload(&v1).await.unwrap();
+        let s = t.upload(&v1, None).await.unwrap();
         assert_eq!((s.objects, s.uploaded, s.present), (3, 3, 0), "{s:?}");
         let check = |rel: &str, raw: bool| {
             let h = Hash::of(&std::fs::read(img.path().join(rel)).unwrap());
@@ -263,11 +281,11 @@ mod tests {
         check("text", false);
         check("noise", true);
         // Again (a restart): nothing is put.
-        let s = t.upload(&v1).await.unwrap();
+        let s = t.upload(&v1, None).await.unwrap();
         assert_eq!((s.uploaded, s.present, s.bytes), (0, 3, 0), "{s:?}");
         // A new version sharing most objects: only the new one is put.
         std::fs::write(img.path().join("new"), "new content\n".repeat(100)).unwrap();
-        let s = t.upload(&image(img.path(), 2)).await.unwrap();
+        let s = t.upload(&image(img.path(), 2), None).await.unwrap();
         assert_eq!((s.objects, s.uploaded, s.present), (4, 1, 3), "{s:?}");
         // Create-only: a put over an existing key is refused by the store, counted as present.
         let h = Hash::of(b"tiny");
