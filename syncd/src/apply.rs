@@ -92,6 +92,8 @@ pub struct ApplyStats {
     pub store_fallback_objects: u64,
     /// Objects from the store whose content did not match their hash, fetched again.
     pub store_refused: u64,
+    /// Of the objects from the store, those decoded out of its solid delta.
+    pub solid_objects: u64,
     pub local_copies: u64,
     pub local_bytes: u64,
     /// Temp files of an interrupted pass renamed into place instead of fetched again.
@@ -362,6 +364,13 @@ pub fn apply(
     a.out.stats.fetched_objects += a.objects.objects;
     a.out.stats.wire_bytes += a.objects.wire_bytes;
     a.out.stats.delta_objects = a.objects.deltas;
+    if let Some(t) = &a.objects.store {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Objects of the solid delta were passed on raw: on the wire they were the segments.
+        let s = &mut a.out.stats;
+        s.wire_bytes = (s.wire_bytes + t.solid_wire.load(Relaxed)).saturating_sub(t.solid_content.load(Relaxed));
+        s.solid_objects = t.solid_objects.load(Relaxed);
+    }
     a.out
 }
 

@@ -46,11 +46,14 @@ pub struct StoreConfig {
     /// `object_store_anonymous` (default false): unsigned S3 requests when no AWS credentials
     /// are set.
     pub anonymous: bool,
+    /// `object_store_solid` (default true): an upgrade tries the solid delta to the image
+    /// first ([`crate::solid`]).
+    pub solid: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> StoreConfig {
-        StoreConfig { url: None, fallback: true, concurrency: 8, anonymous: false }
+        StoreConfig { url: None, fallback: true, concurrency: 8, anonymous: false, solid: true }
     }
 }
 
@@ -65,6 +68,11 @@ pub struct StoreTally {
     pub failures: std::sync::atomic::AtomicU64,
     /// Those objects: fetched from the master instead.
     failed_over: std::sync::Mutex<std::collections::HashSet<Hash>>,
+    /// Objects that came out of the solid delta, their content bytes (passed on raw), and the
+    /// bytes of the index and segments fetched.
+    pub solid_objects: std::sync::atomic::AtomicU64,
+    pub solid_content: std::sync::atomic::AtomicU64,
+    pub solid_wire: std::sync::atomic::AtomicU64,
 }
 
 impl StoreTally {
@@ -86,6 +94,8 @@ struct StoreSource {
     store: objstore::Store,
     fallback: bool,
     concurrency: usize,
+    /// The image the pass applies, when its solid delta is to be tried ([`crate::solid`]).
+    solid: Option<Hash>,
 }
 
 /// Every wait on the network path is bounded: a master that accepts the connection and then
@@ -243,6 +253,17 @@ impl Master {
         &self.url
     }
 
+    /// Makes [`Master::spawn_fetch`] try the solid delta to image `identity` first, when it
+    /// reads from a store and `object_store_solid` is on.
+    pub fn with_solid(mut self, identity: Hash) -> Master {
+        if let Some(s) = self.store.as_mut().filter(|_| self.store_config.solid) {
+            if let Some(s) = Arc::get_mut(s) {
+                s.solid = Some(identity);
+            }
+        }
+        self
+    }
+
     /// Makes [`Master::spawn_fetch`] read from the object store: the one this host's config
     /// names, else `announced` (the manifest header's `object_store_url`; empty: none). A store
     /// the host's config names that cannot be opened is a configuration error; one only the
@@ -264,8 +285,12 @@ impl Master {
         opts.retry.backoff.max_backoff = Duration::from_secs(1);
         match objstore::Store::open(&url, &opts) {
             Ok(store) => {
-                self.store =
-                    Some(Arc::new(StoreSource { store, fallback: cfg.fallback, concurrency: cfg.concurrency.max(1) }))
+                self.store = Some(Arc::new(StoreSource {
+                    store,
+                    fallback: cfg.fallback,
+                    concurrency: cfg.concurrency.max(1),
+                    solid: None,
+                }))
             }
             Err(e) => {
                 let hint = if e.to_string().contains("no credentials") {
@@ -469,6 +494,11 @@ impl Master {
         let tally = Arc::new(StoreTally { url: src.store.url.clone(), ..StoreTally::default() });
         let offered: Vec<Option<Hash>> =
             bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
+        // The solid delta is read beneath the same root as the bases.
+        let solid_src = match (&src.solid, &bases) {
+            (Some(to), Some(b)) => Some((*to, b.paths.clone(), b.root.share(), b.read.clone())),
+            _ => None,
+        };
         let (tx, received, stream) = start_stream(objects.clone(), bases, Some(tally.clone()));
         let pump = self.pump();
         let client = self.client.clone();
@@ -476,18 +506,53 @@ impl Master {
             use futures_util::stream::StreamExt;
             let d = pump.d;
             let store = &src.store;
+            let mut solid = None;
+            if let Some((to, paths, root, read)) = solid_src {
+                if let Some(plan) = crate::solid::plan(store, &to, &objects, &paths, d.rpc).await {
+                    tally.solid_wire.fetch_add(plan.index_bytes, std::sync::atomic::Ordering::Relaxed);
+                    solid = Some(crate::solid::SolidReader::new(Arc::new(plan), root, read));
+                }
+            }
+            let covered: Vec<bool> = objects
+                .iter()
+                .map(|(h, _)| solid.as_ref().is_some_and(|s: &crate::solid::SolidReader| s.covers(h)))
+                .collect();
             let opens: Vec<_> = objects
                 .iter()
                 .enumerate()
                 .map(|(i, (h, _))| {
                     let (store, h, base) = (store.clone(), *h, offered.get(i).copied().flatten());
-                    async move { (i, open_object(&store, &h, base, d).await) }
+                    // Objects of a solid segment are not fetched one by one, unless it fails.
+                    let skip = covered[i];
+                    async move { (i, if skip { None } else { Some(open_object(&store, &h, base, d).await) }) }
                 })
                 .collect();
             let mut opened = futures_util::stream::iter(opens).buffered(src.concurrency);
             let mut warned = false;
             while let Some((i, r)) = opened.next().await {
                 let (hash, size) = objects[i];
+                let r = match r {
+                    Some(r) => r,
+                    None => {
+                        let reader = solid.as_mut().expect("covered objects have a reader");
+                        let before = reader.wire;
+                        let got = reader.object(store, &hash, &pump.net, d.rpc).await;
+                        tally.solid_wire.fetch_add(reader.wire - before, std::sync::atomic::Ordering::Relaxed);
+                        match got {
+                            Some(content) => {
+                                let n = content.len() as u64;
+                                if !pump.raw_body(hash, content, &tx, &received).await {
+                                    return;
+                                }
+                                tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tally.solid_objects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tally.solid_content.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                                continue;
+                            }
+                            None => open_object(store, &hash, offered.get(i).copied().flatten(), d).await,
+                        }
+                    }
+                };
                 let failure = match r {
                     Ok((encoding, key, get, base)) => {
                         match pump.store_body(hash, size, (encoding, base), &key, get, &tx, &received).await {
@@ -654,6 +719,37 @@ struct Pump {
 }
 
 impl Pump {
+    /// Passes on one object's verified content, raw, in chunks of at most
+    /// [`proto::OBJECT_CHUNK`] bytes. False: the reader is gone.
+    async fn raw_body(
+        &self,
+        hash: Hash,
+        mut content: bytes::Bytes,
+        tx: &mpsc::Sender<Result<pb::ObjectChunk, String>>,
+        received: &Semaphore,
+    ) -> bool {
+        let size = content.len() as u64;
+        let hash_bytes = bytes::Bytes::copy_from_slice(&hash.0);
+        loop {
+            let data = content.split_to(content.len().min(proto::OBJECT_CHUNK));
+            let last = content.is_empty();
+            let chunk = pb::ObjectChunk {
+                hash: hash_bytes.clone(),
+                size,
+                encoding: pb::Encoding::Raw as i32,
+                data,
+                last,
+                ..Default::default()
+            };
+            if !self.forward(chunk, tx, received).await {
+                return false;
+            }
+            if last {
+                return true;
+            }
+        }
+    }
+
     /// Sends one chunk on, once the byte budget has room for it. False: the reader is gone.
     async fn forward(
         &self,

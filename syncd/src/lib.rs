@@ -16,6 +16,7 @@ pub mod mcache;
 pub mod plan;
 pub mod queue;
 pub mod root;
+mod solid;
 pub mod trust;
 pub mod unchanged;
 
@@ -405,8 +406,12 @@ impl PassReport {
                 match &o.stats.store_url {
                     None => String::new(),
                     Some(_) => format!(
-                        ": {} from the object store, {} from the master ({} after a store failure){}",
+                        ": {} from the object store{}, {} from the master ({} after a store failure){}",
                         o.stats.store_objects,
+                        match o.stats.solid_objects {
+                            0 => String::new(),
+                            n => format!(" ({n} through the solid delta)"),
+                        },
                         o.stats.master_objects,
                         o.stats.store_fallback_objects,
                         match o.stats.store_refused {
@@ -555,7 +560,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             paths: report.plan.fetch_bases.clone(),
             read: opts.throttle.read.clone(),
         });
-        let master = master.with_store(&object_store_url)?;
+        let master = master.with_store(&object_store_url)?.with_solid(report.identity);
         let objects = master.spawn_fetch(report.plan.fetch.clone(), bases, &rt);
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();

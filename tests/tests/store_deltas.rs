@@ -53,6 +53,22 @@ fn count(out: &gis_tests::Output, label: &str) -> u64 {
     s[..i].rsplit([' ', '(', ',']).find(|w| !w.is_empty()).unwrap().parse().unwrap_or_else(|e| panic!("{s}: {e}"))
 }
 
+/// The summary's "(X on the wire)", in bytes.
+fn wire_bytes(out: &gis_tests::Output) -> f64 {
+    let s = out.summary();
+    let end = s.find(" on the wire)").unwrap_or_else(|| panic!("no wire bytes in {s}"));
+    let start = s[..end].rfind('(').unwrap() + 1;
+    let (n, unit) = s[start..end].split_once(' ').unwrap();
+    let n: f64 = n.parse().unwrap();
+    n * match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        u => panic!("unit {u} in {s}"),
+    }
+}
+
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     if !dir.exists() {
@@ -143,7 +159,7 @@ fn an_upgrade_through_the_store_fetches_deltas_and_converges() {
     let s3 = S3Server::require(&s.dir("s3"));
     let u = upgrade(&s, &s3, &[]);
     let root = s.dir("root");
-    let out = sync_env(&u.master, &root, &[], &s3.env());
+    let out = sync_env(&u.master, &root, &["--object-store-solid", "false"], &s3.env());
     out.expect_code(0, &[&root]);
     assert_converged(&u.v1, &root, &out);
     let deltas_dir = s3.bucket("bkt").join("fleet/deltas");
@@ -158,7 +174,7 @@ fn an_upgrade_through_the_store_fetches_deltas_and_converges() {
         assert_eq!((new.len(), base.len()), (64, 64), "{name}");
         assert_eq!(d.parent().unwrap().file_name().unwrap().to_str().unwrap(), &new[..2], "{}", d.display());
     }
-    let out = sync_env(&u.master, &root, &[], &s3.env());
+    let out = sync_env(&u.master, &root, &["--object-store-solid", "false"], &s3.env());
     out.expect_code(0, &[&root]);
     assert_converged(&u.v2, &root, &out);
     assert_eq!(count(&out, " of them as deltas"), WITH_BASE, "{}", out.summary());
@@ -190,11 +206,48 @@ fn a_corrupt_delta_in_the_store_is_refused_and_fetched_again() {
     let mut wrong = new.clone();
     wrong[10] ^= 1;
     std::fs::write(&delta, zstd::encode_all(&wrong[..], 3).unwrap()).unwrap();
-    let out = sync_env(&u.master, &root, &[], &s3.env());
+    let out = sync_env(&u.master, &root, &["--object-store-solid", "false"], &s3.env());
     out.expect_code(0, &[&root]);
     assert_converged(&u.v2, &root, &out);
     assert_eq!(std::fs::read(root.join("usr/lib/app/mod0.txt")).unwrap(), new);
     assert_eq!(count(&out, " refused from the store"), 1, "{}", out.summary());
     assert_eq!(count(&out, " from the master"), 1, "{}", out.summary());
     assert!(out.stderr.contains(&hex), "the refusal does not name the object:\n{}", out.stderr);
+}
+
+#[test]
+fn a_host_at_the_previous_version_upgrades_through_the_solid_delta() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let u = upgrade(&s, &s3, &[]);
+    let (root, per_object, drifted) = (s.dir("root"), s.dir("per-object"), s.dir("drifted"));
+    for r in [&root, &per_object, &drifted] {
+        sync_env(&u.master, r, &[], &s3.env()).expect_code(0, &[r]);
+    }
+    u.publish_v2();
+    let solid = files(&s3.bucket("bkt").join("fleet/solid"));
+    assert!(solid.iter().any(|f| f.ends_with("index")), "no solid index: {solid:?}\n{}", u.master.stderr());
+
+    let out = sync_env(&u.master, &root, &[], &s3.env());
+    out.expect_code(0, &[&root]);
+    assert_converged(&u.v2, &root, &out);
+    let from_solid = count(&out, " through the solid delta");
+    assert_eq!(from_solid, WITH_BASE + 1, "{}", out.summary());
+    assert_eq!(count(&out, " from the master"), 0, "{}", out.summary());
+
+    let out_po = sync_env(&u.master, &per_object, &["--object-store-solid", "false"], &s3.env());
+    out_po.expect_code(0, &[&per_object]);
+    assert_converged(&u.v2, &per_object, &out_po);
+    assert_eq!(count(&out_po, " through the solid delta"), 0, "{}", out_po.summary());
+    let (solid_wire, po_wire) = (wire_bytes(&out), wire_bytes(&out_po));
+    assert!(solid_wire < po_wire * 0.8, "solid {solid_wire} bytes, per object {po_wire}");
+
+    // A host whose base of one file drifted: its segment cannot be rebuilt, so its objects
+    // come one by one, and the host still converges.
+    std::fs::write(drifted.join("usr/lib/app/mod3.txt"), "local edit\n".repeat(100)).unwrap();
+    let out = sync_env(&u.master, &drifted, &[], &s3.env());
+    out.expect_code(0, &[&drifted]);
+    assert_converged(&u.v2, &drifted, &out);
+    assert_eq!(count(&out, " through the solid delta"), 0, "{}", out.summary());
+    assert_eq!(count(&out, " from the master"), 0, "{}", out.summary());
 }
