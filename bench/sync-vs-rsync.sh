@@ -32,7 +32,10 @@
 #   OBJECT_STORE=0    1 = the master uploads to an s3s-fs server on loopback
 #                     (`--object-store s3://bench/fleet`, s3s-fs 0.14.1 on PATH or in
 #                     ~/.cargo/bin) and hosts fetch objects from it; the loopback counter then
-#                     counts the host's GETs from the store as well as its manifest traffic
+#                     counts the host's GETs from the store as well as its manifest traffic.
+#                     On a shared machine, run the script in a network namespace of its own so
+#                     the counter sees only this benchmark:
+#                     unshare -n bash -c 'ip link set lo up && bench/sync-vs-rsync.sh ...'
 #   MASTER_EXTRA=""   extra `syncmaster serve` flags, e.g. "--cache-level 0" (per-request
 #                     compression only) or "--zstd-level 1"
 #   DELTAS=1          upgrade scenarios: the master has published the host's release (v1)
