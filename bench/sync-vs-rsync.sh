@@ -26,6 +26,16 @@
 #                     against the same master, alternated with the others in the same runs;
 #                     the report adds an A/B table (syncd / SYNCD_B), so a change is measured
 #                     before and after in one run
+#   SYNCD_B_ARGS=""   extra `syncd sync` flags for the SYNCD_B tool only (SYNCD_B may be the same
+#                     binary as SYNCD: then the A/B compares two settings, e.g.
+#                     SYNCD_B_ARGS="--object-store-solid false")
+#   OBJECT_STORE=0    1 = the master uploads to an s3s-fs server on loopback
+#                     (`--object-store s3://bench/fleet`, s3s-fs 0.14.1 on PATH or in
+#                     ~/.cargo/bin) and hosts fetch objects from it; the loopback counter then
+#                     counts the host's GETs from the store as well as its manifest traffic.
+#                     On a shared machine, run the script in a network namespace of its own so
+#                     the counter sees only this benchmark:
+#                     unshare -n bash -c 'ip link set lo up && bench/sync-vs-rsync.sh ...'
 #   MASTER_EXTRA=""   extra `syncmaster serve` flags, e.g. "--cache-level 0" (per-request
 #                     compression only) or "--zstd-level 1"
 #   DELTAS=1          upgrade scenarios: the master has published the host's release (v1)
@@ -71,6 +81,8 @@ REPO=$(cd "$BENCH_DIR/.." && pwd)
 SYNCD=${SYNCD:-$REPO/target/release/syncd}
 SYNCMASTER=${SYNCMASTER:-$REPO/target/release/syncmaster}
 SYNCD_B=${SYNCD_B:-}
+SYNCD_B_ARGS=${SYNCD_B_ARGS:-}
+OBJECT_STORE=${OBJECT_STORE:-0}
 # Paths as the report shows them: relative to the checkout where they lie in it.
 shown() { case $1 in "$REPO"/*) echo "${1#"$REPO"/}" ;; *) echo "$1" ;; esac; }
 MASTER_EXTRA=${MASTER_EXTRA:-}
@@ -152,7 +164,7 @@ done
 mkdir -p "$SCRATCH" "$SCRATCH/logs"
 WORK=$(mktemp -d "$SCRATCH/run.XXXXXX")
 LOGS="$SCRATCH/logs"
-DAEMON_PID="" MASTER_PID=""
+DAEMON_PID="" MASTER_PID="" S3_PID=""
 
 stop_pid() {  # stop_pid PID: TERM, wait up to 5s, then KILL
     local pid=$1 i
@@ -165,6 +177,7 @@ stop_pid() {  # stop_pid PID: TERM, wait up to 5s, then KILL
 cleanup() {
     stop_pid "$DAEMON_PID"; DAEMON_PID=""
     stop_pid "$MASTER_PID"; MASTER_PID=""
+    stop_pid "$S3_PID"; S3_PID=""
     [ -n "${WORK:-}" ] && [ -d "$WORK" ] && rm -rf --one-file-system "$WORK"
 }
 trap cleanup EXIT
@@ -205,6 +218,23 @@ wait_tcp() {  # wait_tcp PORT PID: until something listens on 127.0.0.1:PORT (PI
         sleep 0.1
     done
     return 1
+}
+
+# start_s3 NAME -> an s3s-fs server on loopback with an empty bucket `bench`, its AWS variables
+# exported (for the master and syncd alike); sets S3_PID
+start_s3() {
+    local name=$1 exe port dir="$WORK/s3-$1"
+    exe=$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")
+    [ -x "$exe" ] || die "s3s-fs missing: cargo install s3s-fs --version 0.14.1 --features binary --locked"
+    rm -rf "$dir"; mkdir -p "$dir/bench"
+    port=$(random_port)
+    "$exe" --host 127.0.0.1 --port "$port" --access-key bench-access --secret-key bench-secret "$dir" \
+        >"$LOGS/s3s-fs-$name.log" 2>&1 &
+    S3_PID=$!
+    wait_tcp "$port" "$S3_PID" || die "s3s-fs did not start (see $LOGS/s3s-fs-$name.log)"
+    export AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1 \
+        AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_ALLOW_HTTP=true
+    log "s3s-fs pid $S3_PID serving $dir on 127.0.0.1:$port"
 }
 
 # start_rsyncd IMAGE NAME -> sets DAEMON_PID, RSYNC_URL
@@ -252,6 +282,10 @@ start_master() {
         rm -rf "$images" "$WORK/master-state-$name"; mkdir -p "$images"
         ln -s "$prev" "$images/current"
         source=(--images "$images" --state-dir "$WORK/master-state-$name" --poll 200ms)
+    fi
+    if [ "$OBJECT_STORE" = 1 ]; then
+        start_s3 "$name"
+        source+=(--object-store s3://bench/fleet)
     fi
     MASTER_SOURCE="${source[*]}"
     "$SYNCMASTER" serve "${MASTER_FLAGS[@]}" "${source[@]}" --listen 127.0.0.1:0 >"$out" 2>"$LOGS/syncmaster-$name.err" &
@@ -325,7 +359,8 @@ run_tool() {
         rsync)  cmd=(rsync -aHAX --numeric-ids --delete "$RSYNC_URL" "$dest/") ;;
         rsyncz) cmd=(rsync -aHAX --numeric-ids --delete -z --stats "$RSYNC_URL" "$dest/") ;;
         syncd)  cmd=("$SYNCD" sync "${SYNCD_FLAGS[@]}" --master "http://$MASTER_ADDR" --root "$dest") ;;
-        syncdb) cmd=("$SYNCD_B" sync "${SYNCD_FLAGS[@]}" --master "http://$MASTER_ADDR" --root "$dest") ;;
+        # shellcheck disable=SC2206
+        syncdb) cmd=("$SYNCD_B" sync "${SYNCD_FLAGS[@]}" --master "http://$MASTER_ADDR" --root "$dest" $SYNCD_B_ARGS) ;;
     esac
     [ "$SYNC_AFTER" != 1 ] || m+=(--sync)
     "$PY" "$MEASURE" "${m[@]}" -- "${cmd[@]}"
@@ -417,6 +452,10 @@ run_scenario() {
 
     stop_pid "$DAEMON_PID"; DAEMON_PID=""
     stop_pid "$MASTER_PID"; MASTER_PID=""
+    if [ -n "${S3_PID:-}" ]; then
+        log "object store: $(du -sb "$WORK/s3-$s/bench/fleet/objects" 2>/dev/null | cut -f1) B of objects, $(du -sb "$WORK/s3-$s/bench/fleet/deltas" 2>/dev/null | cut -f1) B of deltas, $(du -sb "$WORK/s3-$s/bench/fleet/solid" 2>/dev/null | cut -f1) B of solid delta"
+        stop_pid "$S3_PID"; S3_PID=""; rm -rf "$WORK/s3-$s"
+    fi
     rm -rf --one-file-system "$dest"
 
     FID[$s]=$(echo "${fid:-not checked}" | sed 's/ *$//')
@@ -506,11 +545,14 @@ report=$(
     if [ -n "$SYNCD_B" ]; then
         echo "### A/B: syncd against SYNCD_B (\`$(shown "$SYNCD_B")\`), same master, same runs (median)"
         echo
-        echo "| scenario | B wall s | syncd wall s | syncd/B | B RSS MiB | syncd RSS MiB | B CPU s | syncd CPU s |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        [ -z "$SYNCD_B_ARGS" ] || echo "B runs with \`$SYNCD_B_ARGS\`."
+        echo
+        echo "| scenario | B wall s | syncd wall s | syncd/B | B RSS MiB | syncd RSS MiB | B CPU s | syncd CPU s | B lo RX MiB | B/rsync -z | syncd lo RX MiB | syncd/rsync -z |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         for s in "${scenarios[@]}"; do
             mb=$(med "$s" syncdb T); ms=$(med "$s" syncd T)
-            echo "| $s | $mb | $ms | $(ratio "$mb" "$ms") | $(kib2mib "$(med "$s" syncdb RSS %.0f)") | $(kib2mib "$(med "$s" syncd RSS %.0f)") | $(med "$s" syncdb CPU %.2f) | $(med "$s" syncd CPU %.2f) |"
+            rb=$(med "$s" syncdb RX %.0f); rs=$(med "$s" syncd RX %.0f); rz=$(med "$s" rsyncz RX %.0f)
+            echo "| $s | $mb | $ms | $(ratio "$mb" "$ms") | $(kib2mib "$(med "$s" syncdb RSS %.0f)") | $(kib2mib "$(med "$s" syncd RSS %.0f)") | $(med "$s" syncdb CPU %.2f) | $(med "$s" syncd CPU %.2f) | $(mib "$rb") | $(ratio "$rz" "$rb") | $(mib "$rs") | $(ratio "$rz" "$rs") |"
         done
         echo
     fi

@@ -11,6 +11,7 @@ pub mod delta;
 mod entry;
 mod path;
 pub mod scan;
+pub mod solid;
 pub mod trust;
 pub mod units;
 pub mod wire;

@@ -7,6 +7,9 @@
 //! PREFIX/chunks/<first two hex digits>/<blake3 hex>.idx    a large file's chunk index (see [`chunks`])
 //! PREFIX/packs/<blake3 hex>.pack                           small objects, concatenated
 //! PREFIX/packs/index/<manifest identity hex>.idx           where they lie (see [`pack`])
+//! PREFIX/deltas/<ab>/<blake3 hex>-<base blake3 hex>.zst  one zstd frame made against the base
+//! PREFIX/solid/<new identity hex>/index                  the solid delta to that image
+//! PREFIX/solid/<new identity hex>/<n>.zst                its segments
 //! ```
 //!
 //! S3 credentials come from the standard AWS variables (`AWS_ACCESS_KEY_ID`,
@@ -43,6 +46,8 @@ pub struct Store {
     pub objects: StorePath,
     /// `PREFIX/packs`.
     pub packs: StorePath,
+    /// `PREFIX`.
+    pub prefix: StorePath,
 }
 
 /// How to open a store.
@@ -142,15 +147,40 @@ impl Store {
                 return Err(bad(format!("unsupported scheme {other:?} (hint: s3://BUCKET/PREFIX or file:///DIR)")))
             }
         };
-        let base = StorePath::from(prefix.trim_matches('/'));
-        let (objects, packs) = (base.clone().join("objects"), base.join("packs"));
-        Ok(Store { url: url.to_owned(), store, objects, packs })
+        let prefix = StorePath::from(prefix.trim_matches('/'));
+        let (objects, packs) = (prefix.clone().join("objects"), prefix.clone().join("packs"));
+        Ok(Store { url: url.to_owned(), store, objects, packs, prefix })
     }
 
     /// The key of the object whose blake3 is `hex` (64 lowercase hex digits), stored raw or as
     /// a zstd frame.
     pub fn key(&self, hex: &str, raw: bool) -> StorePath {
         self.objects.clone().join(&hex[..2]).join(format!("{hex}.{}", if raw { "raw" } else { "zst" }))
+    }
+
+    /// `PREFIX/deltas`.
+    pub fn deltas(&self) -> StorePath {
+        self.prefix.clone().join("deltas")
+    }
+
+    /// The key of the delta of object `hex` against base `base_hex`: one zstd frame.
+    pub fn delta_key(&self, hex: &str, base_hex: &str) -> StorePath {
+        self.deltas().join(&hex[..2]).join(format!("{hex}-{base_hex}.zst"))
+    }
+
+    /// `PREFIX/solid/<identity hex>`: the solid delta to the image `identity_hex`.
+    pub fn solid(&self, identity_hex: &str) -> StorePath {
+        self.prefix.clone().join("solid").join(identity_hex)
+    }
+
+    /// The index of the solid delta to the image `identity_hex` (zstd-compressed).
+    pub fn solid_index_key(&self, identity_hex: &str) -> StorePath {
+        self.solid(identity_hex).join("index")
+    }
+
+    /// Segment `n` of the solid delta to the image `identity_hex`.
+    pub fn solid_segment_key(&self, identity_hex: &str, n: usize) -> StorePath {
+        self.solid(identity_hex).join(format!("{n}.zst"))
     }
 }
 
@@ -165,6 +195,10 @@ mod tests {
         let s = Store::open(&url, &Options::new("--object-store")).unwrap();
         let hex = "ab".repeat(32);
         assert_eq!(s.key(&hex, true).as_ref(), format!("objects/ab/{hex}.raw"));
+        let cd = "cd".repeat(32);
+        assert_eq!(s.delta_key(&hex, &cd).as_ref(), format!("deltas/ab/{hex}-{cd}.zst"));
+        assert_eq!(s.solid_index_key(&cd).as_ref(), format!("solid/{cd}/index"));
+        assert_eq!(s.solid_segment_key(&cd, 3).as_ref(), format!("solid/{cd}/3.zst"));
         for url in ["s4://x", "not a url", "file:///no/such/dir/anywhere"] {
             let e = Store::open(url, &Options::new("config key object_store")).err().unwrap();
             assert!(e.to_string().contains(url) && e.to_string().contains("object_store"), "{e}");

@@ -103,6 +103,8 @@ pub struct ApplyStats {
     pub store_gets: u64,
     pub store_bytes: u64,
     pub store_packed: u64,
+    /// Of the objects from the store, those decoded out of its solid delta.
+    pub solid_objects: u64,
     pub local_copies: u64,
     pub local_bytes: u64,
     /// Temp files of an interrupted pass renamed into place instead of fetched again.
@@ -385,9 +387,12 @@ pub fn apply(
         // only the chunks fetched and the indexes.
         s.wire_bytes =
             s.wire_bytes.saturating_sub(t.rebuilt_bytes.load(Relaxed)) + s.store_chunk_bytes + s.store_index_bytes;
-        a.out.stats.store_gets = t.gets.load(Relaxed);
-        a.out.stats.store_bytes = t.bytes.load(Relaxed);
-        a.out.stats.store_packed = t.from_packs.load(Relaxed);
+        s.store_gets = t.gets.load(Relaxed);
+        s.store_bytes = t.bytes.load(Relaxed);
+        s.store_packed = t.from_packs.load(Relaxed);
+        // Objects of the solid delta were passed on raw: on the wire they were the segments.
+        s.wire_bytes = (s.wire_bytes + t.solid_wire.load(Relaxed)).saturating_sub(t.solid_content.load(Relaxed));
+        s.solid_objects = t.solid_objects.load(Relaxed);
     }
     a.out
 }

@@ -20,6 +20,10 @@ mod packs;
 
 /// Largest zstd window a host accepts (32 MiB): bounds decoder memory whatever the master sends.
 const MAX_WINDOW_LOG: u32 = 25;
+/// Objects smaller than this that the store has in a pack come from the pack even when the
+/// host offers a base: a GET of their own (often a miss: no delta) costs more than the bytes
+/// a delta would save. Larger ones ask for the delta against the base first.
+const DELTA_GET_MIN: u64 = 64 * 1024;
 
 /// How to reach the master: mTLS, or plain TCP only when asked for by name.
 #[derive(Clone, Debug, Default)]
@@ -50,11 +54,14 @@ pub struct StoreConfig {
     /// `object_store_anonymous` (default false): unsigned S3 requests when no AWS credentials
     /// are set.
     pub anonymous: bool,
+    /// `object_store_solid` (default true): an upgrade tries the solid delta to the image
+    /// first ([`crate::solid`]).
+    pub solid: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> StoreConfig {
-        StoreConfig { url: None, fallback: true, concurrency: 8, anonymous: false }
+        StoreConfig { url: None, fallback: true, concurrency: 8, anonymous: false, solid: true }
     }
 }
 
@@ -86,6 +93,11 @@ pub struct StoreTally {
     pub index_bytes: std::sync::atomic::AtomicU64,
     /// Content passed on rebuilt from chunks (counted as on the wire by the stream).
     pub rebuilt_bytes: std::sync::atomic::AtomicU64,
+    /// Objects that came out of the solid delta, their content bytes (passed on raw), and the
+    /// bytes of the index and segments fetched.
+    pub solid_objects: std::sync::atomic::AtomicU64,
+    pub solid_content: std::sync::atomic::AtomicU64,
+    pub solid_wire: std::sync::atomic::AtomicU64,
 }
 
 impl StoreTally {
@@ -109,6 +121,8 @@ struct StoreSource {
     concurrency: usize,
     /// The manifest's identity: names the pack index of the version.
     identity: Hash,
+    /// The image the pass applies, when its solid delta is to be tried ([`crate::solid`]).
+    solid: Option<Hash>,
 }
 
 /// Every wait on the network path is bounded: a master that accepts the connection and then
@@ -271,6 +285,17 @@ impl Master {
         &self.url
     }
 
+    /// Makes [`Master::spawn_fetch`] try the solid delta to image `identity` first, when it
+    /// reads from a store and `object_store_solid` is on.
+    pub fn with_solid(mut self, identity: Hash) -> Master {
+        if let Some(s) = self.store.as_mut().filter(|_| self.store_config.solid) {
+            if let Some(s) = Arc::get_mut(s) {
+                s.solid = Some(identity);
+            }
+        }
+        self
+    }
+
     /// Makes [`Master::spawn_fetch`] read from the object store: the one this host's config
     /// names, else `announced` (the manifest header's `object_store_url`; empty: none). A store
     /// the host's config names that cannot be opened is a configuration error; one only the
@@ -302,6 +327,7 @@ impl Master {
                     fallback: cfg.fallback,
                     concurrency: cfg.concurrency.max(1),
                     identity: *identity,
+                    solid: None,
                 }))
             }
             Err(e) => {
@@ -507,8 +533,10 @@ impl Master {
         Pump { url: self.url.clone(), net: self.net.clone(), d: self.deadlines }
     }
 
-    /// Like [`Master::spawn_fetch_on`], from the object store: whole objects only (no deltas),
-    /// GETs up to `object_store_concurrency` ahead, their chunks passed on in order. An object
+    /// Like [`Master::spawn_fetch_on`], from the object store: GETs up to
+    /// `object_store_concurrency` ahead, their chunks passed on in order. An object offered a
+    /// base is first asked for as a delta against it (`deltas/…`; not there: the whole object),
+    /// decoded by the same stage as the master's deltas. An object
     /// the store fails to give comes from the master in its place (a `FetchObjects` of its
     /// own, on the main connection, which this stream leaves idle), or with
     /// `object_store_fallback` off, breaks the stream.
@@ -520,15 +548,49 @@ impl Master {
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
         let tally = Arc::new(StoreTally { url: src.store.url.clone(), ..StoreTally::default() });
-        let (tx, received, stream) = start_stream(objects.clone(), None, Some(tally.clone()));
+        let offered: Vec<Option<Hash>> =
+            bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
+        // The solid delta is read beneath the same root as the bases.
+        let solid_src = match (&src.solid, &bases) {
+            (Some(to), Some(b)) => Some((*to, b.paths.clone(), b.root.share(), b.read.clone())),
+            _ => None,
+        };
+        let seeds = bases.as_ref().and_then(|b| {
+            chunked::Seeds::from_bases(Bases {
+                root: b.root.share(),
+                paths: Vec::new(),
+                seeds: b.seeds.clone(),
+                read: b.read.clone(),
+            })
+        });
+        let (tx, received, stream) = start_stream(objects.clone(), bases, Some(tally.clone()));
         let pump = self.pump();
         let client = self.client.clone();
         let threshold = self.chunk_threshold;
-        let seeds = bases.and_then(chunked::Seeds::from_bases);
         rt.spawn(async move {
             use futures_util::stream::StreamExt;
             let d = pump.d;
             let store = &src.store;
+            let mut solid = None;
+            if let Some((to, paths, root, read)) = solid_src {
+                if let Some(plan) = crate::solid::plan(store, &to, &objects, &paths, d.rpc).await {
+                    tally.solid_wire.fetch_add(plan.index_bytes, std::sync::atomic::Ordering::Relaxed);
+                    tally.bytes.fetch_add(plan.index_bytes, std::sync::atomic::Ordering::Relaxed);
+                    solid = Some(crate::solid::SolidReader::new(Arc::new(plan), root, read));
+                }
+            }
+            // Each object's way, in this order: out of the solid delta; a large file, from its
+            // chunks; one with a base the host offers and worth a GET of its own, as a delta
+            // against it (`deltas/…`; not there: whole); else a range of a pack, or whole.
+            let covered: Vec<bool> = objects
+                .iter()
+                .map(|(h, _)| solid.as_ref().is_some_and(|s: &crate::solid::SolidReader| s.covers(h)))
+                .collect();
+            let large = |i: usize| threshold > 0 && objects[i].1 >= threshold;
+            let delta_base =
+                |i: usize| offered.get(i).copied().flatten().filter(|_| objects[i].1 >= DELTA_GET_MIN && !large(i));
+            let own: Vec<bool> =
+                (0..objects.len()).map(|i| covered[i] || large(i) || delta_base(i).is_some()).collect();
             let index = match packs::load_index(store, &src.identity, d, &tally).await {
                 Ok(index) => index,
                 // The store failed on its first GET: the whole pass from the master, or with
@@ -551,18 +613,30 @@ impl Master {
                     return;
                 }
             };
-            let units = packs::plan(&objects, index.as_ref(), packs::GAP, packs::MAX_RANGE);
+            let units = packs::plan(&objects, &own, index.as_ref(), packs::GAP, packs::MAX_RANGE);
             drop(index);
             let opens: Vec<_> = units
                 .into_iter()
                 .map(|u| {
                     let (store, objects, tally) = (store.clone(), &objects, &tally);
+                    let (covered, base) = match u {
+                        packs::Unit::Loose(i) => (covered[i], delta_base(i)),
+                        packs::Unit::Range { .. } => (false, None),
+                    };
+                    let large = matches!(u, packs::Unit::Loose(i) if large(i));
                     async move {
                         let r = match u {
+                            // Objects of a solid segment are not fetched one by one, unless it fails.
+                            packs::Unit::Loose(_) if covered => Ok(packs::Opened::Solid),
                             // A large file: its chunk index first (see [`chunked`]).
-                            packs::Unit::Loose(i) if threshold > 0 && objects[i].1 >= threshold => {
+                            packs::Unit::Loose(i) if large => {
                                 let (h, size) = objects[i];
                                 chunked::get_index(&store, &h, size, d, tally).await.map(packs::Opened::Index)
+                            }
+                            packs::Unit::Loose(i) if base.is_some() => {
+                                open_object(&store, &objects[i].0, base, d, tally)
+                                    .await
+                                    .map(|(e, k, g, b)| packs::Opened::Loose(e, k, g, b))
                             }
                             _ => packs::open_unit(&store, objects, &u, d, tally).await,
                         };
@@ -577,6 +651,40 @@ impl Master {
                 // The place in the request of the first object not given, and why.
                 let (at, failure) = match (unit, r) {
                     (_, Err(f)) => (span.start, f),
+                    (packs::Unit::Loose(i), Ok(packs::Opened::Solid)) => {
+                        let (hash, size) = objects[i];
+                        let reader = solid.as_mut().expect("covered objects have a reader");
+                        let before = reader.wire;
+                        let got = reader.object(store, &hash, &pump.net, d.rpc).await;
+                        tally.solid_wire.fetch_add(reader.wire - before, std::sync::atomic::Ordering::Relaxed);
+                        tally.bytes.fetch_add(reader.wire - before, std::sync::atomic::Ordering::Relaxed);
+                        if let Some(content) = got {
+                            let n = content.len() as u64;
+                            if !pump.raw_body(hash, content, &tx, &received).await {
+                                return;
+                            }
+                            tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tally.solid_objects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tally.solid_content.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                            continue;
+                        }
+                        // The segment could not be used: this object on its own.
+                        let base = offered.get(i).copied().flatten();
+                        let r = match open_object(store, &hash, base, d, &tally).await {
+                            Ok((encoding, key, get, base)) => {
+                                pump.store_body(hash, size, (encoding, base), &key, get, &tx, &received, &tally).await
+                            }
+                            Err(f) => Err(f),
+                        };
+                        match r {
+                            Ok(true) => {
+                                tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                continue;
+                            }
+                            Ok(false) => return,
+                            Err(f) => (i, f),
+                        }
+                    }
                     (packs::Unit::Loose(i), Ok(packs::Opened::Index(Some(index)))) => {
                         let (hash, size) = objects[i];
                         let seed = seeds.as_ref().and_then(|s| s.get(i));
@@ -592,9 +700,9 @@ impl Master {
                     // No chunk index: the large file may be stored whole.
                     (packs::Unit::Loose(i), Ok(packs::Opened::Index(None))) => {
                         let (hash, size) = objects[i];
-                        let r = match open_object(store, &hash, d, &tally).await {
-                            Ok((encoding, key, get)) => {
-                                pump.store_body(hash, size, encoding, &key, get, &tx, &received, &tally).await
+                        let r = match open_object(store, &hash, None, d, &tally).await {
+                            Ok((encoding, key, get, base)) => {
+                                pump.store_body(hash, size, (encoding, base), &key, get, &tx, &received, &tally).await
                             }
                             Err(f) => Err(f),
                         };
@@ -607,9 +715,9 @@ impl Master {
                             Err(f) => (i, f),
                         }
                     }
-                    (packs::Unit::Loose(i), Ok(packs::Opened::Loose(encoding, key, get))) => {
+                    (packs::Unit::Loose(i), Ok(packs::Opened::Loose(encoding, key, get, base))) => {
                         let (hash, size) = objects[i];
-                        match pump.store_body(hash, size, encoding, &key, get, &tx, &received, &tally).await {
+                        match pump.store_body(hash, size, (encoding, base), &key, get, &tx, &received, &tally).await {
                             Ok(true) => {
                                 tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 continue;
@@ -729,24 +837,43 @@ struct StoreFailure {
     sent_any: bool,
 }
 
-/// Opens the GET of `hash`: `.zst` (a zstd frame), else `.raw`, within `rpc_timeout` each.
+/// What a GET of one object opened: its encoding, key, body, and the base of a delta.
+type Opened = (pb::Encoding, String, objstore::object_store::GetResult, Option<Hash>);
+
+/// Opens the GET of `hash`: with a `base`, its delta against that base first; then `.zst` (a
+/// zstd frame), else `.raw`; within `rpc_timeout` each.
 async fn open_object(
     store: &objstore::Store,
     hash: &Hash,
+    base: Option<Hash>,
     d: Deadlines,
     tally: &StoreTally,
-) -> Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure> {
+) -> Result<Opened, StoreFailure> {
+    use objstore::object_store::ObjectStoreExt;
+    if let Some(base) = base {
+        let key = store.delta_key(&hash.to_hex(), &base.to_hex());
+        let fail = |why: String| StoreFailure { key: key.to_string(), why, down: true, sent_any: false };
+        tally.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
+            Ok(Ok(get)) => return Ok((pb::Encoding::ZstdDelta, key.to_string(), get, Some(base))),
+            // No delta against this base: the whole object.
+            Ok(Err(objstore::object_store::Error::NotFound { .. })) => {}
+            Ok(Err(e)) => return Err(fail(source_chain(&e))),
+            Err(_) => return Err(fail(format!("no reply within {} (rpc_timeout sets this deadline)", secs(d.rpc)))),
+        }
+    }
     open_object_in_order(store, hash, d, false, tally).await
 }
 
-/// [`open_object`], trying `.raw` first when `raw_first` (a guess: a miss costs one request).
+/// The whole object `hash`: `.zst` first, or `.raw` first when `raw_first` (a guess: a miss
+/// costs one request), within `rpc_timeout` each.
 async fn open_object_in_order(
     store: &objstore::Store,
     hash: &Hash,
     d: Deadlines,
     raw_first: bool,
     tally: &StoreTally,
-) -> Result<(pb::Encoding, String, objstore::object_store::GetResult), StoreFailure> {
+) -> Result<Opened, StoreFailure> {
     use objstore::object_store::ObjectStoreExt;
     let hex = hash.to_hex();
     let mut order = [(false, pb::Encoding::Zstd), (true, pb::Encoding::Raw)];
@@ -758,7 +885,7 @@ async fn open_object_in_order(
         let fail = |why: String, down: bool| StoreFailure { key: key.to_string(), why, down, sent_any: false };
         tally.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
-            Ok(Ok(get)) => return Ok((encoding, key.to_string(), get)),
+            Ok(Ok(get)) => return Ok((encoding, key.to_string(), get, None)),
             Ok(Err(objstore::object_store::Error::NotFound { .. })) if n == 0 => continue,
             Ok(Err(objstore::object_store::Error::NotFound { .. })) => {
                 return Err(StoreFailure {
@@ -785,6 +912,37 @@ struct Pump {
 }
 
 impl Pump {
+    /// Passes on one object's verified content, raw, in chunks of at most
+    /// [`proto::OBJECT_CHUNK`] bytes. False: the reader is gone.
+    async fn raw_body(
+        &self,
+        hash: Hash,
+        mut content: bytes::Bytes,
+        tx: &mpsc::Sender<Result<pb::ObjectChunk, String>>,
+        received: &Semaphore,
+    ) -> bool {
+        let size = content.len() as u64;
+        let hash_bytes = bytes::Bytes::copy_from_slice(&hash.0);
+        loop {
+            let data = content.split_to(content.len().min(proto::OBJECT_CHUNK));
+            let last = content.is_empty();
+            let chunk = pb::ObjectChunk {
+                hash: hash_bytes.clone(),
+                size,
+                encoding: pb::Encoding::Raw as i32,
+                data,
+                last,
+                ..Default::default()
+            };
+            if !self.forward(chunk, tx, received).await {
+                return false;
+            }
+            if last {
+                return true;
+            }
+        }
+    }
+
     /// Sends one chunk on, once the byte budget has room for it. False: the reader is gone.
     async fn forward(
         &self,
@@ -808,7 +966,7 @@ impl Pump {
         &self,
         hash: Hash,
         size: u64,
-        encoding: pb::Encoding,
+        (encoding, base): (pb::Encoding, Option<Hash>),
         key: &str,
         get: objstore::object_store::GetResult,
         tx: &mpsc::Sender<Result<pb::ObjectChunk, String>>,
@@ -817,12 +975,14 @@ impl Pump {
     ) -> Result<bool, StoreFailure> {
         use futures_util::stream::StreamExt;
         let hash_bytes = bytes::Bytes::copy_from_slice(&hash.0);
+        let base_bytes = base.map_or_else(bytes::Bytes::new, |b| bytes::Bytes::copy_from_slice(&b.0));
         let chunk = |data: bytes::Bytes, last: bool| pb::ObjectChunk {
             hash: hash_bytes.clone(),
             size,
             encoding: encoding as i32,
             data,
             last,
+            base: base_bytes.clone(),
             ..Default::default()
         };
         let mut body = get.into_stream();

@@ -69,6 +69,8 @@ pub struct Config {
     pub object_store: Option<String>,
     /// Fetch from the master what the store fails to give (default true).
     pub object_store_fallback: Option<bool>,
+    /// Try the solid delta of an upgrade before objects one by one (default true).
+    pub object_store_solid: Option<bool>,
     /// Object store GETs in flight (default 8).
     pub object_store_concurrency: Option<usize>,
     /// Unsigned S3 requests when no AWS credentials are set (default false).

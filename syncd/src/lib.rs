@@ -16,6 +16,7 @@ pub mod mcache;
 pub mod plan;
 pub mod queue;
 pub mod root;
+mod solid;
 pub mod trust;
 pub mod unchanged;
 
@@ -409,11 +410,15 @@ impl PassReport {
                 match &o.stats.store_url {
                     None => String::new(),
                     Some(_) => format!(
-                        ": {} from the object store ({} GETs, {} read, {} objects cut from packs), {} from the master ({} after a store failure){}",
+                        ": {} from the object store ({} GETs, {} read, {} objects cut from packs{}), {} from the master ({} after a store failure){}",
                         o.stats.store_objects,
                         o.stats.store_gets,
                         mib(o.stats.store_bytes),
                         o.stats.store_packed,
+                        match o.stats.solid_objects {
+                            0 => String::new(),
+                            n => format!(", {n} through the solid delta"),
+                        },
                         o.stats.master_objects,
                         o.stats.store_fallback_objects,
                         match o.stats.store_refused {
@@ -573,7 +578,10 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             seeds: plan.fetch_seeds.clone(),
             read: opts.throttle.read.clone(),
         });
-        let master = master.with_store(&object_store_url, &identity)?.with_chunk_threshold(chunk_threshold);
+        let master = master
+            .with_store(&object_store_url, &identity)?
+            .with_chunk_threshold(chunk_threshold)
+            .with_solid(report.identity);
         let objects = master.spawn_fetch(report.plan.fetch.clone(), bases, &rt);
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();

@@ -54,6 +54,10 @@ struct Common {
     /// [config: object_store_fallback].
     #[arg(long, value_name = "BOOL")]
     object_store_fallback: Option<bool>,
+    /// Upgrades try the solid delta in the object store before objects one by one: true
+    /// (default) or false [config: object_store_solid].
+    #[arg(long, value_name = "BOOL")]
+    object_store_solid: Option<bool>,
     /// Object store GETs in flight (default 8) [config: object_store_concurrency].
     #[arg(long, value_name = "N")]
     object_store_concurrency: Option<usize>,
@@ -293,6 +297,7 @@ impl Common {
         let store = syncd::client::StoreConfig {
             url: self.object_store.or(cfg.object_store),
             fallback: self.object_store_fallback.or(cfg.object_store_fallback).unwrap_or(true),
+            solid: self.object_store_solid.or(cfg.object_store_solid).unwrap_or(true),
             concurrency: match self.object_store_concurrency.or(cfg.object_store_concurrency) {
                 Some(0) => return Err(SyncError::Config("object_store_concurrency: must be at least 1".into())),
                 Some(n) => n,

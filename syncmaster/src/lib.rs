@@ -15,6 +15,7 @@ pub mod publish;
 pub mod rollout;
 pub mod status;
 pub mod store;
+pub mod storedelta;
 
 use std::collections::HashMap;
 use std::io::Read;

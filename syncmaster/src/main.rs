@@ -531,7 +531,7 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         // Serving (and so announcing) begins once the first version's objects are all stored.
         Some(store) => {
             let shared = Arc::new(scanned);
-            store.upload(&shared).await.map_err(|e| {
+            store.upload(&shared, None).await.map_err(|e| {
                 anyhow::anyhow!("cannot upload version {} to the object store: {e:#}", shared.manifest.version)
             })?;
             Arc::try_unwrap(shared).unwrap_or_else(|a| a.renumbered(a.manifest.version))

@@ -55,13 +55,13 @@ pub struct ObjectCache {
 const MIN_GAIN: u64 = 32;
 
 /// One delta to make: the object (in the new image) and its base (in the previous one).
-struct DeltaJob<'a> {
-    hash: Hash,
-    rel: &'a manifest::RelPath,
-    size: u64,
-    base: Hash,
-    base_rel: &'a manifest::RelPath,
-    base_size: u64,
+pub(crate) struct DeltaJob<'a> {
+    pub hash: Hash,
+    pub rel: &'a manifest::RelPath,
+    pub size: u64,
+    pub base: Hash,
+    pub base_rel: &'a manifest::RelPath,
+    pub base_size: u64,
 }
 
 impl ObjectCache {
@@ -262,7 +262,22 @@ pub fn delta_frame(base: &[u8], data: &[u8], level: i32) -> std::io::Result<Vec<
 
 /// The deltas to make for `image` over `prev`: for each object new in `image`, its base in
 /// `prev` as [`manifest::delta::choose`] picks it (hosts at `prev` pick the same).
-fn delta_jobs<'a>(image: &'a Image, prev: &'a Image) -> Vec<DeltaJob<'a>> {
+pub(crate) fn delta_jobs<'a>(image: &'a Image, prev: &'a Image) -> Vec<DeltaJob<'a>> {
+    upgrade_objects(image, prev)
+        .into_iter()
+        .filter_map(|(hash, rel, size, base)| {
+            let (base, base_rel, base_size) = base?;
+            Some(DeltaJob { hash, rel, size, base, base_rel, base_size })
+        })
+        .collect()
+}
+
+/// An object new in an image, where it lies, its size and its base in the previous image.
+pub(crate) type NewObject<'a> = (Hash, &'a manifest::RelPath, u64, Option<(Hash, &'a manifest::RelPath, u64)>);
+
+/// Every object of `image` that `prev` lacks, once, in `image`'s path order, with its base in
+/// `prev` as [`manifest::delta::choose`] picks it, if any.
+pub(crate) fn upgrade_objects<'a>(image: &'a Image, prev: &'a Image) -> Vec<NewObject<'a>> {
     use manifest::delta::{choose, Candidate, Gone};
     let file = |e: &'a manifest::Entry| match (e.kind, e.hash) {
         (Kind::File, Some(hash)) => Some(Candidate { path: &e.path, size: e.size, hash }),
@@ -276,23 +291,15 @@ fn delta_jobs<'a>(image: &'a Image, prev: &'a Image) -> Vec<DeltaJob<'a>> {
             .filter(|c| image.manifest.get(c.path).is_none_or(|e| e.kind != Kind::File)),
     );
     let mut seen = HashSet::new();
-    let mut jobs = Vec::new();
+    let mut out = Vec::new();
     for e in &image.manifest.entries {
         let Some(new) = file(e) else { continue };
         if prev.object_path(&new.hash).is_some() || !seen.insert(new.hash) {
             continue;
         }
         let same = prev.manifest.get(&e.path).and_then(file);
-        if let Some(b) = choose(&e.path, e.size, &new.hash, same, &gone) {
-            jobs.push(DeltaJob {
-                hash: new.hash,
-                rel: &e.path,
-                size: e.size,
-                base: b.hash,
-                base_rel: b.path,
-                base_size: b.size,
-            });
-        }
+        let base = choose(&e.path, e.size, &new.hash, same, &gone).map(|b| (b.hash, b.path, b.size));
+        out.push((new.hash, &e.path, e.size, base));
     }
-    jobs
+    out
 }

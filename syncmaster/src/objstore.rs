@@ -24,9 +24,10 @@
 
 mod chunked;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{StreamExt, TryStreamExt};
@@ -47,13 +48,15 @@ const ATTEMPTS: u32 = 5;
 /// A store this master uploads objects to.
 pub struct ObjectStoreTarget {
     url: String,
-    store: Arc<dyn ObjectStore>,
+    pub(crate) store: Arc<dyn ObjectStore>,
     /// `PREFIX/objects`.
     objects: StorePath,
     /// `PREFIX/packs`.
     packs: StorePath,
-    concurrency: usize,
-    level: i32,
+    /// The opened store, for the keys of deltas ([`crate::storedelta`]).
+    pub(crate) keys: objstore::Store,
+    pub(crate) concurrency: usize,
+    pub(crate) level: i32,
     /// Files this large and larger are chunked (0: none).
     chunk_threshold: u64,
     /// Small objects also go into packs (`--pack-max-object`, `--pack-size`); `None`: no packs.
@@ -75,18 +78,23 @@ pub struct Summary {
     pub chunks_uploaded: u64,
     /// What packing did, when packs are on.
     pub packs: Option<PackSummary>,
+    /// The deltas against the previous version.
+    pub deltas: crate::storedelta::DeltaSummary,
+    /// The solid delta from the previous version.
+    pub solid: crate::storedelta::SolidSummary,
 }
 
 impl ObjectStoreTarget {
     /// Parses `url` (`s3://bucket/prefix`, `file:///dir`) into a store. Does not touch the network.
     pub fn new(url: &str, concurrency: usize, level: i32) -> Result<ObjectStoreTarget, OpenError> {
-        let objstore::Store { store, objects, packs, .. } =
-            objstore::Store::open(url, &objstore::Options::new("--object-store"))?;
+        let keys = objstore::Store::open(url, &objstore::Options::new("--object-store"))?;
+        let (store, objects, packs) = (keys.store.clone(), keys.objects.clone(), keys.packs.clone());
         Ok(ObjectStoreTarget {
             url: url.to_owned(),
             store,
             objects,
             packs,
+            keys,
             concurrency: concurrency.max(1),
             level,
             chunk_threshold: 0,
@@ -135,23 +143,25 @@ impl ObjectStoreTarget {
         self.objects.clone().join(&hex[..2]).join(format!("{hex}.{}", if raw { "raw" } else { "zst" }))
     }
 
-    /// The hashes with an object under `objects/` (either encoding).
-    async fn present(&self) -> anyhow::Result<HashSet<Hash>> {
-        let mut out = HashSet::new();
+    /// The hashes with an object under `objects/` (either encoding), with the stored size.
+    async fn present(&self) -> anyhow::Result<HashMap<Hash, u64>> {
+        let mut out = HashMap::new();
         let mut list = self.store.list(Some(&self.objects));
         while let Some(meta) = list.next().await {
             let meta = meta.map_err(|e| anyhow::anyhow!("cannot list {} in {}: {e}", self.objects, self.url))?;
             let name = meta.location.filename().unwrap_or_default();
             let hex = name.strip_suffix(".zst").or_else(|| name.strip_suffix(".raw")).unwrap_or_default();
             if let Some(h) = Hash::from_hex(hex) {
-                out.insert(h);
+                out.insert(h, meta.size);
             }
         }
         Ok(out)
     }
 
-    /// Uploads every object of `image` the store lacks; returns when all are in the store.
-    pub async fn upload(&self, image: &Arc<Image>) -> anyhow::Result<Summary> {
+    /// Uploads every object of `image` the store lacks and, over `prev` (the version before
+    /// it), its deltas and its solid delta ([`crate::storedelta`]); returns when all are in
+    /// the store.
+    pub async fn upload(&self, image: &Arc<Image>, prev: Option<&Arc<Image>>) -> anyhow::Result<Summary> {
         let t = Instant::now();
         let mut todo: Vec<(Hash, manifest::RelPath, u64)> = image
             .manifest
@@ -167,7 +177,9 @@ impl ObjectStoreTarget {
         // Large files go as chunks and an index, whether or not they are also stored whole.
         let (large, mut todo): (Vec<_>, Vec<_>) =
             todo.into_iter().partition(|(_, _, size)| self.chunk_threshold > 0 && *size >= self.chunk_threshold);
-        todo.retain(|(h, _, _)| !present.contains(h));
+        todo.retain(|(h, _, _)| !present.contains_key(h));
+        // What each object takes in the store (as stored): a delta must save on it.
+        let stored = Mutex::new(present);
         let already = objects - todo.len() as u64 - large.len() as u64;
         tracing::info!(
             version = image.manifest.version,
@@ -181,7 +193,7 @@ impl ObjectStoreTarget {
         futures_util::stream::iter(todo)
             .map(|(hash, rel, size)| {
                 let image = image.clone();
-                let (uploaded, raced, bytes) = (&uploaded, &raced, &bytes);
+                let (uploaded, raced, bytes, stored) = (&uploaded, &raced, &bytes, &stored);
                 async move {
                     let (raw, body) = {
                         let level = self.level;
@@ -191,6 +203,7 @@ impl ObjectStoreTarget {
                     };
                     let key = self.key(&hash, raw);
                     let len = body.len() as u64;
+                    stored.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, len);
                     if self.put_once(&key, body).await? {
                         uploaded.fetch_add(1, Ordering::Relaxed);
                         bytes.fetch_add(len, Ordering::Relaxed);
@@ -210,8 +223,13 @@ impl ObjectStoreTarget {
             bytes: bytes.into_inner(),
             ..Summary::default()
         };
+        let stored = stored.into_inner().unwrap_or_else(|p| p.into_inner());
         // Large files after the small ones, one at a time, each file's chunks in parallel.
-        self.upload_large(image, large, &present, &mut s).await?;
+        self.upload_large(image, large, &stored, &mut s).await?;
+        if let Some(prev) = prev.filter(|p| p.identity != image.identity) {
+            s.deltas = crate::storedelta::upload_deltas(self, image, prev, &stored).await?;
+            s.solid = crate::storedelta::upload_solid(self, image, prev).await?;
+        }
         tracing::info!(
             version = image.manifest.version,
             secs = t.elapsed().as_secs_f64(),
@@ -235,7 +253,7 @@ impl ObjectStoreTarget {
 
     /// Puts `body` at `key`, create-only, retrying transient errors with backoff. `Ok(false)`:
     /// the object was already there (another writer, or a retry of a put that had landed).
-    async fn put_once(&self, key: &StorePath, body: Vec<u8>) -> anyhow::Result<bool> {
+    pub(crate) async fn put_once(&self, key: &StorePath, body: Vec<u8>) -> anyhow::Result<bool> {
         let payload = PutPayload::from(body);
         let mut delay = Duration::from_millis(200);
         for attempt in 1..=ATTEMPTS {
@@ -313,7 +331,7 @@ mod tests {
         let t = ObjectStoreTarget::new(&url, 4, 3).unwrap();
         t.probe().await.unwrap();
         let v1 = image(img.path(), 1);
-        let s = t.upload(&v1).await.unwrap();
+        let s = t.upload(&v1, None).await.unwrap();
         assert_eq!((s.objects, s.uploaded, s.present), (3, 3, 0), "{s:?}");
         let check = |rel: &str, raw: bool| {
             let h = Hash::of(&std::fs::read(img.path().join(rel)).unwrap());
@@ -326,11 +344,11 @@ mod tests {
         check("text", false);
         check("noise", true);
         // Again (a restart): nothing is put.
-        let s = t.upload(&v1).await.unwrap();
+        let s = t.upload(&v1, None).await.unwrap();
         assert_eq!((s.uploaded, s.present, s.bytes), (0, 3, 0), "{s:?}");
         // A new version sharing most objects: only the new one is put.
         std::fs::write(img.path().join("new"), "new content\n".repeat(100)).unwrap();
-        let s = t.upload(&image(img.path(), 2)).await.unwrap();
+        let s = t.upload(&image(img.path(), 2), None).await.unwrap();
         assert_eq!((s.objects, s.uploaded, s.present), (4, 1, 3), "{s:?}");
         // Create-only: a put over an existing key is refused by the store, counted as present.
         let h = Hash::of(b"tiny");
@@ -351,7 +369,7 @@ mod tests {
         let cfg = PackConfig { max_object: 1000, pack_size: 300 };
         let t = ObjectStoreTarget::new(&url, 4, 3).unwrap().with_packs(Some(cfg));
         let v1 = image(img.path(), 1);
-        let p = t.upload(&v1).await.unwrap().packs.unwrap();
+        let p = t.upload(&v1, None).await.unwrap().packs.unwrap();
         assert_eq!((p.indexed, p.reused, p.index_present), (40, 0, false), "{p:?}");
         assert!(p.packs >= 2 && p.packs_put == p.packs, "{p:?}");
         let read_index = |id: &Hash| {
@@ -377,12 +395,12 @@ mod tests {
         }
         assert!(idx.get(&Hash::of(&std::fs::read(img.path().join("large")).unwrap()).0).is_none());
         // Again (a restart after the index was put): nothing at all.
-        let again = t.upload(&v1).await.unwrap().packs.unwrap();
+        let again = t.upload(&v1, None).await.unwrap().packs.unwrap();
         assert!(again.index_present && again.packs_put == 0, "{again:?}");
         // v2 adds one small file: only it is packed; the rest keep their places.
         std::fs::write(img.path().join("f99"), "brand new\n").unwrap();
         let v2 = image(img.path(), 2);
-        let p2 = t.upload(&v2).await.unwrap().packs.unwrap();
+        let p2 = t.upload(&v2, None).await.unwrap().packs.unwrap();
         assert_eq!((p2.indexed, p2.reused, p2.packs, p2.packs_put), (41, 40, 1, 1), "{p2:?}");
         let idx2 = read_index(&v2.identity);
         for (h, loc) in idx.iter() {
@@ -392,7 +410,7 @@ mod tests {
         // again, and puts none of them.
         std::fs::remove_file(store_dir.path().join(objstore::pack::index_key(&t.packs, &v2.identity.0).as_ref()))
             .unwrap();
-        let p3 = t.upload(&v2).await.unwrap().packs.unwrap();
+        let p3 = t.upload(&v2, None).await.unwrap().packs.unwrap();
         assert_eq!((p3.packs, p3.packs_put, p3.bytes), (1, 0, 0), "{p3:?}");
         assert_eq!(read_index(&v2.identity), idx2);
     }

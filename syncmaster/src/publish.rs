@@ -280,7 +280,8 @@ pub async fn watch_current(
                 let same = image.identity == published.current().identity;
                 if let (false, Some(store)) = (same, &store) {
                     let shared = Arc::new(image);
-                    if let Err(e) = store.upload(&shared).await {
+                    // Deltas are made against the version hosts are on now.
+                    if let Err(e) = store.upload(&shared, Some(&published.current())).await {
                         tracing::error!(
                             "not publishing {} (version {}) until its objects are in the object store: {e:#}",
                             target.display(),

@@ -148,7 +148,7 @@ async fn get_chunk(
     tally: &StoreTally,
 ) -> Result<(Bytes, u64), StoreFailure> {
     let hash = Hash(c.hash);
-    let (encoding, key, get) = open_object_in_order(store, &hash, d, raw_first.load(Relaxed), tally).await?;
+    let (encoding, key, get, _) = open_object_in_order(store, &hash, d, raw_first.load(Relaxed), tally).await?;
     raw_first.store(encoding == pb::Encoding::Raw, Relaxed);
     let fail = |why: String, down: bool| StoreFailure { key: key.clone(), why, down, sent_any: false };
     let len = u64::from(c.len);

@@ -57,10 +57,21 @@ fn wire_cap(size: u64) -> u64 {
 }
 
 /// The GETs that fetch `objects`, in request order: each object the index places (sensibly)
-/// in a pack joins the range before it when it can, and the others are loose GETs.
-pub(super) fn plan(objects: &[(Hash, u64)], index: Option<&PackIndex>, gap: u64, max_range: u64) -> Vec<Unit> {
+/// in a pack joins the range before it when it can, and the others are loose GETs, as is every
+/// object `own` marks (empty, or one per object: fetched another way, see the caller).
+pub(super) fn plan(
+    objects: &[(Hash, u64)],
+    own: &[bool],
+    index: Option<&PackIndex>,
+    gap: u64,
+    max_range: u64,
+) -> Vec<Unit> {
     let mut out: Vec<Unit> = Vec::new();
     for (i, (h, size)) in objects.iter().enumerate() {
+        if own.get(i).copied().unwrap_or(false) {
+            out.push(Unit::Loose(i));
+            continue;
+        }
         // An empty stored object, or one longer than its size allows, is left to a loose GET.
         let loc = index.and_then(|x| x.get(&h.0)).filter(|l| {
             l.length > 0
@@ -149,8 +160,11 @@ pub(super) async fn load_index(
 
 /// An opened GET.
 pub(super) enum Opened {
-    Loose(pb::Encoding, String, GetResult),
+    /// A whole object, or (with the base named) its delta against that base.
+    Loose(pb::Encoding, String, GetResult, Option<Hash>),
     Range(String, GetResult),
+    /// An object of the solid delta: no GET of its own (see [`crate::solid`]).
+    Solid,
     /// A large file's chunk index (`None`: it has none; see [`super::chunked`]).
     Index(Option<objstore::chunks::Index>),
 }
@@ -165,8 +179,8 @@ pub(super) async fn open_unit(
 ) -> Result<Opened, StoreFailure> {
     let (pack, start, end) = match unit {
         Unit::Loose(i) => {
-            let (encoding, key, get) = open_object(store, &objects[*i].0, d, tally).await?;
-            return Ok(Opened::Loose(encoding, key, get));
+            let (encoding, key, get, base) = open_object(store, &objects[*i].0, None, d, tally).await?;
+            return Ok(Opened::Loose(encoding, key, get, base));
         }
         Unit::Range { pack, start, end, .. } => (pack, *start, *end),
     };
@@ -298,7 +312,7 @@ mod tests {
         ]);
         let objects: Vec<(Hash, u64)> =
             vec![(h(0), 100), (h(1), 100), (h(2), 100), (h(3), 100), (h(4), 100), (h(5), 50), (h(6), 10), (h(7), 10)];
-        let units = plan(&objects, Some(&index), GAP, MAX_RANGE);
+        let units = plan(&objects, &[], Some(&index), GAP, MAX_RANGE);
         let spans: Vec<_> = units.iter().map(Unit::span).collect();
         assert_eq!(spans, vec![0..3, 3..4, 4..5, 5..6, 6..7, 7..8]);
         assert_eq!(
@@ -317,7 +331,7 @@ mod tests {
         assert_eq!(units[4], Unit::Loose(6));
         assert_eq!(units[5], Unit::Loose(7));
         // A small maximum range splits; no index: all loose.
-        assert_eq!(plan(&objects[..2], Some(&index), GAP, 150).len(), 2);
-        assert!(plan(&objects, None, GAP, MAX_RANGE).iter().all(|u| matches!(u, Unit::Loose(_))));
+        assert_eq!(plan(&objects[..2], &[], Some(&index), GAP, 150).len(), 2);
+        assert!(plan(&objects, &[], None, GAP, MAX_RANGE).iter().all(|u| matches!(u, Unit::Loose(_))));
     }
 }

@@ -9,7 +9,7 @@
 //! and puts only the rest. The file is not stored whole: hosts rebuild it from chunks, and the
 //! master's `FetchObjects` still serves it whole.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::Arc;
 
@@ -47,7 +47,7 @@ impl ObjectStoreTarget {
         &self,
         image: &Arc<Image>,
         large: Vec<(Hash, RelPath, u64)>,
-        present: &HashSet<Hash>,
+        present: &HashMap<Hash, u64>,
         s: &mut Summary,
     ) -> anyhow::Result<()> {
         if large.is_empty() {
@@ -95,7 +95,7 @@ impl ObjectStoreTarget {
         rel: &RelPath,
         size: u64,
         hash: Hash,
-        present: &HashSet<Hash>,
+        present: &HashMap<Hash, u64>,
         put: &mut HashSet<Hash>,
     ) -> anyhow::Result<(Index, u64, u64)> {
         let path = image.root.join(rel.as_path());
@@ -126,7 +126,7 @@ impl ObjectStoreTarget {
         let level = self.level;
         let (chunks_put, bytes) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
         let puts = futures_util::stream::poll_fn(|cx| rx.poll_recv(cx))
-            .filter(|(h, _)| std::future::ready(!present.contains(h) && put.insert(*h)))
+            .filter(|(h, _)| std::future::ready(!present.contains_key(h) && put.insert(*h)))
             .map(|(h, data)| {
                 let (chunks_put, bytes) = (&chunks_put, &bytes);
                 async move {
@@ -164,7 +164,7 @@ mod tests {
         let url = format!("file://{}/", store_dir.path().display());
         let t = ObjectStoreTarget::new(&url, 4, 3).unwrap().with_chunk_threshold(1 << 20);
         let v1 = Arc::new(Image::scan(img.path(), 1).unwrap());
-        let s = t.upload(&v1).await.unwrap();
+        let s = t.upload(&v1, None).await.unwrap();
         assert_eq!((s.objects, s.uploaded, s.chunked), (2, 2, 1), "{s:?}");
         assert!(s.chunks > 10 && s.chunks_uploaded == s.chunks, "{s:?}");
         let h = Hash::of(&big);
@@ -182,12 +182,12 @@ mod tests {
         }
         assert_eq!(rebuilt, big);
         // A restart puts nothing.
-        let s = t.upload(&v1).await.unwrap();
+        let s = t.upload(&v1, None).await.unwrap();
         assert_eq!((s.uploaded, s.present, s.bytes, s.chunks_uploaded), (0, 2, 0, 0), "{s:?}");
         // 10 KiB inserted near the start: a few new chunks, not the file.
         big.splice(70_000..70_000, vec![7u8; 10 << 10]);
         std::fs::write(img.path().join("big"), &big).unwrap();
-        let s = t.upload(&Arc::new(Image::scan(img.path(), 2).unwrap())).await.unwrap();
+        let s = t.upload(&Arc::new(Image::scan(img.path(), 2).unwrap()), None).await.unwrap();
         assert_eq!((s.uploaded, s.chunked), (1, 1), "{s:?}");
         assert!(s.chunks_uploaded <= 4 && s.bytes < 1 << 20, "{s:?}");
     }

@@ -1,0 +1,253 @@
+//! Deltas in the object store (issue 25, parts 1 and 3): the master uploads per-object deltas
+//! against the previous version (`deltas/…`) and one solid delta per upgrade (`solid/…`);
+//! an upgrading host fetches them from the store, verifies every object, and falls back to
+//! whole objects (or the master) when a delta is missing, wrong or its base has drifted.
+//! Against a real S3 server (s3s-fs, see [`gis_tests::S3Server`]).
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use gis_tests::{
+    assert_converged, bin, build_fixture, fleet_status, random_bytes, scratch, wait_until, Master, S3Server,
+};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn flip(images: &Path, version: &str) {
+    let tmp = images.join("current.new");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    std::fs::rename(&tmp, images.join("current")).unwrap();
+}
+
+fn cp_a(from: &Path, to: &Path) {
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success(), "cp -a {} {} failed", from.display(), to.display());
+}
+
+/// `syncd sync` against `master` on `root` with the store's AWS variables and `extra`.
+fn sync_env(master: &Master, root: &Path, extra: &[&str], env: &[(&str, String)]) -> gis_tests::Output {
+    let out = Command::new(bin("syncd"))
+        .args(["sync", "--master", master.url(), "--root"])
+        .arg(root)
+        .args(["--host-id", "e2e-host", "--insecure"])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    gis_tests::Output {
+        command: format!("syncd sync {} {extra:?}", root.display()),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The number just before `label` in the summary line (0 when the label is absent).
+fn count(out: &gis_tests::Output, label: &str) -> u64 {
+    let s = out.summary();
+    let Some(i) = s.find(label) else { return 0 };
+    s[..i].rsplit([' ', '(', ',']).find(|w| !w.is_empty()).unwrap().parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// The summary's "(X on the wire)", in bytes.
+fn wire_bytes(out: &gis_tests::Output) -> f64 {
+    let s = out.summary();
+    let end = s.find(" on the wire)").unwrap_or_else(|| panic!("no wire bytes in {s}"));
+    let start = s[..end].rfind('(').unwrap() + 1;
+    let (n, unit) = s[start..end].split_once(' ').unwrap();
+    let n: f64 = n.parse().unwrap();
+    n * match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        u => panic!("unit {u} in {s}"),
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect()
+}
+
+/// Text that compresses, and whose versions differ a little: `n` lines, salted.
+fn text(n: usize, salt: &str) -> String {
+    (0..n).map(|i| format!("line {i} of a config or library file {}\n", if i % 97 == 0 { salt } else { "" })).collect()
+}
+
+/// v1 (the fixture and some files that change) and v2 (those files changed a little, one
+/// renamed, one new), with a master uploading to `s3://bkt/fleet` that has published v1.
+struct Upgrade {
+    images: PathBuf,
+    v1: PathBuf,
+    v2: PathBuf,
+    master: Master,
+}
+
+fn upgrade(s: &gis_tests::Scratch, s3: &S3Server, master_extra: &[&str]) -> Upgrade {
+    let images = s.dir("images");
+    let v1 = images.join("v1");
+    std::fs::create_dir(&v1).unwrap();
+    build_fixture(&v1);
+    std::fs::create_dir_all(v1.join("usr/lib/app")).unwrap();
+    for i in 0..6 {
+        std::fs::write(v1.join(format!("usr/lib/app/mod{i}.txt")), text(3000 + i * 100, "one")).unwrap();
+    }
+    std::fs::write(v1.join("usr/lib/app/libfoo.so.1.2"), text(5000, "foo-1.2")).unwrap();
+    let mut bin1 = random_bytes(21, 400 * 1024);
+    std::fs::write(v1.join("usr/lib/app/blob.bin"), &bin1).unwrap();
+    flip(&images, "v1");
+    s3.bucket("bkt");
+    let state = s.join("mstate");
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("--images"),
+        images.as_os_str(),
+        OsStr::new("--state-dir"),
+        state.as_os_str(),
+        OsStr::new("--poll"),
+        OsStr::new("200ms"),
+        OsStr::new("--object-store"),
+        OsStr::new("s3://bkt/fleet"),
+        OsStr::new("--cache-level"),
+        OsStr::new("3"),
+    ];
+    args.extend(master_extra.iter().map(OsStr::new));
+    let master = Master::start_with_env(&args, &s3.env());
+    let v2 = images.join("v2");
+    cp_a(&v1, &v2);
+    for i in 0..6 {
+        std::fs::write(v2.join(format!("usr/lib/app/mod{i}.txt")), text(3000 + i * 100 + 7, "two")).unwrap();
+    }
+    std::fs::remove_file(v2.join("usr/lib/app/libfoo.so.1.2")).unwrap();
+    std::fs::write(v2.join("usr/lib/app/libfoo.so.1.3"), text(5010, "foo-1.3")).unwrap();
+    // Incompressible, but mostly the same as before: only a delta saves on it.
+    bin1[1000..1100].copy_from_slice(&[7; 100]);
+    std::fs::write(v2.join("usr/lib/app/blob.bin"), &bin1).unwrap();
+    std::fs::write(v2.join("usr/lib/app/brand-new.txt"), text(2000, "new")).unwrap();
+    Upgrade { images, v1, v2, master }
+}
+
+impl Upgrade {
+    fn publish_v2(&self) {
+        flip(&self.images, "v2");
+        assert!(
+            wait_until(WAIT, || fleet_status(self.master.url())["image_version"] == 2),
+            "v2 never announced\n{}",
+            self.master.stderr()
+        );
+    }
+}
+
+/// The changed files of [`upgrade`] that have a base in v1 (6 modules, the renamed library, the blob).
+const WITH_BASE: u64 = 8;
+
+#[test]
+fn an_upgrade_through_the_store_fetches_deltas_and_converges() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let u = upgrade(&s, &s3, &[]);
+    let root = s.dir("root");
+    let out = sync_env(&u.master, &root, &["--object-store-solid", "false"], &s3.env());
+    out.expect_code(0, &[&root]);
+    assert_converged(&u.v1, &root, &out);
+    let deltas_dir = s3.bucket("bkt").join("fleet/deltas");
+    assert!(files(&deltas_dir).is_empty(), "deltas for a first version: {:?}", files(&deltas_dir));
+
+    u.publish_v2();
+    let deltas = files(&deltas_dir);
+    assert_eq!(deltas.len() as u64, WITH_BASE, "{deltas:?}\n{}", u.master.stderr());
+    for d in &deltas {
+        let name = d.file_name().unwrap().to_str().unwrap();
+        let (new, base) = name.strip_suffix(".zst").unwrap().split_once('-').unwrap();
+        assert_eq!((new.len(), base.len()), (64, 64), "{name}");
+        assert_eq!(d.parent().unwrap().file_name().unwrap().to_str().unwrap(), &new[..2], "{}", d.display());
+    }
+    let out = sync_env(&u.master, &root, &["--object-store-solid", "false"], &s3.env());
+    out.expect_code(0, &[&root]);
+    assert_converged(&u.v2, &root, &out);
+    assert_eq!(count(&out, " of them as deltas"), WITH_BASE, "{}", out.summary());
+    assert_eq!(count(&out, " from the master"), 0, "{}", out.summary());
+    assert_eq!(count(&out, " from the object store"), WITH_BASE + 1, "{}", out.summary());
+
+    // A master restarted on v2 puts no delta again (create-only, and listed first).
+    let mtimes: Vec<_> = deltas.iter().map(|d| d.metadata().unwrap().modified().unwrap()).collect();
+    drop(u.master);
+    let again: Vec<_> = files(&deltas_dir).iter().map(|d| d.metadata().unwrap().modified().unwrap()).collect();
+    assert_eq!(mtimes, again);
+}
+
+#[test]
+fn a_corrupt_delta_in_the_store_is_refused_and_fetched_again() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let u = upgrade(&s, &s3, &[]);
+    let root = s.dir("root");
+    sync_env(&u.master, &root, &[], &s3.env()).expect_code(0, &[&root]);
+    u.publish_v2();
+    // The delta of mod0.txt decodes, but to other content (a frame of the wrong text).
+    let new = std::fs::read(u.v2.join("usr/lib/app/mod0.txt")).unwrap();
+    let hex = blake3::hash(&new).to_hex().to_string();
+    let delta = files(&s3.bucket("bkt").join("fleet/deltas"))
+        .into_iter()
+        .find(|d| d.file_name().unwrap().to_str().unwrap().starts_with(&hex))
+        .expect("no delta of mod0.txt");
+    let mut wrong = new.clone();
+    wrong[10] ^= 1;
+    std::fs::write(&delta, zstd::encode_all(&wrong[..], 3).unwrap()).unwrap();
+    let out = sync_env(&u.master, &root, &["--object-store-solid", "false"], &s3.env());
+    out.expect_code(0, &[&root]);
+    assert_converged(&u.v2, &root, &out);
+    assert_eq!(std::fs::read(root.join("usr/lib/app/mod0.txt")).unwrap(), new);
+    assert_eq!(count(&out, " refused from the store"), 1, "{}", out.summary());
+    assert_eq!(count(&out, " from the master"), 1, "{}", out.summary());
+    assert!(out.stderr.contains(&hex), "the refusal does not name the object:\n{}", out.stderr);
+}
+
+#[test]
+fn a_host_at_the_previous_version_upgrades_through_the_solid_delta() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let u = upgrade(&s, &s3, &[]);
+    let (root, per_object, drifted) = (s.dir("root"), s.dir("per-object"), s.dir("drifted"));
+    for r in [&root, &per_object, &drifted] {
+        sync_env(&u.master, r, &[], &s3.env()).expect_code(0, &[r]);
+    }
+    u.publish_v2();
+    let solid = files(&s3.bucket("bkt").join("fleet/solid"));
+    assert!(solid.iter().any(|f| f.ends_with("index")), "no solid index: {solid:?}\n{}", u.master.stderr());
+
+    let out = sync_env(&u.master, &root, &[], &s3.env());
+    out.expect_code(0, &[&root]);
+    assert_converged(&u.v2, &root, &out);
+    let from_solid = count(&out, " through the solid delta");
+    assert_eq!(from_solid, WITH_BASE + 1, "{}", out.summary());
+    assert_eq!(count(&out, " from the master"), 0, "{}", out.summary());
+
+    let out_po = sync_env(&u.master, &per_object, &["--object-store-solid", "false"], &s3.env());
+    out_po.expect_code(0, &[&per_object]);
+    assert_converged(&u.v2, &per_object, &out_po);
+    assert_eq!(count(&out_po, " through the solid delta"), 0, "{}", out_po.summary());
+    let (solid_wire, po_wire) = (wire_bytes(&out), wire_bytes(&out_po));
+    assert!(solid_wire < po_wire * 0.8, "solid {solid_wire} bytes, per object {po_wire}");
+
+    // A host whose base of one file drifted: its segment cannot be rebuilt, so its objects
+    // come one by one, and the host still converges.
+    std::fs::write(drifted.join("usr/lib/app/mod3.txt"), "local edit\n".repeat(100)).unwrap();
+    let out = sync_env(&u.master, &drifted, &[], &s3.env());
+    out.expect_code(0, &[&drifted]);
+    assert_converged(&u.v2, &drifted, &out);
+    assert_eq!(count(&out, " through the solid delta"), 0, "{}", out.summary());
+    assert_eq!(count(&out, " from the master"), 0, "{}", out.summary());
+}
