@@ -670,13 +670,7 @@ impl Master {
                         }
                         // The segment could not be used: this object on its own.
                         let base = offered.get(i).copied().flatten();
-                        let r = match open_object(store, &hash, base, d, &tally).await {
-                            Ok((encoding, key, get, base)) => {
-                                pump.store_body(hash, size, (encoding, base), &key, get, &tx, &received, &tally).await
-                            }
-                            Err(f) => Err(f),
-                        };
-                        match r {
+                        match pump.whole(store, (hash, size), base, &tx, &received, &tally).await {
                             Ok(true) => {
                                 tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 continue;
@@ -700,13 +694,7 @@ impl Master {
                     // No chunk index: the large file may be stored whole.
                     (packs::Unit::Loose(i), Ok(packs::Opened::Index(None))) => {
                         let (hash, size) = objects[i];
-                        let r = match open_object(store, &hash, None, d, &tally).await {
-                            Ok((encoding, key, get, base)) => {
-                                pump.store_body(hash, size, (encoding, base), &key, get, &tx, &received, &tally).await
-                            }
-                            Err(f) => Err(f),
-                        };
-                        match r {
+                        match pump.whole(store, (hash, size), None, &tx, &received, &tally).await {
                             Ok(true) => {
                                 tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 continue;
@@ -956,6 +944,21 @@ impl Pump {
             Err(_) => return false,
         }
         tx.send(Ok(chunk)).await.is_ok()
+    }
+
+    /// GETs one object on its own (its delta against `base` first, if given: [`open_object`])
+    /// and passes its body on ([`Pump::store_body`]).
+    async fn whole(
+        &self,
+        store: &objstore::Store,
+        (hash, size): (Hash, u64),
+        base: Option<Hash>,
+        tx: &mpsc::Sender<Result<pb::ObjectChunk, String>>,
+        received: &Semaphore,
+        tally: &StoreTally,
+    ) -> Result<bool, StoreFailure> {
+        let (encoding, key, get, base) = open_object(store, &hash, base, self.d, tally).await?;
+        self.store_body(hash, size, (encoding, base), &key, get, tx, received, tally).await
     }
 
     /// Passes the body of one store object on, in chunks of at most [`proto::OBJECT_CHUNK`]

@@ -581,3 +581,48 @@ impl S3Server {
         self.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("endpoint has a port")
     }
 }
+
+/// Flips `images/current` to `version` atomically: a publish, for a master serving `--images`.
+pub fn flip(images: &Path, version: &str) {
+    let tmp = images.join("current.new");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    std::fs::rename(&tmp, images.join("current")).unwrap();
+}
+
+/// `cp -a FROM TO`.
+pub fn cp_a(from: &Path, to: &Path) {
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success(), "cp -a {} {} failed", from.display(), to.display());
+}
+
+/// `syncd sync` against `master` on `root` as host `e2e-host`, with `env` added to its
+/// environment (an [`S3Server`]'s variables) and `extra` flags.
+pub fn sync_env(master: &Master, root: &Path, extra: &[&str], env: &[(&str, String)]) -> Output {
+    let out = Command::new(bin("syncd"))
+        .args(["sync", "--master", master.url(), "--root"])
+        .arg(root)
+        .args(["--host-id", "e2e-host", "--insecure"])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Output {
+        command: format!("syncd sync {} {extra:?}", root.display()),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The summary's "N from the object store (…), M from the master (K after a store failure)":
+/// `(N, M, K)`.
+pub fn store_sources(out: &Output) -> (u64, u64, u64) {
+    let s = out.summary();
+    let n = |after: &str, before: &str| -> u64 {
+        let i = s.find(before).unwrap_or_else(|| panic!("no {before:?} in {s}"));
+        s[..i].rsplit(after).next().unwrap().trim().parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    };
+    (n(": ", " from the object store"), n(", ", " from the master"), n("(", " after a store failure"))
+}

@@ -5,46 +5,17 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use gis_tests::{assert_converged, bin, build_fixture, fleet_status, random_bytes, wait_until, Master, S3Server};
+use gis_tests::{
+    assert_converged, build_fixture, cp_a, fleet_status, flip, random_bytes, store_sources, sync_env, wait_until,
+    Master, S3Server,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// The large file: chunked above the 1 MiB threshold the tests give the master.
 const BIG: &str = "var/lib/disk.img";
 const BIG_SIZE: usize = 20 << 20;
-
-fn flip(images: &Path, version: &str) {
-    let tmp = images.join("current.new");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(version, &tmp).unwrap();
-    std::fs::rename(&tmp, images.join("current")).unwrap();
-}
-
-fn cp_a(from: &Path, to: &Path) {
-    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
-    assert!(st.success(), "cp -a {} {} failed", from.display(), to.display());
-}
-
-/// `syncd sync` against `master` on `root` with `env` (the store's AWS variables) and `extra`.
-fn sync_env(master: &Master, root: &Path, extra: &[&str], env: &[(&str, String)]) -> gis_tests::Output {
-    let out = Command::new(bin("syncd"))
-        .args(["sync", "--master", master.url(), "--root"])
-        .arg(root)
-        .args(["--host-id", "e2e-host", "--insecure"])
-        .args(extra)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    gis_tests::Output {
-        command: format!("syncd sync {} {extra:?}", root.display()),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// `1.5 MiB` → bytes.
 fn bytes_of(s: &str) -> u64 {
@@ -72,16 +43,6 @@ fn chunk_counts(out: &gis_tests::Output) -> (u64, u64, u64, u64, u64) {
     let (b, rest) = rest.split_once(" from the store, ").unwrap();
     let (idx, _) = rest.split_once(" of chunk indexes)").unwrap();
     (n, r.parse().unwrap(), f.parse().unwrap(), bytes_of(b), bytes_of(idx))
-}
-
-/// The summary's "N from the object store, M from the master (K after a store failure)".
-fn sources(out: &gis_tests::Output) -> (u64, u64, u64) {
-    let s = out.summary();
-    let n = |after: &str, before: &str| -> u64 {
-        let i = s.find(before).unwrap_or_else(|| panic!("no {before:?} in {s}"));
-        s[..i].rsplit(after).next().unwrap().trim().parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-    };
-    (n(": ", " from the object store"), n(", ", " from the master"), n("(", " after a store failure"))
 }
 
 /// A master of the fixture plus a 20 MiB incompressible file, chunked above 1 MiB, uploading
@@ -186,7 +147,7 @@ fn a_large_file_is_rebuilt_from_chunks_and_an_upgrade_fetches_little_more_than_t
     let (n, reused, fetched, _, idx_bytes) = chunk_counts(&out);
     assert_eq!((n, reused), (2, 0), "{}", out.summary());
     assert!(fetched > chunks.len() as u64 && idx_bytes > idx.len() as u64, "{}", out.summary());
-    assert_eq!(sources(&out).1, 0, "{}", out.summary());
+    assert_eq!(store_sources(&out).1, 0, "{}", out.summary());
 
     // v2: 10 KiB inserted near the start, 1 MiB changed in the middle.
     let v2 = images.join("v2");
@@ -204,7 +165,7 @@ fn a_large_file_is_rebuilt_from_chunks_and_an_upgrade_fetches_little_more_than_t
     assert_eq!(n, 1, "{}", out.summary());
     assert!(bytes <= 2 * changed, "{bytes} bytes fetched for {changed} changed: {}", out.summary());
     assert!(reused > 100 && fetched < 40, "{}", out.summary());
-    assert_eq!(sources(&out).1, 0, "{}", out.summary());
+    assert_eq!(store_sources(&out).1, 0, "{}", out.summary());
 
     // v3 renames it (as libLLVM-15.so becomes libLLVM-16.so) and changes 64 KiB: the gone file
     // most like it by name is the seed.
@@ -254,7 +215,7 @@ fn a_corrupted_chunk_is_refused_and_the_file_comes_from_the_master_or_not_at_all
     assert_converged(&v1, &root, &out);
     assert_eq!(std::fs::read(root.join(BIG)).unwrap(), big1);
     assert!(out.stderr.contains(hex.as_str()) && out.stderr.contains("does not match its hash"), "{}", out.stderr);
-    let (_, from_master, after) = sources(&out);
+    let (_, from_master, after) = store_sources(&out);
     assert_eq!((from_master, after), (1, 1), "{}", out.summary());
 
     // A bad index: refused the same way.
@@ -264,5 +225,5 @@ fn a_corrupted_chunk_is_refused_and_the_file_comes_from_the_master_or_not_at_all
     out.expect_code(0, &[&root2]);
     assert_converged(&v1, &root2, &out);
     assert!(out.stderr.contains("bad chunk index"), "{}", out.stderr);
-    assert_eq!(sources(&out).2, 1, "{}", out.summary());
+    assert_eq!(store_sources(&out).2, 1, "{}", out.summary());
 }

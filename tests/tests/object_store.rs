@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use gis_tests::{
-    assert_converged, bin, build_fixture, fleet_status, random_bytes, scratch, sync, wait_until, Master, S3Server,
+    assert_converged, bin, build_fixture, cp_a, fleet_status, flip, random_bytes, scratch, store_sources, sync,
+    sync_env, wait_until, Master, S3Server,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -82,18 +83,6 @@ fn header_store_url(url: &str) -> String {
             other => panic!("the first message is not a header: {other:?}"),
         }
     })
-}
-
-fn flip(images: &Path, version: &str) {
-    let tmp = images.join("current.new");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(version, &tmp).unwrap();
-    std::fs::rename(&tmp, images.join("current")).unwrap();
-}
-
-fn cp_a(from: &Path, to: &Path) {
-    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
-    assert!(st.success(), "cp -a {} {} failed", from.display(), to.display());
 }
 
 #[test]
@@ -295,34 +284,6 @@ fn a_version_whose_upload_fails_is_not_announced_until_it_succeeds() {
 
 // Issue 25, part 2: hosts fetch objects from the store, falling back to the master.
 
-/// `syncd sync` against `master` on `root` with `env` (the store's AWS variables) and `extra`.
-fn sync_env(master: &Master, root: &Path, extra: &[&str], env: &[(&str, String)]) -> gis_tests::Output {
-    let mut cmd = Command::new(bin("syncd"));
-    cmd.args(["sync", "--master", master.url(), "--root"])
-        .arg(root)
-        .args(["--host-id", "e2e-host", "--insecure"])
-        .args(extra)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null());
-    let out = cmd.output().unwrap();
-    gis_tests::Output {
-        command: format!("syncd sync {} {extra:?}", root.display()),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// The summary's "N from the object store, M from the master (K after a store failure)".
-fn sources(out: &gis_tests::Output) -> (u64, u64, u64) {
-    let s = out.summary();
-    let n = |after: &str, before: &str| -> u64 {
-        let i = s.find(before).unwrap_or_else(|| panic!("no {before:?} in {s}"));
-        s[..i].rsplit(after).next().unwrap().trim().parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-    };
-    (n(": ", " from the object store"), n(", ", " from the master"), n("(", " after a store failure"))
-}
-
 /// A master of one image (the fixture, a large compressible file and an incompressible one)
 /// uploading to `s3://bkt/fleet` on `s3`, with `extra` flags.
 fn store_master(s: &gis_tests::Scratch, s3: &S3Server, extra: &[&str]) -> (PathBuf, PathBuf, Master) {
@@ -360,7 +321,7 @@ fn a_host_fetches_every_object_from_the_store_and_none_from_the_master() {
     let out = sync_env(&master, &root, &[], &s3.env());
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
-    let (store, from_master, after) = sources(&out);
+    let (store, from_master, after) = store_sources(&out);
     assert!(store >= 3, "{}", out.summary());
     assert_eq!((from_master, after), (0, 0), "{}", out.summary());
     // `none` on the host: every object from the master.
@@ -382,7 +343,7 @@ fn a_stopped_store_falls_back_to_the_master() {
     let out = sync_env(&master, &root, &["--rpc-timeout", "5s"], &env);
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
-    let (store, from_master, after) = sources(&out);
+    let (store, from_master, after) = store_sources(&out);
     assert_eq!(store, 0, "{}", out.summary());
     assert!(from_master >= 3 && after == from_master, "{}", out.summary());
     assert!(out.stderr.contains("object store s3://bkt/fleet"), "the failure is not logged:\n{}", out.stderr);
@@ -449,6 +410,6 @@ fn a_wrong_object_in_the_store_is_refused_and_fetched_from_the_master() {
     assert_converged(&v1, &root, &out);
     assert_eq!(std::fs::read(root.join("etc/big.txt")).unwrap(), content);
     assert!(out.summary().contains("1 refused from the store"), "{}", out.summary());
-    let (_, from_master, after) = sources(&out);
+    let (_, from_master, after) = store_sources(&out);
     assert_eq!((from_master, after), (1, 0), "{}", out.summary());
 }

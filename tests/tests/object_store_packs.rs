@@ -6,30 +6,10 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::SystemTime;
 
-use gis_tests::{assert_converged, bin, random_bytes, scratch, Master, S3Server};
+use gis_tests::{assert_converged, random_bytes, scratch, sync_env, Master, S3Server};
 use objstore::pack::{Encoding, PackIndex};
-
-/// `syncd sync` against `master` on `root` with `env` (the store's AWS variables) and `extra`.
-fn sync_env(master: &Master, root: &Path, extra: &[&str], env: &[(&str, String)]) -> gis_tests::Output {
-    let out = Command::new(bin("syncd"))
-        .args(["sync", "--master", master.url(), "--root"])
-        .arg(root)
-        .args(["--host-id", "e2e-host", "--insecure"])
-        .args(extra)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    gis_tests::Output {
-        command: format!("syncd sync {} {extra:?}", root.display()),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// The number just before `before` in `s`, after the last `after` preceding it.
 fn number(s: &str, after: &str, before: &str) -> u64 {

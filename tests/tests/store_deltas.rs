@@ -6,45 +6,14 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use gis_tests::{
-    assert_converged, bin, build_fixture, fleet_status, random_bytes, scratch, wait_until, Master, S3Server,
+    assert_converged, build_fixture, cp_a, fleet_status, flip, random_bytes, scratch, sync_env, wait_until, Master,
+    S3Server,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn flip(images: &Path, version: &str) {
-    let tmp = images.join("current.new");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(version, &tmp).unwrap();
-    std::fs::rename(&tmp, images.join("current")).unwrap();
-}
-
-fn cp_a(from: &Path, to: &Path) {
-    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
-    assert!(st.success(), "cp -a {} {} failed", from.display(), to.display());
-}
-
-/// `syncd sync` against `master` on `root` with the store's AWS variables and `extra`.
-fn sync_env(master: &Master, root: &Path, extra: &[&str], env: &[(&str, String)]) -> gis_tests::Output {
-    let out = Command::new(bin("syncd"))
-        .args(["sync", "--master", master.url(), "--root"])
-        .arg(root)
-        .args(["--host-id", "e2e-host", "--insecure"])
-        .args(extra)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    gis_tests::Output {
-        command: format!("syncd sync {} {extra:?}", root.display()),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// The number just before `label` in the summary line (0 when the label is absent).
 fn count(out: &gis_tests::Output, label: &str) -> u64 {

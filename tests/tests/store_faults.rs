@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use gis_tests::{
-    assert_converged, bin, build_fixture, fleet_status, random_bytes, scratch, wait_until, Master, S3Server,
+    assert_converged, bin, build_fixture, fleet_status, random_bytes, scratch, store_sources, wait_until, Master,
+    S3Server,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -129,35 +130,12 @@ fn store_master(s: &gis_tests::Scratch, s3: &S3Server, n: u64, extra: &[&str]) -
     (v1, master)
 }
 
-/// `syncd sync` with `env` and `extra`, timed.
+/// [`gis_tests::sync_env`] with `-q`, timed.
 fn sync_env(master: &Master, root: &Path, extra: &[&str], env: &[(&str, String)]) -> (gis_tests::Output, Duration) {
     let t = Instant::now();
-    let out = Command::new(bin("syncd"))
-        .args(["sync", "--master", master.url(), "--root"])
-        .arg(root)
-        .args(["--host-id", "e2e-host", "--insecure", "-q"])
-        .args(extra)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let out = gis_tests::Output {
-        command: format!("syncd sync {} {extra:?}", root.display()),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let args: Vec<&str> = std::iter::once("-q").chain(extra.iter().copied()).collect();
+    let out = gis_tests::sync_env(master, root, &args, env);
     (out, t.elapsed())
-}
-
-/// The summary's "N from the object store, M from the master (K after a store failure)".
-fn sources(out: &gis_tests::Output) -> (u64, u64, u64) {
-    let s = out.summary();
-    let n = |after: &str, before: &str| -> u64 {
-        let i = s.find(before).unwrap_or_else(|| panic!("no {before:?} in {s}"));
-        s[..i].rsplit(after).next().unwrap().trim().parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-    };
-    (n(": ", " from the object store"), n(", ", " from the master"), n("(", " after a store failure"))
 }
 
 /// Every regular file under `root` is the one of `old` or of `new` at that path (or absent from
@@ -191,7 +169,7 @@ fn a_hung_store_falls_back_to_the_master_within_the_deadline() {
     let (out, took) = sync_env(&master, &root, &["--rpc-timeout", "3s"], &hung.env(&s3));
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
-    let (store, from_master, after) = sources(&out);
+    let (store, from_master, after) = store_sources(&out);
     assert_eq!(store, 0, "{}", out.summary());
     assert!(from_master >= 8 && after == from_master, "{}", out.summary());
     assert!(out.stderr.contains("no reply within 3s"), "the hang is not named:\n{}", out.stderr);
@@ -225,7 +203,7 @@ fn a_store_that_stalls_in_the_middle_of_a_body_falls_back() {
     );
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
-    let (store, from_master, after) = sources(&out);
+    let (store, from_master, after) = store_sources(&out);
     assert!(store >= 3, "nothing came from the store before the stall: {}", out.summary());
     assert!(after >= 1 && from_master >= after, "{}", out.summary());
     assert!(took < Duration::from_secs(30), "took {took:?}");
@@ -243,7 +221,7 @@ fn a_store_stopped_in_the_middle_of_a_sync() {
     assert!(stops.tripped.load(Ordering::SeqCst), "the stop never happened");
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
-    let (store, from_master, after) = sources(&out);
+    let (store, from_master, after) = store_sources(&out);
     assert!(store >= 3, "nothing came from the store before the stop: {}", out.summary());
     assert!(after >= 1 && from_master >= after, "{}", out.summary());
     assert!(out.stderr.contains("fetching from the master instead"), "the fallback is not logged:\n{}", out.stderr);
@@ -291,7 +269,7 @@ fn a_host_reads_the_store_location_its_config_names() {
     let (out, _) = sync_env(&master, &root, &["--object-store", &url, "--rpc-timeout", "3s"], &[]);
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
-    let (store, from_master, _) = sources(&out);
+    let (store, from_master, _) = store_sources(&out);
     // The S3 server is gone: only the directory can have given these.
     assert!(store >= 4 && from_master == 0, "{}", out.summary());
 }
@@ -356,7 +334,7 @@ fn a_master_killed_in_the_middle_of_an_upload_resumes_and_puts_nothing_twice() {
     let (out, _) = sync_env(&master, &root, &["--object-store-fallback", "false"], &s3.env());
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
-    let (store, from_master, _) = sources(&out);
+    let (store, from_master, _) = store_sources(&out);
     assert!(store >= 1500 && from_master == 0, "{}", out.summary());
 }
 
@@ -393,7 +371,7 @@ fn a_host_without_credentials_or_refused_reads_fetches_from_the_master() {
     let (out, _) = sync_env(&master, &root3, &["--config", cfg.to_str().unwrap(), "--rpc-timeout", "5s"], &no_keys);
     out.expect_code(0, &[&root3]);
     assert_converged(&v1, &root3, &out);
-    let (store, from_master, after) = sources(&out);
+    let (store, from_master, after) = store_sources(&out);
     assert_eq!(store, 0, "{}", out.summary());
     assert!(from_master >= 4 && after == from_master, "{}", out.summary());
     assert!(
