@@ -626,3 +626,23 @@ pub fn store_sources(out: &Output) -> (u64, u64, u64) {
     };
     (n(": ", " from the object store"), n(", ", " from the master"), n("(", " after a store failure"))
 }
+
+impl Master {
+    /// `syncmaster serve --images IMAGES --state-dir STATE --poll 200ms --object-store URL
+    /// EXTRA`, with `env` (an [`S3Server`]'s variables): a master that publishes by flips and
+    /// uploads every version before announcing it.
+    pub fn with_store(images: &Path, state: &Path, url: &str, extra: &[&str], env: &[(&str, String)]) -> Master {
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("--images"),
+            images.as_os_str(),
+            OsStr::new("--state-dir"),
+            state.as_os_str(),
+            OsStr::new("--poll"),
+            OsStr::new("200ms"),
+            OsStr::new("--object-store"),
+            OsStr::new(url),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        Master::start_with_env(&args, env)
+    }
+}

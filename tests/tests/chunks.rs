@@ -3,7 +3,6 @@
 //! rebuilds it from the chunks its old version holds plus the chunks it fetches, verifies it
 //! whole, and refuses a chunk whose content does not match its hash.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,21 +56,13 @@ fn chunk_master(s: &gis_tests::Scratch, s3: &S3Server) -> (PathBuf, PathBuf, Mas
     flip(&images, "v1");
     let fleet = s3.bucket("bkt").join("fleet");
     let state = s.join("mstate");
-    let args = [
-        OsStr::new("--images"),
-        images.as_os_str(),
-        OsStr::new("--state-dir"),
-        state.as_os_str(),
-        OsStr::new("--poll"),
-        OsStr::new("200ms"),
-        OsStr::new("--object-store"),
-        OsStr::new("s3://bkt/fleet"),
-        OsStr::new("--chunk-threshold"),
-        OsStr::new("1MiB"),
-        OsStr::new("--cache-level"),
-        OsStr::new("3"),
-    ];
-    let master = Master::start_with_env(&args, &s3.env());
+    let master = Master::with_store(
+        &images,
+        &state,
+        "s3://bkt/fleet",
+        &["--chunk-threshold", "1MiB", "--cache-level", "3"],
+        &s3.env(),
+    );
     (images, v1, master, fleet)
 }
 

@@ -99,21 +99,12 @@ fn s3_publish_uploads_every_object_once_before_announcing_and_a_restart_uploads_
     std::fs::write(v1.join("usr/noise.gz"), random_bytes(7, 64 * 1024)).unwrap();
     flip(&images, "v1");
     let state = s.join("state");
-    let args = [
-        OsStr::new("--images"),
-        images.as_os_str(),
-        OsStr::new("--state-dir"),
-        state.as_os_str(),
-        OsStr::new("--poll"),
-        OsStr::new("200ms"),
-        OsStr::new("--object-store"),
-        OsStr::new("s3://golden-bucket/fleet"),
-        OsStr::new("--object-store-concurrency"),
-        OsStr::new("4"),
-    ];
+    let start = || {
+        Master::with_store(&images, &state, "s3://golden-bucket/fleet", &["--object-store-concurrency", "4"], &s3.env())
+    };
 
     // (1) Ready means every object of v1 is in the bucket, under its key, decoding to itself.
-    let master = Master::start_with_env(&args, &s3.env());
+    let master = start();
     let want1 = hashes(&v1);
     check_stored(&objects, &want1);
     assert_eq!(stored(&objects).len(), want1.len(), "objects beyond v1's in the store");
@@ -152,7 +143,7 @@ fn s3_publish_uploads_every_object_once_before_announcing_and_a_restart_uploads_
     // (3) A restart puts nothing: same objects, untouched.
     let before = stored(&objects);
     drop(master);
-    let master = Master::start_with_env(&args, &s3.env());
+    let master = start();
     assert_eq!(summary(&master.stderr(), 2), Some((0, want2.len() as u64)), "{}", master.stderr());
     assert_eq!(stored(&objects), before, "a restart rewrote or added objects");
     assert_eq!(fleet_status(master.url())["image_version"], 2);
@@ -246,17 +237,7 @@ fn a_version_whose_upload_fails_is_not_announced_until_it_succeeds() {
     build_fixture(&v1);
     flip(&images, "v1");
     let state = s.join("state");
-    let args = [
-        OsStr::new("--images"),
-        images.as_os_str(),
-        OsStr::new("--state-dir"),
-        state.as_os_str(),
-        OsStr::new("--poll"),
-        OsStr::new("200ms"),
-        OsStr::new("--object-store"),
-        OsStr::new("s3://bkt"),
-    ];
-    let master = Master::start_with_env(&args, &env);
+    let master = Master::with_store(&images, &state, "s3://bkt", &[], &env);
     check_stored(&objects, &hashes(&v1));
 
     // The store goes away; v2 is flipped in but stays unannounced.
@@ -297,18 +278,7 @@ fn store_master(s: &gis_tests::Scratch, s3: &S3Server, extra: &[&str]) -> (PathB
     flip(&images, "v1");
     s3.bucket("bkt");
     let state = s.join("mstate");
-    let mut args = vec![
-        OsStr::new("--images"),
-        images.as_os_str(),
-        OsStr::new("--state-dir"),
-        state.as_os_str(),
-        OsStr::new("--poll"),
-        OsStr::new("200ms"),
-        OsStr::new("--object-store"),
-        OsStr::new("s3://bkt/fleet"),
-    ];
-    args.extend(extra.iter().map(OsStr::new));
-    let master = Master::start_with_env(&args, &s3.env());
+    let master = Master::with_store(&images, &state, "s3://bkt/fleet", extra, &s3.env());
     (images, v1, master)
 }
 

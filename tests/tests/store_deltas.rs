@@ -4,7 +4,6 @@
 //! whole objects (or the master) when a delta is missing, wrong or its base has drifted.
 //! Against a real S3 server (s3s-fs, see [`gis_tests::S3Server`]).
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -80,20 +79,8 @@ fn upgrade(s: &gis_tests::Scratch, s3: &S3Server, master_extra: &[&str]) -> Upgr
     flip(&images, "v1");
     s3.bucket("bkt");
     let state = s.join("mstate");
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("--images"),
-        images.as_os_str(),
-        OsStr::new("--state-dir"),
-        state.as_os_str(),
-        OsStr::new("--poll"),
-        OsStr::new("200ms"),
-        OsStr::new("--object-store"),
-        OsStr::new("s3://bkt/fleet"),
-        OsStr::new("--cache-level"),
-        OsStr::new("3"),
-    ];
-    args.extend(master_extra.iter().map(OsStr::new));
-    let master = Master::start_with_env(&args, &s3.env());
+    let extra: Vec<&str> = ["--cache-level", "3"].into_iter().chain(master_extra.iter().copied()).collect();
+    let master = Master::with_store(&images, &state, "s3://bkt/fleet", &extra, &s3.env());
     let v2 = images.join("v2");
     cp_a(&v1, &v2);
     for i in 0..6 {
