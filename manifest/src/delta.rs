@@ -21,6 +21,10 @@ use crate::{Hash, RelPath};
 pub const MAX_DELTA_BYTES: u64 = 16 << 20;
 /// Smaller objects gain nothing worth a dictionary.
 pub const MIN_DELTA_BYTES: u64 = 128;
+/// Largest object, and largest base, a solid delta carries: one over [`MAX_DELTA_BYTES`] gets a
+/// segment of its own, whose window spans it and its base (128 MiB at most; see
+/// [`crate::solid`]).
+pub const MAX_SOLID_BYTES: u64 = 64 << 20;
 
 /// An old regular file that may serve as a base.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +98,12 @@ impl<'a> Gone<'a> {
         self.most_alike(path, |c| c.size >= min)
     }
 
+    /// Like [`Gone::base_for`] for a large object in a solid delta: a gone file of
+    /// [`MIN_DELTA_BYTES`] to [`MAX_SOLID_BYTES`].
+    pub fn large_base_for(&self, path: &RelPath) -> Option<Candidate<'a>> {
+        self.most_alike(path, |c| large_base_fits(c.size))
+    }
+
     fn most_alike(&self, path: &RelPath, fits: impl Fn(&Candidate<'a>) -> bool) -> Option<Candidate<'a>> {
         let name = path.file_name();
         let mut best: Option<(usize, Candidate<'a>)> = None;
@@ -120,6 +130,33 @@ pub fn choose<'a>(
         Some(c) if c.hash != *hash => usable(size, c.size).then_some(c),
         Some(_) => None,
         None => gone.base_for(path, size),
+    }
+}
+
+fn large_base_fits(size: u64) -> bool {
+    (MIN_DELTA_BYTES..=MAX_SOLID_BYTES).contains(&size)
+}
+
+/// The base of a new file of `size` bytes over [`MAX_DELTA_BYTES`] (and at most
+/// [`MAX_SOLID_BYTES`]) in a solid delta, where it travels in a segment of its own: `same`, the
+/// old file at its path (if it is a regular file with other content), or else the most alike
+/// gone file beside it (the bullseye apt `Packages` list for the bookworm one), each of at most
+/// [`MAX_SOLID_BYTES`]. Never a per-object delta's base: those stop at [`MAX_DELTA_BYTES`].
+/// Master and host choose alike.
+pub fn choose_large<'a>(
+    path: &RelPath,
+    size: u64,
+    hash: &Hash,
+    same: Option<Candidate<'a>>,
+    gone: &Gone<'a>,
+) -> Option<Candidate<'a>> {
+    if size <= MAX_DELTA_BYTES || size > MAX_SOLID_BYTES {
+        return None;
+    }
+    match same {
+        Some(c) if c.hash != *hash => large_base_fits(c.size).then_some(c),
+        Some(_) => None,
+        None => gone.large_base_for(path),
     }
 }
 
@@ -173,6 +210,29 @@ mod tests {
         assert_eq!(gone.seed_for(&new, 1 << 20).map(|c| c.path), Some(&old[0]));
         assert_eq!(gone.base_for(&new, 160 << 20), None);
         assert_eq!(gone.seed_for(&rel("usr/lib/small-16.so"), 1 << 20), None, "below the minimum");
+    }
+
+    #[test]
+    fn a_large_renamed_file_has_a_solid_base_up_to_the_solid_limit() {
+        let old = [rel("lists/x_bullseye_Packages"), rel("lists/huge_bullseye_Packages"), rel("lists/y")];
+        let sizes = [45 << 20, MAX_SOLID_BYTES + 1, 100 << 20];
+        let gone =
+            Gone::new(old.iter().zip(sizes).map(|(p, size)| Candidate { path: p, size, hash: Hash::of(p.as_bytes()) }));
+        let h = Hash::of(b"new");
+        let new = rel("lists/x_bookworm_Packages");
+        assert_eq!(choose_large(&new, 50 << 20, &h, None, &gone).map(|c| c.path), Some(&old[0]));
+        assert_eq!(choose(&new, 50 << 20, &h, None, &gone), None, "no per-object delta that large");
+        assert_eq!(choose_large(&new, MAX_DELTA_BYTES, &h, None, &gone), None, "small: choose's business");
+        assert_eq!(choose_large(&new, MAX_SOLID_BYTES + 1, &h, None, &gone), None, "too large");
+        assert_eq!(
+            choose_large(&rel("lists/huge_bookworm_Packages"), 50 << 20, &h, None, &gone),
+            None,
+            "the only alike gone file is over the limit"
+        );
+        let same = Candidate { path: &old[2], size: 100 << 20, hash: Hash::of(b"old") };
+        assert_eq!(choose_large(&old[2], 50 << 20, &h, Some(same), &gone), None, "its old version is too large");
+        let same = Candidate { size: 30 << 20, ..same };
+        assert_eq!(choose_large(&old[2], 50 << 20, &h, Some(same), &gone), Some(same));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! [`SEGMENT_CONTENT`] bytes of new content. A segment is one zstd frame of its objects'
 //! contents, concatenated, made with its *reference* as a raw-content prefix: the bases of its
 //! objects (chosen by [`crate::delta::choose`], as for per-object deltas), deduplicated, in
-//! order of first use, concatenated, at most [`SEGMENT_REFERENCE`] bytes. A host rebuilds the
+//! order of first use, concatenated, at most [`SEGMENT_REFERENCE`] bytes. An object over
+//! [`MAX_OBJECT`] (up to [`crate::delta::MAX_SOLID_BYTES`]) with a base (chosen by
+//! [`crate::delta::choose_large`]) gets a segment of its own, over that one base. A host rebuilds the
 //! reference from its own files, checks each against its hash, and decodes the segment; a host
 //! that cannot build a segment's reference exactly fetches that segment's objects one by one.
 //! A host thus holds at most one segment's reference, content and frame at a time.
@@ -20,10 +22,12 @@ use crate::{Hash, RelPath};
 pub const SEGMENT_CONTENT: u64 = 24 << 20;
 /// Most reference (bases) of one segment.
 pub const SEGMENT_REFERENCE: u64 = 24 << 20;
-/// Largest object put in a segment; larger ones travel on their own.
+/// Largest object put in a segment with others; a larger one with a base, up to
+/// [`crate::delta::MAX_SOLID_BYTES`], gets a segment of its own; the rest travel on their own.
 pub const MAX_OBJECT: u64 = crate::delta::MAX_DELTA_BYTES;
-/// The largest window a segment frame needs: reference and content together (48 MiB).
-pub const MAX_WINDOW_LOG: u32 = 26;
+/// The largest window a segment frame needs: reference and content together (48 MiB for a
+/// shared segment, 128 MiB for a large object's own).
+pub const MAX_WINDOW_LOG: u32 = 27;
 /// Largest index a reader accepts, decoded.
 pub const MAX_INDEX_BYTES: u64 = 256 << 20;
 
@@ -85,11 +89,27 @@ pub struct New<'a> {
 }
 
 /// Cuts `objects` (in the image's order, each hash once) into segments; `bytes` is left 0.
-/// Objects over [`MAX_OBJECT`] are left out.
+/// An object over [`MAX_OBJECT`] with a base gets a segment of its own (the segments stay in
+/// the objects' order, so a host reading them in turn never goes back to one); other objects
+/// over it are left out.
 pub fn cut<'a>(objects: impl IntoIterator<Item = New<'a>>) -> Vec<Segment> {
     let mut out: Vec<Segment> = Vec::new();
     let mut cur = Segment::default();
-    for o in objects.into_iter().filter(|o| o.size <= MAX_OBJECT) {
+    for o in objects {
+        if o.size > MAX_OBJECT {
+            let fits = |s: u64| s <= crate::delta::MAX_SOLID_BYTES;
+            if let Some((p, h, s)) = o.base.filter(|(_, _, s)| fits(*s) && fits(o.size)) {
+                if !cur.objects.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                out.push(Segment {
+                    bytes: 0,
+                    bases: vec![Base { path: p.clone(), hash: h, size: s }],
+                    objects: vec![Object { hash: o.hash, size: o.size }],
+                });
+            }
+            continue;
+        }
         let base = o.base.filter(|(_, _, s)| *s <= MAX_OBJECT);
         let new_base = base.filter(|(p, h, _)| !cur.bases.iter().any(|b| b.hash == *h && b.path == **p));
         let grows = new_base.map_or(0, |(_, _, s)| s);
@@ -174,7 +194,12 @@ impl Index {
                 objects.push(Object { hash: r.hash()?, size: r.u64()? });
             }
             let s = Segment { bytes, bases, objects };
-            if s.content_bytes() > SEGMENT_CONTENT || s.reference_bytes() > SEGMENT_REFERENCE {
+            let own = s.objects.len() == 1 && s.bases.len() == 1;
+            let (content_max, reference_max) = match own {
+                true => (crate::delta::MAX_SOLID_BYTES, crate::delta::MAX_SOLID_BYTES),
+                false => (SEGMENT_CONTENT, SEGMENT_REFERENCE),
+            };
+            if s.content_bytes() > content_max || s.reference_bytes() > reference_max {
                 return Err(bad(format!(
                     "{} bytes of content over a {}-byte reference, more than a segment holds",
                     s.content_bytes(),
@@ -249,6 +274,33 @@ mod tests {
     }
 
     #[test]
+    fn a_large_object_with_a_base_gets_a_segment_of_its_own_in_order() {
+        let (a, big) = (rel("usr/a"), rel("lists/old_Packages"));
+        let h = |i: u8| Hash::of(&[i]);
+        let mib = 1u64 << 20;
+        let objs = vec![
+            New { hash: h(1), size: mib, base: Some((&a, h(11), mib)) },
+            New { hash: h(2), size: 48 * mib, base: Some((&big, h(12), 44 * mib)) },
+            New { hash: h(3), size: mib, base: None },
+            New { hash: h(4), size: 65 * mib, base: Some((&big, h(12), 44 * mib)) },
+            New { hash: h(5), size: 40 * mib, base: Some((&big, h(13), 65 * mib)) },
+        ];
+        let segs = cut(objs);
+        let hashes: Vec<Vec<Hash>> = segs.iter().map(|s| s.objects.iter().map(|o| o.hash).collect()).collect();
+        assert_eq!(hashes, [vec![h(1)], vec![h(2)], vec![h(3)]], "over the solid limit, or its base: left out");
+        assert_eq!(segs[1].bases, [Base { path: big.clone(), hash: h(12), size: 44 * mib }]);
+        assert_eq!(segs[1].window_log(), 27);
+        let mut idx = Index { from: h(0), to: h(9), segments: segs };
+        for s in &mut idx.segments {
+            s.bytes = s.content_bytes() / 2;
+        }
+        assert_eq!(Index::decode(&idx.encode()).unwrap(), idx, "a large object's own segment is in bounds");
+        // Two objects, or a second base, with that much content: out of bounds.
+        idx.segments[1].objects.push(Object { hash: h(7), size: 1 });
+        assert!(Index::decode(&idx.encode()).is_err());
+    }
+
+    #[test]
     fn the_index_round_trips_and_refuses_damage() {
         let idx = Index {
             from: Hash::of(b"v1"),
@@ -273,9 +325,14 @@ mod tests {
         let at = enc.windows(5).position(|w| w == b"etc/x").unwrap();
         enc[at..at + 5].copy_from_slice(b"../xx");
         assert!(matches!(Index::decode(&enc), Err(IndexError::Bad { .. })), "{:?}", Index::decode(&enc));
-        // A segment claiming more content than a segment holds is refused.
+        // A segment claiming more content than a segment holds is refused: more than a shared
+        // segment, with two objects; more than a large object's own, with one.
         let mut big = idx;
-        big.segments[0].objects[0].size = SEGMENT_CONTENT + 1;
+        big.segments[0].objects[0].size = SEGMENT_CONTENT;
+        big.segments[0].objects.push(Object { hash: Hash::of(b"z"), size: 1 });
+        assert!(Index::decode(&big.encode()).is_err());
+        big.segments[0].objects.pop();
+        big.segments[0].objects[0].size = crate::delta::MAX_SOLID_BYTES + 1;
         assert!(Index::decode(&big.encode()).is_err());
     }
 }

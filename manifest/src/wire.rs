@@ -152,6 +152,46 @@ pub fn manifest_messages<'a>(
     }))
 }
 
+/// Most decompressed bytes in one [`pb::PackedBatches`] (a master packs at most this much into
+/// one; a host refuses more). Its frame is at most about this long, under the gRPC message limit.
+pub const PACKED_RAW_MAX: usize = 8 << 20;
+
+/// A manifest's entries as [`pb::PackedBatches`]: batches of `batch` entries, length-delimited,
+/// concatenated, cut at [`PACKED_RAW_MAX`] decompressed bytes, each piece one zstd frame at
+/// `level`. A master makes these once per image and sends the same bytes to every host.
+pub fn packed_batches(m: &Manifest, batch: usize, level: i32) -> std::io::Result<Vec<pb::PackedBatches>> {
+    use prost::Message;
+    let mut out = Vec::new();
+    let (mut raw, mut entries) = (Vec::new(), 0u64);
+    let flush = |raw: &mut Vec<u8>, entries: &mut u64, out: &mut Vec<pb::PackedBatches>| -> std::io::Result<()> {
+        if !raw.is_empty() {
+            let zstd = zstd::bulk::compress(raw, level)?;
+            out.push(pb::PackedBatches { zstd: zstd.into(), entries: *entries, raw_bytes: raw.len() as u64 });
+            raw.clear();
+            *entries = 0;
+        }
+        Ok(())
+    };
+    for chunk in m.entries.chunks(batch.max(1)) {
+        let b = pb::EntryBatch { entries: chunk.iter().map(entry_to_wire).collect() };
+        let len = b.encoded_len();
+        if raw.len() + len + 10 > PACKED_RAW_MAX {
+            flush(&mut raw, &mut entries, &mut out)?;
+        }
+        if len + 10 > PACKED_RAW_MAX {
+            return Err(std::io::Error::other(format!(
+                "a batch of {} entries from {} encodes to {len} bytes, more than a packed message holds ({PACKED_RAW_MAX})",
+                chunk.len(),
+                chunk[0].path
+            )));
+        }
+        b.encode_length_delimited(&mut raw).map_err(std::io::Error::other)?;
+        entries += chunk.len() as u64;
+    }
+    flush(&mut raw, &mut entries, &mut out)?;
+    Ok(out)
+}
+
 /// Rebuilds a manifest from a received stream, message by message, refusing anything that
 /// does not add up: entries out of order, more entries than declared, a wrong identity.
 #[derive(Default)]
@@ -199,25 +239,55 @@ impl ManifestAssembler {
                 self.entries.reserve(h.entry_count.min(1 << 20) as usize);
                 self.header = Some((h.version, identity, h.entry_count, root));
             }
-            Some(pb::manifest_message::Msg::Batch(b)) => {
-                let Some((_, _, count, _)) = &self.header else { return Err(ManifestError::NoHeader) };
-                if self.entries.len() as u64 + b.entries.len() as u64 > *count {
-                    return Err(ManifestError::CountMismatch {
-                        expected: *count,
-                        actual: self.entries.len() as u64 + b.entries.len() as u64,
-                    });
+            Some(pb::manifest_message::Msg::Batch(b)) => self.push_batch(b)?,
+            Some(pb::manifest_message::Msg::Packed(p)) => {
+                use prost::Message;
+                if self.header.is_none() {
+                    return Err(ManifestError::NoHeader);
                 }
-                for w in &b.entries {
-                    let e = entry_from_wire(self.entries.len(), w)?;
-                    if let Some(prev) = self.entries.last() {
-                        if prev.path >= e.path {
-                            return Err(ManifestError::NotSorted { path: e.path, prev: prev.path.clone() });
-                        }
-                    }
-                    self.entries.push(e);
+                if p.raw_bytes > PACKED_RAW_MAX as u64 {
+                    return Err(bad(&format!(
+                        "packed batches of {} bytes, more than the limit {PACKED_RAW_MAX}",
+                        p.raw_bytes
+                    )));
+                }
+                let raw = zstd::bulk::decompress(&p.zstd, p.raw_bytes as usize)
+                    .map_err(|e| bad(&format!("packed batches do not decompress: {e}")))?;
+                if raw.len() as u64 != p.raw_bytes {
+                    return Err(bad(&format!("packed batches: {} bytes, the message says {}", raw.len(), p.raw_bytes)));
+                }
+                let (mut buf, mut n) = (&raw[..], 0u64);
+                while !buf.is_empty() {
+                    let b = pb::EntryBatch::decode_length_delimited(&mut buf)
+                        .map_err(|e| bad(&format!("packed batches: a batch does not decode: {e}")))?;
+                    n += b.entries.len() as u64;
+                    self.push_batch(b)?;
+                }
+                if n != p.entries {
+                    return Err(bad(&format!("packed batches: {n} entries, the message says {}", p.entries)));
                 }
             }
             None => return Err(bad("empty manifest message")),
+        }
+        Ok(())
+    }
+
+    fn push_batch(&mut self, b: pb::EntryBatch) -> Result<(), ManifestError> {
+        let Some((_, _, count, _)) = &self.header else { return Err(ManifestError::NoHeader) };
+        if self.entries.len() as u64 + b.entries.len() as u64 > *count {
+            return Err(ManifestError::CountMismatch {
+                expected: *count,
+                actual: self.entries.len() as u64 + b.entries.len() as u64,
+            });
+        }
+        for w in &b.entries {
+            let e = entry_from_wire(self.entries.len(), w)?;
+            if let Some(prev) = self.entries.last() {
+                if prev.path >= e.path {
+                    return Err(ManifestError::NotSorted { path: e.path, prev: prev.path.clone() });
+                }
+            }
+            self.entries.push(e);
         }
         Ok(())
     }
@@ -385,5 +455,84 @@ mod tests {
     fn a_batch_before_the_header_is_rejected() {
         let err = roundtrip(vec![file("a")], |m| m.swap(0, 1)).unwrap_err();
         assert!(matches!(err, ManifestError::NoHeader), "{err}");
+    }
+
+    /// The header of `m`, then its entries packed; `tamper` may change the packed messages.
+    fn packed_roundtrip(
+        m: &Manifest,
+        tamper: impl FnOnce(&mut Vec<pb::PackedBatches>),
+    ) -> Result<Manifest, ManifestError> {
+        let mut asm = ManifestAssembler::default();
+        asm.push(manifest_messages(m, &m.identity(), 2).next().unwrap())?;
+        let mut packed = packed_batches(m, 2, 3).unwrap();
+        tamper(&mut packed);
+        for p in packed {
+            asm.push(pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Packed(p)) })?;
+        }
+        asm.finish()
+    }
+
+    #[test]
+    fn packed_batches_round_trip_and_refuse_damage() {
+        let mut entries = vec![dir("etc")];
+        entries.extend((0..9).map(|i| file(&format!("etc/f{i}"))));
+        let m = Manifest { version: 3, root: Meta::default(), entries };
+        let packed = packed_batches(&m, 2, 3).unwrap();
+        assert_eq!(packed.len(), 1, "10 entries fit one packed message");
+        assert_eq!(packed[0].entries, 10);
+        assert_eq!(packed_roundtrip(&m, |_| {}).unwrap(), m);
+        // The counts it claims are checked.
+        let e = packed_roundtrip(&m, |p| p[0].entries = 9).unwrap_err();
+        assert!(e.to_string().contains("10 entries, the message says 9"), "{e}");
+        let e = packed_roundtrip(&m, |p| p[0].raw_bytes -= 1).unwrap_err();
+        assert!(e.to_string().contains("do not decompress"), "{e}");
+        let e = packed_roundtrip(&m, |p| p[0].raw_bytes = PACKED_RAW_MAX as u64 + 1).unwrap_err();
+        assert!(e.to_string().contains("more than the limit"), "{e}");
+        // Entries inside are checked as if they came batch by batch: a tampered frame whose
+        // entries no longer hash to the identity is refused.
+        let e = packed_roundtrip(&m, |p| {
+            let mut b = pb::EntryBatch { entries: vec![entry_to_wire(&file("etc/f0"))] };
+            b.entries[0].size = 2;
+            let mut raw = Vec::new();
+            prost::Message::encode_length_delimited(&b, &mut raw).unwrap();
+            p.insert(
+                0,
+                pb::PackedBatches {
+                    zstd: zstd::bulk::compress(&raw, 1).unwrap().into(),
+                    entries: 1,
+                    raw_bytes: raw.len() as u64,
+                },
+            );
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ManifestError::ParentNotDir { .. }
+                    | ManifestError::CountMismatch { .. }
+                    | ManifestError::NotSorted { .. }
+            ),
+            "{e}"
+        );
+        // Packed entries before the header are refused.
+        let mut asm = ManifestAssembler::default();
+        let p = packed_batches(&m, 2, 3).unwrap().remove(0);
+        assert!(matches!(
+            asm.push(pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Packed(p)) }),
+            Err(ManifestError::NoHeader)
+        ));
+    }
+
+    #[test]
+    fn many_entries_are_cut_into_several_packed_messages() {
+        let mut entries = vec![dir("d")];
+        let long = "x".repeat(200);
+        entries.extend((0..60_000).map(|i| file(&format!("d/{long}{i:06}"))));
+        let m = Manifest { version: 1, root: Meta::default(), entries };
+        let packed = packed_batches(&m, 1024, 1).unwrap();
+        assert!(packed.len() >= 2, "{} packed messages", packed.len());
+        assert!(packed.iter().all(|p| p.raw_bytes as usize <= PACKED_RAW_MAX));
+        assert_eq!(packed.iter().map(|p| p.entries).sum::<u64>(), 60_001);
+        assert_eq!(packed_roundtrip(&m, |_| {}).unwrap(), m);
     }
 }

@@ -433,7 +433,7 @@ impl Master {
     ) -> Result<tonic::Streaming<pb::ManifestMessage>, SyncError> {
         let mut client = self.client.clone();
         let cached_identity = cached.map_or_else(bytes::Bytes::new, |h| bytes::Bytes::copy_from_slice(&h.0));
-        let req = pb::ManifestRequest { host_id: host_id.to_owned(), cached_identity };
+        let req = pb::ManifestRequest { host_id: host_id.to_owned(), cached_identity, accept_packed: true };
         let opened = async { client.get_manifest(req).await.map_err(|s| self.status_error(s)) };
         Ok(within(self.deadlines.rpc, opened, || self.timed_out("GetManifest")).await?.into_inner())
     }
@@ -552,7 +552,10 @@ impl Master {
             bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
         // The solid delta is read beneath the same root as the bases.
         let solid_src = match (&src.solid, &bases) {
-            (Some(to), Some(b)) => Some((*to, b.paths.clone(), b.root.share(), b.read.clone())),
+            (Some(to), Some(b)) => {
+                let offered = b.paths.iter().cloned().chain(b.solid.iter().cloned().map(Some)).collect::<Vec<_>>();
+                Some((*to, offered, b.root.share(), b.read.clone()))
+            }
             _ => None,
         };
         let seeds = bases.as_ref().and_then(|b| {
@@ -560,6 +563,7 @@ impl Master {
                 root: b.root.share(),
                 paths: Vec::new(),
                 seeds: b.seeds.clone(),
+                solid: Vec::new(),
                 read: b.read.clone(),
             })
         });
@@ -1237,6 +1241,9 @@ pub struct Bases {
     /// Empty, or one per object: the host file whose chunks an object stored as chunks may
     /// reuse (see [`Plan::fetch_seeds`](crate::plan::Plan::fetch_seeds)).
     pub seeds: Vec<Option<manifest::RelPath>>,
+    /// Bases offered to the solid delta only (see
+    /// [`Plan::solid_bases`](crate::plan::Plan::solid_bases)).
+    pub solid: Vec<(manifest::RelPath, Hash)>,
     pub read: throttle::Limiter,
 }
 

@@ -69,7 +69,8 @@ pub fn hash(
             errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
         }
         // Round 3: old versions of changed files, and files gone from the image in a directory
-        // where it has new files (a renamed file's old name), as delta bases. Each is read once
+        // where it has new files (a renamed file's old name), as delta bases (and, up to 64 MiB,
+        // as bases of a large object in the solid delta). Each is read once
         // here and again only if the master sends a delta against it; a pass with nothing to fetch
         // reads none.
         if delta_bases {
@@ -93,7 +94,9 @@ pub fn hash(
                 .iter()
                 .enumerate()
                 .map(|(i, h)| {
-                    let sized = (delta::MIN_DELTA_BYTES..=delta::MAX_DELTA_BYTES).contains(&h.entry.size);
+                    // Up to the solid delta's limit: a large file's old version is its base
+                    // there (never for a per-object delta; see `delta::choose_large`).
+                    let sized = (delta::MIN_DELTA_BYTES..=delta::MAX_SOLID_BYTES).contains(&h.entry.size);
                     sized
                         && match image_file(i) {
                             Some(m) => m.size != h.entry.size,

@@ -572,10 +572,12 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let rt = tokio::runtime::Handle::current();
         // Delta bases are read by the stream's decode thread, beneath the same root.
         let plan = &report.plan;
-        let bases = (!plan.fetch_bases.is_empty() || !plan.fetch_seeds.is_empty()).then(|| client::Bases {
+        let any = !plan.fetch_bases.is_empty() || !plan.fetch_seeds.is_empty() || !plan.solid_bases.is_empty();
+        let bases = any.then(|| client::Bases {
             root: root.share(),
             paths: plan.fetch_bases.clone(),
             seeds: plan.fetch_seeds.clone(),
+            solid: plan.solid_bases.clone(),
             read: opts.throttle.read.clone(),
         });
         let master = master

@@ -165,6 +165,10 @@ pub struct Plan {
     /// reuse the chunks of when the object is stored as chunks (see `client::chunked`). Empty
     /// when no object has one.
     pub fetch_seeds: Vec<Option<RelPath>>,
+    /// The bases of objects too large for a per-object delta (over
+    /// [`manifest::delta::MAX_DELTA_BYTES`]) that a solid delta may have used, chosen as
+    /// [`manifest::delta::choose_large`] says: offered to the solid delta only.
+    pub solid_bases: Vec<(RelPath, Hash)>,
     /// Content that more than one change needs: the apply remembers where it put the first
     /// copy of these (and only these) to copy it locally for the others.
     pub reused: HashSet<Hash>,
@@ -416,6 +420,16 @@ impl Plan {
                 if let Some(b) = base {
                     plan.fetch_bases.resize(plan.fetch.len() - 1, None);
                     plan.fetch_bases.push(Some((b.path.clone(), b.hash)));
+                } else {
+                    let large = match &c.op {
+                        Op::Update { old, .. } if old.entry.kind == Kind::File => {
+                            candidate(old).and_then(|b| delta::choose_large(&c.path, new.size, h, Some(b), &gone))
+                        }
+                        _ => delta::choose_large(&c.path, new.size, h, None, &gone),
+                    };
+                    if let Some(b) = large {
+                        plan.solid_bases.push((b.path.clone(), b.hash));
+                    }
                 }
                 let seed = match &c.op {
                     _ if new.size < SEED_MIN => None,

@@ -12,7 +12,9 @@
 //! against its hash before it is passed on. A segment whose reference cannot be rebuilt
 //! exactly, or that fails in any way, is dropped, and its objects fetched one by one. One
 //! segment is held at a time: its reference, its frame and its content, each at most
-//! [`manifest::solid::SEGMENT_CONTENT`] or so.
+//! [`manifest::solid::SEGMENT_CONTENT`] or so, or for a large object's own segment (a file of
+//! 16 to 64 MiB, such as apt's `Packages` list, over its old version), at most
+//! [`manifest::delta::MAX_SOLID_BYTES`] each.
 
 use std::collections::{HashMap, HashSet};
 use std::io;

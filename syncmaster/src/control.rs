@@ -362,9 +362,11 @@ impl Control {
     /// One engine step under the lock. The fleet is read after the lock is taken, and reports
     /// are recorded under it too, so every report is judged before the next one replaces it.
     fn step(&self, mut i: std::sync::MutexGuard<'_, Inner>) {
+        // No rollout running (the common case): nothing to judge, and no copy of the fleet's
+        // table on every report (which would cost O(hosts) per report, O(hosts²) per round).
+        let Some(mut r) = i.rollout.clone().filter(|r| r.state.is_active()) else { return };
         let snap = self.fleet.snapshot();
         let now = now_ms();
-        let Some(mut r) = i.rollout.clone().filter(|r| r.state.is_active()) else { return };
         let events = rollout::step(&mut r, &View { fleet: &snap, inner: &i }, now);
         if events.is_empty() {
             return;

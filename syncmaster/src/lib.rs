@@ -43,7 +43,14 @@ pub struct Image {
     pub identity: Hash,
     /// Where to read each distinct content hash from.
     objects: HashMap<Hash, RelPath>,
+    /// The entries packed for hosts that accept them, made at the first such request and then
+    /// sent as the same bytes to every host (shared with a renumbered copy: same entries).
+    packed: Arc<std::sync::OnceLock<Option<Arc<Vec<pb::PackedBatches>>>>>,
 }
+
+/// zstd level of a manifest's packed entries: made once per image, so a little slower than
+/// the default is fine; the 32-byte hashes, which do not compress, are most of the bytes anyway.
+const PACKED_LEVEL: i32 = 6;
 
 impl Image {
     /// Scans `root` (hashing every file) into version `version`.
@@ -61,7 +68,38 @@ impl Image {
             }
         }
         let identity = manifest.identity();
-        Image { root: root.to_owned(), manifest, identity, objects }
+        Image { root: root.to_owned(), manifest, identity, objects, packed: Default::default() }
+    }
+
+    /// The entries packed ([`manifest::wire::packed_batches`]), made at the first call (CPU
+    /// work: call it off the async workers); `None` if they cannot be packed (logged), and the
+    /// batches are then sent one by one.
+    pub fn packed(&self) -> Option<Arc<Vec<pb::PackedBatches>>> {
+        self.packed
+            .get_or_init(|| {
+                let started = std::time::Instant::now();
+                match manifest::wire::packed_batches(&self.manifest, proto::MANIFEST_BATCH, PACKED_LEVEL) {
+                    Ok(p) => {
+                        let bytes: usize = p.iter().map(|m| m.zstd.len()).sum();
+                        tracing::info!(
+                            version = self.manifest.version,
+                            entries = self.manifest.entries.len(),
+                            bytes,
+                            secs = started.elapsed().as_secs_f64(),
+                            "manifest packed for hosts"
+                        );
+                        Some(Arc::new(p))
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            version = self.manifest.version,
+                            "manifest not packed, sent batch by batch: {e}"
+                        );
+                        None
+                    }
+                }
+            })
+            .clone()
     }
 
     pub fn object_path(&self, hash: &Hash) -> Option<&RelPath> {
@@ -73,7 +111,13 @@ impl Image {
     pub fn renumbered(&self, version: u64) -> Image {
         let mut manifest = self.manifest.clone();
         manifest.version = version;
-        Image { root: self.root.clone(), manifest, identity: self.identity, objects: self.objects.clone() }
+        Image {
+            root: self.root.clone(),
+            manifest,
+            identity: self.identity,
+            objects: self.objects.clone(),
+            packed: self.packed.clone(),
+        }
     }
 }
 
@@ -195,6 +239,7 @@ impl ImageSync for Service {
         let image = self.control.image_for(&host).map_err(Status::unavailable)?;
         // A host that holds this very tree gets the signed header alone.
         let omit = req.get_ref().cached_identity.as_ref() == image.identity.0.as_slice();
+        let accept_packed = req.get_ref().accept_packed;
         tracing::info!(host = %host, version = image.manifest.version, entries = image.manifest.entries.len(), cached = omit, "manifest requested");
         // Only this host's own inventory entry travels with its manifest.
         let lists: Vec<pb::ExclusionList> = self
@@ -215,9 +260,24 @@ impl ImageSync for Service {
         let object_store_url = self.object_store_url.clone();
         let chunk_threshold = self.chunk_threshold;
         tokio::spawn(async move {
+            // Packed entries: encoded and compressed once per image, the same bytes for every
+            // host (the first request of an image makes them, off the async workers).
+            let packed = match (accept_packed && !omit, image.packed.get()) {
+                (false, _) => None,
+                (true, Some(p)) => p.clone(),
+                (true, None) => {
+                    let img = image.clone();
+                    tokio::task::spawn_blocking(move || img.packed()).await.ok().flatten()
+                }
+            };
             let mut lists = Some(lists);
             let messages = manifest::wire::manifest_messages(&image.manifest, &image.identity, proto::MANIFEST_BATCH);
-            for mut msg in messages.take(if omit { 1 } else { usize::MAX }) {
+            let take = if omit || packed.is_some() { 1 } else { usize::MAX };
+            let packed_msgs = packed
+                .iter()
+                .flat_map(|p| p.iter())
+                .map(|p| pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Packed(p.clone())) });
+            for mut msg in messages.take(take).chain(packed_msgs) {
                 if let Some(pb::manifest_message::Msg::Header(h)) = &mut msg.msg {
                     h.exclusions = lists.take().unwrap_or_default();
                     h.entries_omitted = omit;

@@ -266,7 +266,8 @@ pub(crate) fn delta_jobs<'a>(image: &'a Image, prev: &'a Image) -> Vec<DeltaJob<
     upgrade_objects(image, prev)
         .into_iter()
         .filter_map(|(hash, rel, size, base)| {
-            let (base, base_rel, base_size) = base?;
+            // A large object's base is the solid delta's alone.
+            let (base, base_rel, base_size) = base.filter(|(_, _, s)| manifest::delta::usable(size, *s))?;
             Some(DeltaJob { hash, rel, size, base, base_rel, base_size })
         })
         .collect()
@@ -276,9 +277,10 @@ pub(crate) fn delta_jobs<'a>(image: &'a Image, prev: &'a Image) -> Vec<DeltaJob<
 pub(crate) type NewObject<'a> = (Hash, &'a manifest::RelPath, u64, Option<(Hash, &'a manifest::RelPath, u64)>);
 
 /// Every object of `image` that `prev` lacks, once, in `image`'s path order, with its base in
-/// `prev` as [`manifest::delta::choose`] picks it, if any.
+/// `prev` as [`manifest::delta::choose`] picks it, or for an object too large for a per-object
+/// delta, [`manifest::delta::choose_large`] (the solid delta's), if any.
 pub(crate) fn upgrade_objects<'a>(image: &'a Image, prev: &'a Image) -> Vec<NewObject<'a>> {
-    use manifest::delta::{choose, Candidate, Gone};
+    use manifest::delta::{choose, choose_large, Candidate, Gone};
     let file = |e: &'a manifest::Entry| match (e.kind, e.hash) {
         (Kind::File, Some(hash)) => Some(Candidate { path: &e.path, size: e.size, hash }),
         _ => None,
@@ -298,7 +300,9 @@ pub(crate) fn upgrade_objects<'a>(image: &'a Image, prev: &'a Image) -> Vec<NewO
             continue;
         }
         let same = prev.manifest.get(&e.path).and_then(file);
-        let base = choose(&e.path, e.size, &new.hash, same, &gone).map(|b| (b.hash, b.path, b.size));
+        let base = choose(&e.path, e.size, &new.hash, same, &gone)
+            .or_else(|| choose_large(&e.path, e.size, &new.hash, same, &gone))
+            .map(|b| (b.hash, b.path, b.size));
         out.push((new.hash, &e.path, e.size, base));
     }
     out

@@ -108,3 +108,24 @@ fn a_cached_pass_still_checks_the_hosts_exclusions_from_the_header() {
     assert_eq!(requests(&master).0, 1, "the pass used the cache");
     assert_eq!(fs::read(root.join("etc/hostname")).unwrap(), b"local edit\n", "an excluded path was touched");
 }
+
+/// The master packs a version's entries once and sends the same bytes to every host that asks
+/// without a cached copy; each host converges through the same checks as batch by batch.
+#[test]
+fn the_master_packs_a_version_once_for_every_host() {
+    let s = scratch();
+    let img = s.dir("img");
+    build_fixture(&img);
+    let master = Master::start(&img);
+    for name in ["h1", "h2", "h3"] {
+        let root = s.dir(name);
+        let out = sync(&master, &root, &[]);
+        out.expect_code(0, &[&root]);
+        assert_converged(&img, &root, &out);
+    }
+    let log = master.stderr();
+    let packed: Vec<&str> = log.lines().filter(|l| l.contains("manifest packed for hosts")).collect();
+    assert_eq!(packed.len(), 1, "packed once for three hosts:\n{log}");
+    assert!(!log.contains("manifest not packed"), "{log}");
+    assert_eq!(requests(&master), (0, 3));
+}

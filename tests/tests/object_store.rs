@@ -76,7 +76,7 @@ fn header_store_url(url: &str) -> String {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut c = proto::v1::image_sync_client::ImageSyncClient::connect(url.to_owned()).await.unwrap();
-        let req = proto::v1::ManifestRequest { host_id: "probe".into(), cached_identity: Default::default() };
+        let req = proto::v1::ManifestRequest { host_id: "probe".into(), ..Default::default() };
         let mut stream = c.get_manifest(req).await.unwrap().into_inner();
         match stream.message().await.unwrap().and_then(|m| m.msg) {
             Some(proto::v1::manifest_message::Msg::Header(h)) => h.object_store_url,

@@ -275,7 +275,7 @@ fn capture_manifest(url: &str, host: &str) -> Vec<proto::v1::ManifestMessage> {
     rt.block_on(async {
         let mut c = proto::v1::image_sync_client::ImageSyncClient::connect(url.to_owned()).await.unwrap();
         let mut stream = c
-            .get_manifest(proto::v1::ManifestRequest { host_id: host.into(), cached_identity: Default::default() })
+            .get_manifest(proto::v1::ManifestRequest { host_id: host.into(), ..Default::default() })
             .await
             .unwrap()
             .into_inner();

@@ -207,3 +207,59 @@ fn a_host_at_the_previous_version_upgrades_through_the_solid_delta() {
     assert_eq!(count(&out, " through the solid delta"), 0, "{}", out.summary());
     assert_eq!(count(&out, " from the master"), 0, "{}", out.summary());
 }
+
+/// apt's `Packages` list, in miniature but over the 16 MiB per-object delta limit: `n` stanzas,
+/// each with a version and a hash that `changed` of them (every `changed`-th) bump.
+fn packages(n: usize, every: usize, salt: &str) -> Vec<u8> {
+    let mut out = String::with_capacity(n * 130);
+    for i in 0..n {
+        let v = if every > 0 && i % every == 0 { salt } else { "1" };
+        let sum = blake3::hash(format!("{i}-{v}").as_bytes()).to_hex();
+        out.push_str(&format!("Package: pkg-{i}\nVersion: {v}.{i}\nSHA256: {sum}\nSection: misc\n\n"));
+    }
+    out.into_bytes()
+}
+
+#[test]
+fn a_large_renamed_file_comes_through_a_solid_segment_of_its_own() {
+    let s = scratch();
+    let s3 = S3Server::require(&s.dir("s3"));
+    let images = s.dir("images");
+    let lists = "var/lib/apt/lists";
+    let (v1, v2) = (images.join("v1"), images.join("v2"));
+    std::fs::create_dir_all(v1.join(lists)).unwrap();
+    let old = packages(150_000, 0, "");
+    assert!(old.len() as u64 > 16 << 20, "{} bytes: not over the per-object delta limit", old.len());
+    std::fs::write(v1.join(lists).join("deb_dists_one_main_Packages"), &old).unwrap();
+    flip(&images, "v1");
+    s3.bucket("bkt");
+    let master = Master::with_store(&images, &s.join("mstate"), "s3://bkt/fleet", &["--cache-level", "3"], &s3.env());
+    // A host installed at v1 by other means (no state from an earlier pass: syncd hashes the
+    // old list itself to offer it as the base).
+    let root = s.join("root");
+    cp_a(&v1, &root);
+
+    // The next release renames the list and bumps one package in 20. The list grows, so no
+    // host file has its size: syncd hashes the old list only as a base candidate.
+    std::fs::create_dir_all(v2.join(lists)).unwrap();
+    let new = packages(150_000, 20, "2.1");
+    std::fs::write(v2.join(lists).join("deb_dists_two_main_Packages"), &new).unwrap();
+    flip(&images, "v2");
+    assert!(
+        wait_until(WAIT, || fleet_status(master.url())["image_version"] == 2),
+        "v2 never announced\n{}",
+        master.stderr()
+    );
+    let segments = files(&s3.bucket("bkt").join("fleet/solid"));
+    assert_eq!(segments.len(), 2, "an index and one segment: {segments:?}\n{}", master.stderr());
+
+    let out = sync_env(&master, &root, &[], &s3.env());
+    out.expect_code(0, &[&root]);
+    assert_converged(&v2, &root, &out);
+    assert_eq!(count(&out, " through the solid delta"), 1, "{}", out.summary());
+    assert_eq!(count(&out, " from the master"), 0, "{}", out.summary());
+    // Against its old name's content, the list costs a fraction of itself compressed.
+    let whole = zstd::encode_all(&new[..], 3).unwrap().len() as f64;
+    let wire = wire_bytes(&out);
+    assert!(wire < whole / 4.0, "{wire} bytes on the wire, {whole} for the list compressed whole");
+}
