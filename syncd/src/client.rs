@@ -233,11 +233,23 @@ pub struct Master {
 }
 
 impl Master {
-    /// Connects, within the `connect_timeout` deadline. The connection pings the master every
-    /// `keepalive_interval`, even with no call open, and is dropped (failing every call on it)
-    /// when a ping goes unanswered for `keepalive_timeout`: a frozen master is noticed even on
-    /// the idle version watch.
+    /// Connects for a pass, within the `connect_timeout` deadline. While a call is busy, the
+    /// connection pings the master every `keepalive_interval`, and is dropped (failing every
+    /// call on it) when a ping goes unanswered for `keepalive_timeout`. With no call busy (a
+    /// pass fetching from the object store between its manifest and its report) it does not
+    /// ping: nothing waits on the master then, and 200 hosts' pings were a quarter of the
+    /// master's CPU in `bench/fleet.sh`. Every call has its own deadlines besides.
     pub async fn connect(url: &str, transport: &Transport) -> Result<Master, SyncError> {
+        Self::connect_pinging(url, transport, false).await
+    }
+
+    /// Connects for the version watch: as [`Master::connect`], but the connection pings even
+    /// while nothing moves on it, so a frozen master is noticed on the idle watch.
+    pub async fn connect_for_watch(url: &str, transport: &Transport) -> Result<Master, SyncError> {
+        Self::connect_pinging(url, transport, true).await
+    }
+
+    async fn connect_pinging(url: &str, transport: &Transport, while_idle: bool) -> Result<Master, SyncError> {
         let d = transport.deadlines;
         let unreachable =
             |e: &dyn std::fmt::Display| SyncError::Unreachable { url: url.to_owned(), reason: e.to_string() };
@@ -247,7 +259,7 @@ impl Master {
             .http2_adaptive_window(true)
             .http2_keep_alive_interval(d.keepalive_interval)
             .keep_alive_timeout(d.keepalive_timeout)
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(while_idle);
         // The endpoint's own connect timeout covers TCP alone, not the TLS handshake after it.
         let connecting = async { endpoint.connect().await.map_err(|e| unreachable(&source_chain(&e))) };
         let channel = within(d.connect, connecting, || {

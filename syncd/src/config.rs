@@ -53,7 +53,7 @@ pub struct Config {
     pub rpc_timeout: Option<String>,
     /// No message for this long on a manifest or object stream: the master is gone (default 30s).
     pub stream_idle_timeout: Option<String>,
-    /// An HTTP/2 ping to the master this often, even when idle (default 10s) …
+    /// An HTTP/2 ping to the master this often, always on the watch, on a pass while a call is busy (default 10s) …
     pub keepalive_interval: Option<String>,
     /// … and the connection is dropped when one goes unanswered this long (default 10s).
     pub keepalive_timeout: Option<String>,

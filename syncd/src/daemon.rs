@@ -338,7 +338,7 @@ async fn subscribe(
     transport: client::Transport,
     host: String,
 ) -> Result<tonic::Streaming<pb::VersionAnnouncement>, SyncError> {
-    client::Master::connect(&url, &transport).await?.watch(&host).await
+    client::Master::connect_for_watch(&url, &transport).await?.watch(&host).await
 }
 
 async fn next_announcement(

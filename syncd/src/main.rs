@@ -101,7 +101,7 @@ struct Common {
     /// stream [config: stream_idle_timeout; default 30s].
     #[arg(long, value_name = "DURATION")]
     stream_idle_timeout: Option<String>,
-    /// HTTP/2 ping to the master this often, even when idle [config: keepalive_interval;
+    /// HTTP/2 ping to the master this often (the watch: always; a pass: while a call is busy) [config: keepalive_interval;
     /// default 10s].
     #[arg(long, value_name = "DURATION")]
     keepalive_interval: Option<String>,
