@@ -684,9 +684,23 @@ impl Master {
                             tally.solid_content.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                             continue;
                         }
-                        // The segment could not be used: this object on its own.
-                        let base = offered.get(i).copied().flatten();
-                        match pump.whole(store, (hash, size), base, &tx, &received, &tally).await {
+                        // The segment could not be used: this object on its own; a large file
+                        // from its chunks (it may not be stored whole).
+                        let index = match large(i) {
+                            true => chunked::get_index(store, &hash, size, d, &tally).await.ok().flatten(),
+                            false => None,
+                        };
+                        let alone = match index {
+                            Some(index) => {
+                                let seed = seeds.as_ref().and_then(|s| s.get(i));
+                                pump.chunked(&src, hash, size, index, seed, &tx, &received, &tally).await
+                            }
+                            None => {
+                                let base = offered.get(i).copied().flatten();
+                                pump.whole(store, (hash, size), base, &tx, &received, &tally).await
+                            }
+                        };
+                        match alone {
                             Ok(true) => {
                                 tally.from_store.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 continue;

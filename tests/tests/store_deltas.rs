@@ -236,8 +236,9 @@ fn a_large_renamed_file_comes_through_a_solid_segment_of_its_own() {
     let master = Master::with_store(&images, &s.join("mstate"), "s3://bkt/fleet", &["--cache-level", "3"], &s3.env());
     // A host installed at v1 by other means (no state from an earlier pass: syncd hashes the
     // old list itself to offer it as the base).
-    let root = s.join("root");
+    let (root, damaged) = (s.join("root"), s.join("damaged"));
     cp_a(&v1, &root);
+    cp_a(&v1, &damaged);
 
     // The next release renames the list and bumps one package in 20. The list grows, so no
     // host file has its size: syncd hashes the old list only as a base candidate.
@@ -262,4 +263,17 @@ fn a_large_renamed_file_comes_through_a_solid_segment_of_its_own() {
     let whole = zstd::encode_all(&new[..], 3).unwrap().len() as f64;
     let wire = wire_bytes(&out);
     assert!(wire < whole / 4.0, "{wire} bytes on the wire, {whole} for the list compressed whole");
+
+    // A segment that does not decode: the list comes from its chunks (it is not stored whole),
+    // still from the store, and never from the master (the fallback is off).
+    let segment = segments.iter().find(|f| !f.ends_with("index")).unwrap();
+    let mut frame = std::fs::read(segment).unwrap();
+    let mid = frame.len() / 2;
+    frame[mid] ^= 0xff;
+    std::fs::write(segment, &frame).unwrap();
+    let out = sync_env(&master, &damaged, &["--object-store-fallback", "false"], &s3.env());
+    out.expect_code(0, &[&damaged]);
+    assert_converged(&v2, &damaged, &out);
+    assert_eq!(count(&out, " through the solid delta"), 0, "{}", out.summary());
+    assert_eq!(count(&out, " rebuilt from chunks"), 1, "{}", out.summary());
 }
