@@ -154,7 +154,7 @@ REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet
     echo
     echo "- machine: $(nproc) cores, kernel $(uname -r); scratch on $(findmnt -n -o FSTYPE -T "$S" 2>/dev/null || echo '?'); source rev: $REV"
     echo "- corpus: $MIB MiB seeded pseudo-random (Python random.Random(25)); changed bytes: $CHANGED"
-    echo "- syncd ($TARGET): \`syncd sync\` from a copy of v1 to v2; master \`--object-store s3://bkt/lf --chunk-threshold 16MiB --cache-level 3\`, s3s-fs 0.14.1 on loopback"
+    echo "- syncd (${PROFILE:-release} build): \`syncd sync\` from a copy of v1 to v2; master \`--object-store s3://bkt/lf --chunk-threshold 16MiB --cache-level 3\`, s3s-fs 0.14.1 on loopback"
     echo "- rsync: $(rsync --version | head -1); daemon on loopback, \`rsync -a --no-whole-file --stats\` into a copy of v1"
     echo "- master upload: $UPLOAD_LINES" | tr '\n' ' '; echo
     echo "- runs: $RUNS"
