@@ -98,12 +98,6 @@ impl<'a> Gone<'a> {
         self.most_alike(path, |c| c.size >= min)
     }
 
-    /// Like [`Gone::base_for`] for a large object in a solid delta: a gone file of
-    /// [`MIN_DELTA_BYTES`] to [`MAX_SOLID_BYTES`].
-    pub fn large_base_for(&self, path: &RelPath) -> Option<Candidate<'a>> {
-        self.most_alike(path, |c| large_base_fits(c.size))
-    }
-
     fn most_alike(&self, path: &RelPath, fits: impl Fn(&Candidate<'a>) -> bool) -> Option<Candidate<'a>> {
         let name = path.file_name();
         let mut best: Option<(usize, Candidate<'a>)> = None;
@@ -126,15 +120,23 @@ pub fn choose<'a>(
     same: Option<Candidate<'a>>,
     gone: &Gone<'a>,
 ) -> Option<Candidate<'a>> {
-    match same {
-        Some(c) if c.hash != *hash => usable(size, c.size).then_some(c),
-        Some(_) => None,
-        None => gone.base_for(path, size),
-    }
+    choose_by(path, hash, same, gone, |base| usable(size, base))
 }
 
-fn large_base_fits(size: u64) -> bool {
-    (MIN_DELTA_BYTES..=MAX_SOLID_BYTES).contains(&size)
+/// `same` if it has other content and its size `fits`, else (no old file at the path) the most
+/// alike gone file beside it whose size `fits`.
+fn choose_by<'a>(
+    path: &RelPath,
+    hash: &Hash,
+    same: Option<Candidate<'a>>,
+    gone: &Gone<'a>,
+    fits: impl Fn(u64) -> bool,
+) -> Option<Candidate<'a>> {
+    match same {
+        Some(c) if c.hash != *hash => fits(c.size).then_some(c),
+        Some(_) => None,
+        None => gone.most_alike(path, |c| fits(c.size)),
+    }
 }
 
 /// The base of a new file of `size` bytes over [`MAX_DELTA_BYTES`] (and at most
@@ -153,11 +155,7 @@ pub fn choose_large<'a>(
     if size <= MAX_DELTA_BYTES || size > MAX_SOLID_BYTES {
         return None;
     }
-    match same {
-        Some(c) if c.hash != *hash => large_base_fits(c.size).then_some(c),
-        Some(_) => None,
-        None => gone.large_base_for(path),
-    }
+    choose_by(path, hash, same, gone, |base| (MIN_DELTA_BYTES..=MAX_SOLID_BYTES).contains(&base))
 }
 
 #[cfg(test)]

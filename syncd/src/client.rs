@@ -529,8 +529,7 @@ impl Master {
         bases: Option<Bases>,
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
-        let offered: Vec<Option<Hash>> =
-            bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
+        let offered = Bases::offered(bases.as_ref());
         let bases_req = if offered.iter().any(Option::is_some) { offered } else { Vec::new() };
         let hashes: Vec<Hash> = objects.iter().map(|(h, _)| *h).collect();
         let (tx, received, stream) = start_stream(objects, bases, None);
@@ -560,8 +559,7 @@ impl Master {
         rt: &tokio::runtime::Handle,
     ) -> ObjectStream {
         let tally = Arc::new(StoreTally { url: src.store.url.clone(), ..StoreTally::default() });
-        let offered: Vec<Option<Hash>> =
-            bases.as_ref().map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default();
+        let offered = Bases::offered(bases.as_ref());
         // The solid delta is read beneath the same root as the bases.
         let solid_src = match (&src.solid, &bases) {
             (Some(to), Some(b)) => {
@@ -1271,6 +1269,13 @@ pub struct Bases {
     /// [`Plan::solid_bases`](crate::plan::Plan::solid_bases)).
     pub solid: Vec<(manifest::RelPath, Hash)>,
     pub read: throttle::Limiter,
+}
+
+impl Bases {
+    /// The content hash offered as a base for each object (empty without bases).
+    fn offered(bases: Option<&Bases>) -> Vec<Option<Hash>> {
+        bases.map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default()
+    }
 }
 
 /// How the current object's delta stands in the decode stage.

@@ -245,18 +245,32 @@ pub(crate) fn read_checked(image: &Image, rel: &manifest::RelPath, size: u64, ha
 /// One zstd frame of `data` with `base` as its (raw content) dictionary, as `zstd --patch-from`
 /// makes: the window spans base and data, and long-distance matching finds far matches.
 pub fn delta_frame(base: &[u8], data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-    use zstd::zstd_safe::{CCtx, CParameter};
-    let err = |what: &str, code: usize| {
-        std::io::Error::other(format!("zstd {what}: {}", zstd::zstd_safe::get_error_name(code)))
-    };
     let window = manifest::delta::window_log(base.len() as u64, data.len() as u64);
+    let mut cctx = long_cctx(level, window)?;
+    cctx.load_dictionary(base).map_err(|c| zstd_err("dictionary", c))?;
+    compress_with(&mut cctx, data)
+}
+
+/// A zstd error code as an I/O error naming the step that failed.
+pub(crate) fn zstd_err(what: &str, code: usize) -> std::io::Error {
+    std::io::Error::other(format!("zstd {what}: {}", zstd::zstd_safe::get_error_name(code)))
+}
+
+/// A compression context at `level` with a window of `2^window_log` bytes and long-distance
+/// matching, as `zstd --patch-from --long` sets it up (the delta and solid frames).
+pub(crate) fn long_cctx(level: i32, window_log: u32) -> std::io::Result<zstd::zstd_safe::CCtx<'static>> {
+    use zstd::zstd_safe::{CCtx, CParameter};
     let mut cctx = CCtx::create();
-    cctx.set_parameter(CParameter::CompressionLevel(level)).map_err(|c| err("level", c))?;
-    cctx.set_parameter(CParameter::WindowLog(window)).map_err(|c| err("window", c))?;
-    cctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(|c| err("long matching", c))?;
-    cctx.load_dictionary(base).map_err(|c| err("dictionary", c))?;
+    cctx.set_parameter(CParameter::CompressionLevel(level)).map_err(|c| zstd_err("level", c))?;
+    cctx.set_parameter(CParameter::WindowLog(window_log)).map_err(|c| zstd_err("window", c))?;
+    cctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(|c| zstd_err("long matching", c))?;
+    Ok(cctx)
+}
+
+/// `data` as one frame from `cctx`.
+pub(crate) fn compress_with(cctx: &mut zstd::zstd_safe::CCtx<'_>, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
-    cctx.compress2(&mut out, data).map_err(|c| err("compression", c))?;
+    cctx.compress2(&mut out, data).map_err(|c| zstd_err("compression", c))?;
     Ok(out)
 }
 

@@ -26,7 +26,7 @@ use manifest::solid::{self, Index, New};
 use manifest::Hash;
 use object_store::ObjectStoreExt;
 
-use crate::objcache::{delta_frame, delta_jobs, read_checked, upgrade_objects};
+use crate::objcache::{compress_with, delta_frame, delta_jobs, long_cctx, read_checked, upgrade_objects, zstd_err};
 use crate::objstore::ObjectStoreTarget;
 use crate::Image;
 
@@ -256,19 +256,11 @@ fn segment_frame(
 /// One zstd frame of `content` with `reference` as its raw-content prefix, as `zstd
 /// --patch-from --long` makes it.
 pub fn solid_frame(reference: &[u8], content: &[u8], window_log: u32, level: i32) -> std::io::Result<Vec<u8>> {
-    use zstd::zstd_safe::{CCtx, CParameter};
-    let err = |what: &str, code: usize| {
-        std::io::Error::other(format!("zstd {what}: {}", zstd::zstd_safe::get_error_name(code)))
-    };
-    let mut cctx = CCtx::create();
-    cctx.set_parameter(CParameter::CompressionLevel(level)).map_err(|c| err("level", c))?;
-    cctx.set_parameter(CParameter::WindowLog(window_log)).map_err(|c| err("window", c))?;
-    cctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(|c| err("long matching", c))?;
-    cctx.set_parameter(CParameter::ContentSizeFlag(true)).map_err(|c| err("content size", c))?;
-    cctx.ref_prefix(reference).map_err(|c| err("prefix", c))?;
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(content.len()));
-    cctx.compress2(&mut out, content).map_err(|c| err("compression", c))?;
-    Ok(out)
+    use zstd::zstd_safe::CParameter;
+    let mut cctx = long_cctx(level, window_log)?;
+    cctx.set_parameter(CParameter::ContentSizeFlag(true)).map_err(|c| zstd_err("content size", c))?;
+    cctx.ref_prefix(reference).map_err(|c| zstd_err("prefix", c))?;
+    compress_with(&mut cctx, content)
 }
 
 #[cfg(test)]
