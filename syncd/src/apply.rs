@@ -117,6 +117,15 @@ pub struct ApplyStats {
     pub cancelled: bool,
     /// True if staging stopped because the filesystem ran out of space (or quota).
     pub no_space: bool,
+    /// Files staged as hard links to local store objects (prefetched or kept content).
+    pub store_links: u64,
+    /// Files copied from local store objects (a second path with the same content, or the
+    /// store on another filesystem).
+    pub store_copies: u64,
+    /// Old files kept in the local store before the commit replaced or deleted them, and
+    /// those that could not be kept (a later local rollback needs the master for them).
+    pub kept_old: u64,
+    pub keep_failed: u64,
 }
 
 /// What the apply did: which plan changes succeeded, and the failures.
@@ -141,6 +150,8 @@ enum Location {
     /// by the flushing thread). No directory descriptor is kept: see [`Held`].
     Staged(String, RelPath),
     Committed(RelPath),
+    /// An object of the local store.
+    Store(Hash),
 }
 
 /// What the flushing thread did with a sealed batch: `Err` if its `syncfs` failed (nothing
@@ -221,8 +232,11 @@ struct Applier<'a> {
     plan: &'a Plan,
     staging: Staging,
     objects: ObjectStream,
-    master: Master,
+    /// `None` for a pass with no network (a commit from the local store, a rollback).
+    master: Option<Master>,
     rt: tokio::runtime::Handle,
+    /// The local store: content is linked from it, and old content kept in it.
+    store: Option<Arc<crate::store::Store>>,
     out: Outcome,
     /// Directories that could not be made: everything beneath them is skipped.
     failed_dirs: Vec<RelPath>,
@@ -272,8 +286,9 @@ pub fn apply(
     plan: &Plan,
     staging: Staging,
     objects: ObjectStream,
-    master: Master,
+    master: Option<Master>,
     rt: tokio::runtime::Handle,
+    store: Option<Arc<crate::store::Store>>,
     cancel: Option<Arc<AtomicBool>>,
     throttle: &throttle::Throttle,
 ) -> Outcome {
@@ -293,6 +308,7 @@ pub fn apply(
         objects,
         master,
         rt,
+        store,
         out: Outcome { done: vec![false; plan.changes.len()], ..Outcome::default() },
         failed_dirs: Vec::new(),
         failed: HashSet::new(),
@@ -329,6 +345,9 @@ pub fn apply(
             if a.stopped() || a.halt.is_some() {
                 timed(&mut a, "rolled back", Applier::roll_back);
             } else {
+                if a.store.is_some() {
+                    timed(&mut a, "old content kept", Applier::keep_old);
+                }
                 timed(&mut a, "committed", Applier::commit_held);
             }
         }
@@ -812,6 +831,9 @@ impl Applier<'_> {
                 }
             }
         }
+        if let Some(temp) = self.link_from_store(&dir, new)? {
+            return Ok((dir, temp));
+        }
         let (file, temp) = fsops::create_temp_file(dir.as_fd())?;
         let r = self.fill(file, new, source);
         match r {
@@ -820,6 +842,84 @@ impl Applier<'_> {
                 let _ = rustix::fs::unlinkat(&*dir, temp.as_str(), AtFlags::empty());
                 Err(e)
             }
+        }
+    }
+
+    /// The new file as a hard link to the local store's object for its content (verified),
+    /// given the entry's metadata, under a temp name beside its path; `None` when the store
+    /// does not have it (or lent it to another path this pass).
+    fn link_from_store(&mut self, dir: &Arc<OwnedFd>, new: &Entry) -> io::Result<Option<String>> {
+        let (Some(store), Some(hash)) = (self.store.as_ref(), new.hash) else { return Ok(None) };
+        if new.size == 0 {
+            return Ok(None);
+        }
+        let temp = match store.link_into(&hash, dir, &self.throttle.read) {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(None),
+            Err(e) if is_systemic(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(path = %new.path, "cannot link the content from the local store: {e}; copying it");
+                return Ok(None);
+            }
+        };
+        let r = fsops::open_regular_sized(dir.as_fd(), temp.as_str()).and_then(|(f, size)| {
+            if size != new.size {
+                return Err(io::Error::other("the local store object changed size"));
+            }
+            fsops::set_fd_meta(f.as_fd(), &new.meta, MetaParts::ALL)
+        });
+        match r {
+            Ok(()) => {
+                self.out.stats.store_links += 1;
+                Ok(Some(temp))
+            }
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(&**dir, temp.as_str(), AtFlags::empty());
+                Err(e)
+            }
+        }
+    }
+
+    /// Whole-tree staging with a local store, once everything is staged: the old content of
+    /// every regular file the commit replaces or deletes is kept in the store (a hard link to
+    /// its inode), so a local rollback can put it back.
+    fn keep_old(&mut self) {
+        let Some(store) = self.store.clone() else { return };
+        for c in &self.plan.changes {
+            let Some(old) = c.op.old_entry() else { continue };
+            let replaced = match &c.op {
+                Op::Delete { .. } | Op::Replace { .. } => true,
+                Op::Update { diff, .. } => diff.needs_new_inode(),
+                Op::Create { .. } => false,
+            };
+            if !replaced || old.entry.kind != Kind::File || old.entry.size == 0 || old.mount_point {
+                continue;
+            }
+            let r = self.root.parent(&c.path).and_then(|(dir, name)| {
+                let hash = match old.entry.hash {
+                    Some(h) => h,
+                    None => {
+                        let f = fsops::open_regular(dir.as_fd(), name)?;
+                        let mut h = blake3::Hasher::new();
+                        manifest::scan::for_each_read(throttle::Throttled::new(&f, &self.throttle.read), |b| {
+                            h.update(b);
+                            Ok(())
+                        })?;
+                        Hash(*h.finalize().as_bytes())
+                    }
+                };
+                store.keep(&hash, &dir, name, &self.throttle.write)
+            });
+            match r {
+                Ok(()) => self.out.stats.kept_old += 1,
+                Err(e) => {
+                    self.out.stats.keep_failed += 1;
+                    tracing::warn!(path = %c.path, "cannot keep the old content in the local store: {e}; a local rollback will need the master for it");
+                }
+            }
+        }
+        if let Err(e) = store.flush() {
+            tracing::warn!(store = %store.path().display(), "cannot save the local store's index: {e}");
         }
     }
 
@@ -877,10 +977,17 @@ impl Applier<'_> {
         if let Some(l) = self.materialized.get(&hash) {
             candidates.push(l.clone());
         }
+        if self.store.as_ref().is_some_and(|s| s.has(&hash)) {
+            candidates.push(Location::Store(hash));
+        }
         for loc in candidates {
             match self.copy_local(&loc, w).and_then(|n| w.check(hash).map(|()| n)) {
                 Ok(n) => {
-                    self.out.stats.local_copies += 1;
+                    if matches!(loc, Location::Store(_)) {
+                        self.out.stats.store_copies += 1;
+                    } else {
+                        self.out.stats.local_copies += 1;
+                    }
                     self.out.stats.local_bytes += n;
                     return Ok(());
                 }
@@ -928,9 +1035,13 @@ impl Applier<'_> {
             w.reset()?;
         }
         // 3. A fetch of this one object.
+        let Some(master) = self.master.as_ref() else {
+            errors.push("not in the local store, and this pass does not reach the master".into());
+            return Err(io::Error::other(errors.join("; ")));
+        };
         if !self.out.stats.master_lost {
             tracing::debug!(hash = %hash, errors = ?errors, "fetching one object on its own");
-            let mut one = self.master.spawn_fetch_aside(vec![(hash, w.limit())], &self.rt);
+            let mut one = master.spawn_fetch_aside(vec![(hash, w.limit())], &self.rt);
             let r = one.next_into(hash, w.limit(), Some(&mut *w));
             self.out.stats.wire_bytes += one.wire_bytes;
             if r.is_ok() {
@@ -999,6 +1110,11 @@ impl Applier<'_> {
                 let (dir, name) = self.root.parent(p)?;
                 fsops::open_regular(dir.as_fd(), name)?
             }
+            Location::Store(h) => self
+                .store
+                .as_ref()
+                .ok_or_else(|| io::Error::other("no local store"))?
+                .open_object(h, &self.throttle.read)?,
         };
         fsops::copy(throttle::Throttled::new(file, &self.throttle.read), w)
     }

@@ -1597,6 +1597,23 @@ pub struct ObjectStream {
 }
 
 impl ObjectStream {
+    /// A stream with no objects, for a pass whose content all comes from the host (a commit
+    /// from the local store, a rollback): nothing is requested and nothing is read.
+    pub fn empty() -> ObjectStream {
+        let (_tx, rx) = queue::bounded::<Result<Piece, String>>(1, 1);
+        ObjectStream {
+            rx,
+            broken: None,
+            abandoned: None,
+            wire_bytes: 0,
+            objects: 0,
+            bytes: 0,
+            deltas: 0,
+            waited: Stopwatch::default(),
+            store: None,
+        }
+    }
+
     /// Reads the stream to its end, so its HTTP/2 stream closes cleanly instead of being
     /// reset: a server counts resets, and a host that reset many single-object fetches would
     /// be told to go away (ENHANCE_YOUR_CALM), taking the main stream with it.

@@ -98,6 +98,18 @@ pub struct Config {
     /// version: `[[health]]` tables.
     #[serde(default)]
     pub health: Vec<triggers::health::HealthDef>,
+    /// Failing health checks are retried for this long after a commit; if they still fail,
+    /// the host rolls back locally to the previous version (default: no retry, no rollback).
+    pub health_grace: Option<String>,
+    /// `syncd run`: "immediately" (default) applies a new version as soon as it is fetched;
+    /// "window" prefetches it into the local store and commits it in a `commit_window`.
+    pub apply: Option<String>,
+    /// `apply = "window"`: when a commit may happen, e.g. ["Sat 02:00-04:00 Europe/Berlin"].
+    #[serde(default)]
+    pub commit_window: Vec<String>,
+    /// Bound on the local store's own bytes (prefetched and kept content), e.g. "4GiB"
+    /// (default: none, only the free space).
+    pub store_max_bytes: Option<ByteRate>,
 }
 
 /// A byte rate as written in the config: `"20MiB"` or a bare number of bytes.

@@ -32,6 +32,117 @@ pub struct DaemonOptions {
     pub announce_jitter: Duration,
     /// Longest wait between reconnects or retries.
     pub max_backoff: Duration,
+    /// When a new version is applied.
+    pub apply: Apply,
+}
+
+/// When `syncd run` applies a new version.
+#[derive(Clone, Debug, Default)]
+pub enum Apply {
+    /// As soon as a pass fetches it (the pass stages it whole, then commits).
+    #[default]
+    Immediately,
+    /// Prefetched into the local store at once, committed from it when a window opens; until
+    /// then the passes reconcile the host against its current version.
+    Window(Vec<crate::window::Window>),
+}
+
+/// A daemon pass's result, and how soon the next must run (a commit window opening).
+type PassOutcome = (Result<PassReport, SyncError>, Option<Duration>);
+
+/// One daemon pass, and how soon the next must run whatever the schedule says (a commit
+/// window opening).
+async fn daemon_pass(o: SyncOptions, apply: Apply) -> PassOutcome {
+    let store = match crate::store::Store::open(&o.state_dir, &o.root) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot open the local store: {e}");
+            None
+        }
+    };
+    let state = store.as_ref().map(|s| s.state()).unwrap_or_default();
+    match apply {
+        Apply::Immediately => {
+            if let (Some(r), Some(st)) = (&state.refused, &store) {
+                match refused_target(&o, r).await {
+                    Ok(true) => return (pinned_refused(&o, r).await, None),
+                    Ok(false) => clear_refused(st),
+                    Err(e) => return (Err(e), None),
+                }
+            }
+            (crate::converge(&o).await, None)
+        }
+        Apply::Window(ws) => {
+            let pre = match crate::prefetch_once(&o).await {
+                Ok(p) => p,
+                Err(e) => return (Err(e), None),
+            };
+            tracing::info!("{}", pre.summary());
+            if let Some(r) = &pre.refused {
+                return (pinned_refused(&o, r).await, None);
+            }
+            if pre.up_to_date {
+                return (crate::converge(&o).await, None);
+            }
+            let now = jiff::Timestamp::now();
+            if crate::window::any_open(&ws, now) {
+                tracing::info!(version = pre.version, "commit window open: committing the prefetched version");
+                return (crate::commit_once(&o).await, None);
+            }
+            let next = crate::window::next_open(&ws, now);
+            let wait = next
+                .map(|t| Duration::from_secs_f64((t.as_millisecond() - now.as_millisecond()).max(0) as f64 / 1000.0));
+            tracing::info!(version = pre.version, next_window = %next.map(|t| t.to_string()).unwrap_or_default(), "prefetched; waiting for the commit window, reconciling against the current version meanwhile");
+            let mut p = o.clone();
+            p.mode = crate::Mode::Pinned;
+            let r = match state.current {
+                Some(_) => crate::sync_once(&p).await,
+                None => Err(SyncError::Local(format!(
+                    "image v{} is prefetched and waits for the commit window; the local store keeps no current version to reconcile against meanwhile",
+                    pre.version
+                ))),
+            };
+            (r, wait)
+        }
+    }
+}
+
+/// Whether the master still targets the refused version `r` (the header alone, when the host
+/// holds that manifest).
+async fn refused_target(o: &SyncOptions, r: &crate::store::Refused) -> Result<bool, SyncError> {
+    let m = client::Master::connect(&o.master, &o.transport).await?;
+    let cached =
+        o.index.then(|| crate::mcache::path(&o.state_dir, &o.root)).and_then(|p| crate::mcache::peek_identity(&p));
+    let got = m.manifest(&o.host_id, cached.as_ref()).await?;
+    Ok(got.identity.to_hex() == r.identity)
+}
+
+fn clear_refused(st: &crate::store::Store) {
+    let mut s = st.state();
+    if let Some(r) = s.refused.take() {
+        tracing::info!(
+            version = r.version,
+            "the master targets another version: the one rolled back may be taken again"
+        );
+        let _ = st.save_state(&s);
+    }
+}
+
+/// A pass against the current version the local store keeps, while the master still targets
+/// the version this host rolled back: reported `rolled-back`.
+async fn pinned_refused(o: &SyncOptions, r: &crate::store::Refused) -> Result<PassReport, SyncError> {
+    let mut p = o.clone();
+    p.mode = crate::Mode::Pinned;
+    let mut rep = crate::sync_once(&p).await?;
+    rep.rolled_back = Some(crate::RolledBack {
+        to: Ok((rep.image_version, rep.identity)),
+        summary: format!(
+            "image v{} was rolled back on this host ({}); not taken again until the master targets another version",
+            r.version, r.reason
+        ),
+        triggers: Vec::new(),
+    });
+    Ok(rep)
 }
 
 /// When the next pass and the next reconnect are due. Pure: no clock reads, no I/O.
@@ -128,6 +239,7 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
                     exit::UNREACHABLE => "unreachable",
                     exit::TRIGGER_FAILED => "trigger-failed",
                     exit::HEALTH_FAILED => "health-failed",
+                    exit::ROLLED_BACK => "rolled-back",
                     exit::NO_SPACE => "no-space",
                     _ => "error",
                 }
@@ -205,7 +317,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     let mut watch: Option<tonic::Streaming<pb::VersionAnnouncement>> = None;
     let mut reconnect_at = Instant::now();
     let mut connecting: Option<JoinHandle<Result<tonic::Streaming<pb::VersionAnnouncement>, SyncError>>> = None;
-    let mut pass: Option<JoinHandle<Result<PassReport, SyncError>>> = None;
+    let mut pass: Option<JoinHandle<PassOutcome>> = None;
     // The last pass's report, while it is being sent.
     let mut reporting: Option<JoinHandle<()>> = None;
     tracing::info!(master = %url, root = %opts.sync.root.display(), interval = ?opts.reconcile_interval, "syncd daemon starting");
@@ -261,11 +373,12 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 let o = opts.sync.clone();
                 // Far in the future until this pass ends and says when the next one is due.
                 sched.next_pass = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-                pass = Some(tokio::spawn(async move { crate::sync_once(&o).await }));
+                let apply = opts.apply.clone();
+                pass = Some(tokio::spawn(daemon_pass(o, apply)));
             }
             done = async { pass.as_mut().expect("guarded").await }, if pass.is_some() => {
                 pass = None;
-                let r = done.map_err(|e| SyncError::Internal(format!("pass task failed: {e}")))?;
+                let (r, wake) = done.map_err(|e| SyncError::Internal(format!("pass task failed: {e}")))?;
                 log_pass(&r);
                 let converged_to = match &r {
                     Ok(rep) if matches!(rep.exit_code(), exit::OK | exit::TRIGGER_FAILED | exit::HEALTH_FAILED) => {
@@ -273,15 +386,27 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                     }
                     _ => None,
                 };
+                // The host stays at its current version on purpose (a prefetched version waits
+                // for its window, or the announced one was rolled back here): the announcement
+                // is answered, and no pass is started early for it.
+                let holding = wake.is_some() || matches!(&r, Ok(rep) if rep.rolled_back.is_some());
+                let converged_to = if holding { sched.announced.or(converged_to) } else { converged_to };
                 // A failed health check is not retried early: the host did converge, and its
                 // checks run once per new version, so a retry would only report the stored
                 // failure again. It counts as converged for scheduling.
                 let retry = match &r {
-                    Ok(rep) => !matches!(rep.exit_code(), exit::OK | exit::HEALTH_FAILED) || !rep.deferred.is_empty(),
+                    Ok(rep) => {
+                        !matches!(rep.exit_code(), exit::OK | exit::HEALTH_FAILED | exit::ROLLED_BACK)
+                            || !rep.deferred.is_empty()
+                    }
                     Err(_) => true,
                 };
                 let reconcile = opts.reconcile_interval + jitter(opts.reconcile_jitter);
                 sched.pass_done(Instant::now(), converged_to, retry, reconcile);
+                if let Some(w) = wake {
+                    // The commit window opens before the next reconcile.
+                    sched.next_pass = sched.next_pass.min(Instant::now() + w);
+                }
                 // The master keeps a host's latest result only: a report still on its way
                 // (or still being retried) is superseded. Safe to drop even when it was a
                 // failure: the stored health verdict goes into every report of its version.
@@ -301,7 +426,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     if let Some(mut p) = pass.take() {
         tracing::info!("stopping: letting the current file finish");
         match tokio::time::timeout(STOP_GRACE, &mut p).await {
-            Ok(Ok(r)) => {
+            Ok(Ok((r, _))) => {
                 log_pass(&r);
                 if let Some(old) = reporting.take() {
                     old.abort();
@@ -451,6 +576,7 @@ mod tests {
             would_fire: Vec::new(),
             walk_only: None,
             duration: Duration::ZERO,
+            rolled_back: None,
         }
     }
 

@@ -188,6 +188,8 @@ pub fn error_code(e: &SyncError) -> u8 {
         SyncError::BadManifest(_) | SyncError::Untrusted(_) => code::BAD_MANIFEST,
         SyncError::Lock(crate::lock::LockError::Busy { .. }) => code::BUSY,
         SyncError::Lock(_) => code::CONFIG,
-        SyncError::NoSpace { .. } | SyncError::Internal(_) => code::INTERNAL,
+        SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } | SyncError::Local(_) | SyncError::Internal(_) => {
+            code::INTERNAL
+        }
     }
 }

@@ -162,7 +162,7 @@ pub async fn after_pass(opts: &SyncOptions, report: &mut PassReport) {
         return;
     }
     let path = record_path(&opts.state_dir, &opts.root);
-    check_or_recall(&opts.health, &path, opts.cancel.clone(), report).await;
+    check_or_recall(&opts.health, &path, opts.cancel.clone(), opts.health_grace, report).await;
 }
 
 /// [`after_pass`] for a real pass with checks configured, the record at `path`.
@@ -170,6 +170,7 @@ async fn check_or_recall(
     checks: &[HealthCheck],
     path: &Path,
     cancel: Option<Arc<AtomicBool>>,
+    grace: Option<Duration>,
     report: &mut PassReport,
 ) {
     let (version, identity) = (report.image_version, report.identity);
@@ -194,7 +195,10 @@ async fn check_or_recall(
     let checks = checks.to_vec();
     let stopping = move || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
     // Blocking: each check is waited for (at most its timeout and the kill grace).
-    let ran = tokio::task::spawn_blocking(move || {
+    // With `health_grace`, failing checks are run again until they pass or the grace is over:
+    // a service may take a while to come back after its reload.
+    let deadline = std::time::Instant::now() + grace.unwrap_or_default();
+    let ran = tokio::task::spawn_blocking(move || loop {
         let mut results = Vec::new();
         for c in &checks {
             // A daemon told to stop does not start another check: its shutdown would wait
@@ -204,7 +208,21 @@ async fn check_or_recall(
             }
             results.push(triggers::health::run(c, version));
         }
-        (results, true)
+        let now = std::time::Instant::now();
+        if results.iter().all(|r| r.ok) || now >= deadline {
+            return (results, true);
+        }
+        let wait = (deadline - now).min(grace.unwrap_or_default() / 10).clamp(Duration::from_millis(200), Duration::from_secs(10));
+        if let Some(h) = results.iter().find(|r| !r.ok) {
+            tracing::info!(check = %h.name, "health check failed ({}); trying again in {wait:.1?}, within health_grace", h.status);
+        }
+        let until = now + wait;
+        while std::time::Instant::now() < until {
+            if stopping() {
+                return (results, false);
+            }
+            std::thread::sleep(Duration::from_millis(100).min(until.saturating_duration_since(std::time::Instant::now())));
+        }
     })
     .await;
     let (results, all) = match ran {
@@ -329,6 +347,7 @@ mod tests {
             would_fire: Vec::new(),
             walk_only: None,
             duration: Duration::ZERO,
+            rolled_back: None,
         }
     }
 
@@ -352,13 +371,13 @@ mod tests {
         let count = || std::fs::read_to_string(&runs).unwrap_or_default().lines().count();
 
         let mut first = report(7, Hash([7; 32]));
-        check_or_recall(&checks, &path, None, &mut first).await;
+        check_or_recall(&checks, &path, None, None, &mut first).await;
         assert_eq!(count(), 1);
         assert_eq!(first.exit_code(), exit::HEALTH_FAILED);
         assert!(first.health_stored_at.is_none(), "these results were run by this pass");
 
         let mut second = report(7, Hash([7; 32]));
-        check_or_recall(&checks, &path, None, &mut second).await;
+        check_or_recall(&checks, &path, None, None, &mut second).await;
         assert_eq!(count(), 1, "the check ran again for the same version");
         assert_eq!(second.exit_code(), exit::HEALTH_FAILED, "the stored failure is this pass's verdict too");
         let at = second.health_stored_at.expect("stored results are marked as such");
@@ -381,22 +400,22 @@ mod tests {
         // A pass that did not converge carries nothing (its own failure is the verdict).
         let mut partial = report(7, Hash([7; 32]));
         partial.scan_failures.push(crate::apply::Failure { path: "etc/x".into(), error: "unreadable".into() });
-        check_or_recall(&checks, &path, None, &mut partial).await;
+        check_or_recall(&checks, &path, None, None, &mut partial).await;
         assert!(partial.health.is_empty());
 
         // A check no longer configured no longer holds the host failed.
         let mut third = report(7, Hash([7; 32]));
-        check_or_recall(&checks[..1], &path, None, &mut third).await;
+        check_or_recall(&checks[..1], &path, None, None, &mut third).await;
         assert_eq!(summary(&third.health).len(), 1);
         assert_eq!(third.exit_code(), exit::OK);
 
         // A new version runs the checks again, and replaces the stored verdict.
         let fixed = [check("web", "exit 0"), check("app", &format!("echo run >> {}", runs.display()))];
         let mut next = report(8, Hash([8; 32]));
-        check_or_recall(&fixed, &path, None, &mut next).await;
+        check_or_recall(&fixed, &path, None, None, &mut next).await;
         assert_eq!((count(), next.exit_code()), (2, exit::OK));
         let mut again = report(8, Hash([8; 32]));
-        check_or_recall(&fixed, &path, None, &mut again).await;
+        check_or_recall(&fixed, &path, None, None, &mut again).await;
         assert_eq!((count(), again.exit_code()), (2, exit::OK));
         assert!(again.health.iter().all(|h| h.ok) && again.health.len() == 2);
     }

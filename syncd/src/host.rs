@@ -32,6 +32,7 @@ pub fn hash(
     manifest: &Manifest,
     read: &throttle::Limiter,
     delta_bases: bool,
+    every_file: bool,
 ) -> (HostTree, Vec<ScanError>) {
     let t = std::time::Instant::now();
     let mut errors = std::mem::take(&mut s.errors);
@@ -108,6 +109,12 @@ pub fn hash(
                 errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
             }
         }
+    }
+    // A prefetch: every host file not yet hashed (the ones the commit will replace or delete),
+    // so the commit can keep their old content under its hash without reading it then.
+    if every_file {
+        let want: Vec<bool> = s.entries.iter().map(|h| h.entry.size > 0 && !h.mount_point).collect();
+        errors.extend(scan::hash_selected(root, &mut s.entries, read, &want));
     }
     tracing::debug!(secs = t.elapsed().as_secs_f64(), missing, "host hashing done");
     // Files that changed while hashed simply stay unhashed: the plan replaces them.

@@ -11,14 +11,18 @@ pub mod drift;
 pub mod fsops;
 pub mod health;
 pub mod host;
+pub mod local;
 pub mod lock;
 pub mod mcache;
 pub mod plan;
 pub mod queue;
 pub mod root;
 mod solid;
+pub mod status;
+pub mod store;
 pub mod trust;
 pub mod unchanged;
+pub mod window;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -28,6 +32,7 @@ use manifest::Hash;
 
 use crate::apply::{Failure, Outcome};
 use crate::plan::Plan;
+pub use local::{commit_once, converge, prefetch_once, rollback_once, PrefetchReport};
 
 /// Exit codes, documented in the README.
 pub mod exit {
@@ -57,6 +62,13 @@ pub mod exit {
     /// verdict is sticky). Not retried early by the daemon. (A failed trigger takes precedence:
     /// that pass exits 5, its health results still reported.)
     pub const HEALTH_FAILED: u8 = 9;
+    /// `syncd commit` or `syncd rollback` could not start: nothing prefetched (or not complete),
+    /// no previous version kept, or a damaged local store. Nothing was changed.
+    pub const LOCAL: u8 = 10;
+    /// The version's health checks kept failing for `health_grace` after it was committed, and
+    /// the host was rolled back locally to the previous version; that version is not taken
+    /// again until the master targets another one.
+    pub const ROLLED_BACK: u8 = 11;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +94,13 @@ pub enum SyncError {
         .root.display(), human_bytes(*.needed), human_bytes(*.free)
     )]
     NoSpace { root: PathBuf, needed: u64, free: u64, needed_inodes: u64, free_inodes: u64 },
+    #[error("{0}")]
+    Local(String),
+    #[error(
+        "not enough free space in the local store {} to prefetch image v{version}: it needs {} and {needed_inodes} inodes (with a margin), and {} and {free_inodes} inodes are free; nothing was written to the root (hint: free some space on that filesystem, or raise store_max_bytes if that is the bound)",
+        .store.display(), human_bytes(*.needed), human_bytes(*.free)
+    )]
+    StoreNoSpace { store: PathBuf, version: u64, needed: u64, free: u64, needed_inodes: u64, free_inodes: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -97,7 +116,8 @@ impl SyncError {
             SyncError::Lock(lock::LockError::Busy { .. }) => exit::BUSY,
             SyncError::Lock(lock::LockError::Io { .. }) => exit::USAGE,
             SyncError::Lock(lock::LockError::Cancelled { .. }) => exit::PARTIAL,
-            SyncError::NoSpace { .. } => exit::NO_SPACE,
+            SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } => exit::NO_SPACE,
+            SyncError::Local(_) => exit::LOCAL,
             SyncError::Internal(_) => exit::PARTIAL,
         }
     }
@@ -135,6 +155,39 @@ pub struct SyncOptions {
     pub staging: apply::Staging,
     /// When another syncd holds the root: wait for it (`--wait`, the daemon) or refuse.
     pub lock_wait: bool,
+    /// Where the pass takes its manifest and content from (see [`Mode`]).
+    pub mode: Mode,
+    /// Health checks are retried for this long after a commit before they count as failed;
+    /// with it set, a version whose checks keep failing is rolled back locally.
+    pub health_grace: Option<Duration>,
+    /// Bound on the local store's own bytes (prefetched and kept content).
+    pub store_max_bytes: Option<u64>,
+}
+
+/// Where a pass takes its manifest and content from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// The master's manifest for this host, content from the master or the object store (and
+    /// the local store).
+    #[default]
+    Network,
+    /// The master's manifest; its content goes into the local store, and the root is not
+    /// touched (`syncd prefetch`).
+    Prefetch,
+    /// The prefetched version, content from the local store only, no master (`syncd commit`).
+    Commit,
+    /// The previous version, content from the local store only, no master (`syncd rollback`).
+    Rollback,
+    /// The current version as the local store keeps it (a reconcile while a newer version waits
+    /// for its window, or after one was rolled back), content from the master.
+    Pinned,
+}
+
+impl Mode {
+    /// Whether the pass talks to the master.
+    pub fn uses_master(self) -> bool {
+        !matches!(self, Mode::Commit | Mode::Rollback)
+    }
 }
 
 /// A short, stable key for `root`, naming its files in the state dir (one host may converge
@@ -175,6 +228,9 @@ struct Started {
     /// The header's `chunk_threshold`: objects this large are stored as chunks (0: none).
     chunk_threshold: u64,
     walk: manifest::scan::Scan,
+    /// The master's exclusion lists for this host, as received (kept with the manifest in the
+    /// local store).
+    lists: Vec<PatternList>,
 }
 
 /// Gets the manifest and walks the host. The manifest comes from the host's cached copy when
@@ -222,6 +278,7 @@ async fn start_pass(
                     object_store_url: got.object_store_url,
                     chunk_threshold: got.chunk_threshold,
                     walk: done,
+                    lists: got.lists,
                 });
             }
             walk = tokio::task::spawn_blocking(move || Ok(done));
@@ -265,8 +322,68 @@ async fn start_pass(
             object_store_url: got.object_store_url,
             chunk_threshold: got.chunk_threshold,
             walk,
+            lists: got.lists,
         });
     }
+}
+
+/// Starts a pass from a version the local store keeps (see [`Mode`]): its manifest (checked
+/// against its identity) and exclusion lists, and the host walk.
+async fn start_local(opts: &SyncOptions, store: &store::Store, local: &[PatternList]) -> Result<Started, SyncError> {
+    let state = store.state();
+    let target = match opts.mode {
+        Mode::Commit => match state.prefetched {
+            Some(p) if p.complete => store::VersionRef { version: p.version, identity: p.identity, at_unix_ms: 0 },
+            Some(p) => {
+                return Err(SyncError::Local(format!(
+                    "the prefetch of image v{} is not complete ({} of {} objects); nothing was changed (hint: run syncd prefetch)",
+                    p.version, p.objects_done, p.objects_total
+                )))
+            }
+            None => {
+                return Err(SyncError::Local(
+                    "nothing is prefetched; nothing was changed (hint: run syncd prefetch first)".into(),
+                ))
+            }
+        },
+        Mode::Rollback => state.previous.clone().ok_or_else(|| {
+            SyncError::Local(format!(
+                "no previous version to roll back to (the local store {} keeps none: a rollback was done already, or no commit replaced a version it kept); nothing was changed",
+                store.path().display()
+            ))
+        })?,
+        _ => state.current.clone().ok_or_else(|| {
+            SyncError::Local("the local store keeps no current version; nothing was changed".into())
+        })?,
+    };
+    let identity = target.hash().ok_or_else(|| {
+        SyncError::Local(format!("the local store's state names a bad identity {:?}", target.identity))
+    })?;
+    let (manifest, lists) = store.load_manifest(&identity, &opts.throttle.read).map_err(|e| {
+        SyncError::Local(format!(
+            "cannot load image v{} from the local store: {e}; nothing was changed",
+            target.version
+        ))
+    })?;
+    let rules = compile_rules(&lists, local)?;
+    let rules_digest = unchanged::rules_digest(&rules);
+    let (root, walk_rules) = (opts.root.clone(), rules.clone());
+    let walk = tokio::task::spawn_blocking(move || host::walk(&root, &walk_rules))
+        .await
+        .map_err(|e| SyncError::Internal(format!("host walk task failed: {e}")))?
+        .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
+    Ok(Started {
+        version: target.version,
+        manifest: Some(manifest),
+        identity,
+        rules,
+        rules_digest,
+        fresh: false,
+        object_store_url: String::new(),
+        chunk_threshold: 0,
+        walk,
+        lists,
+    })
 }
 
 /// Reads and checks the local exclusion files. A broken list is a configuration error:
@@ -320,6 +437,20 @@ pub struct PassReport {
     /// (see [`unchanged`]): the pass stopped there, with `walked` entries seen.
     pub walk_only: Option<usize>,
     pub duration: Duration,
+    /// This version's health checks kept failing for `health_grace`: the host was rolled back
+    /// locally (see [`converge`]).
+    pub rolled_back: Option<RolledBack>,
+}
+
+/// A local rollback after failed health checks.
+#[derive(Debug, Clone)]
+pub struct RolledBack {
+    /// The version gone back to, or why the rollback could not be done.
+    pub to: Result<(u64, Hash), String>,
+    /// The rollback pass's summary line.
+    pub summary: String,
+    /// Triggers the rollback ran, for what changed back.
+    pub triggers: Vec<triggers::run::RunResult>,
 }
 
 impl PassReport {
@@ -349,6 +480,7 @@ impl PassReport {
             Some(o) if o.stats.no_space && o.rolled_back => exit::NO_SPACE,
             _ if self.failures().next().is_some() => exit::PARTIAL,
             _ if self.triggers.iter().any(|t| !t.ok) => exit::TRIGGER_FAILED,
+            _ if self.rolled_back.as_ref().is_some_and(|r| r.to.is_ok()) => exit::ROLLED_BACK,
             _ if self.health.iter().any(|h| !h.ok) => exit::HEALTH_FAILED,
             _ => exit::OK,
         }
@@ -480,12 +612,36 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let access = if opts.dry_run { lock::Access::Shared } else { lock::Access::Exclusive };
     let _lock = lock::acquire(&opts.root, access, opts.lock_wait, opts.cancel.as_ref()).await?;
     let local = load_local_lists(&opts.exclude_from)?;
-    let master =
-        client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
+    let store = open_store(opts)?;
+    let master = match opts.mode.uses_master() {
+        true => Some(
+            client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone()),
+        ),
+        false => None,
+    };
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: connected");
     let applied_record = trust::record_path(&opts.state_dir, &opts.root);
-    let Started { manifest, version, identity, rules, rules_digest, fresh, object_store_url, chunk_threshold, walk } =
-        start_pass(opts, &master, &local, &applied_record).await?;
+    let start = match (opts.mode, &master, &store) {
+        (Mode::Network | Mode::Prefetch, Some(m), _) => start_pass(opts, m, &local, &applied_record).await?,
+        (_, _, Some(st)) => start_local(opts, st, &local).await?,
+        _ => {
+            return Err(SyncError::Config(
+                "a pass from the local store needs a state dir (hint: pass --state-dir or set state_dir)".into(),
+            ))
+        }
+    };
+    let Started {
+        manifest,
+        version,
+        identity,
+        rules,
+        rules_digest,
+        fresh,
+        object_store_url,
+        chunk_threshold,
+        walk,
+        lists,
+    } = start;
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
     // The digest of this walk, recorded if the pass finds the host matching the image.
     let mut walk_digest = None;
@@ -527,6 +683,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         would_fire: Vec::new(),
         walk_only,
         duration: Duration::ZERO,
+        rolled_back: None,
     };
     let firing = triggers::select(&opts.triggers, &trigger_changes(&report.plan));
     if opts.dry_run {
@@ -537,6 +694,38 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             {
                 report.would_fire.push((p.trigger.clone(), p.changes.into_iter().map(|s| s.record).collect()));
             }
+        }
+    }
+    // A pass from the local store refuses before anything changes when the store lacks some
+    // content; a pass from the network fetches none of what the store has.
+    if let (Some(st), false) = (&store, opts.dry_run) {
+        let read = opts.throttle.read.clone();
+        if opts.mode.uses_master() {
+            let dropped = report.plan.drop_fetches(|h| st.has(h) && st.verify(h, &read).unwrap_or(false));
+            if dropped > 0 {
+                tracing::info!(objects = dropped, "taken from the local store instead of fetched");
+            }
+        } else {
+            let missing: Vec<Hash> =
+                report.plan.fetch.iter().map(|(h, _)| *h).filter(|h| !st.verify(h, &read).unwrap_or(false)).collect();
+            if let Some(first) = missing.first() {
+                let path = report
+                    .plan
+                    .changes
+                    .iter()
+                    .find(|c| c.op.new_entry().and_then(|n| n.hash).as_ref() == Some(first))
+                    .map_or_else(|| first.to_hex(), |c| format!("/{}", c.path));
+                return Err(SyncError::Local(format!(
+                    "the local store {} lacks the content of {} files of image v{version} (first: {path}): the host changed since the prefetch, or the store was damaged; nothing was changed (hint: run syncd prefetch again{})",
+                    st.path().display(),
+                    missing.len(),
+                    if opts.mode == Mode::Rollback { ", or let the master send the old version" } else { "" }
+                )));
+            }
+            report.plan.fetch.clear();
+            report.plan.fetch_bases.clear();
+            report.plan.fetch_seeds.clear();
+            report.plan.solid_bases.clear();
         }
     }
     if opts.staging == apply::Staging::Whole && !opts.dry_run && !report.plan.is_empty() {
@@ -580,27 +769,46 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             solid: plan.solid_bases.clone(),
             read: opts.throttle.read.clone(),
         });
-        let master = master
-            .with_store(&object_store_url, &identity)?
-            .with_chunk_threshold(chunk_threshold)
-            .with_solid(report.identity);
-        let objects = master.spawn_fetch(report.plan.fetch.clone(), bases, &rt);
+        let (objects, master) = match master {
+            Some(m) if opts.mode == Mode::Network => {
+                let m = m
+                    .with_store(&object_store_url, &identity)?
+                    .with_chunk_threshold(chunk_threshold)
+                    .with_solid(report.identity);
+                (m.spawn_fetch(report.plan.fetch.clone(), bases, &rt), Some(m))
+            }
+            // The current version kept locally: whole objects (or deltas) from the master.
+            Some(m) => (m.spawn_fetch(report.plan.fetch.clone(), bases, &rt), Some(m)),
+            None => (client::ObjectStream::empty(), None),
+        };
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();
         let throttle = opts.throttle.clone();
         let staging = opts.staging;
-        let (plan, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = apply::apply(root, &manifest, &plan, staging, objects, master, rt, cancel, &throttle);
-            (plan, outcome)
+        let store_for_apply = store.clone().filter(|_| staging == apply::Staging::Whole);
+        let (plan, outcome, manifest) = tokio::task::spawn_blocking(move || {
+            let outcome =
+                apply::apply(root, &manifest, &plan, staging, objects, master, rt, store_for_apply, cancel, &throttle);
+            (plan, outcome, manifest)
         })
         .await
         .map_err(|e| SyncError::Internal(format!("apply task failed: {e}")))?;
         report.plan = plan;
         report.outcome = Some(outcome);
+        if let Some(st) = &store {
+            note_version(opts, st, &report, Some(&manifest), &lists);
+        }
     } else if !opts.dry_run {
         report.outcome = Some(Outcome::default());
     }
-    if let Some(o) = report.outcome.as_mut().filter(|o| !o.rolled_back) {
+    if let (Some(st), Some(o), true) = (&store, &report.outcome, report.plan.is_empty()) {
+        // Nothing to change: the host is at this version (a first pass with the store, or a
+        // reconcile): the store keeps it as current.
+        if !o.rolled_back && report.failures().next().is_none() && opts.mode != Mode::Pinned {
+            note_version(opts, st, &report, None, &lists);
+        }
+    }
+    if let Some(o) = report.outcome.as_mut().filter(|o| !o.rolled_back && opts.mode != Mode::Rollback) {
         // Applied, even in part: from now on anything older is a rollback. (A pass rolled
         // back applied nothing: the host is still at its earlier version.)
         if let Err(error) = trust::record(&opts.trust, &applied_record, report.image_version, &report.identity) {
@@ -679,6 +887,7 @@ async fn plan_pass(
     let write_limit = opts.throttle.write.clone();
     let index_path = opts.index_path();
     let rules_owned = rules.clone();
+    let hash_every_file = opts.mode == Mode::Prefetch;
     let (manifest, rules, (host, scan_errors)) = tokio::task::spawn_blocking(move || {
         let rules = rules_owned;
         let t = std::time::Instant::now();
@@ -701,7 +910,7 @@ async fn plan_pass(
             tracing::debug!(hits = applied.filled, "host index");
             applied
         });
-        let r = host::hash(&root, walk, &manifest, &read_limit, save_index);
+        let r = host::hash(&root, walk, &manifest, &read_limit, save_index, hash_every_file);
         if let (Some(applied), Some(path), (host, _), true) = (applied, index_path, &r, save_index) {
             let saved = if applied.unchanged(&host.entries) {
                 Ok(())
@@ -805,4 +1014,129 @@ fn run_triggers(
             return results.push(journal_error(e));
         }
     }
+}
+
+/// The local store of this root, when the state dir was chosen (not on a dry run, which writes
+/// nothing). A pass that needs it fails without it; any other goes on without it, warned.
+fn open_store(opts: &SyncOptions) -> Result<Option<std::sync::Arc<store::Store>>, SyncError> {
+    let needed = !matches!(opts.mode, Mode::Network);
+    if !opts.index || opts.dry_run {
+        if needed && !opts.dry_run {
+            return Err(SyncError::Config(
+                "this command needs the local store, which lives in the state dir (hint: pass --state-dir or set state_dir)"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    }
+    match store::Store::open(&opts.state_dir, &opts.root) {
+        Ok(s) => {
+            if std::fs::metadata(&opts.root).is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) != s.dev()) {
+                tracing::debug!(store = %s.path().display(), "the local store is on another filesystem than the root: content is copied, not linked");
+            }
+            Ok(Some(std::sync::Arc::new(s)))
+        }
+        Err(e) if needed => Err(SyncError::Local(format!(
+            "cannot open the local store {}: {e}",
+            store::dir(&opts.state_dir, &opts.root).display()
+        ))),
+        Err(e) => {
+            tracing::warn!(store = %store::dir(&opts.state_dir, &opts.root).display(), "cannot open the local store: {e}; no local rollback for this pass");
+            Ok(None)
+        }
+    }
+}
+
+/// After a pass that applied (or found nothing to change): the local store records the version
+/// the host is now at. A new version becomes current and the one before it previous (its
+/// content was kept by the commit); a rollback makes the previous current and keeps none. Then
+/// the store drops what none of current, previous and prefetched needs, within
+/// `store_max_bytes`.
+fn note_version(
+    opts: &SyncOptions,
+    st: &store::Store,
+    report: &PassReport,
+    manifest: Option<&manifest::Manifest>,
+    lists: &[PatternList],
+) {
+    if report.outcome.as_ref().is_none_or(|o| o.rolled_back) {
+        return;
+    }
+    let id = report.identity;
+    let before = st.state();
+    let mut state = before.clone();
+    let mcache = opts.manifest_cache_path();
+    if let Err(e) = st.save_manifest(&id, manifest, mcache.as_deref(), lists, &opts.throttle.write) {
+        tracing::warn!(store = %st.path().display(), "cannot keep image v{} in the local store: {e}; no local rollback to it", report.image_version);
+        return;
+    }
+    match opts.mode {
+        Mode::Rollback => {
+            state.current = Some(store::VersionRef::new(report.image_version, &id));
+            state.previous = None;
+        }
+        Mode::Pinned | Mode::Prefetch => {}
+        Mode::Network | Mode::Commit => {
+            if !state.current.as_ref().is_some_and(|c| c.is(&id)) {
+                state.previous =
+                    state.current.take().filter(|c| c.hash().is_some_and(|h| st.has_manifest(&h))).filter(|_| {
+                        // The commit kept what it replaced only with whole-tree staging.
+                        opts.staging == apply::Staging::Whole
+                    });
+                state.current = Some(store::VersionRef::new(report.image_version, &id));
+            }
+            if state.prefetched.as_ref().is_some_and(|p| p.identity == id.to_hex()) {
+                state.prefetched = None;
+            }
+        }
+    }
+    if !opts.mode.uses_master() {
+        // The next pass offers this version to the master, and reads it from here.
+        if let Some(m) = &mcache {
+            if let Err(e) = st.link_manifest_to(&id, m) {
+                tracing::warn!(path = %m.display(), "cannot update the manifest cache: {e}");
+            }
+        }
+    }
+    if state == before {
+        return;
+    }
+    if let Err(e) = st.save_state(&state) {
+        tracing::warn!(store = %st.path().display(), "cannot save the local store's state: {e}");
+        return;
+    }
+    gc_store(opts, st, &mut state);
+}
+
+/// Drops from the store what no kept version needs, then, over `store_max_bytes`, the
+/// previous version (and with it the local rollback), warned.
+fn gc_store(opts: &SyncOptions, st: &store::Store, state: &mut store::State) {
+    let t = Instant::now();
+    let keep = |s: &store::State| -> Vec<Hash> {
+        [s.current.as_ref().and_then(|c| c.hash()), s.previous.as_ref().and_then(|c| c.hash())]
+            .into_iter()
+            .flatten()
+            .chain(s.prefetched.as_ref().and_then(|p| Hash::from_hex(&p.identity)))
+            .collect()
+    };
+    match st.gc(&keep(state), &opts.throttle.read) {
+        Ok(n) if n > 0 => tracing::debug!(removed = n, "local store: objects no kept version needs removed"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(store = %st.path().display(), "cannot clean the local store: {e}"),
+    }
+    if let (Some(max), Some(prev)) = (opts.store_max_bytes, state.previous.clone()) {
+        let (own, _) = st.usage();
+        if own > max {
+            tracing::warn!(
+                store = %st.path().display(),
+                "the local store holds {} of its own, over store_max_bytes ({}): image v{} is no longer kept, so a local rollback is not possible (hint: raise store_max_bytes)",
+                human_bytes(own), human_bytes(max), prev.version
+            );
+            state.previous = None;
+            if st.save_state(state).is_ok() {
+                let _ = st.gc(&keep(state), &opts.throttle.read);
+            }
+        }
+    }
+    tracing::debug!(secs = t.elapsed().as_secs_f64(), "local store cleaned");
 }

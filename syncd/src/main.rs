@@ -144,6 +144,36 @@ enum Cmd {
         #[arg(long, value_name = "DURATION")]
         reconcile_interval: Option<String>,
     },
+    /// Fetch everything the master's target version needs into the local store, verified,
+    /// changing nothing in the root.
+    Prefetch {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Apply the prefetched version from the local store, with no network; then its health checks.
+    Commit {
+        #[command(flatten)]
+        common: Common,
+        /// Do not print the itemized lines, only the summary.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Go back to the previous version from the local store, with no master.
+    Rollback {
+        #[command(flatten)]
+        common: Common,
+        /// Do not print the itemized lines, only the summary.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// The local view: current, previous and prefetched versions, the next commit window, the
+    /// local store's size. Reads only local state.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Say for each PATH whether it is excluded, and by which rule (source, line, pattern).
     Explain {
         #[command(flatten)]
@@ -176,6 +206,9 @@ struct Resolved {
     trusted_keys: Vec<manifest::trust::PublicKey>,
     staging: syncd::apply::Staging,
     wait: bool,
+    health_grace: Option<Duration>,
+    store_max_bytes: Option<u64>,
+    apply: syncd::daemon::Apply,
 }
 
 /// The daemon's timing keys, as written (validated when resolved).
@@ -309,9 +342,39 @@ impl Common {
             Some(s) => s.parse().map_err(|e| SyncError::Config(format!("staging: {e}")))?,
             None => syncd::apply::Staging::default(),
         };
+        let health_grace = match &cfg.health_grace {
+            Some(t) => Some(
+                manifest::units::parse_duration(t)
+                    .map_err(|e| SyncError::Config(format!("config key health_grace: {e}")))?,
+            ),
+            None => None,
+        };
+        let store_max_bytes = match &cfg.store_max_bytes {
+            Some(b) => Some(b.bytes("store_max_bytes").map_err(SyncError::Config)?),
+            None => None,
+        };
+        let apply = match cfg.apply.as_deref() {
+            None | Some("immediately") => {
+                if !cfg.commit_window.is_empty() {
+                    syncd::window::parse_all(&cfg.commit_window).map_err(SyncError::Config)?;
+                }
+                syncd::daemon::Apply::Immediately
+            }
+            Some("window") => {
+                syncd::daemon::Apply::Window(syncd::window::parse_all(&cfg.commit_window).map_err(SyncError::Config)?)
+            }
+            Some(other) => {
+                return Err(SyncError::Config(format!(
+                    "config key apply: unknown value {other:?} (expected \"immediately\" or \"window\")"
+                )))
+            }
+        };
         Ok(Resolved {
             staging,
             wait: self.wait,
+            health_grace,
+            store_max_bytes,
+            apply,
             master: self.master.or(cfg.master),
             root: self.root.or(cfg.root).unwrap_or_else(|| PathBuf::from("/")),
             host_id,
@@ -334,6 +397,27 @@ impl Common {
 }
 
 impl Resolved {
+    /// Options for `prefetch`, `commit` and `rollback`: the local store lives in the state dir
+    /// (its default when none is chosen); a commit or rollback needs no master.
+    fn local_options(mut self) -> Result<SyncOptions, SyncError> {
+        self.state_dir_chosen = true;
+        if self.master.is_none() && std::env::args().nth(1).as_deref() != Some("prefetch") {
+            // Never connected to: a commit or rollback reads only the local store.
+            self.master = Some(String::new());
+            self.transport.insecure = true;
+        }
+        self.sync_options(false, false)
+    }
+
+    /// `syncd status`: local state only.
+    fn status(self) -> Result<syncd::status::LocalStatus, SyncError> {
+        let windows = match &self.apply {
+            syncd::daemon::Apply::Window(w) => w.clone(),
+            syncd::daemon::Apply::Immediately => Vec::new(),
+        };
+        syncd::status::LocalStatus::read(&self.state_dir, &self.root, &windows)
+    }
+
     fn sync_options(self, dry_run: bool, allow_downgrade: bool) -> Result<SyncOptions, SyncError> {
         let master = self.master.ok_or_else(|| {
             SyncError::Config("no master given (hint: pass --master URL or set master in the config file)".into())
@@ -360,6 +444,9 @@ impl Resolved {
             trust: syncd::trust::Policy { keys: self.trusted_keys, allow_downgrade },
             staging: self.staging,
             lock_wait: self.wait,
+            mode: syncd::Mode::Network,
+            health_grace: self.health_grace,
+            store_max_bytes: self.store_max_bytes,
         })
     }
 }
@@ -394,6 +481,10 @@ fn main() -> ExitCode {
         Cmd::Sync { common, .. }
         | Cmd::Drift { common, .. }
         | Cmd::Run { common, .. }
+        | Cmd::Prefetch { common }
+        | Cmd::Commit { common, .. }
+        | Cmd::Rollback { common, .. }
+        | Cmd::Status { common, .. }
         | Cmd::Explain { common, .. } => common,
     };
     if let Err(e) = common
@@ -414,21 +505,20 @@ fn main() -> ExitCode {
     let code = match cli.cmd {
         Cmd::Sync { common, dry_run, quiet, allow_downgrade } => {
             let report = common.resolve().and_then(|r| r.sync_options(dry_run, allow_downgrade));
-            match report.map(|opts| rt.block_on(syncd::sync_once(&opts))) {
+            match report.map(|opts| rt.block_on(syncd::converge(&opts))) {
+                Ok(Ok(report)) => print_pass(&report, quiet),
+                Ok(Err(e)) | Err(e) => {
+                    eprintln!("syncd: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Cmd::Prefetch { common } => {
+            let report = common.resolve().and_then(|r| r.local_options());
+            match report.map(|opts| rt.block_on(syncd::prefetch_once(&opts))) {
                 Ok(Ok(report)) => {
-                    if !quiet {
-                        let mut out = std::io::stdout().lock();
-                        for l in report.lines() {
-                            let _ = writeln!(out, "{l}");
-                        }
-                    }
-                    for f in report.failures() {
-                        eprintln!("syncd: error: {}: {}", f.path, f.error);
-                    }
-                    print_triggers(&report);
-                    print_health(&report);
                     eprintln!("syncd: {}", report.summary());
-                    ExitCode::from(report.exit_code())
+                    ExitCode::from(if report.refused.is_some() { exit::ROLLED_BACK } else { exit::OK })
                 }
                 Ok(Err(e)) | Err(e) => {
                     eprintln!("syncd: {e}");
@@ -436,6 +526,47 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Commit { common, quiet } | Cmd::Rollback { common, quiet } => {
+            let rollback = std::env::args().nth(1).as_deref() == Some("rollback");
+            let report = common.resolve().and_then(|r| r.local_options());
+            let run = |opts: SyncOptions| {
+                rt.block_on(async {
+                    if rollback {
+                        syncd::rollback_once(&opts).await
+                    } else {
+                        syncd::commit_once(&opts).await
+                    }
+                })
+            };
+            match report.map(run) {
+                Ok(Ok(report)) => print_pass(&report, quiet),
+                Ok(Err(e)) | Err(e) => {
+                    eprintln!("syncd: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Cmd::Status { common, format } => match common.resolve().and_then(|r| r.status()) {
+            Ok(s) => {
+                let text = match format {
+                    Format::Text => s.text(),
+                    Format::Json => s.json() + "\n",
+                };
+                let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("syncd: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
+        Cmd::Explain { common, paths } => match rt.block_on(explain(common, &paths)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("syncd: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Cmd::Drift { common, format } => {
             let report = common.resolve().and_then(|r| r.sync_options(true, false));
             match report.map(|opts| rt.block_on(syncd::sync_once(&opts))) {
@@ -481,13 +612,6 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Explain { common, paths } => match rt.block_on(explain(common, &paths)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("syncd: {e}");
-                ExitCode::from(e.exit_code())
-            }
-        },
     };
     // Dropping the runtime would wait for every blocking task without limit, and a stopping
     // daemon may leave one behind: an apply thread waiting on a hung master's object stream.
@@ -495,6 +619,47 @@ fn main() -> ExitCode {
     // closes the queue that thread waits on), then gives blocking work at most this long.
     rt.shutdown_timeout(RUNTIME_GRACE);
     code
+}
+
+/// Prints a pass as `syncd sync` does: the itemized lines (unless quiet), the failures,
+/// triggers, health checks, a rollback, and the summary; the pass's exit code.
+fn print_pass(report: &syncd::PassReport, quiet: bool) -> ExitCode {
+    if !quiet {
+        let mut out = std::io::stdout().lock();
+        for l in report.lines() {
+            let _ = writeln!(out, "{l}");
+        }
+    }
+    for f in report.failures() {
+        eprintln!("syncd: error: {}: {}", f.path, f.error);
+    }
+    print_triggers(report);
+    print_health(report);
+    print_rollback(report);
+    eprintln!("syncd: {}", report.summary());
+    ExitCode::from(report.exit_code())
+}
+
+/// A local rollback after failed health checks, or why it could not be done.
+fn print_rollback(report: &syncd::PassReport) {
+    let Some(rb) = &report.rolled_back else { return };
+    for t in &rb.triggers {
+        let what = format!("trigger {} (rollback): {} ({} changes)", t.trigger, t.status, t.changes);
+        if t.ok {
+            eprintln!("syncd: {what}");
+        } else {
+            eprintln!("syncd: error: {what}; it stays pending and is retried on the next pass");
+        }
+    }
+    match &rb.to {
+        Ok((v, id)) => eprintln!(
+            "syncd: error: rolled back to image v{v} ({}) after the health checks of v{} kept failing: {}",
+            &id.to_hex()[..16],
+            report.image_version,
+            rb.summary
+        ),
+        Err(e) => eprintln!("syncd: error: the health checks failed, and the local rollback could not be done: {e}"),
+    }
 }
 
 /// How long the exiting process waits for blocking work (see the end of `main`).
@@ -543,8 +708,9 @@ fn daemon_options(r: Resolved) -> Result<syncd::daemon::DaemonOptions, SyncError
     let reconcile_jitter = d(&r.daemon.reconcile_jitter, "reconcile_jitter", "1m")?;
     let announce_jitter = d(&r.daemon.announce_jitter, "announce_jitter", "10s")?;
     let max_backoff = d(&r.daemon.max_backoff, "max_backoff", "5m")?.max(Duration::from_secs(1));
+    let apply = r.apply.clone();
     let sync = r.sync_options(false, false)?;
-    Ok(syncd::daemon::DaemonOptions { sync, reconcile_interval, reconcile_jitter, announce_jitter, max_backoff })
+    Ok(syncd::daemon::DaemonOptions { sync, reconcile_interval, reconcile_jitter, announce_jitter, max_backoff, apply })
 }
 
 /// Resolves on SIGINT or SIGTERM; the handlers are installed when this is called.

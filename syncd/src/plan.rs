@@ -459,6 +459,27 @@ impl Plan {
     }
 
     /// Changes that stage a new entry under a temp name before it is renamed into place.
+    /// Drops from the fetch list the objects `have` says are at hand (the local store), with
+    /// their delta bases and chunk seeds; returns how many were dropped.
+    pub fn drop_fetches(&mut self, mut have: impl FnMut(&Hash) -> bool) -> usize {
+        let before = self.fetch.len();
+        let keep: Vec<bool> = self.fetch.iter().map(|(h, _)| !have(h)).collect();
+        if keep.iter().all(|k| *k) {
+            return 0;
+        }
+        let mut i = 0;
+        self.fetch.retain(|_| (keep[i], i += 1).0);
+        if !self.fetch_bases.is_empty() {
+            i = 0;
+            self.fetch_bases.retain(|_| (keep[i], i += 1).0);
+        }
+        if !self.fetch_seeds.is_empty() {
+            i = 0;
+            self.fetch_seeds.retain(|_| (keep[i], i += 1).0);
+        }
+        before - self.fetch.len()
+    }
+
     pub fn staged(&self) -> impl Iterator<Item = (usize, &Change, &Entry)> {
         self.changes.iter().enumerate().filter_map(|(i, c)| {
             let new = c.op.new_entry()?;

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# commit.sh: how long the switch takes. Times `syncd commit` alone (after `syncd prefetch` has
+# fetched the upgrade into the local store), a whole `syncd sync` of the same upgrade, and
+# `rsync -aHAX --numeric-ids --delete` from a local copy of the new tree (the stricter anchor:
+# no network at all), alternated in one run, and then `syncd rollback`. Reports medians and the
+# ratios from the same run.
+#
+# Upgrade: bullseye-minbase → bookworm-minbase (bench/corpora.sh). Each timed run starts from a
+# fresh `cp -a` of bullseye and a fresh state dir, on the same filesystem.
+#
+# Env: RUNS=5, CORPORA=/var/tmp/gis-corpora, SCRATCH=/var/tmp/gis-commit,
+#      SYNCD / SYNCMASTER (default target/release/{syncd,syncmaster}),
+#      RESULTS=bench/RESULTS.md (a dated section is appended).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-5}
+CORPORA=${CORPORA:-/var/tmp/gis-corpora}
+SCRATCH=${SCRATCH:-/var/tmp/gis-commit}
+SYNCD=${SYNCD:-target/release/syncd}
+SYNCMASTER=${SYNCMASTER:-target/release/syncmaster}
+RESULTS=${RESULTS:-bench/RESULTS.md}
+OLD=$CORPORA/bullseye-minbase
+NEW=$CORPORA/bookworm-minbase
+for t in "$OLD" "$NEW" "$SYNCD" "$SYNCMASTER"; do
+  [ -e "$t" ] || { echo "commit.sh: $t is missing (run bench/corpora.sh, cargo build --release)" >&2; exit 2; }
+done
+command -v rsync >/dev/null || { echo "commit.sh: rsync is not installed" >&2; exit 2; }
+mkdir -p "$SCRATCH"
+work=$(mktemp -d "$SCRATCH/run.XXXXXX")
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+start_master() { # LOG ARGS... -> prints the URL
+  local log=$1; shift
+  "$SYNCMASTER" serve --listen 127.0.0.1:0 "$@" 2>"$log" &
+  pids+=($!)
+  for _ in $(seq 1 600); do
+    url=$(grep -o 'listening on [^ ]*' "$log" | head -1 | awk '{print $3}') || true
+    [ -n "$url" ] && { echo "http://$url"; return; }
+    sleep 0.5
+  done
+  echo "commit.sh: the master did not start (see $log)" >&2; exit 1
+}
+
+# Master A serves the old release (the host's current version); master B has published the old
+# release, then the new one (so it holds deltas of the new against the old, as a fleet master does).
+mkdir -p "$work/images"
+ln -s "$OLD" "$work/images/v1"
+ln -s v1 "$work/images/current"
+A=$(start_master "$work/a.log" --image "$OLD")
+B=$(start_master "$work/b.log" --images "$work/images" --state-dir "$work/mstate" --poll 200ms)
+ln -sfn "$NEW" "$work/images/v2"
+ln -s v2 "$work/images/current.new" && mv -T "$work/images/current.new" "$work/images/current"
+for _ in $(seq 1 600); do grep -q "version 2\|v2" "$work/b.log" && break; sleep 0.5; done
+sleep 2
+
+now() { date +%s.%N; }
+fresh() { rm -rf "$work/host" "$work/state"; cp -a "$OLD" "$work/host"; sync; }
+sd() { "$SYNCD" "$@" --root "$work/host" --state-dir "$work/state" --host-id bench --insecure -q; }
+
+commit_t=(); sync_t=(); rsync_t=(); rollback_t=()
+for i in $(seq 1 "$RUNS"); do
+  # commit: the host first records its release (a pass that changes nothing), then prefetches.
+  fresh
+  sd sync --master "$A" >/dev/null 2>&1
+  sd prefetch --master "$B" 2>"$work/prefetch.log" || { cat "$work/prefetch.log" >&2; exit 1; }
+  sync
+  t0=$(now); sd commit 2>"$work/commit.log" || { cat "$work/commit.log" >&2; exit 1; }; t1=$(now)
+  commit_t+=("$(echo "$t1 - $t0" | bc)")
+  if [ "$i" = 1 ]; then
+    rsync -aHAXcn --numeric-ids --delete -i "$NEW/" "$work/host/" > "$work/verify-commit" || true
+    [ -s "$work/verify-commit" ] && { echo "commit.sh: the commit left differences:" >&2; head "$work/verify-commit" >&2; exit 1; }
+  fi
+  sync
+  t0=$(now); sd rollback 2>"$work/rollback.log" || { cat "$work/rollback.log" >&2; exit 1; }; t1=$(now)
+  rollback_t+=("$(echo "$t1 - $t0" | bc)")
+  if [ "$i" = 1 ]; then
+    rsync -aHAXcn --numeric-ids --delete -i "$OLD/" "$work/host/" > "$work/verify-rollback" || true
+    [ -s "$work/verify-rollback" ] && { echo "commit.sh: the rollback left differences:" >&2; head "$work/verify-rollback" >&2; exit 1; }
+  fi
+  # a whole sync of the same upgrade, and rsync, alternating which goes first
+  for tool in $( [ $((i % 2)) = 1 ] && echo "sync rsync" || echo "rsync sync" ); do
+    fresh
+    if [ "$tool" = sync ]; then
+      t0=$(now); sd sync --master "$B" >/dev/null 2>"$work/sync.log" || { cat "$work/sync.log" >&2; exit 1; }; t1=$(now)
+      sync_t+=("$(echo "$t1 - $t0" | bc)")
+    else
+      t0=$(now); rsync -aHAX --numeric-ids --delete "$NEW/" "$work/host/"; t1=$(now)
+      rsync_t+=("$(echo "$t1 - $t0" | bc)")
+    fi
+  done
+  echo "run $i: commit ${commit_t[-1]} s, rollback ${rollback_t[-1]} s, sync ${sync_t[-1]} s, rsync ${rsync_t[-1]} s" >&2
+done
+
+report=$(python3 - "${commit_t[*]}" "${rollback_t[*]}" "${sync_t[*]}" "${rsync_t[*]}" "$RUNS" <<'PY'
+import statistics, sys
+c, rb, s, r = ([float(x) for x in a.split()] for a in sys.argv[1:5])
+m = statistics.median
+print(f"| syncd commit (after prefetch) | {m(c):.3f} s | {', '.join(f'{x:.3f}' for x in c)} |")
+print(f"| syncd rollback (no master) | {m(rb):.3f} s | {', '.join(f'{x:.3f}' for x in rb)} |")
+print(f"| syncd sync, whole upgrade | {m(s):.3f} s | {', '.join(f'{x:.3f}' for x in s)} |")
+print(f"| rsync -aHAX, local copy | {m(r):.3f} s | {', '.join(f'{x:.3f}' for x in r)} |")
+print()
+print(f"commit / sync = {m(c)/m(s):.2f} (goal ≤ 0.3); commit / rsync = {m(c)/m(r):.2f} (goal ≤ 0.2); rollback / commit = {m(rb)/m(c):.2f} (goal ≤ 1)")
+PY
+)
+echo "$report"
+{
+  echo
+  echo "## commit.sh, $(date -u +%Y-%m-%d), rev $(git rev-parse --short HEAD), $RUNS runs, bullseye→bookworm minbase"
+  echo
+  echo "| what | median | runs |"
+  echo "|---|---:|---|"
+  echo "$report"
+} >> "$RESULTS"

@@ -1,0 +1,464 @@
+//! The local content store, in the state dir: content fetched ahead of a commit (`syncd
+//! prefetch`), and the old content a commit replaced or deleted, kept for a local rollback.
+//!
+//! Layout, beneath `STATE_DIR/store-<root key>/`:
+//! - `objects/<blake3 hex>`: one regular file per content hash. Prefetched content is written
+//!   there (temp name, verified against its hash while written, renamed); old content comes in
+//!   as a hard link to the old inode, made just before the commit renames the new file over
+//!   it, which on the root's filesystem costs no data copy (across filesystems it is copied).
+//! - `objects.idx`: for each object, the inode, size and mtime it had when its content was
+//!   last verified. An object whose inode still matches is used as verified; any other is read
+//!   and hashed again before use, and removed if it no longer matches (then the commit falls
+//!   back to the master, or refuses). That is the trust the host index gives unchanged files.
+//! - `manifests/<identity hex>.bin` (the manifest-cache format, checked against its identity
+//!   on every load) and `.lists.json` (the master's exclusion lists for the host with it).
+//! - `state.json`: the current, previous and prefetched versions, and a version refused after
+//!   it was rolled back.
+//!
+//! The store keeps the content of those three versions and nothing else ([`Store::gc`]), within
+//! `store_max_bytes`.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use manifest::{Hash, Manifest};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+
+use crate::fsops;
+
+/// A version the store knows of.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionRef {
+    pub version: u64,
+    pub identity: String,
+    /// When the host moved to it (current, previous) or the prefetch began, Unix milliseconds.
+    #[serde(default)]
+    pub at_unix_ms: u64,
+}
+
+impl VersionRef {
+    pub fn new(version: u64, identity: &Hash) -> VersionRef {
+        VersionRef { version, identity: identity.to_hex(), at_unix_ms: triggers::journal::now_ms() }
+    }
+
+    pub fn hash(&self) -> Option<Hash> {
+        Hash::from_hex(&self.identity)
+    }
+
+    pub fn is(&self, identity: &Hash) -> bool {
+        self.identity == identity.to_hex()
+    }
+}
+
+/// A version being fetched into the store, or fetched.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Prefetch {
+    pub version: u64,
+    pub identity: String,
+    pub complete: bool,
+    pub objects_total: u64,
+    pub objects_done: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub started_unix_ms: u64,
+    #[serde(default)]
+    pub finished_unix_ms: u64,
+}
+
+/// A version this host rolled back after its health checks failed: not taken again until the
+/// master targets another one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Refused {
+    pub version: u64,
+    pub identity: String,
+    pub reason: String,
+    pub at_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub current: Option<VersionRef>,
+    pub previous: Option<VersionRef>,
+    pub prefetched: Option<Prefetch>,
+    pub refused: Option<Refused>,
+}
+
+/// What an object's inode was when its content was last verified.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+fn stamp_of(st: &rustix::fs::Stat) -> Stamp {
+    Stamp {
+        ino: st.st_ino,
+        size: st.st_size as u64,
+        mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+    }
+}
+
+pub struct Store {
+    dir: PathBuf,
+    objects: OwnedFd,
+    dev: u64,
+    stamps: Mutex<HashMap<Hash, Stamp>>,
+    /// Objects linked into the root by this pass: a second path with the same content gets a
+    /// copy (sharing the inode would make them one hard-link group the image does not have).
+    used: Mutex<HashSet<Hash>>,
+    /// Objects whose stamp is taken at [`Store::flush`] (kept old inodes: the commit's rename
+    /// changes their link count, and so their ctime, after they are linked in).
+    unstamped: Mutex<Vec<Hash>>,
+}
+
+/// Where the store of `root` lives.
+pub fn dir(state_dir: &Path, root: &Path) -> PathBuf {
+    state_dir.join(format!("store-{}", crate::root_key(root)))
+}
+
+fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(d) = path.parent() {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating it if need be) the store of `root` in `state_dir`, and removes the temp
+    /// files an interrupted prefetch left.
+    pub fn open(state_dir: &Path, root: &Path) -> io::Result<Store> {
+        let dir = dir(state_dir, root);
+        std::fs::DirBuilder::new().recursive(true).create(dir.join("objects"))?;
+        std::fs::DirBuilder::new().recursive(true).create(dir.join("manifests"))?;
+        let objects =
+            rustix::fs::open(dir.join("objects"), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let dev = rustix::fs::fstat(&objects)?.st_dev;
+        let stamps: HashMap<Hash, Stamp> = std::fs::read(dir.join("objects.idx"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<HashMap<String, Stamp>>(&b).ok())
+            .map(|m| m.into_iter().filter_map(|(k, v)| Some((Hash::from_hex(&k)?, v))).collect())
+            .unwrap_or_default();
+        let s = Store {
+            dir,
+            objects,
+            dev,
+            stamps: Mutex::new(stamps),
+            used: Mutex::new(HashSet::new()),
+            unstamped: Mutex::new(Vec::new()),
+        };
+        for name in s.names()? {
+            if fsops::is_temp_name(name.as_bytes()) {
+                let _ = rustix::fs::unlinkat(&s.objects, name.as_str(), AtFlags::empty());
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn dev(&self) -> u64 {
+        self.dev
+    }
+
+    fn names(&self) -> io::Result<Vec<String>> {
+        Ok(std::fs::read_dir(self.dir.join("objects"))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect())
+    }
+
+    pub fn state(&self) -> State {
+        std::fs::read(self.dir.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn save_state(&self, s: &State) -> io::Result<()> {
+        atomic_write(&self.dir.join("state.json"), &serde_json::to_vec_pretty(s).expect("plain struct"))
+    }
+
+    /// Whether the store has an object for `hash` (not yet verified: see [`Store::verify`]).
+    pub fn has(&self, hash: &Hash) -> bool {
+        self.stamps.lock().expect("store lock").contains_key(hash)
+    }
+
+    /// Checks the object for `hash`: its inode as when verified, else read and hashed again.
+    /// A missing or damaged object is forgotten (and removed): `Ok(false)`.
+    pub fn verify(&self, hash: &Hash, read: &throttle::Limiter) -> io::Result<bool> {
+        let name = hash.to_hex();
+        let st = match rustix::fs::statat(&self.objects, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => {
+                self.forget(hash);
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let recorded = self.stamps.lock().expect("store lock").get(hash).copied();
+        if recorded == Some(stamp_of(&st)) {
+            return Ok(true);
+        }
+        let f = fsops::open_regular(self.objects.as_fd(), name.as_str())?;
+        let mut h = blake3::Hasher::new();
+        manifest::scan::for_each_read(throttle::Throttled::new(&f, read), |b| {
+            h.update(b);
+            Ok(())
+        })?;
+        if Hash(*h.finalize().as_bytes()) == *hash {
+            self.stamps.lock().expect("store lock").insert(*hash, stamp_of(&rustix::fs::fstat(&f)?));
+            return Ok(true);
+        }
+        tracing::warn!(object = %name, store = %self.dir.display(), "a local store object no longer matches its hash: removed, never used");
+        let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
+        self.forget(hash);
+        Ok(false)
+    }
+
+    fn forget(&self, hash: &Hash) {
+        self.stamps.lock().expect("store lock").remove(hash);
+    }
+
+    /// Hard-links the (verified) object for `hash` under a fresh temp name in `dir`, the first
+    /// time this pass asks for it. `Ok(None)`: not here, already linked once this pass, or on
+    /// another filesystem; the caller copies instead.
+    pub fn link_into(&self, hash: &Hash, dir: &OwnedFd, read: &throttle::Limiter) -> io::Result<Option<String>> {
+        if !self.has(hash) || self.used.lock().expect("store lock").contains(hash) {
+            return Ok(None);
+        }
+        if !self.verify(hash, read)? {
+            return Ok(None);
+        }
+        match fsops::link_temp(self.objects.as_fd(), hash.to_hex().as_bytes(), dir.as_fd()) {
+            Ok(temp) => {
+                self.used.lock().expect("store lock").insert(*hash);
+                Ok(Some(temp))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The (verified) object for `hash`, opened for a copy.
+    pub fn open_object(&self, hash: &Hash, read: &throttle::Limiter) -> io::Result<std::fs::File> {
+        if !self.verify(hash, read)? {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("object {hash} is not in the local store")));
+        }
+        fsops::open_regular(self.objects.as_fd(), hash.to_hex().as_str())
+    }
+
+    /// Writes a new object for `hash` of `size` bytes with `fill`, verified against the hash as
+    /// it is written; it becomes visible only once complete. Not yet durable: see
+    /// [`Store::sync`].
+    pub fn add(
+        &self,
+        hash: &Hash,
+        size: u64,
+        write: &throttle::Limiter,
+        fill: impl FnOnce(&mut fsops::VerifyingWriter) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let (file, temp) = fsops::create_temp_file(self.objects.as_fd())?;
+        let r = (|| {
+            let mut w = fsops::VerifyingWriter::new(&file, size, write.clone());
+            if size > 0 {
+                fill(&mut w)?;
+            }
+            w.finish(*hash)?;
+            let name = hash.to_hex();
+            rustix::fs::renameat(&self.objects, temp.as_str(), &self.objects, name.as_str())?;
+            self.stamps.lock().expect("store lock").insert(*hash, stamp_of(&rustix::fs::fstat(&file)?));
+            Ok(())
+        })();
+        if r.is_err() {
+            let _ = rustix::fs::unlinkat(&self.objects, temp.as_str(), AtFlags::empty());
+        }
+        r
+    }
+
+    /// Keeps the old content `hash` at `name` in `dir` (about to be replaced or deleted): a hard
+    /// link to its inode, or a copy across filesystems. Nothing to do if the store has it.
+    pub fn keep(&self, hash: &Hash, dir: &OwnedFd, name: &[u8], write: &throttle::Limiter) -> io::Result<()> {
+        if self.has(hash)
+            && rustix::fs::statat(&self.objects, hash.to_hex().as_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
+        {
+            return Ok(());
+        }
+        let temp = match fsops::link_temp(dir.as_fd(), name, self.objects.as_fd()) {
+            Ok(t) => t,
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                let (src, size) = fsops::open_regular_sized(dir.as_fd(), name)?;
+                return self.add(hash, size, write, |w| fsops::copy(&src, w).map(|_| ()));
+            }
+            Err(e) => return Err(e),
+        };
+        let final_name = hash.to_hex();
+        match rustix::fs::renameat_with(
+            &self.objects,
+            temp.as_str(),
+            &self.objects,
+            final_name.as_str(),
+            RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {}
+            Err(Errno::EXIST) => {
+                let _ = rustix::fs::unlinkat(&self.objects, temp.as_str(), AtFlags::empty());
+            }
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(&self.objects, temp.as_str(), AtFlags::empty());
+                return Err(e.into());
+            }
+        }
+        self.unstamped.lock().expect("store lock").push(*hash);
+        Ok(())
+    }
+
+    /// Makes every object durable (one `syncfs` of the store's filesystem).
+    pub fn sync(&self) -> io::Result<()> {
+        Ok(rustix::fs::syncfs(&self.objects)?)
+    }
+
+    /// Stamps the objects kept this pass and saves the stamps.
+    pub fn flush(&self) -> io::Result<()> {
+        let kept = std::mem::take(&mut *self.unstamped.lock().expect("store lock"));
+        let mut stamps = self.stamps.lock().expect("store lock");
+        for h in kept {
+            if let Ok(st) = rustix::fs::statat(&self.objects, h.to_hex().as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                stamps.insert(h, stamp_of(&st));
+            }
+        }
+        let text: HashMap<String, Stamp> = stamps.iter().map(|(h, s)| (h.to_hex(), *s)).collect();
+        drop(stamps);
+        atomic_write(&self.dir.join("objects.idx"), &serde_json::to_vec(&text).expect("plain map"))
+    }
+
+    fn manifest_path(&self, identity: &str) -> PathBuf {
+        self.dir.join("manifests").join(format!("{identity}.bin"))
+    }
+
+    pub fn has_manifest(&self, identity: &Hash) -> bool {
+        self.manifest_path(&identity.to_hex()).exists()
+    }
+
+    /// Keeps `m` (with the master's exclusion lists for this host) as the manifest of
+    /// `identity`: a hard link to `cached` (the manifest cache file, if it holds that identity),
+    /// else written anew.
+    pub fn save_manifest(
+        &self,
+        identity: &Hash,
+        m: Option<&Manifest>,
+        cached: Option<&Path>,
+        lists: &[exclusions::PatternList],
+        write: &throttle::Limiter,
+    ) -> io::Result<()> {
+        let hex = identity.to_hex();
+        let path = self.manifest_path(&hex);
+        let lists: Vec<(String, Vec<(usize, String)>)> =
+            lists.iter().map(|l| (l.source.clone(), l.patterns.clone())).collect();
+        atomic_write(&path.with_extension("lists.json"), &serde_json::to_vec(&lists).expect("plain data"))?;
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(c) = cached.filter(|c| crate::mcache::peek_identity(c) == Some(*identity)) {
+            let tmp = path.with_extension("link");
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(c, &tmp).and_then(|()| std::fs::rename(&tmp, &path)).is_ok() {
+                return Ok(());
+            }
+        }
+        match m {
+            Some(m) => crate::mcache::save(&path, m, identity, write),
+            None => Err(io::Error::other(format!("no manifest of {hex} to keep"))),
+        }
+    }
+
+    /// The manifest of `identity` and its exclusion lists, checked against the identity.
+    pub fn load_manifest(
+        &self,
+        identity: &Hash,
+        read: &throttle::Limiter,
+    ) -> Result<(Manifest, Vec<exclusions::PatternList>), String> {
+        let path = self.manifest_path(&identity.to_hex());
+        let m = crate::mcache::load(&path, identity, read)?;
+        let lists: Vec<(String, Vec<(usize, String)>)> = std::fs::read(path.with_extension("lists.json"))
+            .map_err(|e| format!("{}: {e}", path.with_extension("lists.json").display()))
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())))?;
+        Ok((m, lists.into_iter().map(|(source, patterns)| exclusions::PatternList { source, patterns }).collect()))
+    }
+
+    /// Makes `to` (the manifest cache) hold the kept manifest of `identity`: a hard link,
+    /// renamed over it (the cache is only ever replaced whole, never written in place).
+    pub fn link_manifest_to(&self, identity: &Hash, to: &Path) -> io::Result<()> {
+        let tmp = to.with_extension("link");
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::hard_link(self.manifest_path(&identity.to_hex()), &tmp)?;
+        std::fs::rename(&tmp, to)
+    }
+
+    /// Removes every object no manifest of `keep` names, and the manifests not in `keep`.
+    /// Returns the objects removed.
+    pub fn gc(&self, keep: &[Hash], read: &throttle::Limiter) -> io::Result<usize> {
+        let mut wanted: HashSet<Hash> = HashSet::new();
+        for id in keep {
+            match self.load_manifest(id, read) {
+                Ok((m, _)) => wanted.extend(m.entries.iter().filter_map(|e| e.hash)),
+                // Its content cannot be told: keep everything rather than guess.
+                Err(e) => {
+                    tracing::warn!("local store: {e}; nothing removed this time");
+                    return Ok(0);
+                }
+            }
+        }
+        let mut removed = 0;
+        for name in self.names()? {
+            let Some(h) = Hash::from_hex(&name) else { continue };
+            if !wanted.contains(&h) {
+                let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
+                self.forget(&h);
+                removed += 1;
+            }
+        }
+        let keep_hex: HashSet<String> = keep.iter().map(|h| h.to_hex()).collect();
+        for e in std::fs::read_dir(self.dir.join("manifests"))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.split('.').next().unwrap_or_default();
+            if !keep_hex.contains(id) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        self.flush()?;
+        Ok(removed)
+    }
+
+    /// The store's size: bytes of objects only the store holds (old content, prefetched
+    /// content), and of objects shared with the root (linked into it: no extra room).
+    pub fn usage(&self) -> (u64, u64) {
+        let (mut own, mut shared) = (0, 0);
+        for name in self.names().unwrap_or_default() {
+            if let Ok(st) = rustix::fs::statat(&self.objects, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                let bytes = st.st_blocks as u64 * 512;
+                if st.st_nlink > 1 {
+                    shared += bytes;
+                } else {
+                    own += bytes;
+                }
+            }
+        }
+        (own, shared)
+    }
+}
