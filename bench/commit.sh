@@ -33,7 +33,7 @@ trap cleanup EXIT
 
 start_master() { # LOG ARGS... -> prints the URL
   local log=$1; shift
-  "$SYNCMASTER" serve --listen 127.0.0.1:0 "$@" 2>"$log" &
+  "$SYNCMASTER" serve --insecure --listen 127.0.0.1:0 "$@" >"$log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 600); do
     url=$(grep -o 'listening on [^ ]*' "$log" | head -1 | awk '{print $3}') || true
@@ -52,28 +52,30 @@ A=$(start_master "$work/a.log" --image "$OLD")
 B=$(start_master "$work/b.log" --images "$work/images" --state-dir "$work/mstate" --poll 200ms)
 ln -sfn "$NEW" "$work/images/v2"
 ln -s v2 "$work/images/current.new" && mv -T "$work/images/current.new" "$work/images/current"
-for _ in $(seq 1 600); do grep -q "version 2\|v2" "$work/b.log" && break; sleep 0.5; done
-sleep 2
+for _ in $(seq 1 1200); do
+  "$SYNCMASTER" status --master "$B" --insecure --format json 2>/dev/null | grep -q '"image_version": 2' && break
+  sleep 0.5
+done
 
 now() { date +%s.%N; }
 fresh() { rm -rf "$work/host" "$work/state"; cp -a "$OLD" "$work/host"; sync; }
-sd() { "$SYNCD" "$@" --root "$work/host" --state-dir "$work/state" --host-id bench --insecure -q; }
+sd() { "$SYNCD" "$@" --root "$work/host" --state-dir "$work/state" --host-id bench --insecure; }
 
 commit_t=(); sync_t=(); rsync_t=(); rollback_t=()
 for i in $(seq 1 "$RUNS"); do
   # commit: the host first records its release (a pass that changes nothing), then prefetches.
   fresh
-  sd sync --master "$A" >/dev/null 2>&1
+  sd sync -q --master "$A" >/dev/null 2>&1
   sd prefetch --master "$B" 2>"$work/prefetch.log" || { cat "$work/prefetch.log" >&2; exit 1; }
   sync
-  t0=$(now); sd commit 2>"$work/commit.log" || { cat "$work/commit.log" >&2; exit 1; }; t1=$(now)
+  t0=$(now); sd commit -q 2>"$work/commit.log" || { cat "$work/commit.log" >&2; exit 1; }; t1=$(now)
   commit_t+=("$(echo "$t1 - $t0" | bc)")
   if [ "$i" = 1 ]; then
     rsync -aHAXcn --numeric-ids --delete -i "$NEW/" "$work/host/" > "$work/verify-commit" || true
     [ -s "$work/verify-commit" ] && { echo "commit.sh: the commit left differences:" >&2; head "$work/verify-commit" >&2; exit 1; }
   fi
   sync
-  t0=$(now); sd rollback 2>"$work/rollback.log" || { cat "$work/rollback.log" >&2; exit 1; }; t1=$(now)
+  t0=$(now); sd rollback -q 2>"$work/rollback.log" || { cat "$work/rollback.log" >&2; exit 1; }; t1=$(now)
   rollback_t+=("$(echo "$t1 - $t0" | bc)")
   if [ "$i" = 1 ]; then
     rsync -aHAXcn --numeric-ids --delete -i "$OLD/" "$work/host/" > "$work/verify-rollback" || true
@@ -83,7 +85,7 @@ for i in $(seq 1 "$RUNS"); do
   for tool in $( [ $((i % 2)) = 1 ] && echo "sync rsync" || echo "rsync sync" ); do
     fresh
     if [ "$tool" = sync ]; then
-      t0=$(now); sd sync --master "$B" >/dev/null 2>"$work/sync.log" || { cat "$work/sync.log" >&2; exit 1; }; t1=$(now)
+      t0=$(now); sd sync -q --master "$B" >/dev/null 2>"$work/sync.log" || { cat "$work/sync.log" >&2; exit 1; }; t1=$(now)
       sync_t+=("$(echo "$t1 - $t0" | bc)")
     else
       t0=$(now); rsync -aHAX --numeric-ids --delete "$NEW/" "$work/host/"; t1=$(now)
