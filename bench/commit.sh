@@ -27,14 +27,13 @@ done
 command -v rsync >/dev/null || { echo "commit.sh: rsync is not installed" >&2; exit 2; }
 mkdir -p "$SCRATCH"
 work=$(mktemp -d "$SCRATCH/run.XXXXXX")
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for p in "$work"/*.pid; do [ -e "$p" ] && kill "$(cat "$p")" 2>/dev/null; done; rm -rf "$work"; }
 trap cleanup EXIT
 
 start_master() { # LOG ARGS... -> prints the URL
   local log=$1; shift
   "$SYNCMASTER" serve --insecure --listen 127.0.0.1:0 "$@" >"$log" 2>&1 &
-  pids+=($!)
+  echo $! > "$log.pid"   # (this runs in a command substitution's subshell: no variable survives)
   for _ in $(seq 1 600); do
     url=$(grep -o 'listening on [^ ]*' "$log" | head -1 | awk '{print $3}') || true
     [ -n "$url" ] && { echo "http://$url"; return; }

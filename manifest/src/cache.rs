@@ -128,6 +128,28 @@ impl HashCache {
         matched.iter().all(|m| *m)
     }
 
+    /// Records that each inode `(dev, ino)`, with this size, mtime and ctime (nanoseconds, as
+    /// [`crate::scan::stamp_ns`] makes them), holds its hash: content a pass has just written
+    /// and verified, so the next scan need not read it. Replaces records of the same inodes.
+    pub fn insert_known(&mut self, known: impl IntoIterator<Item = ((u64, u64), (u64, i64, i64), Hash)>) {
+        let mut records: Vec<Record> = known
+            .into_iter()
+            .map(|(key, (size, mtime_ns, ctime_ns), hash)| Record {
+                key,
+                stamp: Stamp { size, mtime_ns, ctime_ns },
+                hash,
+            })
+            .collect();
+        if records.is_empty() {
+            return;
+        }
+        records.append(&mut self.records);
+        // Stable: for one inode, the new record comes first and is the one kept.
+        records.sort_by_key(|r| r.key);
+        records.dedup_by_key(|r| r.key);
+        self.records = records;
+    }
+
     pub fn len(&self) -> usize {
         self.records.len()
     }
@@ -417,6 +439,36 @@ mod tests {
         let mut edited = scan::walk(d.path()).unwrap().entries;
         edited.retain(|e| e.entry.path.as_bytes() == b"a");
         assert_eq!(c.apply(&mut edited), 0, "an edit hidden by touch -r must not hit the cache");
+    }
+
+    #[test]
+    fn inserted_records_of_written_files_hit_and_replace_the_old_record_of_the_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("a");
+        std::fs::write(&f, b"new content").unwrap();
+        let md = std::fs::metadata(&f).unwrap();
+        let stamp =
+            (md.len(), scan::stamp_ns(md.mtime(), md.mtime_nsec()), scan::stamp_ns(md.ctime(), md.ctime_nsec()));
+        let mut c = HashCache::default();
+        // An older record of the same inode, and another inode's.
+        c.insert_known([
+            ((md.dev(), md.ino()), (3, 0, 0), Hash([1; 32])),
+            ((md.dev(), md.ino() + 1), (1, 0, 0), Hash([2; 32])),
+        ]);
+        let right = Hash(*blake3::hash(b"new content").as_bytes());
+        c.insert_known([((md.dev(), md.ino()), stamp, right)]);
+        assert_eq!(c.len(), 2, "one record per inode");
+        let mut entries = scan::walk(d.path()).unwrap().entries;
+        entries.retain(|e| e.entry.path.as_bytes() == b"a");
+        assert_eq!(c.apply(&mut entries), 1);
+        assert_eq!(entries[0].entry.hash, Some(right));
+        // A later edit misses it.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, b"edited").unwrap();
+        let mut entries = scan::walk(d.path()).unwrap().entries;
+        entries.retain(|e| e.entry.path.as_bytes() == b"a");
+        assert_eq!(c.apply(&mut entries), 0);
     }
 
     #[test]

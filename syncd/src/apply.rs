@@ -255,6 +255,10 @@ struct Applier<'a> {
     dir_swaps: Vec<DirSwap>,
     /// Directories whose mtime our own work changed (`None`: the root).
     touched: BTreeSet<Option<RelPath>>,
+    /// Temp names staged as hard links to local store objects: like a hard link to an existing
+    /// inode, one may already be the inode at its path (then its temp name is removed after
+    /// the rename, which does nothing).
+    store_linked: HashSet<String>,
     /// Where this pass put content that later changes need again (`plan.reused` only: on a
     /// cold sync of a million files, a map of every file would cost ~130 MB).
     materialized: HashMap<Hash, Location>,
@@ -309,6 +313,7 @@ pub fn apply(
         master,
         rt,
         store,
+        store_linked: HashSet::new(),
         out: Outcome { done: vec![false; plan.changes.len()], ..Outcome::default() },
         failed_dirs: Vec::new(),
         failed: HashSet::new(),
@@ -345,7 +350,7 @@ pub fn apply(
             if a.stopped() || a.halt.is_some() {
                 timed(&mut a, "rolled back", Applier::roll_back);
             } else {
-                if a.store.is_some() {
+                if a.store.as_ref().is_some_and(|s| s.keeping()) {
                     timed(&mut a, "old content kept", Applier::keep_old);
                 }
                 timed(&mut a, "committed", Applier::commit_held);
@@ -614,7 +619,8 @@ impl Applier<'_> {
                             self.leaders.insert(c.path.clone(), temp.clone());
                         }
                         self.staged_bytes += new.size;
-                        self.staged.push(Staged { index: i, dir, temp, hash, exchange, link: false });
+                        let link = self.store_linked.remove(&temp);
+                        self.staged.push(Staged { index: i, dir, temp, hash, exchange, link });
                         if self.staged.len() >= BATCH_FILES || self.staged_bytes >= BATCH_BYTES {
                             self.seal_batch();
                         }
@@ -871,6 +877,7 @@ impl Applier<'_> {
         match r {
             Ok(()) => {
                 self.out.stats.store_links += 1;
+                self.store_linked.insert(temp.clone());
                 Ok(Some(temp))
             }
             Err(e) => {

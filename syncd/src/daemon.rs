@@ -53,7 +53,7 @@ type PassOutcome = (Result<PassReport, SyncError>, Option<Duration>);
 /// One daemon pass, and how soon the next must run whatever the schedule says (a commit
 /// window opening).
 async fn daemon_pass(o: SyncOptions, apply: Apply) -> PassOutcome {
-    let store = match crate::store::Store::open(&o.state_dir, &o.root) {
+    let store = match crate::store::Store::open_unlocked(&o.state_dir, &o.root) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!("cannot open the local store: {e}");

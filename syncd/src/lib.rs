@@ -729,7 +729,26 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         }
     }
     if opts.staging == apply::Staging::Whole && !opts.dry_run && !report.plan.is_empty() {
-        check_room(&opts.root, &report.plan)?;
+        // Content the local store holds on the root's filesystem is staged as hard links: it
+        // takes no room.
+        let linked = match &store {
+            Some(st)
+                if std::fs::metadata(&opts.root).is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) == st.dev()) =>
+            {
+                let mut seen = std::collections::HashSet::new();
+                report
+                    .plan
+                    .staged()
+                    .filter_map(|(_, _, n)| {
+                        n.hash.filter(|h| n.kind == manifest::Kind::File && st.has(h)).map(|h| (h, n.size))
+                    })
+                    .filter(|(h, _)| seen.insert(*h))
+                    .map(|(_, size)| size.div_ceil(4096) * 4096)
+                    .sum()
+            }
+            _ => 0,
+        };
+        check_room(&opts.root, &report.plan, linked)?;
     }
     // The triggers this batch will fire go to the journal, durably, before anything commits.
     let mut journal = match (opts.dry_run, opts.triggers.is_empty()) {
@@ -786,6 +805,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let throttle = opts.throttle.clone();
         let staging = opts.staging;
         let store_for_apply = store.clone().filter(|_| staging == apply::Staging::Whole);
+
         let (plan, outcome, manifest) = tokio::task::spawn_blocking(move || {
             let outcome =
                 apply::apply(root, &manifest, &plan, staging, objects, master, rt, store_for_apply, cancel, &throttle);
@@ -796,10 +816,21 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         report.plan = plan;
         report.outcome = Some(outcome);
         if let Some(st) = &store {
+            // First: unlinking a released object changes the ctime of the root file it was.
+            st.release_lent();
+        }
+        if let Some(path) = opts.index_path() {
+            remember_written(opts, &report, &path);
+        }
+        if let Some(st) = &store {
             note_version(opts, st, &report, Some(&manifest), &lists);
         }
     } else if !opts.dry_run {
         report.outcome = Some(Outcome::default());
+        if let Some(st) = &store {
+            // Objects a pass killed after its renames left linked into the root.
+            st.release_lent();
+        }
     }
     if let (Some(st), Some(o), true) = (&store, &report.outcome, report.plan.is_empty()) {
         // Nothing to change: the host is at this version (a first pass with the store, or a
@@ -835,11 +866,13 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
 
 /// Whole-tree staging needs room for all new content at once, on the root's filesystem (syncd
 /// never writes across a mount point, so that is the only one): the blocks and inodes of
-/// [`Plan::stage_needs`], plus a margin of 1/32 and 16 MiB (64 inodes and 1/32), less what the
-/// leftovers of an interrupted pass free first. The space reserved for root is not counted
+/// [`Plan::stage_needs`] (less `linked`, the content hard-linked from the local store), plus a
+/// margin of 1/32 and 16 MiB (64 inodes and 1/32), less what the leftovers of an interrupted
+/// pass free first. The space reserved for root is not counted
 /// as free, so the host's own services keep it.
-fn check_room(root: &std::path::Path, plan: &Plan) -> Result<(), SyncError> {
+fn check_room(root: &std::path::Path, plan: &Plan, linked: u64) -> Result<(), SyncError> {
     let (bytes, inodes) = plan.stage_needs();
+    let bytes = bytes.saturating_sub(linked);
     let needed = bytes + bytes / 32 + (16 << 20);
     let needed_inodes = inodes + inodes / 32 + 64;
     let st = match rustix::fs::statvfs(root) {
@@ -1031,6 +1064,11 @@ fn open_store(opts: &SyncOptions) -> Result<Option<std::sync::Arc<store::Store>>
     }
     match store::Store::open(&opts.state_dir, &opts.root) {
         Ok(s) => {
+            let mut state = s.state();
+            // (A prefetch cleans up at its end, once its own version is among those kept.)
+            if state.gc_pending && matches!(opts.mode, Mode::Network | Mode::Pinned) {
+                gc_store(opts, &s, &mut state);
+            }
             if std::fs::metadata(&opts.root).is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) != s.dev()) {
                 tracing::debug!(store = %s.path().display(), "the local store is on another filesystem than the root: content is copied, not linked");
             }
@@ -1098,20 +1136,39 @@ fn note_version(
             }
         }
     }
+    let kept = report.outcome.as_ref().is_some_and(|o| o.stats.kept_old > 0);
     if state == before {
+        if kept {
+            // Old content of a drift repair: nothing any kept version needs, most likely.
+            gc_store(opts, st, &mut state);
+        }
         return;
+    }
+    if matches!(opts.mode, Mode::Commit | Mode::Rollback) {
+        // The switch is kept short: what no kept version needs any more (after a rollback,
+        // what it replaced: a rename over a kept inode frees no blocks, which is much of what
+        // makes it quick) is removed by the next pass or prefetch.
+        state.gc_pending = true;
     }
     if let Err(e) = st.save_state(&state) {
         tracing::warn!(store = %st.path().display(), "cannot save the local store's state: {e}");
         return;
     }
-    gc_store(opts, st, &mut state);
+    if !state.gc_pending {
+        gc_store(opts, st, &mut state);
+    }
 }
 
 /// Drops from the store what no kept version needs, then, over `store_max_bytes`, the
 /// previous version (and with it the local rollback), warned.
 fn gc_store(opts: &SyncOptions, st: &store::Store, state: &mut store::State) {
     let t = Instant::now();
+    if state.gc_pending {
+        state.gc_pending = false;
+        if let Err(e) = st.save_state(state) {
+            tracing::warn!(store = %st.path().display(), "cannot save the local store's state: {e}");
+        }
+    }
     let keep = |s: &store::State| -> Vec<Hash> {
         [s.current.as_ref().and_then(|c| c.hash()), s.previous.as_ref().and_then(|c| c.hash())]
             .into_iter()
@@ -1139,4 +1196,46 @@ fn gc_store(opts: &SyncOptions, st: &store::Store, state: &mut store::State) {
         }
     }
     tracing::debug!(secs = t.elapsed().as_secs_f64(), "local store cleaned");
+}
+
+/// After a pass that wrote files: their hashes go into the host index (their content was
+/// verified before each rename), so the next pass, a rollback among others, does not read them
+/// again to tell what they hold.
+fn remember_written(opts: &SyncOptions, report: &PassReport, path: &std::path::Path) {
+    let Some(o) = report.outcome.as_ref().filter(|o| !o.rolled_back) else { return };
+    let t = Instant::now();
+    let Ok(mut root) = root::RootDir::open(&opts.root) else { return };
+    let mut known = Vec::new();
+    for (i, c) in report.plan.changes.iter().enumerate() {
+        let Some(new) = c.op.new_entry() else { continue };
+        let (Some(hash), true, true) = (new.hash, new.kind == manifest::Kind::File, o.done.get(i) == Some(&true))
+        else {
+            continue;
+        };
+        if !c.op.makes_new_inode() {
+            continue;
+        }
+        let Ok((dir, name)) = root.parent(&c.path) else { continue };
+        let Ok(st) = rustix::fs::statat(&*dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) else { continue };
+        if st.st_size as u64 != new.size || manifest::Kind::from_mode(st.st_mode) != Some(manifest::Kind::File) {
+            continue;
+        }
+        let ns = manifest::scan::stamp_ns;
+        known.push((
+            (st.st_dev, st.st_ino),
+            (new.size, ns(st.st_mtime, st.st_mtime_nsec as i64), ns(st.st_ctime, st.st_ctime_nsec as i64)),
+            hash,
+        ));
+    }
+    if known.is_empty() {
+        return;
+    }
+    let n = known.len();
+    let mut cache = manifest::cache::HashCache::load(path);
+    cache.insert_known(known);
+    match cache.save(path) {
+        Ok(()) => opts.throttle.write.charge(std::fs::metadata(path).map_or(0, |m| m.len())),
+        Err(e) => tracing::warn!(path = %path.display(), "cannot save the host index: {e}"),
+    }
+    tracing::debug!(files = n, secs = t.elapsed().as_secs_f64(), "host index: written files recorded");
 }

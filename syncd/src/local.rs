@@ -375,7 +375,7 @@ pub async fn converge(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         Err(e) => RolledBack { to: Err(e.to_string()), summary: String::new(), triggers: Vec::new() },
     };
     if rolled.to.is_ok() {
-        if let Ok(Some(st)) = open_store(opts) {
+        if let Ok(st) = store::Store::open_unlocked(&opts.state_dir, &opts.root) {
             let mut state = st.state();
             state.refused = Some(store::Refused {
                 version: report.image_version,

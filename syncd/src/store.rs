@@ -86,6 +86,9 @@ pub struct State {
     pub previous: Option<VersionRef>,
     pub prefetched: Option<Prefetch>,
     pub refused: Option<Refused>,
+    /// A rollback left what it replaced in the store: the next pass or prefetch removes it.
+    #[serde(default)]
+    pub gc_pending: bool,
 }
 
 /// What an object's inode was when its content was last verified.
@@ -112,6 +115,8 @@ pub struct Store {
     /// Objects linked into the root by this pass: a second path with the same content gets a
     /// copy (sharing the inode would make them one hard-link group the image does not have).
     used: Mutex<HashSet<Hash>>,
+    /// Whether a commit keeps the old content it replaces (not a rollback).
+    keeping: std::sync::atomic::AtomicBool,
     /// Objects whose stamp is taken at [`Store::flush`] (kept old inodes: the commit's rename
     /// changes their link count, and so their ctime, after they are linked in).
     unstamped: Mutex<Vec<Hash>>,
@@ -138,9 +143,22 @@ fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 impl Store {
-    /// Opens (creating it if need be) the store of `root` in `state_dir`, and removes the temp
-    /// files an interrupted prefetch left.
+    /// Opens (creating it if need be) the store of `root` in `state_dir` for a pass that holds
+    /// the root's lock: removes the temp files an interrupted prefetch left, and releases the
+    /// objects an interrupted pass linked into the root ([`Store::release_lent`]).
     pub fn open(state_dir: &Path, root: &Path) -> io::Result<Store> {
+        let s = Store::open_unlocked(state_dir, root)?;
+        for name in s.names()? {
+            if fsops::is_temp_name(name.as_bytes()) {
+                let _ = rustix::fs::unlinkat(&s.objects, name.as_str(), AtFlags::empty());
+            }
+        }
+        s.release_lent();
+        Ok(s)
+    }
+
+    /// Opens the store without changing anything in it (`syncd status`, which takes no lock).
+    pub fn open_unlocked(state_dir: &Path, root: &Path) -> io::Result<Store> {
         let dir = dir(state_dir, root);
         std::fs::DirBuilder::new().recursive(true).create(dir.join("objects"))?;
         std::fs::DirBuilder::new().recursive(true).create(dir.join("manifests"))?;
@@ -158,18 +176,22 @@ impl Store {
             dev,
             stamps: Mutex::new(stamps),
             used: Mutex::new(HashSet::new()),
+            keeping: std::sync::atomic::AtomicBool::new(true),
             unstamped: Mutex::new(Vec::new()),
         };
-        for name in s.names()? {
-            if fsops::is_temp_name(name.as_bytes()) {
-                let _ = rustix::fs::unlinkat(&s.objects, name.as_str(), AtFlags::empty());
-            }
-        }
         Ok(s)
     }
 
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    pub fn set_keeping(&self, keep: bool) {
+        self.keeping.store(keep, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn keeping(&self) -> bool {
+        self.keeping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn dev(&self) -> u64 {
@@ -215,6 +237,7 @@ impl Store {
         if recorded == Some(stamp_of(&st)) {
             return Ok(true);
         }
+        tracing::debug!(object = %name, recorded = recorded.is_some(), "local store: object changed since verified, or never stamped: hashing it again");
         let f = fsops::open_regular(self.objects.as_fd(), name.as_str())?;
         let mut h = blake3::Hasher::new();
         manifest::scan::for_each_read(throttle::Throttled::new(&f, read), |b| {
@@ -294,10 +317,32 @@ impl Store {
     /// Keeps the old content `hash` at `name` in `dir` (about to be replaced or deleted): a hard
     /// link to its inode, or a copy across filesystems. Nothing to do if the store has it.
     pub fn keep(&self, hash: &Hash, dir: &OwnedFd, name: &[u8], write: &throttle::Limiter) -> io::Result<()> {
-        if self.has(hash)
+        // An object lent to the root this pass is released after it (the root then holds that
+        // content): the old inode takes its name instead.
+        let lent = self.used.lock().expect("store lock").contains(hash);
+        if !lent
+            && self.has(hash)
             && rustix::fs::statat(&self.objects, hash.to_hex().as_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
         {
             return Ok(());
+        }
+        let final_name = hash.to_hex();
+        if !lent {
+            // The usual case: one link, straight to the object's name (an existing inode, so
+            // the name never shows partial content).
+            match rustix::fs::linkat(dir, name, &self.objects, final_name.as_str(), AtFlags::empty()) {
+                Ok(()) => {
+                    self.unstamped.lock().expect("store lock").push(*hash);
+                    return Ok(());
+                }
+                // Verified on use, like any object.
+                Err(Errno::EXIST) => return Ok(()),
+                Err(Errno::XDEV) => {
+                    let (src, size) = fsops::open_regular_sized(dir.as_fd(), name)?;
+                    return self.add(hash, size, write, |w| fsops::copy(&src, w).map(|_| ()));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let temp = match fsops::link_temp(dir.as_fd(), name, self.objects.as_fd()) {
             Ok(t) => t,
@@ -307,13 +352,12 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
-        let final_name = hash.to_hex();
         match rustix::fs::renameat_with(
             &self.objects,
             temp.as_str(),
             &self.objects,
             final_name.as_str(),
-            RenameFlags::NOREPLACE,
+            if lent { RenameFlags::empty() } else { RenameFlags::NOREPLACE },
         ) {
             Ok(()) => {}
             Err(Errno::EXIST) => {
@@ -324,8 +368,39 @@ impl Store {
                 return Err(e.into());
             }
         }
+        if lent {
+            self.used.lock().expect("store lock").remove(hash);
+        }
         self.unstamped.lock().expect("store lock").push(*hash);
         Ok(())
+    }
+
+    /// After a pass that committed: removes every object that shares its inode with another
+    /// name, which is a root file (linked in by this pass, or by an earlier one that was
+    /// killed before this step). The root holds that content now, and a root file must not
+    /// share its inode with the store: the next scan would see a name outside the root and
+    /// replace the file again, and a change of its metadata in place would change the store's
+    /// copy. (A later commit keeps it again, as old content, if it replaces the file.) An
+    /// object whose staged link was removed again (a pass rolled back, a rename that failed)
+    /// has one name, and stays.
+    pub fn release_lent(&self) {
+        self.used.lock().expect("store lock").clear();
+        let mut released = 0;
+        for name in self.names().unwrap_or_default() {
+            let Some(h) = Hash::from_hex(&name) else { continue };
+            let shared = rustix::fs::statat(&self.objects, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| st.st_nlink > 1);
+            if shared {
+                let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
+                self.forget(&h);
+                released += 1;
+            }
+        }
+        if released > 0 {
+            if let Err(e) = self.flush() {
+                tracing::warn!(store = %self.dir.display(), "cannot save the local store's index: {e}");
+            }
+        }
     }
 
     /// Makes every object durable (one `syncfs` of the store's filesystem).

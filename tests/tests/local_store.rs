@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gis_tests::tree::{assert_converged, differences};
-use gis_tests::{fleet_status, flip, run_syncd, scratch, wait_until, Builder, Master, Output, Scratch};
+use gis_tests::{
+    bin, fleet_status, flip, is_root, random_bytes, run_syncd, scratch, wait_until, Builder, LoopExt4, Master, Output,
+    Scratch,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -86,6 +89,23 @@ fn syncd(cmd: &str, master: Option<&Master>, root: &Path, state: &Path, extra: &
     run_syncd(args)
 }
 
+/// Regular files of `root` whose link count is not their image file's: a root file must never
+/// share its inode with the local store (the next scan would replace it again).
+fn shared_inodes(img: &Path, root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| {
+            let rel = e.path().strip_prefix(root).unwrap().to_owned();
+            let want = std::fs::symlink_metadata(img.join(&rel)).map_or(1, |m| m.nlink());
+            let got = e.metadata().unwrap().nlink();
+            (got != want).then(|| format!("{} has {got} links, the image's {want}", rel.display()))
+        })
+        .collect()
+}
+
 fn temp_entries(root: &Path) -> Vec<PathBuf> {
     walkdir::WalkDir::new(root)
         .into_iter()
@@ -132,6 +152,7 @@ fn prefetch_changes_nothing_then_commit_needs_no_master_and_rollback_goes_back_e
     out.expect_code(0, &[&root]);
     assert_converged(&v2, &root, &out);
     assert!(temp_entries(&root).is_empty());
+    assert!(shared_inodes(&v2, &root).is_empty(), "{:?}", shared_inodes(&v2, &root));
     let st = syncd("status", None, &root, &state, &["--format", "json"]);
     let j: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
     assert_eq!(
@@ -147,6 +168,7 @@ fn prefetch_changes_nothing_then_commit_needs_no_master_and_rollback_goes_back_e
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
     assert!(temp_entries(&root).is_empty());
+    assert!(shared_inodes(&v1, &root).is_empty(), "{:?}", shared_inodes(&v1, &root));
     // A second rollback has nothing to go back to: a clear error, nothing changed.
     let out = syncd("rollback", None, &root, &state, &[]);
     out.expect_code(10, &[&root]);
@@ -265,4 +287,147 @@ fn a_bad_commit_window_is_refused_at_start_naming_the_key() {
     let out = run_syncd(["run", "--insecure", "--config", cfg.to_str().unwrap()]);
     out.expect_code(2, &[]);
     assert!(out.stderr.contains("config key apply: unknown value \"later\""), "{}", out.stderr);
+}
+
+/// Many files for the crash test: v2 changes every file of v1, adds and removes some.
+fn many(s: &Scratch) -> PathBuf {
+    let images = s.dir("images");
+    for (v, range) in [("v1", 0..1500u32), ("v2", 200..1700u32)] {
+        let dir = images.join(v);
+        let mut b = Builder::new(&dir);
+        for d in 0..17 {
+            b.dir(format!("d{d}"), 0o755);
+        }
+        for i in range {
+            b.file(
+                format!("d{}/f{i}", i / 100),
+                0o644,
+                format!("{v} file {i}\n").repeat(1 + (i as usize % 7) * 50).as_bytes(),
+            );
+        }
+        b.finish();
+    }
+    flip(&images, "v1");
+    images
+}
+
+#[test]
+fn a_commit_killed_at_random_points_leaves_old_or_new_and_the_next_commit_completes_it() {
+    let s = scratch();
+    let images = many(&s);
+    let (v1, v2) = (images.join("v1"), images.join("v2"));
+    let m = master(&images, &s.dir("mstate"));
+    let (root, state) = (s.dir("root"), s.join("state"));
+    syncd("sync", Some(&m), &root, &state, &["-q"]).expect_code(0, &[&root]);
+    flip(&images, "v2");
+    assert!(wait_until(WAIT, || fleet_status(m.url())["image_version"] == 2), "{}", m.stderr());
+    let mut killed_mid_commit = 0;
+    for (round, delay_ms) in [5u64, 20, 40, 70, 110, 160, 220, 300].into_iter().enumerate() {
+        syncd("prefetch", Some(&m), &root, &state, &[]).expect_code(0, &[&root]);
+        let mut child = std::process::Command::new(bin("syncd"))
+            .args(["commit", "-q", "--insecure", "--host-id", "e2e-host", "--root"])
+            .arg(&root)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        // Every file is old or new whole: content of one of the two versions at every path.
+        for e in walkdir::WalkDir::new(&root).into_iter().filter_map(|e| e.ok()).filter(|e| e.file_type().is_file()) {
+            let rel = e.path().strip_prefix(&root).unwrap();
+            let name = rel.file_name().unwrap().to_string_lossy();
+            if name.starts_with(".syncd-") {
+                continue;
+            }
+            let got = std::fs::read(e.path()).unwrap();
+            let ok = [&v1, &v2].iter().any(|v| std::fs::read(v.join(rel)).is_ok_and(|c| c == got));
+            assert!(ok, "round {round}: {} is neither v1's nor v2's", rel.display());
+        }
+        if status.code().is_none() && (!differences(&v1, &root).is_empty() || !temp_entries(&root).is_empty()) {
+            killed_mid_commit += 1;
+        }
+        // The next commit completes the switch: v2 exactly, no temp entries, no shared inode.
+        let out = syncd("commit", None, &root, &state, &["-q"]);
+        if out.code == 10 {
+            // The killed commit had finished: nothing is prefetched any more.
+            assert!(out.stderr.contains("nothing is prefetched"), "round {round}: {}", out.stderr);
+        } else {
+            out.expect_code(0, &[&root]);
+        }
+        assert_converged(&v2, &root, &out);
+        assert!(temp_entries(&root).is_empty(), "round {round}: {:?}", temp_entries(&root));
+        assert!(shared_inodes(&v2, &root).is_empty(), "round {round}: {:?}", shared_inodes(&v2, &root));
+        // A pass against the master finds nothing to do.
+        let again = syncd("sync", Some(&m), &root, &state, &["-q"]);
+        again.expect_code(0, &[&root]);
+        assert!(
+            again.summary().contains("created 0, updated 0, deleted 0") || again.summary().contains("unchanged since"),
+            "round {round}: {}",
+            again.summary()
+        );
+        // Back to v1 for the next round.
+        syncd("rollback", None, &root, &state, &["-q"]).expect_code(0, &[&root]);
+        assert_converged(&v1, &root, &none());
+    }
+    eprintln!("{killed_mid_commit} of 8 kills landed in the middle of a commit");
+    assert!(killed_mid_commit > 0, "no kill landed in the middle of a commit: the test proved nothing");
+}
+
+#[test]
+fn a_prefetch_that_does_not_fit_is_refused_before_writing_anything() {
+    if !is_root() {
+        eprintln!("skipped: needs root (a loop-mounted ext4)");
+        return;
+    }
+    let s = scratch();
+    let images = s.dir("images");
+    Builder::new(&images.join("v1")).dir("etc", 0o755).file("etc/a", 0o644, b"one\n").finish();
+    Builder::new(&images.join("v2"))
+        .dir("etc", 0o755)
+        .file("etc/a", 0o644, b"two\n")
+        .file("etc/big", 0o644, &random_bytes(7, 24 << 20))
+        .finish();
+    flip(&images, "v1");
+    let m = master(&images, &s.dir("mstate"));
+    let mnt = s.dir("mnt");
+    let fs = LoopExt4::new(&s.join("disk.img"), &mnt, 64);
+    let (root, state) = (mnt.join("root"), mnt.join("state"));
+    std::fs::create_dir(&root).unwrap();
+    syncd("sync", Some(&m), &root, &state, &["-q"]).expect_code(0, &[&root]);
+    flip(&images, "v2");
+    assert!(wait_until(WAIT, || fleet_status(m.url())["image_version"] == 2), "{}", m.stderr());
+    fs.fill(&mnt.join("ballast"), 20 << 20);
+    let out = syncd("prefetch", Some(&m), &root, &state, &[]);
+    out.expect_code(7, &[&root]);
+    assert!(
+        out.stderr.contains("not enough free space in the local store") && out.stderr.contains("to prefetch image v2"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("nothing was written to the root"), "{}", out.stderr);
+    assert!(differences(&images.join("v1"), &root).is_empty());
+    let objects: Vec<_> = std::fs::read_dir(
+        state
+            .join(
+                std::fs::read_dir(&state)
+                    .unwrap()
+                    .flatten()
+                    .find(|e| e.file_name().to_string_lossy().starts_with("store-"))
+                    .unwrap()
+                    .file_name(),
+            )
+            .join("objects"),
+    )
+    .unwrap()
+    .collect();
+    assert!(objects.is_empty(), "{objects:?}");
+    // With room, the same prefetch and its commit go through.
+    std::fs::remove_file(mnt.join("ballast")).unwrap();
+    syncd("prefetch", Some(&m), &root, &state, &[]).expect_code(0, &[&root]);
+    syncd("commit", None, &root, &state, &["-q"]).expect_code(0, &[&root]);
+    assert_converged(&images.join("v2"), &root, &none());
 }
