@@ -273,7 +273,7 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
                 SyncError::Untrusted(t) if t.is_stale() => "stale",
                 SyncError::Untrusted(_) => "rejected",
                 SyncError::Unreachable { .. } => "unreachable",
-                SyncError::NoSpace { .. } => "no-space",
+                SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } => "no-space",
                 _ => "error",
             }
             .into(),

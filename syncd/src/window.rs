@@ -97,7 +97,8 @@ impl Window {
         let (a, b) = range.split_once('-').ok_or_else(|| bad(format!("no time range HH:MM-HH:MM in {range:?}")))?;
         let start = time(a).ok_or_else(|| bad(format!("bad time {a:?}")))?;
         let end = time(b).ok_or_else(|| bad(format!("bad time {b:?}")))?;
-        if start == end {
+        // `00:00-24:00` is the whole day; any other range with its end at its start is empty.
+        if start == end && !(b == "24:00" && start == Time::midnight()) {
             return Err(bad("an empty time range".into()));
         }
         let tz = match zone {
@@ -200,6 +201,8 @@ mod tests {
         assert!(d.is_open(ts("2026-12-06T01:30:00Z")), "Sunday");
         assert!(!d.is_open(ts("2026-12-05T01:30:00Z")), "not Saturday");
         assert!(Window::parse("daily 03:00-04:00").unwrap().is_open(ts("2026-12-05T03:10:00Z")));
+        let all = Window::parse("daily 00:00-24:00").unwrap();
+        assert!(all.is_open(ts("2026-12-05T00:00:00Z")) && all.is_open(ts("2026-12-05T23:59:59Z")));
     }
 
     #[test]

@@ -431,3 +431,78 @@ fn a_prefetch_that_does_not_fit_is_refused_before_writing_anything() {
     syncd("commit", None, &root, &state, &["-q"]).expect_code(0, &[&root]);
     assert_converged(&images.join("v2"), &root, &none());
 }
+
+/// `syncd run` config for the window tests.
+fn window_config(s: &Scratch, m: &Master, root: &Path, state: &Path, window: &str) -> PathBuf {
+    let cfg = s.join(format!("syncd-{}.toml", window.len()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "master = {:?}\nroot = {:?}\nhost_id = \"e2e-host\"\nstate_dir = {:?}\nreconcile_interval = \"1s\"\nreconcile_jitter = \"0s\"\nannounce_jitter = \"0s\"\napply = \"window\"\ncommit_window = [{window:?}]\n",
+            m.url(),
+            root,
+            state
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn with_apply_window_the_daemon_prefetches_reconciles_the_current_version_and_commits_when_the_window_opens() {
+    let s = scratch();
+    let images = images(&s);
+    let (v1, v2) = (images.join("v1"), images.join("v2"));
+    let m = master(&images, &s.dir("mstate"));
+    let (root, state) = (s.dir("root"), s.join("state"));
+    syncd("sync", Some(&m), &root, &state, &["-q"]).expect_code(0, &[&root]);
+    // A window the day after tomorrow (UTC): closed for the whole test.
+    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400;
+    let day = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"][((days + 2 + 3) % 7) as usize];
+    let closed = format!("{day} 03:00-04:00");
+    let log = s.join("syncd.log");
+    let cfg = window_config(&s, &m, &root, &state, &closed);
+    let daemon = gis_tests::spawn_syncd_run(&cfg, std::fs::File::create(&log).unwrap());
+    let status = || {
+        let st = run_syncd(["status", "--config", cfg.to_str().unwrap(), "--format", "json"]);
+        serde_json::from_str::<serde_json::Value>(&st.stdout).unwrap_or_default()
+    };
+    flip(&images, "v2");
+    assert!(
+        wait_until(WAIT, || status()["prefetched"]["complete"] == true && status()["prefetched"]["version"] == 2),
+        "{}\n{}",
+        status(),
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(status()["next_window"].as_str().is_some_and(|t| !t.is_empty()), "{}", status());
+    assert_eq!(status()["commit_windows"][0], closed.as_str(), "{}", status());
+    // Nothing in the root changes, and the current version is still reconciled: drift is repaired.
+    std::fs::write(root.join("etc/motd"), b"hand edit\n").unwrap();
+    assert!(
+        wait_until(WAIT, || std::fs::read(root.join("etc/motd")).is_ok_and(|c| c == b"hello\n")),
+        "drift was not repaired while the version waits: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_converged(&v1, &root, &none());
+    drop(daemon);
+    // The window opens (a daemon whose window is open now): the prefetched version is committed.
+    let _daemon = gis_tests::spawn_syncd_run(
+        &window_config(&s, &m, &root, &state, "daily 00:00-24:00"),
+        std::fs::File::create(s.join("syncd2.log")).unwrap(),
+    );
+    assert!(
+        wait_until(WAIT, || differences(&v2, &root).is_empty()),
+        "{:?}\n{}",
+        differences(&v2, &root),
+        std::fs::read_to_string(s.join("syncd2.log")).unwrap()
+    );
+    let host = || fleet_status(m.url())["hosts"].as_array().and_then(|h| h.first().cloned()).unwrap_or_default();
+    assert!(
+        wait_until(WAIT, || host()["last_pass"]["result"] == "converged" && host()["last_pass"]["image_version"] == 2),
+        "{}",
+        host()
+    );
+    assert_converged(&v2, &root, &none());
+    assert!(shared_inodes(&v2, &root).is_empty(), "{:?}", shared_inodes(&v2, &root));
+}
