@@ -872,7 +872,7 @@ impl Applier<'_> {
             if size != new.size {
                 return Err(io::Error::other("the local store object changed size"));
             }
-            fsops::set_fd_meta(f.as_fd(), &new.meta, MetaParts::ALL)
+            fsops::set_fd_meta_where_needed(f.as_fd(), &new.meta)
         });
         match r {
             Ok(()) => {

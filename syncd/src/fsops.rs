@@ -137,6 +137,22 @@ pub fn set_fd_meta(fd: BorrowedFd, meta: &Meta, parts: MetaParts) -> io::Result<
     Ok(())
 }
 
+/// [`set_fd_meta`] with everything, skipping the owner, mode and mtime calls where the inode
+/// already has them (a kept old inode, or a store object prepared with this path's metadata);
+/// xattrs are always compared. A change of owner clears setuid bits and capabilities, so the
+/// mode and xattrs then follow it.
+pub fn set_fd_meta_where_needed(fd: BorrowedFd, meta: &Meta) -> io::Result<()> {
+    let st = rustix::fs::fstat(fd)?;
+    let owner = (st.st_uid, st.st_gid) != (meta.uid, meta.gid);
+    let parts = MetaParts {
+        owner,
+        mode: owner || (st.st_mode & manifest::PERM_MASK) != meta.mode,
+        xattrs: true,
+        mtime: (st.st_mtime, st.st_mtime_nsec as u32) != (meta.mtime_sec, meta.mtime_nsec),
+    };
+    set_fd_meta(fd, meta, parts)
+}
+
 /// A filesystem clamps a time it cannot store (ext4 with 128-byte inodes and XFS without
 /// `bigtime` stop in 2038; ext4 otherwise in 2446), and a clamped time would be planned again on
 /// every pass. Outside the 32-bit range, where filesystems differ, read the time back and

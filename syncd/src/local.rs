@@ -131,6 +131,8 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
 
     // What the commit will link from the store: every new regular file's content, once.
     let mut seen = std::collections::HashSet::new();
+    // Each object takes the metadata of the first path that needs it.
+    let mut metas: std::collections::HashMap<Hash, manifest::Meta> = std::collections::HashMap::new();
     let mut local_copies: Vec<(Hash, u64, RelPathBuf)> = Vec::new();
     let (mut need_bytes, mut need_inodes, mut total_objects, mut total_bytes) = (0u64, 0u64, 0u64, 0u64);
     for (_, c, new) in plan.staged() {
@@ -138,6 +140,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
         if matches!(c.op.source(), Some(plan::Source::Link(_))) || !seen.insert(h) {
             continue;
         }
+        metas.insert(h, new.meta.clone());
         total_objects += 1;
         total_bytes += new.size;
         if st.has(&h) && st.verify(&h, &opts.throttle.read).unwrap_or(false) {
@@ -185,7 +188,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     let (st2, throttle, cancel) = (st.clone(), opts.throttle.clone(), opts.cancel.clone());
     let progress_state = state.clone();
     let done = tokio::task::spawn_blocking(move || {
-        fill_store(&st2, root, objects, &master, &rt, &fetch, &local_copies, &throttle, cancel, progress_state)
+        fill_store(&st2, root, objects, &master, &rt, &fetch, &local_copies, &metas, &throttle, cancel, progress_state)
     })
     .await
     .map_err(|e| SyncError::Internal(format!("prefetch task failed: {e}")))??;
@@ -258,6 +261,7 @@ fn fill_store(
     rt: &tokio::runtime::Handle,
     fetch: &[(Hash, u64)],
     local: &[(Hash, u64, RelPathBuf)],
+    metas: &std::collections::HashMap<Hash, manifest::Meta>,
     throttle: &throttle::Throttle,
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     mut state: store::State,
@@ -280,7 +284,7 @@ fn fill_store(
             return Err(SyncError::Local("prefetch stopped on request; what was fetched is kept".into()));
         }
         let mut broke = None;
-        let r = st.add(h, *size, &throttle.write, |w| {
+        let r = st.add(h, *size, metas.get(h), &throttle.write, |w| {
             objects.next_into(*h, *size, Some(w)).map_err(|e| {
                 if let client::ObjectError::Broken(b) = &e {
                     broke = Some(b.clone());
@@ -298,7 +302,7 @@ fn fill_store(
             // One object on its own, from the master.
             tracing::debug!(hash = %h, "prefetch: {e}; fetching it on its own");
             let mut one = master.spawn_fetch_aside(vec![(*h, *size)], rt);
-            let r = st.add(h, *size, &throttle.write, |w| {
+            let r = st.add(h, *size, metas.get(h), &throttle.write, |w| {
                 one.next_into(*h, *size, Some(w)).map_err(|e| std::io::Error::other(e.to_string()))
             });
             out.wire_bytes += one.wire_bytes;
@@ -330,7 +334,7 @@ fn fill_store(
         }
         let r = root.parent(p).and_then(|(dir, name)| {
             let f = crate::fsops::open_regular(dir.as_fd(), name)?;
-            st.add(h, *size, &throttle.write, |w| {
+            st.add(h, *size, metas.get(h), &throttle.write, |w| {
                 crate::fsops::copy(throttle::Throttled::new(&f, &throttle.read), w).map(|_| ())
             })
         });

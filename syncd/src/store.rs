@@ -161,6 +161,14 @@ impl Store {
     pub fn open_unlocked(state_dir: &Path, root: &Path) -> io::Result<Store> {
         let dir = dir(state_dir, root);
         std::fs::DirBuilder::new().recursive(true).create(dir.join("objects"))?;
+        // Root only: the store holds old versions of setuid programs (kept for a rollback),
+        // which no other user may reach to run.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if std::fs::metadata(&dir)?.permissions().mode() & 0o777 != 0o700 {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
         std::fs::DirBuilder::new().recursive(true).create(dir.join("manifests"))?;
         let objects =
             rustix::fs::open(dir.join("objects"), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
@@ -293,6 +301,7 @@ impl Store {
         &self,
         hash: &Hash,
         size: u64,
+        meta: Option<&manifest::Meta>,
         write: &throttle::Limiter,
         fill: impl FnOnce(&mut fsops::VerifyingWriter) -> io::Result<()>,
     ) -> io::Result<()> {
@@ -303,6 +312,10 @@ impl Store {
                 fill(&mut w)?;
             }
             w.finish(*hash)?;
+            // The metadata of the first path that needs it: a commit then has none to set there.
+            if let Some(m) = meta {
+                fsops::set_fd_meta(file.as_fd(), m, fsops::MetaParts::ALL)?;
+            }
             let name = hash.to_hex();
             rustix::fs::renameat(&self.objects, temp.as_str(), &self.objects, name.as_str())?;
             self.stamps.lock().expect("store lock").insert(*hash, stamp_of(&rustix::fs::fstat(&file)?));
@@ -339,7 +352,7 @@ impl Store {
                 Err(Errno::EXIST) => return Ok(()),
                 Err(Errno::XDEV) => {
                     let (src, size) = fsops::open_regular_sized(dir.as_fd(), name)?;
-                    return self.add(hash, size, write, |w| fsops::copy(&src, w).map(|_| ()));
+                    return self.add(hash, size, None, write, |w| fsops::copy(&src, w).map(|_| ()));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -348,7 +361,7 @@ impl Store {
             Ok(t) => t,
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
                 let (src, size) = fsops::open_regular_sized(dir.as_fd(), name)?;
-                return self.add(hash, size, write, |w| fsops::copy(&src, w).map(|_| ()));
+                return self.add(hash, size, None, write, |w| fsops::copy(&src, w).map(|_| ()));
             }
             Err(e) => return Err(e),
         };

@@ -145,6 +145,10 @@ fn prefetch_changes_nothing_then_commit_needs_no_master_and_rollback_goes_back_e
     assert_eq!(j["prefetched"]["version"], 2, "{}", st.stdout);
     assert_eq!(j["prefetched"]["complete"], true, "{}", st.stdout);
     assert!(j["store_own_bytes"].as_u64().unwrap() > 0, "{}", st.stdout);
+    // Only root may reach the store: it keeps old setuid programs for a rollback.
+    let store_dir = std::path::PathBuf::from(j["store"].as_str().unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&store_dir).unwrap().permissions().mode() & 0o777, 0o700);
 
     // The commit reads nothing from the network: the master is gone.
     drop(m);
