@@ -55,6 +55,14 @@ for _ in $(seq 1 1200); do
   "$SYNCMASTER" status --master "$B" --insecure --format json 2>/dev/null | grep -q '"image_version": 2' && break
   sleep 0.5
 done
+# A master compresses every object of a new version once, in the background, on every core:
+# timing starts once both are done (the steady state), as in sync-vs-rsync.sh.
+wait_cache() { # LOG PATTERN
+  for _ in $(seq 1 3600); do grep 'object cache ready' "$1" | grep -q "$2" && return; sleep 0.5; done
+  echo "commit.sh: no 'object cache ready' ($2) in $1" >&2; exit 1
+}
+wait_cache "$work/a.log" 'version=1 '
+wait_cache "$work/b.log" 'version=2 '
 
 now() { date +%s.%N; }
 fresh() { rm -rf "$work/host" "$work/state"; cp -a "$OLD" "$work/host"; sync; }

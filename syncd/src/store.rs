@@ -111,15 +111,33 @@ pub struct Store {
     dir: PathBuf,
     objects: OwnedFd,
     dev: u64,
-    stamps: Mutex<HashMap<Hash, Stamp>>,
-    /// Objects linked into the root by this pass: a second path with the same content gets a
-    /// copy (sharing the inode would make them one hard-link group the image does not have).
-    used: Mutex<HashSet<Hash>>,
+    /// By object name: `<hex>`, or `<hex>.<n>` for another inode with the same content (old
+    /// content of several paths, kept so each gets its own inode back).
+    stamps: Mutex<HashMap<String, Stamp>>,
+    /// Objects (names) linked into the root by this pass: each is lent once (sharing an inode
+    /// would make two paths one hard-link group the image does not have).
+    used: Mutex<HashSet<String>>,
     /// Whether a commit keeps the old content it replaces (not a rollback).
     keeping: std::sync::atomic::AtomicBool,
     /// Objects whose stamp is taken at [`Store::flush`] (kept old inodes: the commit's rename
     /// changes their link count, and so their ctime, after they are linked in).
-    unstamped: Mutex<Vec<Hash>>,
+    unstamped: Mutex<Vec<String>>,
+}
+
+/// Most inodes kept for one content (the object and `.1` to `.15`).
+const MAX_ALTERNATES: usize = 15;
+
+/// The content hash an object name stands for.
+fn hash_of(name: &str) -> Option<Hash> {
+    Hash::from_hex(name.split('.').next().unwrap_or_default())
+}
+
+fn alternate(hex: &str, n: usize) -> String {
+    if n == 0 {
+        hex.to_owned()
+    } else {
+        format!("{hex}.{n}")
+    }
 }
 
 /// Where the store of `root` lives.
@@ -173,10 +191,10 @@ impl Store {
         let objects =
             rustix::fs::open(dir.join("objects"), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
         let dev = rustix::fs::fstat(&objects)?.st_dev;
-        let stamps: HashMap<Hash, Stamp> = std::fs::read(dir.join("objects.idx"))
+        let stamps: HashMap<String, Stamp> = std::fs::read(dir.join("objects.idx"))
             .ok()
             .and_then(|b| serde_json::from_slice::<HashMap<String, Stamp>>(&b).ok())
-            .map(|m| m.into_iter().filter_map(|(k, v)| Some((Hash::from_hex(&k)?, v))).collect())
+            .map(|m| m.into_iter().filter(|(k, _)| hash_of(k).is_some()).collect())
             .unwrap_or_default();
         let s = Store {
             dir,
@@ -226,64 +244,76 @@ impl Store {
 
     /// Whether the store has an object for `hash` (not yet verified: see [`Store::verify`]).
     pub fn has(&self, hash: &Hash) -> bool {
-        self.stamps.lock().expect("store lock").contains_key(hash)
+        self.stamps.lock().expect("store lock").contains_key(&hash.to_hex())
     }
 
     /// Checks the object for `hash`: its inode as when verified, else read and hashed again.
     /// A missing or damaged object is forgotten (and removed): `Ok(false)`.
     pub fn verify(&self, hash: &Hash, read: &throttle::Limiter) -> io::Result<bool> {
-        let name = hash.to_hex();
-        let st = match rustix::fs::statat(&self.objects, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        self.verify_name(&hash.to_hex(), hash, read)
+    }
+
+    /// [`Store::verify`] of the object `name` (`<hex>` or `<hex>.<n>`).
+    fn verify_name(&self, name: &str, hash: &Hash, read: &throttle::Limiter) -> io::Result<bool> {
+        let st = match rustix::fs::statat(&self.objects, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::NOENT) => {
-                self.forget(hash);
+                self.forget(name);
                 return Ok(false);
             }
             Err(e) => return Err(e.into()),
         };
-        let recorded = self.stamps.lock().expect("store lock").get(hash).copied();
+        let recorded = self.stamps.lock().expect("store lock").get(name).copied();
         if recorded == Some(stamp_of(&st)) {
             return Ok(true);
         }
         tracing::debug!(object = %name, recorded = recorded.is_some(), "local store: object changed since verified, or never stamped: hashing it again");
-        let f = fsops::open_regular(self.objects.as_fd(), name.as_str())?;
+        let f = fsops::open_regular(self.objects.as_fd(), name)?;
         let mut h = blake3::Hasher::new();
         manifest::scan::for_each_read(throttle::Throttled::new(&f, read), |b| {
             h.update(b);
             Ok(())
         })?;
         if Hash(*h.finalize().as_bytes()) == *hash {
-            self.stamps.lock().expect("store lock").insert(*hash, stamp_of(&rustix::fs::fstat(&f)?));
+            self.stamps.lock().expect("store lock").insert(name.to_owned(), stamp_of(&rustix::fs::fstat(&f)?));
             return Ok(true);
         }
         tracing::warn!(object = %name, store = %self.dir.display(), "a local store object no longer matches its hash: removed, never used");
-        let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
-        self.forget(hash);
+        let _ = rustix::fs::unlinkat(&self.objects, name, AtFlags::empty());
+        self.forget(name);
         Ok(false)
     }
 
-    fn forget(&self, hash: &Hash) {
-        self.stamps.lock().expect("store lock").remove(hash);
+    fn forget(&self, name: &str) {
+        self.stamps.lock().expect("store lock").remove(name);
     }
 
     /// Hard-links the (verified) object for `hash` under a fresh temp name in `dir`, the first
     /// time this pass asks for it. `Ok(None)`: not here, already linked once this pass, or on
     /// another filesystem; the caller copies instead.
     pub fn link_into(&self, hash: &Hash, dir: &OwnedFd, read: &throttle::Limiter) -> io::Result<Option<String>> {
-        if !self.has(hash) || self.used.lock().expect("store lock").contains(hash) {
-            return Ok(None);
-        }
-        if !self.verify(hash, read)? {
-            return Ok(None);
-        }
-        match fsops::link_temp(self.objects.as_fd(), hash.to_hex().as_bytes(), dir.as_fd()) {
-            Ok(temp) => {
-                self.used.lock().expect("store lock").insert(*hash);
-                Ok(Some(temp))
+        let hex = hash.to_hex();
+        for n in 0..=MAX_ALTERNATES {
+            let name = alternate(&hex, n);
+            if !self.stamps.lock().expect("store lock").contains_key(&name) {
+                if n == 0 {
+                    continue;
+                }
+                break;
             }
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(None),
-            Err(e) => Err(e),
+            if self.used.lock().expect("store lock").contains(&name) || !self.verify_name(&name, hash, read)? {
+                continue;
+            }
+            return match fsops::link_temp(self.objects.as_fd(), name.as_bytes(), dir.as_fd()) {
+                Ok(temp) => {
+                    self.used.lock().expect("store lock").insert(name);
+                    Ok(Some(temp))
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(None),
+                Err(e) => Err(e),
+            };
         }
+        Ok(None)
     }
 
     /// The (verified) object for `hash`, opened for a copy.
@@ -318,7 +348,7 @@ impl Store {
             }
             let name = hash.to_hex();
             rustix::fs::renameat(&self.objects, temp.as_str(), &self.objects, name.as_str())?;
-            self.stamps.lock().expect("store lock").insert(*hash, stamp_of(&rustix::fs::fstat(&file)?));
+            self.stamps.lock().expect("store lock").insert(name, stamp_of(&rustix::fs::fstat(&file)?));
             Ok(())
         })();
         if r.is_err() {
@@ -332,30 +362,40 @@ impl Store {
     pub fn keep(&self, hash: &Hash, dir: &OwnedFd, name: &[u8], write: &throttle::Limiter) -> io::Result<()> {
         // An object lent to the root this pass is released after it (the root then holds that
         // content): the old inode takes its name instead.
-        let lent = self.used.lock().expect("store lock").contains(hash);
-        if !lent
-            && self.has(hash)
-            && rustix::fs::statat(&self.objects, hash.to_hex().as_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
-        {
-            return Ok(());
-        }
         let final_name = hash.to_hex();
+        let lent = self.used.lock().expect("store lock").contains(&final_name);
         if !lent {
             // The usual case: one link, straight to the object's name (an existing inode, so
-            // the name never shows partial content).
-            match rustix::fs::linkat(dir, name, &self.objects, final_name.as_str(), AtFlags::empty()) {
-                Ok(()) => {
-                    self.unstamped.lock().expect("store lock").push(*hash);
-                    return Ok(());
+            // the name never shows partial content). Another path's old inode with the same
+            // content is kept too, under `<hex>.<n>`, so a rollback gives each its own inode
+            // back instead of copying.
+            let ino = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?.st_ino;
+            for n in 0..=MAX_ALTERNATES {
+                let alt = alternate(&final_name, n);
+                match rustix::fs::linkat(dir, name, &self.objects, alt.as_str(), AtFlags::empty()) {
+                    Ok(()) => {
+                        self.unstamped.lock().expect("store lock").push(alt);
+                        return Ok(());
+                    }
+                    Err(Errno::EXIST) => {
+                        // Verified on use, like any object; the same inode is kept already.
+                        let same = rustix::fs::statat(&self.objects, alt.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                            .is_ok_and(|st| st.st_ino == ino);
+                        if same {
+                            return Ok(());
+                        }
+                    }
+                    Err(Errno::XDEV) => {
+                        if n > 0 {
+                            return Ok(());
+                        }
+                        let (src, size) = fsops::open_regular_sized(dir.as_fd(), name)?;
+                        return self.add(hash, size, None, write, |w| fsops::copy(&src, w).map(|_| ()));
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                // Verified on use, like any object.
-                Err(Errno::EXIST) => return Ok(()),
-                Err(Errno::XDEV) => {
-                    let (src, size) = fsops::open_regular_sized(dir.as_fd(), name)?;
-                    return self.add(hash, size, None, write, |w| fsops::copy(&src, w).map(|_| ()));
-                }
-                Err(e) => return Err(e.into()),
             }
+            return Ok(());
         }
         let temp = match fsops::link_temp(dir.as_fd(), name, self.objects.as_fd()) {
             Ok(t) => t,
@@ -381,10 +421,8 @@ impl Store {
                 return Err(e.into());
             }
         }
-        if lent {
-            self.used.lock().expect("store lock").remove(hash);
-        }
-        self.unstamped.lock().expect("store lock").push(*hash);
+        self.used.lock().expect("store lock").remove(&final_name);
+        self.unstamped.lock().expect("store lock").push(final_name);
         Ok(())
     }
 
@@ -400,12 +438,14 @@ impl Store {
         self.used.lock().expect("store lock").clear();
         let mut released = 0;
         for name in self.names().unwrap_or_default() {
-            let Some(h) = Hash::from_hex(&name) else { continue };
+            if hash_of(&name).is_none() {
+                continue;
+            }
             let shared = rustix::fs::statat(&self.objects, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|st| st.st_nlink > 1);
             if shared {
                 let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
-                self.forget(&h);
+                self.forget(&name);
                 released += 1;
             }
         }
@@ -425,14 +465,14 @@ impl Store {
     pub fn flush(&self) -> io::Result<()> {
         let kept = std::mem::take(&mut *self.unstamped.lock().expect("store lock"));
         let mut stamps = self.stamps.lock().expect("store lock");
-        for h in kept {
-            if let Ok(st) = rustix::fs::statat(&self.objects, h.to_hex().as_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                stamps.insert(h, stamp_of(&st));
+        for name in kept {
+            if let Ok(st) = rustix::fs::statat(&self.objects, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                stamps.insert(name, stamp_of(&st));
             }
         }
-        let text: HashMap<String, Stamp> = stamps.iter().map(|(h, s)| (h.to_hex(), *s)).collect();
+        let bytes = serde_json::to_vec(&*stamps).expect("plain map");
         drop(stamps);
-        atomic_write(&self.dir.join("objects.idx"), &serde_json::to_vec(&text).expect("plain map"))
+        atomic_write(&self.dir.join("objects.idx"), &bytes)
     }
 
     fn manifest_path(&self, identity: &str) -> PathBuf {
@@ -514,10 +554,10 @@ impl Store {
         }
         let mut removed = 0;
         for name in self.names()? {
-            let Some(h) = Hash::from_hex(&name) else { continue };
+            let Some(h) = hash_of(&name) else { continue };
             if !wanted.contains(&h) {
                 let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
-                self.forget(&h);
+                self.forget(&name);
                 removed += 1;
             }
         }

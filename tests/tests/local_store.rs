@@ -36,6 +36,11 @@ fn images(s: &Scratch) -> PathBuf {
         .symlink("usr/lib/libcur.so", "libold.so.1")
         .dir("bin", 0o755)
         .file("bin/tool", 0o4755, b"#!/bin/sh\necho v1\n")
+        // The same content at two paths, each its own inode: a rollback must give each its
+        // own inode back (the store keeps both old inodes).
+        .dir("usr/share", 0o755)
+        .file("usr/share/a.txt", 0o644, b"same in v1\n")
+        .file("usr/share/b.txt", 0o640, b"same in v1\n")
         .finish();
     let v2 = images.join("v2");
     let mut big2 = big.clone();
@@ -52,6 +57,8 @@ fn images(s: &Scratch) -> PathBuf {
         .symlink("usr/lib/libcur.so", "libnew.so.2")
         .dir("usr/share", 0o755)
         .file("usr/share/new.txt", 0o644, b"new in v2\n")
+        .file("usr/share/a.txt", 0o644, b"a in v2\n")
+        .file("usr/share/b.txt", 0o640, b"b in v2\n")
         .dir("bin", 0o755)
         .file("bin/tool", 0o4755, b"#!/bin/sh\necho v2\n")
         .finish();
