@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # commit.sh: how long the switch takes. Times `syncd commit` alone (after `syncd prefetch` has
 # fetched the upgrade into the local store), a whole `syncd sync` of the same upgrade, and
-# `rsync -aHAX --numeric-ids --delete` from a local copy of the new tree (the stricter anchor:
-# no network at all), alternated in one run, and then `syncd rollback`. Reports medians and the
-# ratios from the same run.
+# `rsync -aHAX --numeric-ids --delete` doing it two ways: from an rsync daemon on loopback (as
+# bench/sync-vs-rsync.sh runs it, the way a fleet would use rsync) and from a local copy of the
+# new tree (no network at all), alternated in one run, and then `syncd rollback`. Reports
+# medians and the ratios from the same run.
 #
 # Upgrade: bullseye-minbase → bookworm-minbase (bench/corpora.sh). Each timed run starts from a
 # fresh `cp -a` of bullseye and a fresh state dir, on the same filesystem.
@@ -64,11 +65,29 @@ wait_cache() { # LOG PATTERN
 wait_cache "$work/a.log" 'version=1 '
 wait_cache "$work/b.log" 'version=2 '
 
+# An rsync daemon serving the new tree, as bench/sync-vs-rsync.sh starts it.
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat >"$work/rsyncd.conf" <<CONF
+log file = $work/rsyncd.log
+[img]
+    path = $NEW
+    read only = yes
+    uid = root
+    gid = root
+    use chroot = no
+    numeric ids = yes
+    hosts allow = 127.0.0.1
+CONF
+rsync --daemon --no-detach --config="$work/rsyncd.conf" --address=127.0.0.1 --port="$port" >"$work/rsyncd.out" 2>&1 &
+echo $! > "$work/rsyncd.pid"
+for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+RSYNC_URL="rsync://127.0.0.1:$port/img/"
+
 now() { date +%s.%N; }
 fresh() { rm -rf "$work/host" "$work/state"; cp -a "$OLD" "$work/host"; sync; }
 sd() { "$SYNCD" "$@" --root "$work/host" --state-dir "$work/state" --host-id bench --insecure; }
 
-commit_t=(); sync_t=(); rsync_t=(); rollback_t=()
+commit_t=(); sync_t=(); rsync_t=(); rsyncd_t=(); rollback_t=()
 for i in $(seq 1 "$RUNS"); do
   # commit: the host first records its release (a pass that changes nothing), then prefetches.
   fresh
@@ -89,29 +108,33 @@ for i in $(seq 1 "$RUNS"); do
     [ -s "$work/verify-rollback" ] && { echo "commit.sh: the rollback left differences:" >&2; head "$work/verify-rollback" >&2; exit 1; }
   fi
   # a whole sync of the same upgrade, and rsync, alternating which goes first
-  for tool in $( [ $((i % 2)) = 1 ] && echo "sync rsync" || echo "rsync sync" ); do
+  for tool in $( [ $((i % 2)) = 1 ] && echo "sync rsyncd rsync" || echo "rsync rsyncd sync" ); do
     fresh
     if [ "$tool" = sync ]; then
       t0=$(now); sd sync -q --master "$B" >/dev/null 2>"$work/sync.log" || { cat "$work/sync.log" >&2; exit 1; }; t1=$(now)
       sync_t+=("$(echo "$t1 - $t0" | bc)")
+    elif [ "$tool" = rsyncd ]; then
+      t0=$(now); rsync -aHAX --numeric-ids --delete "$RSYNC_URL" "$work/host/"; t1=$(now)
+      rsyncd_t+=("$(echo "$t1 - $t0" | bc)")
     else
       t0=$(now); rsync -aHAX --numeric-ids --delete "$NEW/" "$work/host/"; t1=$(now)
       rsync_t+=("$(echo "$t1 - $t0" | bc)")
     fi
   done
-  echo "run $i: commit ${commit_t[-1]} s, rollback ${rollback_t[-1]} s, sync ${sync_t[-1]} s, rsync ${rsync_t[-1]} s" >&2
+  echo "run $i: commit ${commit_t[-1]} s, rollback ${rollback_t[-1]} s, sync ${sync_t[-1]} s, rsync daemon ${rsyncd_t[-1]} s, rsync local ${rsync_t[-1]} s" >&2
 done
 
-report=$(python3 - "${commit_t[*]}" "${rollback_t[*]}" "${sync_t[*]}" "${rsync_t[*]}" "$RUNS" <<'PY'
+report=$(python3 - "${commit_t[*]}" "${rollback_t[*]}" "${sync_t[*]}" "${rsync_t[*]}" "${rsyncd_t[*]}" <<'PY'
 import statistics, sys
-c, rb, s, r = ([float(x) for x in a.split()] for a in sys.argv[1:5])
+c, rb, s, r, rd = ([float(x) for x in a.split()] for a in sys.argv[1:6])
 m = statistics.median
 print(f"| syncd commit (after prefetch) | {m(c):.3f} s | {', '.join(f'{x:.3f}' for x in c)} |")
 print(f"| syncd rollback (no master) | {m(rb):.3f} s | {', '.join(f'{x:.3f}' for x in rb)} |")
 print(f"| syncd sync, whole upgrade | {m(s):.3f} s | {', '.join(f'{x:.3f}' for x in s)} |")
+print(f"| rsync -aHAX from an rsync daemon on loopback | {m(rd):.3f} s | {', '.join(f'{x:.3f}' for x in rd)} |")
 print(f"| rsync -aHAX, local copy | {m(r):.3f} s | {', '.join(f'{x:.3f}' for x in r)} |")
 print()
-print(f"commit / sync = {m(c)/m(s):.2f} (goal ≤ 0.3); commit / rsync = {m(c)/m(r):.2f} (goal ≤ 0.2); rollback / commit = {m(rb)/m(c):.2f} (goal ≤ 1)")
+print(f"commit / sync = {m(c)/m(s):.2f} (goal ≤ 0.3); commit / rsync (daemon) = {m(c)/m(rd):.2f}, commit / rsync (local) = {m(c)/m(r):.2f} (goal ≤ 0.2); rollback / commit = {m(rb)/m(c):.2f} (goal ≤ 1)")
 PY
 )
 echo "$report"
