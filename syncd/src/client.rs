@@ -829,17 +829,7 @@ fn start_stream(
         // No thread: the stream reads as broken, and each object is fetched on its own.
         tracing::warn!("cannot start the object decode thread: {e}");
     }
-    let stream = ObjectStream {
-        rx,
-        broken: None,
-        abandoned: None,
-        wire_bytes: 0,
-        objects: 0,
-        bytes: 0,
-        deltas: 0,
-        waited: Stopwatch::default(),
-        store,
-    };
+    let stream = ObjectStream::reading(rx, store);
     (tx, received, stream)
 }
 
@@ -1272,6 +1262,19 @@ pub struct Bases {
 }
 
 impl Bases {
+    /// The bases `plan` names for its fetches, read beneath `root` (`None` when it names none:
+    /// a cold sync).
+    pub fn for_plan(root: &crate::root::RootDir, plan: &crate::plan::Plan, read: &throttle::Limiter) -> Option<Bases> {
+        let any = !plan.fetch_bases.is_empty() || !plan.fetch_seeds.is_empty() || !plan.solid_bases.is_empty();
+        any.then(|| Bases {
+            root: root.share(),
+            paths: plan.fetch_bases.clone(),
+            seeds: plan.fetch_seeds.clone(),
+            solid: plan.solid_bases.clone(),
+            read: read.clone(),
+        })
+    }
+
     /// The content hash offered as a base for each object (empty without bases).
     fn offered(bases: Option<&Bases>) -> Vec<Option<Hash>> {
         bases.map(|b| b.paths.iter().map(|p| p.as_ref().map(|(_, h)| *h)).collect()).unwrap_or_default()
@@ -1600,7 +1603,11 @@ impl ObjectStream {
     /// A stream with no objects, for a pass whose content all comes from the host (a commit
     /// from the local store, a rollback): nothing is requested and nothing is read.
     pub fn empty() -> ObjectStream {
-        let (_tx, rx) = queue::bounded::<Result<Piece, String>>(1, 1);
+        ObjectStream::reading(queue::bounded::<Result<Piece, String>>(1, 1).1, None)
+    }
+
+    /// A stream reading the decoded pieces from `rx`.
+    fn reading(rx: queue::Receiver<Result<Piece, String>>, store: Option<Arc<StoreTally>>) -> ObjectStream {
         ObjectStream {
             rx,
             broken: None,
@@ -1610,7 +1617,7 @@ impl ObjectStream {
             bytes: 0,
             deltas: 0,
             waited: Stopwatch::default(),
-            store: None,
+            store,
         }
     }
 

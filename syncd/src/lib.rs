@@ -779,15 +779,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
         let rt = tokio::runtime::Handle::current();
         // Delta bases are read by the stream's decode thread, beneath the same root.
-        let plan = &report.plan;
-        let any = !plan.fetch_bases.is_empty() || !plan.fetch_seeds.is_empty() || !plan.solid_bases.is_empty();
-        let bases = any.then(|| client::Bases {
-            root: root.share(),
-            paths: plan.fetch_bases.clone(),
-            seeds: plan.fetch_seeds.clone(),
-            solid: plan.solid_bases.clone(),
-            read: opts.throttle.read.clone(),
-        });
+        let bases = client::Bases::for_plan(&root, &report.plan, &opts.throttle.read);
         let (objects, master) = match master {
             Some(m) if opts.mode == Mode::Network => {
                 let m = m

@@ -170,14 +170,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     plan.drop_fetches(|h| st.has(h));
     let root = root::RootDir::open(&opts.root)
         .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
-    let any = !plan.fetch_bases.is_empty() || !plan.fetch_seeds.is_empty() || !plan.solid_bases.is_empty();
-    let bases = any.then(|| client::Bases {
-        root: root.share(),
-        paths: plan.fetch_bases.clone(),
-        seeds: plan.fetch_seeds.clone(),
-        solid: plan.solid_bases.clone(),
-        read: opts.throttle.read.clone(),
-    });
+    let bases = client::Bases::for_plan(&root, &plan, &opts.throttle.read);
     let master = master
         .with_store(&s.object_store_url, &s.identity)?
         .with_chunk_threshold(s.chunk_threshold)
