@@ -350,7 +350,7 @@ pub fn apply(
             if a.stopped() || a.halt.is_some() {
                 timed(&mut a, "rolled back", Applier::roll_back);
             } else {
-                if a.store.as_ref().is_some_and(|s| s.keeping()) {
+                if a.store.is_some() {
                     timed(&mut a, "old content kept", Applier::keep_old);
                 }
                 timed(&mut a, "committed", Applier::commit_held);

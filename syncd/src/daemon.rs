@@ -53,20 +53,13 @@ type PassOutcome = (Result<PassReport, SyncError>, Option<Duration>);
 /// One daemon pass, and how soon the next must run whatever the schedule says (a commit
 /// window opening).
 async fn daemon_pass(o: SyncOptions, apply: Apply) -> PassOutcome {
-    let store = match crate::store::Store::open_unlocked(&o.state_dir, &o.root) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("cannot open the local store: {e}");
-            None
-        }
-    };
-    let state = store.as_ref().map(|s| s.state()).unwrap_or_default();
+    let state = crate::store::read_state(&o.state_dir, &o.root);
     match apply {
         Apply::Immediately => {
-            if let (Some(r), Some(st)) = (&state.refused, &store) {
+            if let Some(r) = &state.refused {
                 match refused_target(&o, r).await {
                     Ok(true) => return (pinned_refused(&o, r).await, None),
-                    Ok(false) => clear_refused(st),
+                    Ok(false) => clear_refused(&o),
                     Err(e) => return (Err(e), None),
                 }
             }
@@ -117,14 +110,14 @@ async fn refused_target(o: &SyncOptions, r: &crate::store::Refused) -> Result<bo
     Ok(got.identity.to_hex() == r.identity)
 }
 
-fn clear_refused(st: &crate::store::Store) {
-    let mut s = st.state();
+fn clear_refused(o: &SyncOptions) {
+    let mut s = crate::store::read_state(&o.state_dir, &o.root);
     if let Some(r) = s.refused.take() {
         tracing::info!(
             version = r.version,
             "the master targets another version: the one rolled back may be taken again"
         );
-        let _ = st.save_state(&s);
+        let _ = crate::store::write_state(&o.state_dir, &o.root, &s);
     }
 }
 

@@ -819,10 +819,6 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         }
     } else if !opts.dry_run {
         report.outcome = Some(Outcome::default());
-        if let Some(st) = &store {
-            // Objects a pass killed after its renames left linked into the root.
-            st.release_lent();
-        }
     }
     if let (Some(st), Some(o), true) = (&store, &report.outcome, report.plan.is_empty()) {
         // Nothing to change: the host is at this version (a first pass with the store, or a

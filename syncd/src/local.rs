@@ -133,7 +133,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     let mut seen = std::collections::HashSet::new();
     // Each object takes the metadata of the first path that needs it.
     let mut metas: std::collections::HashMap<Hash, manifest::Meta> = std::collections::HashMap::new();
-    let mut local_copies: Vec<(Hash, u64, RelPathBuf)> = Vec::new();
+    let mut local_copies: Vec<(Hash, u64, manifest::RelPath)> = Vec::new();
     let (mut need_bytes, mut need_inodes, mut total_objects, mut total_bytes) = (0u64, 0u64, 0u64, 0u64);
     for (_, c, new) in plan.staged() {
         let (Some(h), true) = (new.hash, new.kind == manifest::Kind::File && new.size > 0) else { continue };
@@ -176,6 +176,8 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
         .with_chunk_threshold(s.chunk_threshold)
         .with_solid(s.identity);
     let rt = tokio::runtime::Handle::current();
+    st.mark_busy()
+        .map_err(|e| SyncError::Local(format!("cannot write in the local store {}: {e}", st.path().display())))?;
     let objects = master.spawn_fetch(plan.fetch.clone(), bases, &rt);
     let fetch = plan.fetch.clone();
     let (st2, throttle, cancel) = (st.clone(), opts.throttle.clone(), opts.cancel.clone());
@@ -191,6 +193,8 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     report.local_copies = done.local_copies;
     st.sync().map_err(|e| SyncError::Local(format!("cannot flush the local store {}: {e}", st.path().display())))?;
     st.flush().map_err(|e| SyncError::Local(format!("cannot save the local store's index: {e}")))?;
+    // Lent nothing: this only takes the busy marker away.
+    st.release_lent();
     let mut state = st.state();
     if let Some(p) = state.prefetched.as_mut() {
         p.complete = true;
@@ -203,8 +207,6 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     report.duration = started.elapsed();
     Ok(report)
 }
-
-type RelPathBuf = manifest::RelPath;
 
 /// Free room for the prefetch in the store's filesystem (and within `store_max_bytes`), with
 /// the margin whole-tree staging uses.
@@ -253,7 +255,7 @@ fn fill_store(
     master: &client::Master,
     rt: &tokio::runtime::Handle,
     fetch: &[(Hash, u64)],
-    local: &[(Hash, u64, RelPathBuf)],
+    local: &[(Hash, u64, manifest::RelPath)],
     metas: &std::collections::HashMap<Hash, manifest::Meta>,
     throttle: &throttle::Throttle,
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -372,8 +374,8 @@ pub async fn converge(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         Err(e) => RolledBack { to: Err(e.to_string()), summary: String::new(), triggers: Vec::new() },
     };
     if rolled.to.is_ok() {
-        if let Ok(st) = store::Store::open_unlocked(&opts.state_dir, &opts.root) {
-            let mut state = st.state();
+        {
+            let mut state = store::read_state(&opts.state_dir, &opts.root);
             state.refused = Some(store::Refused {
                 version: report.image_version,
                 identity: report.identity.to_hex(),
@@ -383,7 +385,7 @@ pub async fn converge(opts: &SyncOptions) -> Result<PassReport, SyncError> {
                 },
                 at_unix_ms: triggers::journal::now_ms(),
             });
-            if let Err(e) = st.save_state(&state) {
+            if let Err(e) = store::write_state(&opts.state_dir, &opts.root, &state) {
                 tracing::warn!("cannot record the refused version: {e}");
             }
         }

@@ -117,12 +117,13 @@ pub struct Store {
     /// Objects (names) linked into the root by this pass: each is lent once (sharing an inode
     /// would make two paths one hard-link group the image does not have).
     used: Mutex<HashSet<String>>,
-    /// Whether a commit keeps the old content it replaces (not a rollback).
-    keeping: std::sync::atomic::AtomicBool,
     /// Objects whose stamp is taken at [`Store::flush`] (kept old inodes: the commit's rename
     /// changes their link count, and so their ctime, after they are linked in).
     unstamped: Mutex<Vec<String>>,
 }
+
+/// The marker of a pass or prefetch under way (see [`Store::mark_busy`]).
+const BUSY: &str = "busy";
 
 /// Most inodes kept for one content (the object and `.1` to `.15`).
 const MAX_ALTERNATES: usize = 15;
@@ -145,6 +146,25 @@ pub fn dir(state_dir: &Path, root: &Path) -> PathBuf {
     state_dir.join(format!("store-{}", crate::root_key(root)))
 }
 
+/// The store's state alone, without opening the store (its object index is not read): for the
+/// daemon's checks before each pass. Missing or damaged: the default.
+pub fn read_state(state_dir: &Path, root: &Path) -> State {
+    read_state_in(&dir(state_dir, root))
+}
+
+/// Writes the state of an existing store (see [`read_state`]).
+pub fn write_state(state_dir: &Path, root: &Path, s: &State) -> io::Result<()> {
+    write_state_in(&dir(state_dir, root), s)
+}
+
+fn read_state_in(dir: &Path) -> State {
+    std::fs::read(dir.join("state.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+fn write_state_in(dir: &Path, s: &State) -> io::Result<()> {
+    atomic_write(&dir.join("state.json"), &serde_json::to_vec_pretty(s).expect("plain struct"))
+}
+
 fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
@@ -162,17 +182,26 @@ fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 impl Store {
     /// Opens (creating it if need be) the store of `root` in `state_dir` for a pass that holds
-    /// the root's lock: removes the temp files an interrupted prefetch left, and releases the
-    /// objects an interrupted pass linked into the root ([`Store::release_lent`]).
+    /// the root's lock. If a pass or prefetch was interrupted (its [`BUSY`] marker is still
+    /// there), removes the temp files it left and releases the objects it linked into the root
+    /// ([`Store::release_lent`]); otherwise the objects are not even listed.
     pub fn open(state_dir: &Path, root: &Path) -> io::Result<Store> {
         let s = Store::open_unlocked(state_dir, root)?;
-        for name in s.names()? {
-            if fsops::is_temp_name(name.as_bytes()) {
-                let _ = rustix::fs::unlinkat(&s.objects, name.as_str(), AtFlags::empty());
+        if s.dir.join(BUSY).exists() {
+            for name in s.names()? {
+                if fsops::is_temp_name(name.as_bytes()) {
+                    let _ = rustix::fs::unlinkat(&s.objects, name.as_str(), AtFlags::empty());
+                }
             }
+            s.release(s.names()?);
         }
-        s.release_lent();
         Ok(s)
+    }
+
+    /// Marks the store as being written or lent from, until [`Store::release_lent`]: a pass
+    /// killed before that leaves the marker, and the next [`Store::open`] cleans up after it.
+    pub fn mark_busy(&self) -> io::Result<()> {
+        std::fs::File::create(self.dir.join(BUSY)).map(drop)
     }
 
     /// Opens the store without changing anything in it (`syncd status`, which takes no lock).
@@ -202,7 +231,6 @@ impl Store {
             dev,
             stamps: Mutex::new(stamps),
             used: Mutex::new(HashSet::new()),
-            keeping: std::sync::atomic::AtomicBool::new(true),
             unstamped: Mutex::new(Vec::new()),
         };
         Ok(s)
@@ -210,14 +238,6 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.dir
-    }
-
-    pub fn set_keeping(&self, keep: bool) {
-        self.keeping.store(keep, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn keeping(&self) -> bool {
-        self.keeping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn dev(&self) -> u64 {
@@ -232,14 +252,11 @@ impl Store {
     }
 
     pub fn state(&self) -> State {
-        std::fs::read(self.dir.join("state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+        read_state_in(&self.dir)
     }
 
     pub fn save_state(&self, s: &State) -> io::Result<()> {
-        atomic_write(&self.dir.join("state.json"), &serde_json::to_vec_pretty(s).expect("plain struct"))
+        write_state_in(&self.dir, s)
     }
 
     /// Whether the store has an object for `hash` (not yet verified: see [`Store::verify`]).
@@ -303,6 +320,9 @@ impl Store {
             }
             if self.used.lock().expect("store lock").contains(&name) || !self.verify_name(&name, hash, read)? {
                 continue;
+            }
+            if self.used.lock().expect("store lock").is_empty() {
+                self.mark_busy()?;
             }
             return match fsops::link_temp(self.objects.as_fd(), name.as_bytes(), dir.as_fd()) {
                 Ok(temp) => {
@@ -426,18 +446,24 @@ impl Store {
         Ok(())
     }
 
-    /// After a pass that committed: removes every object that shares its inode with another
-    /// name, which is a root file (linked in by this pass, or by an earlier one that was
-    /// killed before this step). The root holds that content now, and a root file must not
-    /// share its inode with the store: the next scan would see a name outside the root and
-    /// replace the file again, and a change of its metadata in place would change the store's
-    /// copy. (A later commit keeps it again, as old content, if it replaces the file.) An
-    /// object whose staged link was removed again (a pass rolled back, a rename that failed)
-    /// has one name, and stays.
+    /// At the end of a pass: removes every object it lent that now shares its inode with
+    /// another name, which is a root file (with the [`BUSY`] marker of an interrupted pass:
+    /// every such object). The root holds that content now, and a root file must not share its
+    /// inode with the store: the next scan would see a name outside the root and replace the
+    /// file again, and a change of its metadata in place would change the store's copy. (A
+    /// later commit keeps it again, as old content, if it replaces the file.) An object whose
+    /// staged link was removed again (a pass rolled back, a rename that failed) has one name,
+    /// and stays. Then the marker goes.
     pub fn release_lent(&self) {
-        self.used.lock().expect("store lock").clear();
+        let lent: Vec<String> = self.used.lock().expect("store lock").drain().collect();
+        self.release(lent);
+    }
+
+    /// Removes the objects of `names` that share their inode with another name (see
+    /// [`Store::release_lent`]), then the [`BUSY`] marker.
+    fn release(&self, names: Vec<String>) {
         let mut released = 0;
-        for name in self.names().unwrap_or_default() {
+        for name in names {
             if hash_of(&name).is_none() {
                 continue;
             }
@@ -454,6 +480,7 @@ impl Store {
                 tracing::warn!(store = %self.dir.display(), "cannot save the local store's index: {e}");
             }
         }
+        let _ = std::fs::remove_file(self.dir.join(BUSY));
     }
 
     /// Makes every object durable (one `syncfs` of the store's filesystem).
@@ -498,7 +525,12 @@ impl Store {
         let path = self.manifest_path(&hex);
         let lists: Vec<(String, Vec<(usize, String)>)> =
             lists.iter().map(|l| (l.source.clone(), l.patterns.clone())).collect();
-        atomic_write(&path.with_extension("lists.json"), &serde_json::to_vec(&lists).expect("plain data"))?;
+        let lists = serde_json::to_vec(&lists).expect("plain data");
+        let lists_path = path.with_extension("lists.json");
+        // Every converged pass comes here: an unchanged file is not written again.
+        if std::fs::read(&lists_path).ok().as_ref() != Some(&lists) {
+            atomic_write(&lists_path, &lists)?;
+        }
         if path.exists() {
             return Ok(());
         }
