@@ -262,6 +262,8 @@ fn fill_store(
     mut state: store::State,
 ) -> Result<Filled, SyncError> {
     let mut out = Filled { objects: 0, bytes: 0, wire_bytes: 0, local_copies: 0 };
+    // Objects the store had before this run, counted as done from the start.
+    let already = state.prefetched.as_ref().map_or(0, |p| p.objects_done);
     let mut last_saved = Instant::now();
     let stopped = || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
     let store_err = |h: &Hash, e: std::io::Error| -> SyncError {
@@ -308,7 +310,7 @@ fn fill_store(
         out.bytes += size;
         if last_saved.elapsed() > Duration::from_secs(1) {
             if let Some(p) = state.prefetched.as_mut() {
-                p.objects_done += out.objects - p.objects_done.min(out.objects);
+                p.objects_done = already + out.objects;
                 p.bytes_done = out.bytes;
             }
             let _ = st.save_state(&state);
