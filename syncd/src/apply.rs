@@ -255,10 +255,14 @@ struct Applier<'a> {
     dir_swaps: Vec<DirSwap>,
     /// Directories whose mtime our own work changed (`None`: the root).
     touched: BTreeSet<Option<RelPath>>,
-    /// Temp names staged as hard links to local store objects: like a hard link to an existing
-    /// inode, one may already be the inode at its path (then its temp name is removed after
-    /// the rename, which does nothing).
-    store_linked: HashSet<String>,
+    /// Temp names staged as hard links to local store objects: the object's name, and whether
+    /// it had other names (like a hard link to an existing inode, one may then already be the
+    /// inode at its path, and its temp name is removed after the rename, which does nothing).
+    store_linked: HashMap<String, (String, bool)>,
+    /// The store object staged for a change (by index), told to the store once committed.
+    lent_at: HashMap<usize, String>,
+    /// The thread releasing the store's links to what the commit put in the root.
+    releasing: Option<std::thread::JoinHandle<()>>,
     /// Where this pass put content that later changes need again (`plan.reused` only: on a
     /// cold sync of a million files, a map of every file would cost ~130 MB).
     materialized: HashMap<Hash, Location>,
@@ -313,7 +317,9 @@ pub fn apply(
         master,
         rt,
         store,
-        store_linked: HashSet::new(),
+        store_linked: HashMap::new(),
+        lent_at: HashMap::new(),
+        releasing: None,
         out: Outcome { done: vec![false; plan.changes.len()], ..Outcome::default() },
         failed_dirs: Vec::new(),
         failed: HashSet::new(),
@@ -354,6 +360,7 @@ pub fn apply(
                     timed(&mut a, "old content kept", Applier::keep_old);
                 }
                 timed(&mut a, "committed", Applier::commit_held);
+                a.release_store();
             }
         }
         Staging::Batches => {
@@ -396,6 +403,11 @@ pub fn apply(
         a.fail_str(&a.root.path().display().to_string(), format!("cannot flush the filesystem (syncfs): {e}"));
     }
     tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: final syncfs");
+    if let Some(h) = a.releasing.take() {
+        let t = std::time::Instant::now();
+        let _ = h.join();
+        tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: waited for the local store's release");
+    }
     a.out.stats.fetched_objects += a.objects.objects;
     a.out.stats.wire_bytes += a.objects.wire_bytes;
     a.out.stats.delta_objects = a.objects.deltas;
@@ -619,7 +631,13 @@ impl Applier<'_> {
                             self.leaders.insert(c.path.clone(), temp.clone());
                         }
                         self.staged_bytes += new.size;
-                        let link = self.store_linked.remove(&temp);
+                        let link = match self.store_linked.remove(&temp) {
+                            Some((object, shared)) => {
+                                self.lent_at.insert(i, object);
+                                shared
+                            }
+                            None => false,
+                        };
                         self.staged.push(Staged { index: i, dir, temp, hash, exchange, link });
                         if self.staged.len() >= BATCH_FILES || self.staged_bytes >= BATCH_BYTES {
                             self.seal_batch();
@@ -732,6 +750,9 @@ impl Applier<'_> {
         match r {
             Ok(()) => {
                 self.out.done[index] = true;
+                if let (Some(object), Some(store)) = (self.lent_at.remove(&index), &self.store) {
+                    store.placed(&object);
+                }
                 if let Some(h) = hash.filter(|h| self.plan.reused.contains(h)) {
                     self.materialized.insert(h, Location::Committed(path));
                 }
@@ -859,8 +880,8 @@ impl Applier<'_> {
         if new.size == 0 {
             return Ok(None);
         }
-        let temp = match store.link_into(&hash, dir, &self.throttle.read) {
-            Ok(Some(t)) => t,
+        let lent = match store.link_into(&hash, &new.meta, dir, &self.throttle.read) {
+            Ok(Some(l)) => l,
             Ok(None) => return Ok(None),
             Err(e) if is_systemic(&e) => return Err(e),
             Err(e) => {
@@ -868,22 +889,35 @@ impl Applier<'_> {
                 return Ok(None);
             }
         };
-        let r = fsops::open_regular_sized(dir.as_fd(), temp.as_str()).and_then(|(f, size)| {
-            if size != new.size {
-                return Err(io::Error::other("the local store object changed size"));
-            }
-            fsops::set_fd_meta_where_needed(f.as_fd(), &new.meta)
-        });
+        // Most objects were written with this path's metadata at the prefetch, and are left
+        // as they are: no need to open them.
+        let r = match lent.needs.any() {
+            false => Ok(()),
+            true => fsops::open_regular(dir.as_fd(), lent.temp.as_str())
+                .and_then(|f| fsops::set_fd_meta(f.as_fd(), &new.meta, lent.needs)),
+        };
         match r {
             Ok(()) => {
                 self.out.stats.store_links += 1;
-                self.store_linked.insert(temp.clone());
-                Ok(Some(temp))
+                self.store_linked.insert(lent.temp.clone(), (lent.object, lent.shared));
+                Ok(Some(lent.temp))
             }
             Err(e) => {
-                let _ = rustix::fs::unlinkat(&**dir, temp.as_str(), AtFlags::empty());
+                let _ = rustix::fs::unlinkat(&**dir, lent.temp.as_str(), AtFlags::empty());
                 Err(e)
             }
+        }
+    }
+
+    /// After the commit: the store's links to what is now in the root go, on a helper thread
+    /// while this one updates metadata, deletes and flushes (they touch only the store's
+    /// directory; the pass waits for it before it ends).
+    fn release_store(&mut self) {
+        let Some(store) = self.store.clone() else { return };
+        let helper = store.clone();
+        match std::thread::Builder::new().name("release".into()).spawn(move || helper.release_lent()) {
+            Ok(h) => self.releasing = Some(h),
+            Err(_) => store.release_lent(),
         }
     }
 
@@ -915,7 +949,8 @@ impl Applier<'_> {
                         Hash(*h.finalize().as_bytes())
                     }
                 };
-                store.keep(&hash, &dir, name, &self.throttle.write)
+                let scanned = (old.ino, old.ctime_ns, &old.entry.meta.xattrs);
+                store.keep(&hash, &dir, name, Some(scanned), &self.throttle.write)
             });
             match r {
                 Ok(()) => self.out.stats.kept_old += 1,
@@ -925,9 +960,8 @@ impl Applier<'_> {
                 }
             }
         }
-        if let Err(e) = store.flush() {
-            tracing::warn!(store = %store.path().display(), "cannot save the local store's index: {e}");
-        }
+        // The kept inodes are stamped once the commit's renames have changed their ctime:
+        // at the end of the pass (`Store::release_lent`).
     }
 
     /// Takes over a temp file an interrupted pass left with content `hash`: verified again

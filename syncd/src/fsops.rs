@@ -97,6 +97,11 @@ pub struct MetaParts {
 impl MetaParts {
     pub const ALL: MetaParts = MetaParts { owner: true, mode: true, xattrs: true, mtime: true };
     pub const MTIME: MetaParts = MetaParts { owner: false, mode: false, xattrs: false, mtime: true };
+    pub const NONE: MetaParts = MetaParts { owner: false, mode: false, xattrs: false, mtime: false };
+
+    pub fn any(&self) -> bool {
+        self.owner || self.mode || self.xattrs || self.mtime
+    }
 
     /// What to apply in place for a diff. chown clears setuid bits and capabilities, so an
     /// owner change re-applies mode and xattrs too.
@@ -142,15 +147,21 @@ pub fn set_fd_meta(fd: BorrowedFd, meta: &Meta, parts: MetaParts) -> io::Result<
 /// xattrs are always compared. A change of owner clears setuid bits and capabilities, so the
 /// mode and xattrs then follow it.
 pub fn set_fd_meta_where_needed(fd: BorrowedFd, meta: &Meta) -> io::Result<()> {
-    let st = rustix::fs::fstat(fd)?;
+    let parts = MetaParts { xattrs: true, ..meta_needed(&rustix::fs::fstat(fd)?, meta) };
+    set_fd_meta(fd, meta, parts)
+}
+
+/// What of `meta` an inode with `st` lacks: owner, mode and mtime as `stat` shows them, and
+/// the xattrs after a change of owner (which clears capabilities); other xattrs are not in
+/// `stat`, so the caller decides.
+pub fn meta_needed(st: &rustix::fs::Stat, meta: &Meta) -> MetaParts {
     let owner = (st.st_uid, st.st_gid) != (meta.uid, meta.gid);
-    let parts = MetaParts {
+    MetaParts {
         owner,
         mode: owner || (st.st_mode & manifest::PERM_MASK) != meta.mode,
-        xattrs: true,
+        xattrs: owner,
         mtime: (st.st_mtime, st.st_mtime_nsec as u32) != (meta.mtime_sec, meta.mtime_nsec),
-    };
-    set_fd_meta(fd, meta, parts)
+    }
 }
 
 /// A filesystem clamps a time it cannot store (ext4 with 128-byte inodes and XFS without

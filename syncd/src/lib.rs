@@ -685,7 +685,11 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         duration: Duration::ZERO,
         rolled_back: None,
     };
-    let firing = triggers::select(&opts.triggers, &trigger_changes(&report.plan));
+    // (With no triggers, the changes are not even listed for them.)
+    let firing = match opts.triggers.is_empty() {
+        true => Vec::new(),
+        false => triggers::select(&opts.triggers, &trigger_changes(&report.plan)),
+    };
     if opts.dry_run {
         report.would_fire = firing.iter().map(|(t, c)| (t.name.clone(), c.clone())).collect();
         for p in triggers::journal::peek(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))? {
@@ -706,8 +710,8 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
                 tracing::info!(objects = dropped, "taken from the local store instead of fetched");
             }
         } else {
-            let missing: Vec<Hash> =
-                report.plan.fetch.iter().map(|(h, _)| *h).filter(|h| !st.verify(h, &read).unwrap_or(false)).collect();
+            let wanted: Vec<Hash> = report.plan.fetch.iter().map(|(h, _)| *h).collect();
+            let missing = st.missing(&wanted, &read);
             if let Some(first) = missing.first() {
                 let path = report
                     .plan
@@ -1050,7 +1054,7 @@ fn open_store(opts: &SyncOptions) -> Result<Option<std::sync::Arc<store::Store>>
         }
         return Ok(None);
     }
-    match store::Store::open(&opts.state_dir, &opts.root) {
+    match store::Store::open(&opts.state_dir, &opts.root, &opts.throttle.read) {
         Ok(s) => {
             let mut state = s.state();
             // (A prefetch cleans up at its end, once its own version is among those kept.)

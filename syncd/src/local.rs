@@ -134,10 +134,24 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     // Each object takes the metadata of the first path that needs it.
     let mut metas: std::collections::HashMap<Hash, manifest::Meta> = std::collections::HashMap::new();
     let mut local_copies: Vec<(Hash, u64, manifest::RelPath)> = Vec::new();
+    // Content several paths take (each its own inode): one more inode for each further path,
+    // with its metadata, so the commit links them all instead of copying.
+    let mut alternates: Vec<(Hash, usize, u64, manifest::Meta)> = Vec::new();
+    let mut alternates_of: std::collections::HashMap<Hash, usize> = std::collections::HashMap::new();
     let (mut need_bytes, mut need_inodes, mut total_objects, mut total_bytes) = (0u64, 0u64, 0u64, 0u64);
     for (_, c, new) in plan.staged() {
         let (Some(h), true) = (new.hash, new.kind == manifest::Kind::File && new.size > 0) else { continue };
-        if matches!(c.op.source(), Some(plan::Source::Link(_))) || !seen.insert(h) {
+        if matches!(c.op.source(), Some(plan::Source::Link(_))) {
+            continue;
+        }
+        if !seen.insert(h) {
+            let n = alternates_of.entry(h).or_insert(0);
+            *n += 1;
+            if *n <= store::MAX_ALTERNATES && !st.has_alternate(&h, *n) {
+                alternates.push((h, *n, new.size, new.meta.clone()));
+                need_bytes += new.size.div_ceil(4096) * 4096;
+                need_inodes += 1;
+            }
             continue;
         }
         metas.insert(h, new.meta.clone());
@@ -191,6 +205,16 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     report.bytes = done.bytes;
     report.wire_bytes = done.wire_bytes;
     report.local_copies = done.local_copies;
+    for (h, n, size, meta) in &alternates {
+        match st.add_alternate(h, *n, *size, meta, &opts.throttle.read, &opts.throttle.write) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                return Err(store_write_err(&st, h, e));
+            }
+            // The commit copies this path's content instead.
+            Err(e) => tracing::warn!(hash = %h, "prefetch: cannot add another inode of an object: {e}"),
+        }
+    }
     st.sync().map_err(|e| SyncError::Local(format!("cannot flush the local store {}: {e}", st.path().display())))?;
     st.flush().map_err(|e| SyncError::Local(format!("cannot save the local store's index: {e}")))?;
     // Lent nothing: this only takes the busy marker away.
@@ -238,6 +262,18 @@ fn check_store_room(
     Ok(())
 }
 
+/// A failed write of object `h` into the store, out of space or not.
+fn store_write_err(st: &store::Store, h: &Hash, e: std::io::Error) -> SyncError {
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+        SyncError::Local(format!(
+            "the local store {} ran out of space while prefetching (object {h}): {e}; nothing was written to the root (hint: free some space there, then run syncd prefetch again: what was fetched is kept)",
+            st.path().display()
+        ))
+    } else {
+        SyncError::Local(format!("cannot write object {h} into the local store {}: {e}", st.path().display()))
+    }
+}
+
 struct Filled {
     objects: u64,
     bytes: u64,
@@ -266,16 +302,7 @@ fn fill_store(
     let already = state.prefetched.as_ref().map_or(0, |p| p.objects_done);
     let mut last_saved = Instant::now();
     let stopped = || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
-    let store_err = |h: &Hash, e: std::io::Error| -> SyncError {
-        if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
-            SyncError::Local(format!(
-                "the local store {} ran out of space while prefetching (object {h}): {e}; nothing was written to the root (hint: free some space there, then run syncd prefetch again: what was fetched is kept)",
-                st.path().display()
-            ))
-        } else {
-            SyncError::Local(format!("cannot write object {h} into the local store {}: {e}", st.path().display()))
-        }
-    };
+    let store_err = |h: &Hash, e: std::io::Error| store_write_err(st, h, e);
     for (h, size) in fetch {
         if stopped() {
             return Err(SyncError::Local("prefetch stopped on request; what was fetched is kept".into()));

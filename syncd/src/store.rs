@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use manifest::{Hash, Manifest};
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +97,25 @@ struct Stamp {
     ino: u64,
     size: u64,
     mtime_ns: i128,
+    /// For an object written with a path's metadata ([`Store::add`]): its ctime then, and a
+    /// fingerprint of the xattrs it was given. While the ctime holds, nothing changed the
+    /// inode's metadata since, and a commit need not read its xattrs back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    meta: Option<MetaMark>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct MetaMark {
+    ctime_ns: i128,
+    xattrs: u64,
+}
+
+impl Stamp {
+    /// The content check: the inode, size and mtime it had when verified.
+    fn holds_for(&self, st: &rustix::fs::Stat) -> bool {
+        let now = stamp_of(st);
+        (self.ino, self.size, self.mtime_ns) == (now.ino, now.size, now.mtime_ns)
+    }
 }
 
 fn stamp_of(st: &rustix::fs::Stat) -> Stamp {
@@ -104,7 +123,47 @@ fn stamp_of(st: &rustix::fs::Stat) -> Stamp {
         ino: st.st_ino,
         size: st.st_size as u64,
         mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+        meta: None,
     }
+}
+
+fn ctime_ns(st: &rustix::fs::Stat) -> i128 {
+    st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128
+}
+
+/// A fingerprint of a set of xattrs (names and values, in order).
+fn xattrs_mark(x: &manifest::Xattrs) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for a in x.iter() {
+        h.update(&(a.name.len() as u64).to_le_bytes());
+        h.update(&a.name);
+        h.update(&(a.value.len() as u64).to_le_bytes());
+        h.update(&a.value);
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// What of `meta` an object (with `stamp`, and `st` before it was lent) lacks: see
+/// [`fsops::meta_needed`]. The xattrs need no reading back when the object still has the ones
+/// it was written (or kept) with, and they are the path's.
+fn needs_of(stamp: &Stamp, st: &rustix::fs::Stat, meta: &manifest::Meta) -> fsops::MetaParts {
+    let xattrs_hold = stamp.meta.is_some_and(|m| m.ctime_ns == ctime_ns(st) && m.xattrs == xattrs_mark(&meta.xattrs));
+    let mut needs = fsops::meta_needed(st, meta);
+    needs.xattrs = needs.xattrs || !xattrs_hold;
+    needs
+}
+
+/// An object linked under a temp name by [`Store::link_into`].
+pub struct Lent {
+    /// The temp name in the path's directory.
+    pub temp: String,
+    /// The object's name in the store (for [`Store::placed`]).
+    pub object: String,
+    /// The metadata the linked inode still needs to become the path's.
+    pub needs: fsops::MetaParts,
+    /// The object had other names before this link (one may be the path itself, which a
+    /// rename then leaves: see `settle` in `apply`).
+    pub shared: bool,
 }
 
 pub struct Store {
@@ -114,23 +173,45 @@ pub struct Store {
     /// By object name: `<hex>`, or `<hex>.<n>` for another inode with the same content (old
     /// content of several paths, kept so each gets its own inode back).
     stamps: Mutex<HashMap<String, Stamp>>,
+    /// Which inodes the store has for each content: bit `n` for `<hex>.<n>` (0: `<hex>`).
+    alts: Mutex<HashMap<Hash, u64>>,
     /// Objects (names) linked into the root by this pass: each is lent once (sharing an inode
     /// would make two paths one hard-link group the image does not have).
     used: Mutex<HashSet<String>>,
+    /// Objects lent this pass whose link was renamed into the root: the root holds them now.
+    placed: Mutex<Vec<String>>,
     /// Objects whose stamp is taken at [`Store::flush`] (kept old inodes: the commit's rename
-    /// changes their link count, and so their ctime, after they are linked in).
-    unstamped: Mutex<Vec<String>>,
+    /// changes their link count, and so their ctime, after they are linked in), with the
+    /// fingerprint of their xattrs when known.
+    unstamped: Mutex<Vec<(String, Option<u64>)>>,
+    /// Objects verified by this pass, with what `stat` said then: a pass checks each once.
+    checked: Mutex<HashMap<String, rustix::fs::Stat>>,
+    /// The next `<hex>.<n>` to try for old content kept this pass, by hash.
+    next_alternate: Mutex<HashMap<String, usize>>,
+    /// The inodes kept this pass (the paths of a hard-link group are one inode, kept once).
+    kept_inodes: Mutex<HashSet<u64>>,
+    /// The [`BUSY`] marker is made (this pass).
+    busy: std::sync::atomic::AtomicBool,
 }
 
 /// The marker of a pass or prefetch under way (see [`Store::mark_busy`]).
 const BUSY: &str = "busy";
 
-/// Most inodes kept for one content (the object and `.1` to `.15`).
-const MAX_ALTERNATES: usize = 15;
+/// Most inodes kept for one content (the object and `.1` to `.63`).
+pub const MAX_ALTERNATES: usize = 63;
 
 /// The content hash an object name stands for.
 fn hash_of(name: &str) -> Option<Hash> {
     Hash::from_hex(name.split('.').next().unwrap_or_default())
+}
+
+/// The content hash and alternate number of an object name (`<hex>`: 0, `<hex>.<n>`: n).
+fn split_name(name: &str) -> Option<(Hash, usize)> {
+    let (hex, n) = match name.split_once('.') {
+        None => (name, 0),
+        Some((hex, n)) => (hex, n.parse::<usize>().ok().filter(|n| (1..=MAX_ALTERNATES).contains(n))?),
+    };
+    Some((Hash::from_hex(hex)?, n))
 }
 
 fn alternate(hex: &str, n: usize) -> String {
@@ -185,7 +266,7 @@ impl Store {
     /// the root's lock. If a pass or prefetch was interrupted (its [`BUSY`] marker is still
     /// there), removes the temp files it left and releases the objects it linked into the root
     /// ([`Store::release_lent`]); otherwise the objects are not even listed.
-    pub fn open(state_dir: &Path, root: &Path) -> io::Result<Store> {
+    pub fn open(state_dir: &Path, root: &Path, read: &throttle::Limiter) -> io::Result<Store> {
         let s = Store::open_unlocked(state_dir, root)?;
         if s.dir.join(BUSY).exists() {
             for name in s.names()? {
@@ -193,7 +274,21 @@ impl Store {
                     let _ = rustix::fs::unlinkat(&s.objects, name.as_str(), AtFlags::empty());
                 }
             }
-            s.release(s.names()?);
+            s.release(s.names()?, 0);
+            // Old content the pass kept but did not live to stamp: read and hashed now, then
+            // kept (or removed, if it does not match its name).
+            let mut found = 0;
+            for name in s.names()? {
+                let Some((h, _)) = split_name(&name) else { continue };
+                if !s.stamps.lock().expect("store lock").contains_key(&name) && s.verify_name(&name, &h, read)? {
+                    s.note(&name, true);
+                    found += 1;
+                }
+            }
+            if found > 0 {
+                tracing::info!(objects = found, store = %s.dir.display(), "local store: old content an interrupted pass kept was verified and is kept");
+                s.flush()?;
+            }
         }
         Ok(s)
     }
@@ -201,6 +296,9 @@ impl Store {
     /// Marks the store as being written or lent from, until [`Store::release_lent`]: a pass
     /// killed before that leaves the marker, and the next [`Store::open`] cleans up after it.
     pub fn mark_busy(&self) -> io::Result<()> {
+        if self.busy.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         std::fs::File::create(self.dir.join(BUSY)).map(drop)
     }
 
@@ -223,15 +321,27 @@ impl Store {
         let stamps: HashMap<String, Stamp> = std::fs::read(dir.join("objects.idx"))
             .ok()
             .and_then(|b| serde_json::from_slice::<HashMap<String, Stamp>>(&b).ok())
-            .map(|m| m.into_iter().filter(|(k, _)| hash_of(k).is_some()).collect())
+            .map(|m| m.into_iter().filter(|(k, _)| split_name(k).is_some()).collect())
             .unwrap_or_default();
+        let mut alts: HashMap<Hash, u64> = HashMap::new();
+        for k in stamps.keys() {
+            if let Some((h, n)) = split_name(k) {
+                *alts.entry(h).or_default() |= 1 << n;
+            }
+        }
         let s = Store {
             dir,
             objects,
             dev,
             stamps: Mutex::new(stamps),
+            alts: Mutex::new(alts),
             used: Mutex::new(HashSet::new()),
+            placed: Mutex::new(Vec::new()),
             unstamped: Mutex::new(Vec::new()),
+            checked: Mutex::new(HashMap::new()),
+            next_alternate: Mutex::new(HashMap::new()),
+            kept_inodes: Mutex::new(HashSet::new()),
+            busy: std::sync::atomic::AtomicBool::new(false),
         };
         Ok(s)
     }
@@ -261,28 +371,97 @@ impl Store {
 
     /// Whether the store has an object for `hash` (not yet verified: see [`Store::verify`]).
     pub fn has(&self, hash: &Hash) -> bool {
-        self.stamps.lock().expect("store lock").contains_key(&hash.to_hex())
+        self.alts.lock().expect("store lock").get(hash).is_some_and(|b| *b != 0)
     }
 
-    /// Checks the object for `hash`: its inode as when verified, else read and hashed again.
-    /// A missing or damaged object is forgotten (and removed): `Ok(false)`.
+    /// The names of the inodes the store has for `hash`, `<hex>` first.
+    fn names_of(&self, hash: &Hash) -> Vec<String> {
+        let bits = self.alts.lock().expect("store lock").get(hash).copied().unwrap_or(0);
+        if bits == 0 {
+            return Vec::new();
+        }
+        let hex = hash.to_hex();
+        (0..=MAX_ALTERNATES).filter(|n| bits & (1 << n) != 0).map(|n| alternate(&hex, n)).collect()
+    }
+
+    /// Records that the object `name` is in the store, or no longer is.
+    fn note(&self, name: &str, present: bool) {
+        let Some((h, n)) = split_name(name) else { return };
+        let mut alts = self.alts.lock().expect("store lock");
+        let bits = alts.entry(h).or_default();
+        match present {
+            true => *bits |= 1 << n,
+            false => *bits &= !(1 << n),
+        }
+        if *bits == 0 {
+            alts.remove(&h);
+        }
+    }
+
+    /// [`Store::verify`] of each of `hashes`, on one thread per core (a commit checks every
+    /// object before it changes anything): those the store cannot vouch for, in order.
+    pub fn missing(&self, hashes: &[Hash], read: &throttle::Limiter) -> Vec<Hash> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4).min(hashes.len() / 256).max(1);
+        let part = |hs: &[Hash]| -> Vec<Hash> {
+            hs.iter().filter(|h| !self.verify(h, read).unwrap_or(false)).copied().collect()
+        };
+        if threads == 1 {
+            return part(hashes);
+        }
+        std::thread::scope(|scope| {
+            let per = hashes.len().div_ceil(threads);
+            let handles: Vec<_> = hashes.chunks(per).map(|c| (c, scope.spawn(move || part(c)))).collect();
+            handles.into_iter().flat_map(|(c, h)| h.join().unwrap_or_else(|_| c.to_vec())).collect()
+        })
+    }
+
+    /// Checks that the store has an inode with the content `hash`: as when verified, else read
+    /// and hashed again. A missing or damaged object is forgotten (and removed): if no other
+    /// inode of that content holds, `Ok(false)`.
     pub fn verify(&self, hash: &Hash, read: &throttle::Limiter) -> io::Result<bool> {
-        self.verify_name(&hash.to_hex(), hash, read)
+        for name in self.names_of(hash) {
+            if self.verify_name(&name, hash, read)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// [`Store::verify`] of the object `name` (`<hex>` or `<hex>.<n>`).
     fn verify_name(&self, name: &str, hash: &Hash, read: &throttle::Limiter) -> io::Result<bool> {
+        self.checked_stat(name, hash, read).map(|st| st.is_some())
+    }
+
+    /// [`Store::verify_name`], with the object's `stat` when it holds. Once per pass: the
+    /// store is the pass's own (root only, under the root's lock) until it ends.
+    fn checked_stat(&self, name: &str, hash: &Hash, read: &throttle::Limiter) -> io::Result<Option<rustix::fs::Stat>> {
+        if let Some(st) = self.checked.lock().expect("store lock").get(name) {
+            return Ok(Some(*st));
+        }
+        let st = self.verify_uncached(name, hash, read)?;
+        if let Some(st) = st {
+            self.checked.lock().expect("store lock").insert(name.to_owned(), st);
+        }
+        Ok(st)
+    }
+
+    fn verify_uncached(
+        &self,
+        name: &str,
+        hash: &Hash,
+        read: &throttle::Limiter,
+    ) -> io::Result<Option<rustix::fs::Stat>> {
         let st = match rustix::fs::statat(&self.objects, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::NOENT) => {
                 self.forget(name);
-                return Ok(false);
+                return Ok(None);
             }
             Err(e) => return Err(e.into()),
         };
         let recorded = self.stamps.lock().expect("store lock").get(name).copied();
-        if recorded == Some(stamp_of(&st)) {
-            return Ok(true);
+        if recorded.is_some_and(|r| r.holds_for(&st)) {
+            return Ok(Some(st));
         }
         tracing::debug!(object = %name, recorded = recorded.is_some(), "local store: object changed since verified, or never stamped: hashing it again");
         let f = fsops::open_regular(self.objects.as_fd(), name)?;
@@ -292,56 +471,75 @@ impl Store {
             Ok(())
         })?;
         if Hash(*h.finalize().as_bytes()) == *hash {
-            self.stamps.lock().expect("store lock").insert(name.to_owned(), stamp_of(&rustix::fs::fstat(&f)?));
-            return Ok(true);
+            let st = rustix::fs::fstat(&f)?;
+            self.stamps.lock().expect("store lock").insert(name.to_owned(), stamp_of(&st));
+            return Ok(Some(st));
         }
         tracing::warn!(object = %name, store = %self.dir.display(), "a local store object no longer matches its hash: removed, never used");
         let _ = rustix::fs::unlinkat(&self.objects, name, AtFlags::empty());
         self.forget(name);
-        Ok(false)
+        Ok(None)
     }
 
     fn forget(&self, name: &str) {
         self.stamps.lock().expect("store lock").remove(name);
+        self.checked.lock().expect("store lock").remove(name);
+        self.note(name, false);
     }
 
     /// Hard-links the (verified) object for `hash` under a fresh temp name in `dir`, the first
-    /// time this pass asks for it. `Ok(None)`: not here, already linked once this pass, or on
-    /// another filesystem; the caller copies instead.
-    pub fn link_into(&self, hash: &Hash, dir: &OwnedFd, read: &throttle::Limiter) -> io::Result<Option<String>> {
-        let hex = hash.to_hex();
-        for n in 0..=MAX_ALTERNATES {
-            let name = alternate(&hex, n);
-            if !self.stamps.lock().expect("store lock").contains_key(&name) {
-                if n == 0 {
-                    continue;
-                }
-                break;
+    /// time this pass asks for it, and says what of `meta` the inode still lacks. `Ok(None)`:
+    /// not here, already lent once this pass, or on another filesystem; the caller copies
+    /// instead.
+    pub fn link_into(
+        &self,
+        hash: &Hash,
+        meta: &manifest::Meta,
+        dir: &OwnedFd,
+        read: &throttle::Limiter,
+    ) -> io::Result<Option<Lent>> {
+        let Some((name, stamp, st)) = self.choose(hash, read)? else { return Ok(None) };
+        match fsops::link_temp(self.objects.as_fd(), name.as_bytes(), dir.as_fd()) {
+            Ok(temp) => {
+                self.used.lock().expect("store lock").insert(name.clone());
+                let needs = needs_of(&stamp, &st, meta);
+                Ok(Some(Lent { temp, object: name, needs, shared: st.st_nlink > 1 }))
             }
-            if self.used.lock().expect("store lock").contains(&name) || !self.verify_name(&name, hash, read)? {
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The first verified, unlent inode for `hash` (`<hex>`, then `<hex>.<n>`), marking the
+    /// store busy.
+    fn choose(&self, hash: &Hash, read: &throttle::Limiter) -> io::Result<Option<(String, Stamp, rustix::fs::Stat)>> {
+        for name in self.names_of(hash) {
+            if self.used.lock().expect("store lock").contains(&name) {
                 continue;
             }
-            if self.used.lock().expect("store lock").is_empty() {
-                self.mark_busy()?;
-            }
-            return match fsops::link_temp(self.objects.as_fd(), name.as_bytes(), dir.as_fd()) {
-                Ok(temp) => {
-                    self.used.lock().expect("store lock").insert(name);
-                    Ok(Some(temp))
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(None),
-                Err(e) => Err(e),
-            };
+            let Some(st) = self.checked_stat(&name, hash, read)? else { continue };
+            self.mark_busy()?;
+            // (Stamped by the check, if it was not.)
+            let Some(stamp) = self.stamps.lock().expect("store lock").get(&name).copied() else { continue };
+            return Ok(Some((name, stamp, st)));
         }
         Ok(None)
     }
 
+    /// An object lent by [`Store::link_into`] is now at its path in the root:
+    /// [`Store::release_lent`] removes it from the store without looking.
+    pub fn placed(&self, object: &str) {
+        self.placed.lock().expect("store lock").push(object.to_owned());
+    }
+
     /// The (verified) object for `hash`, opened for a copy.
     pub fn open_object(&self, hash: &Hash, read: &throttle::Limiter) -> io::Result<std::fs::File> {
-        if !self.verify(hash, read)? {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("object {hash} is not in the local store")));
+        for name in self.names_of(hash) {
+            if self.verify_name(&name, hash, read)? {
+                return fsops::open_regular(self.objects.as_fd(), name.as_str());
+            }
         }
-        fsops::open_regular(self.objects.as_fd(), hash.to_hex().as_str())
+        Err(io::Error::new(io::ErrorKind::NotFound, format!("object {hash} is not in the local store")))
     }
 
     /// Writes a new object for `hash` of `size` bytes with `fill`, verified against the hash as
@@ -349,6 +547,44 @@ impl Store {
     /// [`Store::sync`].
     pub fn add(
         &self,
+        hash: &Hash,
+        size: u64,
+        meta: Option<&manifest::Meta>,
+        write: &throttle::Limiter,
+        fill: impl FnOnce(&mut fsops::VerifyingWriter) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.add_as(0, hash, size, meta, write, fill)
+    }
+
+    /// Whether the store has the `n`th inode for `hash` (`<hex>.<n>`; the object itself for 0).
+    pub fn has_alternate(&self, hash: &Hash, n: usize) -> bool {
+        self.alts.lock().expect("store lock").get(hash).is_some_and(|b| b & (1 << n) != 0)
+    }
+
+    /// Another inode of the (verified) object for `hash`, `<hex>.<n>` (`0 < n <=
+    /// MAX_ALTERNATES`), with `meta`: a commit that puts this content at several paths (each
+    /// its own inode) links them all instead of copying.
+    pub fn add_alternate(
+        &self,
+        hash: &Hash,
+        n: usize,
+        size: u64,
+        meta: &manifest::Meta,
+        read: &throttle::Limiter,
+        write: &throttle::Limiter,
+    ) -> io::Result<()> {
+        if n == 0 || n > MAX_ALTERNATES {
+            return Err(io::Error::other(format!("no alternate {n} for an object")));
+        }
+        let src = self.open_object(hash, read)?;
+        self.add_as(n, hash, size, Some(meta), write, |w| {
+            fsops::copy(throttle::Throttled::new(&src, read), w).map(|_| ())
+        })
+    }
+
+    fn add_as(
+        &self,
+        n: usize,
         hash: &Hash,
         size: u64,
         meta: Option<&manifest::Meta>,
@@ -366,9 +602,16 @@ impl Store {
             if let Some(m) = meta {
                 fsops::set_fd_meta(file.as_fd(), m, fsops::MetaParts::ALL)?;
             }
-            let name = hash.to_hex();
+            let name = alternate(&hash.to_hex(), n);
             rustix::fs::renameat(&self.objects, temp.as_str(), &self.objects, name.as_str())?;
-            self.stamps.lock().expect("store lock").insert(name, stamp_of(&rustix::fs::fstat(&file)?));
+            let st = rustix::fs::fstat(&file)?;
+            let stamp = Stamp {
+                meta: meta.map(|m| MetaMark { ctime_ns: ctime_ns(&st), xattrs: xattrs_mark(&m.xattrs) }),
+                ..stamp_of(&st)
+            };
+            self.stamps.lock().expect("store lock").insert(name.clone(), stamp);
+            self.checked.lock().expect("store lock").remove(&name);
+            self.note(&name, true);
             Ok(())
         })();
         if r.is_err() {
@@ -379,70 +622,63 @@ impl Store {
 
     /// Keeps the old content `hash` at `name` in `dir` (about to be replaced or deleted): a hard
     /// link to its inode, or a copy across filesystems. Nothing to do if the store has it.
-    pub fn keep(&self, hash: &Hash, dir: &OwnedFd, name: &[u8], write: &throttle::Limiter) -> io::Result<()> {
-        // An object lent to the root this pass is released after it (the root then holds that
-        // content): the old inode takes its name instead.
-        let final_name = hash.to_hex();
-        let lent = self.used.lock().expect("store lock").contains(&final_name);
-        if !lent {
-            // The usual case: one link, straight to the object's name (an existing inode, so
-            // the name never shows partial content). Another path's old inode with the same
-            // content is kept too, under `<hex>.<n>`, so a rollback gives each its own inode
-            // back instead of copying.
-            let ino = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?.st_ino;
-            for n in 0..=MAX_ALTERNATES {
-                let alt = alternate(&final_name, n);
-                match rustix::fs::linkat(dir, name, &self.objects, alt.as_str(), AtFlags::empty()) {
-                    Ok(()) => {
-                        self.unstamped.lock().expect("store lock").push(alt);
-                        return Ok(());
-                    }
-                    Err(Errno::EXIST) => {
-                        // Verified on use, like any object; the same inode is kept already.
-                        let same = rustix::fs::statat(&self.objects, alt.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-                            .is_ok_and(|st| st.st_ino == ino);
-                        if same {
-                            return Ok(());
-                        }
-                    }
-                    Err(Errno::XDEV) => {
-                        if n > 0 {
-                            return Ok(());
-                        }
-                        let (src, size) = fsops::open_regular_sized(dir.as_fd(), name)?;
-                        return self.add(hash, size, None, write, |w| fsops::copy(&src, w).map(|_| ()));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+    ///
+    /// `scanned`: the inode, ctime and xattrs the pass's scan saw at `name`. If the inode is
+    /// still as scanned, its xattrs are those, and the object's stamp says so (taken by the
+    /// [`Store::flush`] after the commit, whose rename changes the ctime): a rollback then need
+    /// not read them back.
+    pub fn keep(
+        &self,
+        hash: &Hash,
+        dir: &OwnedFd,
+        name: &[u8],
+        scanned: Option<(u64, i64, &manifest::Xattrs)>,
+        write: &throttle::Limiter,
+    ) -> io::Result<()> {
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        let ino = st.st_ino;
+        if self.kept_inodes.lock().expect("store lock").contains(&ino) {
             return Ok(());
         }
-        let temp = match fsops::link_temp(dir.as_fd(), name, self.objects.as_fd()) {
-            Ok(t) => t,
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                let (src, size) = fsops::open_regular_sized(dir.as_fd(), name)?;
-                return self.add(hash, size, None, write, |w| fsops::copy(&src, w).map(|_| ()));
-            }
-            Err(e) => return Err(e),
-        };
-        match rustix::fs::renameat_with(
-            &self.objects,
-            temp.as_str(),
-            &self.objects,
-            final_name.as_str(),
-            if lent { RenameFlags::empty() } else { RenameFlags::NOREPLACE },
-        ) {
-            Ok(()) => {}
-            Err(Errno::EXIST) => {
-                let _ = rustix::fs::unlinkat(&self.objects, temp.as_str(), AtFlags::empty());
-            }
-            Err(e) => {
-                let _ = rustix::fs::unlinkat(&self.objects, temp.as_str(), AtFlags::empty());
-                return Err(e.into());
+        // Killed before the pass stamps what it kept, the next open finds it again.
+        self.mark_busy()?;
+        let xattrs =
+            scanned.filter(|(i, c, _)| *i == ino && *c as i128 == ctime_ns(&st)).map(|(_, _, x)| xattrs_mark(x));
+        // One link, straight to the object's name (an existing inode, so the name never shows
+        // partial content). Another path's old inode with the same content is kept too, under
+        // `<hex>.<n>`, so a rollback gives each its own inode back instead of copying; so is
+        // one whose content's object this pass lent or takes into the root (that name is
+        // taken until the pass ends). Alternates this pass took already are not tried again
+        // (a Debian root has 33 identical dpkg trigger files).
+        let hex = hash.to_hex();
+        let first = self.next_alternate.lock().expect("store lock").get(&hex).copied().unwrap_or(0);
+        for n in first..=MAX_ALTERNATES {
+            let alt = alternate(&hex, n);
+            match rustix::fs::linkat(dir, name, &self.objects, alt.as_str(), AtFlags::empty()) {
+                Ok(()) => {
+                    self.kept_inodes.lock().expect("store lock").insert(ino);
+                    self.next_alternate.lock().expect("store lock").insert(hex, n + 1);
+                    self.unstamped.lock().expect("store lock").push((alt, xattrs));
+                    return Ok(());
+                }
+                Err(Errno::EXIST) => {
+                    // Verified on use, like any object; the same inode is kept already.
+                    let same = rustix::fs::statat(&self.objects, alt.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| st.st_ino == ino);
+                    if same {
+                        return Ok(());
+                    }
+                }
+                Err(Errno::XDEV) => {
+                    if self.has(hash) {
+                        return Ok(());
+                    }
+                    let (src, size) = fsops::open_regular_sized(dir.as_fd(), name)?;
+                    return self.add(hash, size, None, write, |w| fsops::copy(&src, w).map(|_| ()));
+                }
+                Err(e) => return Err(e.into()),
             }
         }
-        self.used.lock().expect("store lock").remove(&final_name);
-        self.unstamped.lock().expect("store lock").push(final_name);
         Ok(())
     }
 
@@ -455,14 +691,24 @@ impl Store {
     /// staged link was removed again (a pass rolled back, a rename that failed) has one name,
     /// and stays. Then the marker goes.
     pub fn release_lent(&self) {
-        let lent: Vec<String> = self.used.lock().expect("store lock").drain().collect();
-        self.release(lent);
+        let placed = std::mem::take(&mut *self.placed.lock().expect("store lock"));
+        let mut used = std::mem::take(&mut *self.used.lock().expect("store lock"));
+        let mut released = 0;
+        for name in &placed {
+            // (Not if a kept old inode took the name since: see [`Store::keep`].)
+            if used.remove(name) {
+                let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
+                self.forget(name);
+                released += 1;
+            }
+        }
+        self.release(used.into_iter().collect(), released);
     }
 
     /// Removes the objects of `names` that share their inode with another name (see
-    /// [`Store::release_lent`]), then the [`BUSY`] marker.
-    fn release(&self, names: Vec<String>) {
-        let mut released = 0;
+    /// [`Store::release_lent`]), saves the index if these or `released` others went, then
+    /// removes the [`BUSY`] marker.
+    fn release(&self, names: Vec<String>, mut released: usize) {
         for name in names {
             if hash_of(&name).is_none() {
                 continue;
@@ -475,12 +721,13 @@ impl Store {
                 released += 1;
             }
         }
-        if released > 0 {
+        if released > 0 || !self.unstamped.lock().expect("store lock").is_empty() {
             if let Err(e) = self.flush() {
                 tracing::warn!(store = %self.dir.display(), "cannot save the local store's index: {e}");
             }
         }
         let _ = std::fs::remove_file(self.dir.join(BUSY));
+        self.busy.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Makes every object durable (one `syncfs` of the store's filesystem).
@@ -492,9 +739,13 @@ impl Store {
     pub fn flush(&self) -> io::Result<()> {
         let kept = std::mem::take(&mut *self.unstamped.lock().expect("store lock"));
         let mut stamps = self.stamps.lock().expect("store lock");
-        for name in kept {
+        for (name, xattrs) in kept {
             if let Ok(st) = rustix::fs::statat(&self.objects, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                stamps.insert(name, stamp_of(&st));
+                let meta = xattrs.map(|x| MetaMark { ctime_ns: ctime_ns(&st), xattrs: x });
+                if let Some((h, n)) = split_name(&name) {
+                    *self.alts.lock().expect("store lock").entry(h).or_default() |= 1 << n;
+                }
+                stamps.insert(name, Stamp { meta, ..stamp_of(&st) });
             }
         }
         let bytes = serde_json::to_vec(&*stamps).expect("plain map");

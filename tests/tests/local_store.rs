@@ -59,6 +59,13 @@ fn images(s: &Scratch) -> PathBuf {
         .file("usr/share/new.txt", 0o644, b"new in v2\n")
         .file("usr/share/a.txt", 0o644, b"a in v2\n")
         .file("usr/share/b.txt", 0o640, b"b in v2\n")
+        // New content at three paths, each its own inode with its own mode and xattrs: the
+        // prefetch keeps an inode for each, and the commit links all three.
+        .file("usr/share/c1.txt", 0o644, b"shared in v2\n")
+        .file("usr/share/c2.txt", 0o600, b"shared in v2\n")
+        .xattr("usr/share/c2.txt", "user.tag", b"two")
+        .file("usr/share/c3.txt", 0o644, b"shared in v2\n")
+        .xattr("usr/share/c3.txt", "user.tag", b"three")
         .dir("bin", 0o755)
         .file("bin/tool", 0o4755, b"#!/bin/sh\necho v2\n")
         .finish();
@@ -157,11 +164,19 @@ fn prefetch_changes_nothing_then_commit_needs_no_master_and_rollback_goes_back_e
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&store_dir).unwrap().permissions().mode() & 0o777, 0o700);
 
+    // An xattr set on every store object after the prefetch (its ctime changes) must not
+    // reach the root: the commit reads back what it cannot vouch for.
+    let objects = store_dir.join("objects");
+    for e in std::fs::read_dir(&objects).unwrap() {
+        rustix::fs::setxattr(e.unwrap().path(), "user.stray", b"x", rustix::fs::XattrFlags::empty()).unwrap();
+    }
+
     // The commit reads nothing from the network: the master is gone.
     drop(m);
     let out = syncd("commit", None, &root, &state, &[]);
     out.expect_code(0, &[&root]);
     assert_converged(&v2, &root, &out);
+    assert!(out.stderr.contains("copied 0 locally"), "the commit copied content the store had: {}", out.stderr);
     assert!(temp_entries(&root).is_empty());
     assert!(shared_inodes(&v2, &root).is_empty(), "{:?}", shared_inodes(&v2, &root));
     let st = syncd("status", None, &root, &state, &["--format", "json"]);
