@@ -621,7 +621,8 @@ impl Store {
     }
 
     /// Keeps the old content `hash` at `name` in `dir` (about to be replaced or deleted): a hard
-    /// link to its inode, or a copy across filesystems. Nothing to do if the store has it.
+    /// link to its inode (once per inode), or, across filesystems, a copy unless the store has
+    /// that content.
     ///
     /// `scanned`: the inode, ctime and xattrs the pass's scan saw at `name`. If the inode is
     /// still as scanned, its xattrs are those, and the object's stamp says so (taken by the
@@ -682,9 +683,10 @@ impl Store {
         Ok(())
     }
 
-    /// At the end of a pass: removes every object it lent that now shares its inode with
-    /// another name, which is a root file (with the [`BUSY`] marker of an interrupted pass:
-    /// every such object). The root holds that content now, and a root file must not share its
+    /// At the end of a pass: removes every object it lent whose link was renamed into place
+    /// ([`Store::placed`]), and every other lent object that shares its inode with another
+    /// name, which is a root file (with the [`BUSY`] marker of an interrupted pass: every such
+    /// object); then stamps what the pass kept. The root holds that content now, and a root file must not share its
     /// inode with the store: the next scan would see a name outside the root and replace the
     /// file again, and a change of its metadata in place would change the store's copy. (A
     /// later commit keeps it again, as old content, if it replaces the file.) An object whose
@@ -695,7 +697,6 @@ impl Store {
         let mut used = std::mem::take(&mut *self.used.lock().expect("store lock"));
         let mut released = 0;
         for name in &placed {
-            // (Not if a kept old inode took the name since: see [`Store::keep`].)
             if used.remove(name) {
                 let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
                 self.forget(name);
