@@ -110,6 +110,10 @@ pub struct Config {
     /// Bound on the local store's own bytes (prefetched and kept content), e.g. "4GiB"
     /// (default: none, only the free space).
     pub store_max_bytes: Option<ByteRate>,
+    /// A file for node_exporter's textfile collector, e.g.
+    /// "/var/lib/prometheus/node-exporter/syncd.prom": the last pass's metrics, written
+    /// atomically after every pass (default: none).
+    pub metrics_textfile: Option<std::path::PathBuf>,
 }
 
 /// A byte rate as written in the config: `"20MiB"` or a bare number of bytes.

@@ -221,22 +221,11 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
     match r {
         Ok(rep) => {
             let (missing, changed, extra) = rep.plan.counts_where(|_| true);
-            let code = rep.exit_code();
             pb::PassResult {
                 host_id: host_id.to_owned(),
                 image_version: rep.image_version,
                 identity: rep.identity.0.to_vec().into(),
-                result: match code {
-                    exit::OK => "converged",
-                    exit::PARTIAL => "partial",
-                    exit::UNREACHABLE => "unreachable",
-                    exit::TRIGGER_FAILED => "trigger-failed",
-                    exit::HEALTH_FAILED => "health-failed",
-                    exit::ROLLED_BACK => "rolled-back",
-                    exit::NO_SPACE => "no-space",
-                    _ => "error",
-                }
-                .into(),
+                result: crate::metrics::result_word(r).into(),
                 missing: missing as u64,
                 changed: changed as u64,
                 extra: extra as u64,
@@ -373,6 +362,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 pass = None;
                 let (r, wake) = done.map_err(|e| SyncError::Internal(format!("pass task failed: {e}")))?;
                 log_pass(&r);
+                crate::metrics::record(opts.sync.metrics_textfile.as_deref(), &r);
                 let converged_to = match &r {
                     Ok(rep) if matches!(rep.exit_code(), exit::OK | exit::TRIGGER_FAILED | exit::HEALTH_FAILED) => {
                         Some(rep.identity)
@@ -421,6 +411,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
         match tokio::time::timeout(STOP_GRACE, &mut p).await {
             Ok(Ok((r, _))) => {
                 log_pass(&r);
+                crate::metrics::record(opts.sync.metrics_textfile.as_deref(), &r);
                 if let Some(old) = reporting.take() {
                     old.abort();
                 }

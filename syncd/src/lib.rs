@@ -14,6 +14,7 @@ pub mod host;
 pub mod local;
 pub mod lock;
 pub mod mcache;
+pub mod metrics;
 pub mod plan;
 pub mod queue;
 pub mod root;
@@ -162,6 +163,8 @@ pub struct SyncOptions {
     pub health_grace: Option<Duration>,
     /// Bound on the local store's own bytes (prefetched and kept content).
     pub store_max_bytes: Option<u64>,
+    /// `metrics_textfile`: a node_exporter textfile-collector file written after every pass.
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 /// Where a pass takes its manifest and content from.
@@ -913,7 +916,7 @@ async fn plan_pass(
     let index_path = opts.index_path();
     let rules_owned = rules.clone();
     let hash_every_file = opts.mode == Mode::Prefetch;
-    let (manifest, rules, (host, scan_errors)) = tokio::task::spawn_blocking(move || {
+    let (manifest, rules, (host, scan_errors), index_use) = tokio::task::spawn_blocking(move || {
         let rules = rules_owned;
         let t = std::time::Instant::now();
         if let Some(path) = cache_to_save {
@@ -926,6 +929,7 @@ async fn plan_pass(
         // take their hash from the host index instead of being read. The index is merged in
         // as a stream, never loaded whole: on a million files it would be another 72 MB.
         let mut walk = walk;
+        let files = walk.entries.iter().filter(|e| e.entry.kind == manifest::Kind::File).count() as u64;
         let applied = index_path.as_deref().map(|p| {
             let (applied, problem) = manifest::cache::apply_file(p, &mut walk.entries);
             read_limit.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
@@ -935,6 +939,7 @@ async fn plan_pass(
             tracing::debug!(hits = applied.filled, "host index");
             applied
         });
+        let index_use = (applied.as_ref().map_or(0, |a| a.filled as u64), files);
         let r = host::hash(&root, walk, &manifest, &read_limit, save_index, hash_every_file);
         if let (Some(applied), Some(path), (host, _), true) = (applied, index_path, &r, save_index) {
             let saved = if applied.unchanged(&host.entries) {
@@ -949,13 +954,14 @@ async fn plan_pass(
                 tracing::warn!(path = %path.display(), "cannot save the host index: {e}");
             }
         }
-        (manifest, rules, r)
+        (manifest, rules, r, index_use)
     })
     .await
     .map_err(|e| SyncError::Internal(e.to_string()))?;
 
     tracing::debug!(secs = started.elapsed().as_secs_f64(), entries = host.entries.len(), "phase: host scanned");
-    let plan = Plan::compute(&manifest, &host, &rules);
+    let mut plan = Plan::compute(&manifest, &host, &rules);
+    (plan.index_hits, plan.host_files) = index_use;
     tracing::debug!(secs = started.elapsed().as_secs_f64(), changes = plan.changes.len(), "phase: plan computed");
     drop(host);
     Ok((manifest, plan, scan_errors))

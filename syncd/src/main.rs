@@ -208,6 +208,7 @@ struct Resolved {
     wait: bool,
     health_grace: Option<Duration>,
     store_max_bytes: Option<u64>,
+    metrics_textfile: Option<PathBuf>,
     apply: syncd::daemon::Apply,
 }
 
@@ -374,6 +375,7 @@ impl Common {
             wait: self.wait,
             health_grace,
             store_max_bytes,
+            metrics_textfile: cfg.metrics_textfile,
             apply,
             master: self.master.or(cfg.master),
             root: self.root.or(cfg.root).unwrap_or_else(|| PathBuf::from("/")),
@@ -447,8 +449,15 @@ impl Resolved {
             mode: syncd::Mode::Network,
             health_grace: self.health_grace,
             store_max_bytes: self.store_max_bytes,
+            metrics_textfile: self.metrics_textfile,
         })
     }
+}
+
+/// A pass's result, once its metrics are in the `metrics_textfile` (if one is configured).
+fn recorded(opts: &SyncOptions, r: Result<syncd::PassReport, SyncError>) -> Result<syncd::PassReport, SyncError> {
+    syncd::metrics::record(opts.metrics_textfile.as_deref(), &r);
+    r
 }
 
 fn main() -> ExitCode {
@@ -505,7 +514,7 @@ fn main() -> ExitCode {
     let code = match cli.cmd {
         Cmd::Sync { common, dry_run, quiet, allow_downgrade } => {
             let report = common.resolve().and_then(|r| r.sync_options(dry_run, allow_downgrade));
-            match report.map(|opts| rt.block_on(syncd::converge(&opts))) {
+            match report.map(|opts| recorded(&opts, rt.block_on(syncd::converge(&opts)))) {
                 Ok(Ok(report)) => print_pass(&report, quiet),
                 Ok(Err(e)) | Err(e) => {
                     eprintln!("syncd: {e}");
@@ -530,13 +539,14 @@ fn main() -> ExitCode {
             let rollback = std::env::args().nth(1).as_deref() == Some("rollback");
             let report = common.resolve().and_then(|r| r.local_options());
             let run = |opts: SyncOptions| {
-                rt.block_on(async {
+                let r = rt.block_on(async {
                     if rollback {
                         syncd::rollback_once(&opts).await
                     } else {
                         syncd::commit_once(&opts).await
                     }
-                })
+                });
+                recorded(&opts, r)
             };
             match report.map(run) {
                 Ok(Ok(report)) => print_pass(&report, quiet),
@@ -569,7 +579,7 @@ fn main() -> ExitCode {
         },
         Cmd::Drift { common, format } => {
             let report = common.resolve().and_then(|r| r.sync_options(true, false));
-            match report.map(|opts| rt.block_on(syncd::sync_once(&opts))) {
+            match report.map(|opts| recorded(&opts, rt.block_on(syncd::sync_once(&opts)))) {
                 Ok(Ok(report)) => {
                     let incomplete = report.failures().next().is_some();
                     for f in report.failures() {

@@ -149,6 +149,9 @@ pub const SEED_MIN: u64 = 256 << 10;
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
     pub image_version: u64,
+    /// Regular files of the host walk, and those whose hash the host index gave (not read).
+    pub host_files: u64,
+    pub index_hits: u64,
     /// In path order.
     pub changes: Vec<Change>,
     /// Metadata of the root directory itself, when it differs.
