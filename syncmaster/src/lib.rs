@@ -8,6 +8,7 @@ pub mod control;
 pub mod fleet;
 pub mod identity;
 pub mod inventory;
+pub mod metrics;
 pub mod objcache;
 pub mod objstore;
 pub mod policy;
@@ -234,6 +235,7 @@ impl ImageSync for Service {
         &self,
         req: Request<pb::ManifestRequest>,
     ) -> Result<Response<Self::GetManifestStream>, Status> {
+        let _rpc = metrics::rpc("GetManifest");
         let host = self.host_of(&req, &req.get_ref().host_id)?;
         self.fleet.seen(&host);
         let image = self.control.image_for(&host).map_err(Status::unavailable)?;
@@ -301,6 +303,7 @@ impl ImageSync for Service {
         &self,
         req: Request<pb::FetchRequest>,
     ) -> Result<Response<Self::FetchObjectsStream>, Status> {
+        let _rpc = metrics::rpc("FetchObjects");
         let pb::FetchRequest { hashes, bases } = req.into_inner();
         if !bases.is_empty() && bases.len() != hashes.len() {
             return Err(Status::invalid_argument(format!(
@@ -350,6 +353,7 @@ impl ImageSync for Service {
     }
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let _rpc = metrics::rpc("Watch");
         let host = self.host_of(&req, &req.get_ref().host_id)?;
         let mut rx = self.control.subscribe();
         let control = self.control.clone();
@@ -388,6 +392,7 @@ impl ImageSync for Service {
     }
 
     async fn report_pass(&self, req: Request<pb::PassResult>) -> Result<Response<pb::ReportAck>, Status> {
+        let _rpc = metrics::rpc("ReportPass");
         let host = self.host_of(&req, &req.get_ref().host_id)?;
         let mut r = req.into_inner();
         r.host_id = host;
@@ -404,6 +409,7 @@ impl ImageSync for Service {
     }
 
     async fn fleet_status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let _rpc = metrics::rpc("FleetStatus");
         Ok(Response::new(self.control.fleet_status()))
     }
 
@@ -411,6 +417,7 @@ impl ImageSync for Service {
         &self,
         _req: Request<pb::RolloutStatusRequest>,
     ) -> Result<Response<pb::RolloutStatusReply>, Status> {
+        let _rpc = metrics::rpc("RolloutStatus");
         Ok(Response::new(self.control.rollout_status()))
     }
 
@@ -418,6 +425,7 @@ impl ImageSync for Service {
         &self,
         req: Request<pb::RolloutControlRequest>,
     ) -> Result<Response<pb::RolloutStatusReply>, Status> {
+        let _rpc = metrics::rpc("RolloutControl");
         let caller = self.caller_of(&req);
         let pb::RolloutControlRequest { action, reason } = req.into_inner();
         tracing::info!(%caller, %action, %reason, "operator request");
@@ -454,6 +462,7 @@ impl ImageSync for Service {
         &self,
         req: Request<pb::RolloutEventsRequest>,
     ) -> Result<Response<pb::RolloutEventsReply>, Status> {
+        let _rpc = metrics::rpc("RolloutEvents");
         let pb::RolloutEventsRequest { after_id, limit } = req.into_inner();
         let control = self.control.clone();
         let events = tokio::task::spawn_blocking(move || control.events(after_id, limit))
@@ -608,6 +617,7 @@ impl Batcher {
     /// Queues a chunk, sending the batch once it is full. False: the host left.
     fn push(&mut self, chunk: pb::ObjectChunk) -> bool {
         self.bytes += chunk.data.len();
+        metrics::object_bytes_sent(chunk.data.len() as u64);
         self.chunks.push(chunk);
         if self.bytes >= proto::BATCH_BYTES || self.chunks.len() >= proto::BATCH_CHUNKS {
             return self.flush();
@@ -645,13 +655,21 @@ pub async fn serve(
     fleet: Arc<fleet::Fleet>,
     inventory: Arc<inventory::Inventory>,
     listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
     zstd_level: i32,
     security: Security,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
+    let metrics_listener = match metrics_listen {
+        Some(m) => Some(
+            TcpListener::bind(m).await.map_err(|e| anyhow::anyhow!("cannot listen on {m} (--metrics-listen): {e}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stopped = stop_rx.clone();
     tokio::spawn(async move {
@@ -677,12 +695,20 @@ pub async fn serve(
             }
         });
     }
+    if let Some(l) = metrics_listener {
+        let (control, stopped) = (control.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(l, control, stopped).await {
+                tracing::error!("the metrics listener stopped: {e}");
+            }
+        });
+    }
     let service = Service::new(control, fleet, inventory, zstd_level, &security, stop_rx);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = security.tls {
         builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS configuration refused: {e}"))?;
     }
-    on_ready(addr);
+    on_ready(addr, metrics_addr);
     builder
         .add_service(service.into_server())
         // No Nagle: a header-only manifest reply must not wait for the host's delayed ACK

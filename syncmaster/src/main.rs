@@ -43,6 +43,10 @@ enum Cmd {
         /// Address to listen on; port 0 picks a free port (printed once ready).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7411")]
         listen: SocketAddr,
+        /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, read-only; port 0 picks
+        /// a free port, printed once ready as "metrics on ADDR"). Default: none.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
         /// State directory: the last version number and the hash cache
         /// [default with --images: /var/lib/syncmaster; with --image: none].
         #[arg(long, value_name = "DIR")]
@@ -277,6 +281,7 @@ fn main() -> ExitCode {
             image,
             images,
             listen,
+            metrics_listen,
             state_dir,
             image_version,
             poll,
@@ -399,6 +404,7 @@ fn main() -> ExitCode {
                 tree,
                 images,
                 listen,
+                metrics_listen,
                 state_dir,
                 image_version,
                 poll,
@@ -489,6 +495,7 @@ struct ServeOpts {
     tree: PathBuf,
     images: Option<PathBuf>,
     listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
     image_version: u64,
     poll: Duration,
@@ -566,14 +573,27 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         let w = publish::watch_current(images, control.clone(), versions, o.poll, o.store.clone());
         tokio::spawn(w);
     }
-    syncmaster::serve(control, fleet, inventory, o.listen, o.zstd_level, o.security, shutdown, |addr| {
-        // A stable, parseable line for scripts and tests; logs go to stderr.
-        println!("listening on {addr}");
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        tracing::info!(%addr, "serving");
-    })
-    .await
+    let serving = syncmaster::serve(
+        control,
+        fleet,
+        inventory,
+        o.listen,
+        o.metrics_listen,
+        o.zstd_level,
+        o.security,
+        shutdown,
+        |addr, metrics| {
+            // Stable, parseable lines for scripts and tests; logs go to stderr.
+            if let Some(m) = metrics {
+                println!("metrics on {m}");
+            }
+            println!("listening on {addr}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            tracing::info!(%addr, "serving");
+        },
+    );
+    serving.await
 }
 
 async fn status(url: &str, endpoint: tonic::transport::Endpoint, format: Format) -> anyhow::Result<()> {

@@ -69,6 +69,11 @@ impl ObjectCache {
         ObjectCache { config: config.filter(|c| c.level > 0 && c.max_bytes > 0), ..ObjectCache::default() }
     }
 
+    /// Bytes of the frames kept.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The stored frame of `hash`, with the object's size.
     pub fn get(&self, hash: &Hash) -> Option<(u64, Bytes)> {
         self.frames.read().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()

@@ -96,6 +96,7 @@ impl Drop for Scratch {
 pub struct Master {
     child: Child,
     url: String,
+    metrics_url: Option<String>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -155,10 +156,13 @@ impl Master {
             }
         });
         let deadline = Instant::now() + MASTER_READY_TIMEOUT;
-        let mut master = Master { child, url: String::new(), stderr };
+        let mut master = Master { child, url: String::new(), metrics_url: None, stderr };
         loop {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("metrics on ") {
+                        master.metrics_url = Some(format!("http://{}/metrics", addr.trim()));
+                    }
                     if let Some(addr) = line.strip_prefix("listening on ") {
                         master.url = format!("http://{}", addr.trim());
                         return master;
@@ -180,6 +184,11 @@ impl Master {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// `http://ADDR/metrics`, for a master started with `--metrics-listen`.
+    pub fn metrics_url(&self) -> Option<&str> {
+        self.metrics_url.as_deref()
     }
 
     /// The process id, to signal it (SIGSTOP freezes it, as a hung master).
@@ -645,4 +654,46 @@ impl Master {
         args.extend(extra.iter().map(OsStr::new));
         Master::start_with_env(&args, env)
     }
+}
+
+/// The samples of a metrics file: `name{labels}` → value.
+pub fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {l:?}"));
+            (k.to_owned(), v.parse::<f64>().unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        })
+        .collect()
+}
+
+/// `promtool check metrics` on `path`: the file must pass the Prometheus linter.
+pub fn promtool_check(path: &Path) {
+    let file = std::fs::File::open(path).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(file)
+        .output()
+        .unwrap_or_else(|e| panic!("this test needs promtool (hint: apt-get install prometheus): {e}"));
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed on {}:\n{}{}\n--- file ---\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(path).unwrap()
+    );
+}
+
+/// `GET url` over plain HTTP/1.1: the status line and the body.
+pub fn http_get(url: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (addr, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
 }

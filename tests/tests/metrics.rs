@@ -2,39 +2,9 @@
 //! with `promtool check metrics` (Debian package `prometheus`), after a sync, a drift check and
 //! a pass whose master is unreachable.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use gis_tests::{run_syncd, scratch, Builder, Master};
-
-/// The samples of a metrics file: `name{labels}` → value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {l:?}"));
-            (k.to_owned(), v.parse::<f64>().unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        })
-        .collect()
-}
-
-/// `promtool check metrics` on `path`: the file must pass the Prometheus linter.
-fn promtool_check(path: &Path) {
-    let file = std::fs::File::open(path).unwrap();
-    let out = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(file)
-        .output()
-        .unwrap_or_else(|e| panic!("this test needs promtool (hint: apt-get install prometheus): {e}"));
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed on {}:\n{}{}\n--- file ---\n{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(path).unwrap()
-    );
-}
+use gis_tests::{http_get, promtool_check, run_syncd, samples, scratch, Builder, Master};
 
 fn syncd(cmd: &str, master: &str, root: &Path, state: &Path, cfg: &Path) -> gis_tests::Output {
     run_syncd([
@@ -137,4 +107,40 @@ fn a_metrics_textfile_in_a_missing_directory_is_reported_and_the_pass_stands() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn the_master_serves_fleet_rpc_and_object_metrics_that_promtool_accepts() {
+    let s = scratch();
+    let img = s.dir("img");
+    Builder::new(&img).dir("etc", 0o755).file("etc/a", 0o644, &vec![3u8; 50_000]).file("etc/b", 0o644, b"b\n").finish();
+    let m = gis_tests::Master::start_with(&[
+        std::ffi::OsStr::new("--image"),
+        img.as_os_str(),
+        std::ffi::OsStr::new("--metrics-listen"),
+        std::ffi::OsStr::new("127.0.0.1:0"),
+    ]);
+    let url = m.metrics_url().expect("the master printed `metrics on ADDR`").to_owned();
+    let (root, state) = (s.dir("root"), s.join("state"));
+    let cfg = s.join("syncd.toml");
+    std::fs::write(&cfg, "").unwrap();
+    syncd("sync", m.url(), &root, &state, &cfg).expect_code(0, &[&root]);
+
+    let (status, body) = http_get(&url);
+    assert!(status.contains("200"), "{status}\n{body}");
+    let prom = s.join("master.prom");
+    std::fs::write(&prom, &body).unwrap();
+    promtool_check(&prom);
+    let v = samples(&body);
+    assert_eq!(v["syncmaster_image_version"], 1.0, "{body}");
+    assert_eq!(v["syncmaster_hosts{state=\"up\"}"], 1.0, "{body}");
+    assert_eq!(v["syncmaster_hosts{state=\"down\"}"], 0.0, "{body}");
+    assert!(v["syncmaster_rpc_requests_total{method=\"GetManifest\"}"] >= 1.0, "{body}");
+    assert!(v["syncmaster_rpc_duration_seconds_count{method=\"FetchObjects\"}"] >= 1.0, "{body}");
+    assert!(v["syncmaster_object_sent_bytes_total"] > 0.0, "{body}");
+    assert!(v.contains_key("syncmaster_object_cache_bytes"), "{body}");
+    assert_eq!(v["syncmaster_build_info{version=\"0.1.0\"}"], 1.0, "{body}");
+    // Read-only: nothing but /metrics is served there.
+    let (status, _) = http_get(&url.replace("/metrics", "/rollout/abort"));
+    assert!(status.contains("404"), "{status}");
 }

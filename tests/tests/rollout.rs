@@ -19,7 +19,10 @@ use std::time::Duration;
 
 use gis_tests::fake::{FakeMaster, Image};
 use gis_tests::tree::{differences, rsync_differences};
-use gis_tests::{bin, fleet_status, run_syncd, scratch, spawn_syncd_run, wait_until, KillOnDrop, Master, Scratch};
+use gis_tests::{
+    bin, fleet_status, http_get, promtool_check, run_syncd, samples, scratch, spawn_syncd_run, wait_until, KillOnDrop,
+    Master, Scratch,
+};
 use serde_json::Value;
 
 const HOSTS: usize = 12;
@@ -119,6 +122,8 @@ impl Fleet {
             OsStr::new("0"),
             OsStr::new("--listen"),
             OsStr::new(&self.listen),
+            OsStr::new("--metrics-listen"),
+            OsStr::new("127.0.0.1:0"),
         ];
         let m = Master::start_with(&args);
         self.listen = m.url().trim_start_matches("http://").to_owned();
@@ -345,6 +350,19 @@ fn canary_waves_halt_abort_and_a_master_killed_mid_wave() {
     let (code, text, _) = f.syncmaster(&["rollout", "status"]);
     assert_eq!(code, 0);
     assert!(text.contains("HALTED") && text.contains("h01") && text.contains("health check \"app\" failed"), "{text}");
+    // The master's metrics say the same (checked by promtool).
+    let (status, body) = http_get(f.master.as_ref().unwrap().metrics_url().unwrap());
+    assert!(status.contains("200"), "{status}");
+    let prom = f.s.join("master.prom");
+    fs::write(&prom, &body).unwrap();
+    promtool_check(&prom);
+    let v = samples(&body);
+    assert_eq!(v["syncmaster_rollout_state{state=\"halted\"}"], 1.0, "{body}");
+    assert_eq!(v["syncmaster_rollout_state{state=\"running\"}"], 0.0, "{body}");
+    assert_eq!(v["syncmaster_rollout_version"], 3.0, "{body}");
+    assert_eq!(v["syncmaster_rollout_failures"], 1.0, "{body}");
+    assert_eq!(v["syncmaster_baseline_version"], 2.0, "{body}");
+    assert_eq!(v["syncmaster_hosts{state=\"up\"}"], HOSTS as f64, "{body}");
     // Give a wrong implementation the time to grant more, then look.
     std::thread::sleep(Duration::from_secs(3));
     let events = f.events();
