@@ -6,16 +6,10 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
+use promtext::{family, gauge, Registry, Unit};
 
 use crate::{exit, PassReport, SyncError};
-
-type Labels = Vec<(&'static str, String)>;
 
 /// The pass's result as one word, as the master's fleet status shows it.
 pub fn result_word(r: &Result<PassReport, SyncError>) -> &'static str {
@@ -37,27 +31,19 @@ pub fn result_word(r: &Result<PassReport, SyncError>) -> &'static str {
 /// The text of the metrics file for the pass that ended at `ended_unix` (seconds).
 pub fn render(r: &Result<PassReport, SyncError>, ended_unix: f64) -> String {
     let mut reg = Registry::with_prefix("syncd");
-    let gauge = |reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: f64| {
-        let g = Gauge::<f64, AtomicU64>::default();
-        g.set(v);
-        match unit {
-            Some(u) => reg.register_with_unit(name, help, u, g),
-            None => reg.register(name, help, g),
-        }
-    };
-    let info = Family::<Labels, Gauge>::default();
-    info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())]).set(1);
-    reg.register("build", "The syncd build (always 1)", info.clone());
-    // (prometheus-client names an info-like gauge `syncd_build`; `_info` is added below.)
+    promtext::build_info(&mut reg, env!("CARGO_PKG_VERSION"));
     gauge(&mut reg, "last_pass_timestamp", "When the last pass ended, Unix time", Some(Unit::Seconds), ended_unix);
     let code = match r {
         Ok(rep) => rep.exit_code() as f64,
         Err(e) => e.exit_code() as f64,
     };
     gauge(&mut reg, "last_pass_exit_code", "The last pass's exit code (see the README's exit codes)", None, code);
-    let result = Family::<Labels, Gauge>::default();
-    result.get_or_create(&vec![("result", result_word(r).to_owned())]).set(1);
-    reg.register("last_pass_result", "The last pass's result (1 for the one it had)", result.clone());
+    family(
+        &mut reg,
+        "last_pass_result",
+        "The last pass's result (1 for the one it had)",
+        vec![(vec![("result", result_word(r).to_owned())], 1.0)],
+    );
     let ok = matches!(r, Ok(rep) if rep.exit_code() == exit::OK);
     gauge(&mut reg, "last_pass_success", "1 if the last pass converged with no failure", None, ok as u8 as f64);
     if let Ok(rep) = r {
@@ -77,14 +63,14 @@ pub fn render(r: &Result<PassReport, SyncError>, ended_unix: f64) -> String {
             rep.outcome.is_none() as u8 as f64,
         );
         let (missing, changed, extra) = rep.plan.counts_where(|_| true);
-        let drift = Family::<Labels, Gauge>::default();
-        for (kind, n) in [("missing", missing), ("changed", changed), ("extra", extra)] {
-            drift.get_or_create(&vec![("kind", kind.to_owned())]).set(n as i64);
-        }
-        reg.register(
+        family(
+            &mut reg,
             "last_pass_drift_entries",
             "Entries that differed from the image when the last pass began, by kind",
-            drift.clone(),
+            [("missing", missing), ("changed", changed), ("extra", extra)]
+                .into_iter()
+                .map(|(kind, n)| (vec![("kind", kind.to_owned())], n as f64))
+                .collect(),
         );
         gauge(
             &mut reg,
@@ -176,10 +162,7 @@ pub fn render(r: &Result<PassReport, SyncError>, ended_unix: f64) -> String {
             );
         }
     }
-    let mut out = String::new();
-    encode(&mut out, &reg).expect("writing to a String");
-    // The text format: no OpenMetrics end marker, and the build gauge named `_info`.
-    out.replace("# EOF\n", "").replace("syncd_build{", "syncd_build_info{").replace("syncd_build ", "syncd_build_info ")
+    promtext::text(&reg, "syncd")
 }
 
 /// Writes `text` to `path` atomically: a temp file in the same directory (not ending in

@@ -3,20 +3,15 @@
 //! rollout gauges are read from the same state `syncmaster status` shows, at each scrape; RPC
 //! and object counters accumulate from the start.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::LazyLock;
 use std::time::Instant;
 
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::{Registry, Unit};
+use promtext::prometheus_client::metrics::counter::Counter;
+use promtext::prometheus_client::metrics::family::Family;
+use promtext::prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use promtext::{family, gauge, Labels, Registry, Unit};
 
 use crate::control::Control;
-
-type Labels = Vec<(&'static str, String)>;
 
 fn rpc_histogram() -> Histogram {
     // 1 ms to about 16 s.
@@ -64,27 +59,7 @@ pub fn object_bytes_sent(n: u64) {
 /// The text of `/metrics`.
 pub fn render(control: &Control) -> String {
     let mut reg = Registry::with_prefix("syncmaster");
-    let gauge = |reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: f64| {
-        let g = Gauge::<f64, AtomicU64>::default();
-        g.set(v);
-        match unit {
-            Some(u) => reg.register_with_unit(name, help, u, g),
-            None => reg.register(name, help, g),
-        }
-    };
-    let family = |reg: &mut Registry, name: &str, help: &str, rows: Vec<(Labels, f64)>| {
-        let f = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-        for (labels, v) in rows {
-            f.get_or_create(&labels).set(v);
-        }
-        reg.register(name, help, f);
-    };
-    family(
-        &mut reg,
-        "build",
-        "The syncmaster build (always 1)",
-        vec![(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1.0)],
-    );
+    promtext::build_info(&mut reg, env!("CARGO_PKG_VERSION"));
 
     let fleet = control.fleet_status();
     gauge(&mut reg, "image_version", "The image version the master serves now", None, fleet.version as f64);
@@ -166,38 +141,7 @@ pub fn render(control: &Control) -> String {
         COUNTERS.object_bytes.clone(),
     );
 
-    let mut out = String::new();
-    encode(&mut out, &reg).expect("writing to a String");
-    text_format(&out)
-}
-
-/// prometheus-client writes OpenMetrics; Prometheus's text format (what `promtool check
-/// metrics` and older scrapers read) names a counter's HELP and TYPE with its `_total`, has
-/// no end marker, and `syncmaster_build` is a gauge named `_info` by convention.
-fn text_format(openmetrics: &str) -> String {
-    let counters: Vec<&str> =
-        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines().filter(|l| *l != "# EOF") {
-        let mut line = line.to_owned();
-        for kind in ["HELP", "TYPE"] {
-            for (from, to) in counters
-                .iter()
-                .map(|c| (c.to_string(), format!("{c}_total")))
-                .chain([("syncmaster_build".to_owned(), "syncmaster_build_info".to_owned())])
-            {
-                if let Some(rest) = line.strip_prefix(&format!("# {kind} {from} ")) {
-                    line = format!("# {kind} {to} {rest}");
-                }
-            }
-        }
-        if let Some(rest) = line.strip_prefix("syncmaster_build{") {
-            line = format!("syncmaster_build_info{{{rest}");
-        }
-        out.push_str(&line);
-        out.push('\n');
-    }
-    out
+    promtext::text(&reg, "syncmaster")
 }
 
 /// Serves `GET /metrics` on `listener` until `stopped` says so. Read-only: nothing else is
