@@ -1637,6 +1637,7 @@ impl ObjectStream {
     /// breaks the stream at once: nothing more is read from it, and later objects fall back to
     /// fetches of their own.
     pub fn next_into<W: Write>(&mut self, hash: Hash, size: u64, mut sink: Option<&mut W>) -> Result<(), ObjectError> {
+        crate::notify::bump();
         if let Some(b) = &self.broken {
             return Err(ObjectError::Broken(b.clone()));
         }

@@ -216,6 +216,31 @@ impl Schedule {
     }
 }
 
+/// systemd's `STATUS=` line after a pass: `converged to v42, 0 drift, next pass in 14m`.
+pub fn status_line(r: &Result<PassReport, SyncError>, next: Duration) -> String {
+    // Whole seconds for a person reading `systemctl status`.
+    let next = manifest::units::format_duration(Duration::from_secs(next.as_secs_f64().round() as u64));
+    match r {
+        Ok(rep) => {
+            let (missing, changed, extra) = rep.plan.counts_where(|_| true);
+            let drift = missing + changed + extra;
+            match crate::metrics::result_word(r) {
+                "converged" => format!("converged to v{}, {drift} drift, next pass in {next}", rep.image_version),
+                word => format!(
+                    "v{}: {word} ({} failed paths), next pass in {next}",
+                    rep.image_version,
+                    rep.failures().count()
+                ),
+            }
+        }
+        Err(e) => {
+            let first = e.to_string();
+            let first: String = first.chars().take(120).collect();
+            format!("pass failed: {first}; retry in {next}")
+        }
+    }
+}
+
 /// The pass result as the master's fleet status keeps it.
 pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::PassResult {
     match r {
@@ -303,10 +328,27 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     // The last pass's report, while it is being sent.
     let mut reporting: Option<JoinHandle<()>> = None;
     tracing::info!(master = %url, root = %opts.sync.root.display(), interval = ?opts.reconcile_interval, "syncd daemon starting");
+    // systemd (Type=notify): READY after the first pass, STATUS per pass, WATCHDOG while work
+    // moves (see crate::notify).
+    let ping_every = crate::notify::watchdog_interval();
+    let mut next_ping = Instant::now() + ping_every.unwrap_or(Duration::from_secs(3600));
+    let mut pinged_progress = crate::notify::progress();
+    let mut ready = false;
+    crate::notify::status("starting: the first pass runs now");
 
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = tokio::time::sleep_until(next_ping), if ping_every.is_some() => {
+                let now = crate::notify::progress();
+                if pass.is_none() || now != pinged_progress {
+                    crate::notify::watchdog();
+                } else {
+                    tracing::warn!("the running pass made no progress since the last watchdog ping: not pinging systemd's watchdog");
+                }
+                pinged_progress = now;
+                next_ping = Instant::now() + ping_every.expect("guarded");
+            }
             msg = next_announcement(&mut watch), if watch.is_some() => match msg {
                 Some(Ok(a)) => {
                     if let Some(id) = Hash::from_slice(&a.identity) {
@@ -386,6 +428,12 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 };
                 let reconcile = opts.reconcile_interval + jitter(opts.reconcile_jitter);
                 sched.pass_done(Instant::now(), converged_to, retry, reconcile);
+                let line = status_line(&r, sched.next_pass.saturating_duration_since(Instant::now()));
+                match ready {
+                    false => crate::notify::ready(&line),
+                    true => crate::notify::status(&line),
+                }
+                ready = true;
                 if let Some(w) = wake {
                     // The commit window opens before the next reconcile.
                     sched.next_pass = sched.next_pass.min(Instant::now() + w);

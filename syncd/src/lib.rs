@@ -15,6 +15,7 @@ pub mod local;
 pub mod lock;
 pub mod mcache;
 pub mod metrics;
+pub mod notify;
 pub mod plan;
 pub mod queue;
 pub mod root;

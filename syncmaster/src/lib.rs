@@ -677,20 +677,33 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     // The rollout engine's clock: grants, timeouts and soaks move on without any host asking.
+    // It also pings systemd's watchdog (a `Type=notify` unit with `WatchdogSec`): an engine
+    // step that hangs (a stuck database, say) stops the pings, and systemd restarts the master.
     {
         let control = control.clone();
         let mut stopped = stop_rx.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let ping_every = sd_notify::watchdog_enabled().map(|d| d / 2);
+            let (mut pinged, mut told) = (std::time::Instant::now(), std::time::Instant::now());
             loop {
                 tokio::select! {
                     _ = every.tick() => {}
                     _ = stopped.wait_for(|s| *s) => break,
                 }
-                let control = control.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || control.tick()).await {
+                let c = control.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || c.tick()).await {
                     tracing::error!("rollout engine step failed: {e}");
+                    continue;
+                }
+                if ping_every.is_some_and(|p| pinged.elapsed() >= p) {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    pinged = std::time::Instant::now();
+                }
+                if told.elapsed() >= std::time::Duration::from_secs(5) {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status::notify_line(&control))]);
+                    told = std::time::Instant::now();
                 }
             }
         });
@@ -703,12 +716,18 @@ pub async fn serve(
             }
         });
     }
+    let control_for_status = control.clone();
     let service = Service::new(control, fleet, inventory, zstd_level, &security, stop_rx);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = security.tls {
         builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS configuration refused: {e}"))?;
     }
     on_ready(addr, metrics_addr);
+    // Scanned and listening: systemd may start what depends on the master.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status::notify_line(&control_for_status)),
+    ]);
     builder
         .add_service(service.into_server())
         // No Nagle: a header-only manifest reply must not wait for the host's delayed ACK

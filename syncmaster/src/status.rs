@@ -298,3 +298,29 @@ pub fn events(evs: &[pb::RolloutEvent], json_lines: bool) -> String {
     }
     out
 }
+
+/// systemd's `STATUS=` line for the master: `serving v3; 12 hosts: 11 up, 1 down, 0 out, 10
+/// converged; rollout of v3: wave 2/3 running`.
+pub fn notify_line(control: &crate::control::Control) -> String {
+    let f = control.fleet_status();
+    let n = |state: &str| f.hosts.iter().filter(|h| h.state == state).count();
+    let mut line = format!(
+        "serving v{}; {} hosts: {} up, {} down, {} out, {} converged",
+        f.version,
+        f.hosts.len(),
+        n("up"),
+        n("down"),
+        n("out"),
+        f.hosts.iter().filter(|h| h.converged).count()
+    );
+    if let Some(r) = control.rollout_status().rollout {
+        line.push_str(&format!(
+            "; rollout of v{}: wave {}/{} {}",
+            r.version,
+            (r.current_wave as usize + 1).min(r.waves.len().max(1)),
+            r.waves.len(),
+            r.state
+        ));
+    }
+    line
+}

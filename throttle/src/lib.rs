@@ -118,6 +118,15 @@ impl<C: Clock> Bucket<C> {
     }
 }
 
+/// Charges made through any limiter of this process, limited or not: a sign of I/O progress
+/// (syncd's watchdog pings while it moves; see `syncd::notify`).
+static ACTIVITY: AtomicU64 = AtomicU64::new(0);
+
+/// The count of charges so far (see [`ACTIVITY`]).
+pub fn activity() -> u64 {
+    ACTIVITY.load(Ordering::Relaxed)
+}
+
 /// A shared byte-rate limit, or none. Cloning shares the bucket.
 #[derive(Clone, Default)]
 pub struct Limiter {
@@ -153,6 +162,7 @@ impl Limiter {
 
     /// Charges `n` bytes, blocking this thread while over the rate.
     pub fn charge(&self, n: u64) {
+        ACTIVITY.fetch_add(1, Ordering::Relaxed);
         if let Some(b) = &self.bucket {
             b.charge_with(n, std::thread::sleep);
         }
@@ -160,6 +170,7 @@ impl Limiter {
 
     /// Charges `n` bytes, sleeping on the tokio timer while over the rate.
     pub async fn charge_async(&self, n: u64) {
+        ACTIVITY.fetch_add(1, Ordering::Relaxed);
         let Some(b) = &self.bucket else { return };
         let mut waited = Duration::ZERO;
         for piece in b.pieces(b.cells(n)) {
