@@ -640,6 +640,7 @@ impl Applier<'_> {
                             None => false,
                         };
                         self.staged.push(Staged { index: i, dir, temp, hash, exchange, link });
+                        crate::progress::staged();
                         if self.staged.len() >= BATCH_FILES || self.staged_bytes >= BATCH_BYTES {
                             self.seal_batch();
                         }
@@ -676,7 +677,10 @@ impl Applier<'_> {
                 Ok((dir.clone(), fsops::link_temp(ldir.as_fd(), lname, dir.as_fd())?))
             });
             match r {
-                Ok((dir, temp)) => self.staged.push(Staged { index: i, dir, temp, hash: None, exchange, link: true }),
+                Ok((dir, temp)) => {
+                    self.staged.push(Staged { index: i, dir, temp, hash: None, exchange, link: true });
+                    crate::progress::staged();
+                }
                 Err(e) => {
                     if is_systemic(&e) {
                         self.halt_on(&e);

@@ -1636,8 +1636,21 @@ impl ObjectStream {
     /// runs past what `size` bytes can take on the wire (endless data), or fails to decode,
     /// breaks the stream at once: nothing more is read from it, and later objects fall back to
     /// fetches of their own.
-    pub fn next_into<W: Write>(&mut self, hash: Hash, size: u64, mut sink: Option<&mut W>) -> Result<(), ObjectError> {
+    pub fn next_into<W: Write>(&mut self, hash: Hash, size: u64, sink: Option<&mut W>) -> Result<(), ObjectError> {
         crate::notify::bump();
+        let r = self.next_object_into(hash, size, sink);
+        if r.is_ok() {
+            crate::progress::fetched(size);
+        }
+        r
+    }
+
+    fn next_object_into<W: Write>(
+        &mut self,
+        hash: Hash,
+        size: u64,
+        mut sink: Option<&mut W>,
+    ) -> Result<(), ObjectError> {
         if let Some(b) = &self.broken {
             return Err(ObjectError::Broken(b.clone()));
         }

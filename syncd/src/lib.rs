@@ -17,6 +17,7 @@ pub mod mcache;
 pub mod metrics;
 pub mod notify;
 pub mod plan;
+pub mod progress;
 pub mod queue;
 pub mod root;
 mod solid;
@@ -800,6 +801,11 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             Some(m) => (m.spawn_fetch(report.plan.fetch.clone(), bases, &rt), Some(m)),
             None => (client::ObjectStream::empty(), None),
         };
+        progress::planned(
+            report.plan.fetch.len() as u64,
+            report.plan.fetch_bytes(),
+            report.plan.staged().count() as u64,
+        );
         let plan = std::mem::take(&mut report.plan);
         let cancel = opts.cancel.clone();
         let throttle = opts.throttle.clone();

@@ -1,6 +1,6 @@
 //! `syncd`: command line over the library.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -514,7 +514,13 @@ fn main() -> ExitCode {
     let code = match cli.cmd {
         Cmd::Sync { common, dry_run, quiet, allow_downgrade } => {
             let report = common.resolve().and_then(|r| r.sync_options(dry_run, allow_downgrade));
-            match report.map(|opts| recorded(&opts, rt.block_on(syncd::converge(&opts)))) {
+            // A progress bar on a terminal (stderr), cleared before the report.
+            let bar = (!quiet && !dry_run && std::io::stderr().is_terminal()).then(syncd::progress::Bar::start);
+            let report = report.map(|opts| recorded(&opts, rt.block_on(syncd::converge(&opts))));
+            if let Some(b) = bar {
+                b.finish();
+            }
+            match report {
                 Ok(Ok(report)) => print_pass(&report, quiet),
                 Ok(Err(e)) | Err(e) => {
                     eprintln!("syncd: {e}");
