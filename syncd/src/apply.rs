@@ -469,7 +469,7 @@ impl Applier<'_> {
     }
 
     fn stopped(&mut self) -> bool {
-        crate::notify::bump();
+        crate::progress::step();
         if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
             self.out.stats.cancelled = true;
         }

@@ -1637,7 +1637,6 @@ impl ObjectStream {
     /// breaks the stream at once: nothing more is read from it, and later objects fall back to
     /// fetches of their own.
     pub fn next_into<W: Write>(&mut self, hash: Hash, size: u64, sink: Option<&mut W>) -> Result<(), ObjectError> {
-        crate::notify::bump();
         let r = self.next_object_into(hash, size, sink);
         if r.is_ok() {
             crate::progress::fetched(size);

@@ -332,7 +332,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     // moves (see crate::notify).
     let ping_every = crate::notify::watchdog_interval();
     let mut next_ping = Instant::now() + ping_every.unwrap_or(Duration::from_secs(3600));
-    let mut pinged_progress = crate::notify::progress();
+    let mut pinged_progress = crate::progress::moves();
     let mut ready = false;
     crate::notify::status("starting: the first pass runs now");
 
@@ -340,7 +340,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep_until(next_ping), if ping_every.is_some() => {
-                let now = crate::notify::progress();
+                let now = crate::progress::moves();
                 if pass.is_none() || now != pinged_progress {
                     crate::notify::watchdog();
                 } else {

@@ -608,6 +608,28 @@ pub fn open_regular_sized(dir: BorrowedFd, name: impl rustix::path::Arg) -> io::
     Ok((std::fs::File::from(fd), st.st_size as u64))
 }
 
+/// Replaces the small file `path` (a state file, the metrics textfile) with `bytes` at once:
+/// written to `<path without its extension>.tmp` beside it, flushed, renamed over it, and the
+/// directory flushed, so a reader or a crash sees the old file or the new one, never part of it.
+/// (The temp name does not end in the file's own extension: node_exporter reads only `*.prom`.)
+pub fn write_replacing(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let r = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })()
+    .and_then(|()| std::fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r?;
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

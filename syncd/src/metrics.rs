@@ -4,7 +4,6 @@
 //! collector never reads half a file). Gauges of the last pass, named by Prometheus's
 //! conventions (`syncd_` prefix, unit suffixes, no path or host labels).
 
-use std::io::Write;
 use std::path::Path;
 
 use promtext::{family, gauge, Registry, Unit};
@@ -165,30 +164,12 @@ pub fn render(r: &Result<PassReport, SyncError>, ended_unix: f64) -> String {
     promtext::text(&reg, "syncd")
 }
 
-/// Writes `text` to `path` atomically: a temp file in the same directory (not ending in
-/// `.prom`, so the collector skips it), flushed, then renamed over `path`.
-pub fn write_textfile(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| std::io::Error::other("not a file name"))?;
-    let temp = dir.join(format!(".{}.syncd-tmp", name.to_string_lossy()));
-    let r = (|| {
-        let mut f = std::fs::File::create(&temp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&temp, path)
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    r
-}
-
 /// After a pass: its metrics into `path`, if one is configured; a failure is logged (the pass's
 /// own result stands).
 pub fn record(path: Option<&Path>, r: &Result<PassReport, SyncError>) {
     let Some(path) = path else { return };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    if let Err(e) = write_textfile(path, &render(r, now)) {
+    if let Err(e) = crate::fsops::write_replacing(path, render(r, now).as_bytes()) {
         tracing::warn!(path = %path.display(), "cannot write the metrics textfile: {e} (hint: metrics_textfile must name a file in a writable directory, such as node_exporter's textfile directory)");
     }
 }

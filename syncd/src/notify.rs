@@ -3,29 +3,15 @@
 //! while the daemon makes progress, so a hung pass is caught. Without `NOTIFY_SOCKET` (not under
 //! systemd) every call does nothing.
 //!
-//! Progress is a counter the work bumps: each change the apply makes, each object the stream
-//! delivers, and every read, write or fetch charged to the throttles. The daemon's loop pings the watchdog when no pass runs, or when the running pass
+//! Progress is what [`crate::progress::moves`] counts: each change the apply takes up, each
+//! object the stream delivers, and every read, write or fetch charged to the throttles. The daemon's loop pings the watchdog when no pass runs, or when the running pass
 //! moved the counter since the last ping; a pass stuck without progress for `WatchdogSec` is
 //! stopped by systemd (and restarted, with `Restart=`). Only the main process may notify
 //! (`NotifyAccess=main`, the default): a trigger's own notifications are ignored.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-
-static PROGRESS: AtomicU64 = AtomicU64::new(0);
-
-/// Work done: called for each change applied and each object received.
-pub fn bump() {
-    PROGRESS.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Work done so far: changes, objects, and disk and network I/O charged to the throttles
-/// (hashing a large tree moves only that).
-pub fn progress() -> u64 {
-    PROGRESS.load(Ordering::Relaxed).wrapping_add(throttle::activity())
-}
 
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Default)]
 struct Counters {
     planned_objects: AtomicU64,
     planned_bytes: AtomicU64,
@@ -15,6 +14,7 @@ struct Counters {
     fetched_objects: AtomicU64,
     fetched_bytes: AtomicU64,
     staged: AtomicU64,
+    steps: AtomicU64,
 }
 
 static NOW: Counters = Counters {
@@ -24,6 +24,7 @@ static NOW: Counters = Counters {
     fetched_objects: AtomicU64::new(0),
     fetched_bytes: AtomicU64::new(0),
     staged: AtomicU64::new(0),
+    steps: AtomicU64::new(0),
 };
 
 /// The pass planned `objects` to fetch (`bytes` of content) and `files` to write (every entry
@@ -43,6 +44,18 @@ pub fn fetched(bytes: u64) {
 /// A file (or symlink, node, hard link) was staged: written, verified, given its metadata.
 pub fn staged() {
     NOW.staged.fetch_add(1, Relaxed);
+}
+
+/// The apply takes up its next change.
+pub fn step() {
+    NOW.steps.fetch_add(1, Relaxed);
+}
+
+/// A count that grows while a pass works: changes taken up, objects received, and disk and
+/// network I/O charged to the throttles (hashing a large tree moves only that). Its value means
+/// nothing; that it moved does (systemd's watchdog, [`crate::notify`]).
+pub fn moves() -> u64 {
+    NOW.steps.load(Relaxed).wrapping_add(NOW.fetched_objects.load(Relaxed)).wrapping_add(throttle::activity())
 }
 
 /// The bar, drawn on stderr every 100 ms by a thread of its own until [`Bar::finish`].

@@ -243,22 +243,7 @@ fn read_state_in(dir: &Path) -> State {
 }
 
 fn write_state_in(dir: &Path, s: &State) -> io::Result<()> {
-    atomic_write(&dir.join("state.json"), &serde_json::to_vec_pretty(s).expect("plain struct"))
-}
-
-fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
-    }
-    Ok(())
+    fsops::write_replacing(&dir.join("state.json"), &serde_json::to_vec_pretty(s).expect("plain struct"))
 }
 
 impl Store {
@@ -751,7 +736,7 @@ impl Store {
         }
         let bytes = serde_json::to_vec(&*stamps).expect("plain map");
         drop(stamps);
-        atomic_write(&self.dir.join("objects.idx"), &bytes)
+        fsops::write_replacing(&self.dir.join("objects.idx"), &bytes)
     }
 
     fn manifest_path(&self, identity: &str) -> PathBuf {
@@ -781,7 +766,7 @@ impl Store {
         let lists_path = path.with_extension("lists.json");
         // Every converged pass comes here: an unchanged file is not written again.
         if std::fs::read(&lists_path).ok().as_ref() != Some(&lists) {
-            atomic_write(&lists_path, &lists)?;
+            fsops::write_replacing(&lists_path, &lists)?;
         }
         if path.exists() {
             return Ok(());
