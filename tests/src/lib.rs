@@ -165,6 +165,11 @@ impl Master {
                     }
                     if let Some(addr) = line.strip_prefix("listening on ") {
                         master.url = format!("http://{}", addr.trim());
+                        // stdout and stderr are read on two threads, so the log lines written
+                        // before `listening on` may not be in `stderr` yet. The master logs
+                        // `serving addr=` right after that line: wait for it, so a test that
+                        // reads the log at once sees everything logged before readiness.
+                        wait_until(Duration::from_secs(10), || master.stderr().contains("serving addr="));
                         return master;
                     }
                 }
