@@ -17,6 +17,7 @@ pub mod rollout;
 pub mod status;
 pub mod store;
 pub mod storedelta;
+pub mod web;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -132,6 +133,9 @@ pub struct Security {
     /// Serve TLS, requiring client certificates from this CA; a host's identity is then its
     /// certificate's name. `None`: plain TCP (`--insecure`), identity as claimed.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// The same certificate, key and client CA for the fleet page's HTTPS ([`web`]); `Some`
+    /// exactly when `tls` is.
+    pub web_tls: Option<Arc<rustls::ServerConfig>>,
     /// Under mTLS, the certificate names that may pause, resume and abort rollouts.
     pub operators: Vec<String>,
     /// The object store's public location, sent in every manifest header (not signed; see
@@ -648,28 +652,47 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Binds `listen`, prints the bound address, and serves `image` until `shutdown` resolves.
+/// Where [`serve`] listens (port 0 picks a free port), or, once bound, where it listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Listen {
+    /// gRPC: hosts and the CLI.
+    pub grpc: SocketAddr,
+    /// Prometheus `/metrics` (plain HTTP), if any.
+    pub metrics: Option<SocketAddr>,
+    /// The fleet page ([`web`]), if any: HTTPS with client certificates under mTLS.
+    pub http: Option<SocketAddr>,
+}
+
+async fn bind(addr: Option<SocketAddr>, flag: &str) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(a) => {
+            Ok(Some(TcpListener::bind(a).await.map_err(|e| anyhow::anyhow!("cannot listen on {a} ({flag}): {e}"))?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Binds every address in `listen`, calls `on_ready` with the bound addresses, and serves
+/// until `shutdown` resolves.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
     control: Arc<control::Control>,
     fleet: Arc<fleet::Fleet>,
     inventory: Arc<inventory::Inventory>,
-    listen: SocketAddr,
-    metrics_listen: Option<SocketAddr>,
+    listen: Listen,
     zstd_level: i32,
     security: Security,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    on_ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
+    on_ready: impl FnOnce(Listen),
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    let addr = listener.local_addr()?;
-    let metrics_listener = match metrics_listen {
-        Some(m) => Some(
-            TcpListener::bind(m).await.map_err(|e| anyhow::anyhow!("cannot listen on {m} (--metrics-listen): {e}"))?,
-        ),
-        None => None,
+    let listener = bind(Some(listen.grpc), "--listen").await?.expect("bound");
+    let metrics_listener = bind(listen.metrics, "--metrics-listen").await?;
+    let http_listener = bind(listen.http, "--http-listen").await?;
+    let bound = Listen {
+        grpc: listener.local_addr()?,
+        metrics: metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?,
+        http: http_listener.as_ref().map(|l| l.local_addr()).transpose()?,
     };
-    let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stopped = stop_rx.clone();
     tokio::spawn(async move {
@@ -716,13 +739,21 @@ pub async fn serve(
             }
         });
     }
+    if let Some(l) = http_listener {
+        let (control, stopped, tls) = (control.clone(), stop_rx.clone(), security.web_tls.clone());
+        tokio::spawn(async move {
+            if let Err(e) = web::serve(l, tls, control, stopped).await {
+                tracing::error!("the fleet page's listener stopped: {e}");
+            }
+        });
+    }
     let control_for_status = control.clone();
     let service = Service::new(control, fleet, inventory, zstd_level, &security, stop_rx);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = security.tls {
         builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS configuration refused: {e}"))?;
     }
-    on_ready(addr, metrics_addr);
+    on_ready(bound);
     // Scanned and listening: systemd may start what depends on the master.
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,

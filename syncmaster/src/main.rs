@@ -47,6 +47,12 @@ enum Cmd {
         /// a free port, printed once ready as "metrics on ADDR"). Default: none.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<SocketAddr>,
+        /// Serve the fleet page at /, and its data at /fleet.json (read-only; HTTPS requiring a
+        /// client certificate from --client-ca, as on the gRPC port; plain HTTP with
+        /// --insecure; port 0 picks a free port, printed once ready as "http on ADDR").
+        /// Default: none.
+        #[arg(long, value_name = "ADDR")]
+        http_listen: Option<SocketAddr>,
         /// State directory: the last version number and the hash cache
         /// [default with --images: /var/lib/syncmaster; with --image: none].
         #[arg(long, value_name = "DIR")]
@@ -242,6 +248,16 @@ impl ServerTls {
     }
 }
 
+impl ServerTls {
+    /// The fleet page's HTTPS from the same files (checked by [`ServerTls::config`] first).
+    fn web_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.client_ca) {
+            (Some(c), Some(k), Some(ca)) => syncmaster::web::tls_config(c, k, ca).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
 impl ClientTls {
     fn endpoint(&self, url: &str) -> Result<tonic::transport::Endpoint, String> {
         let e =
@@ -282,6 +298,7 @@ fn main() -> ExitCode {
             images,
             listen,
             metrics_listen,
+            http_listen,
             state_dir,
             image_version,
             poll,
@@ -303,7 +320,7 @@ fn main() -> ExitCode {
         } => {
             // Validate configuration before scanning or opening a port.
             let tls_operators = tls.operators.clone();
-            let tls = match tls.config() {
+            let (tls, web_tls) = match tls.config().and_then(|t| Ok((t, tls.web_config()?))) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("syncmaster: {e}");
@@ -357,6 +374,7 @@ fn main() -> ExitCode {
                 signing_key,
                 signature_ttl,
                 tls,
+                web_tls,
                 operators: tls_operators,
                 object_store_url,
                 chunk_threshold,
@@ -403,8 +421,7 @@ fn main() -> ExitCode {
             let opts = ServeOpts {
                 tree,
                 images,
-                listen,
-                metrics_listen,
+                listen: syncmaster::Listen { grpc: listen, metrics: metrics_listen, http: http_listen },
                 state_dir,
                 image_version,
                 poll,
@@ -494,8 +511,7 @@ fn main() -> ExitCode {
 struct ServeOpts {
     tree: PathBuf,
     images: Option<PathBuf>,
-    listen: SocketAddr,
-    metrics_listen: Option<SocketAddr>,
+    listen: syncmaster::Listen,
     state_dir: Option<PathBuf>,
     image_version: u64,
     poll: Duration,
@@ -573,26 +589,19 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         let w = publish::watch_current(images, control.clone(), versions, o.poll, o.store.clone());
         tokio::spawn(w);
     }
-    let serving = syncmaster::serve(
-        control,
-        fleet,
-        inventory,
-        o.listen,
-        o.metrics_listen,
-        o.zstd_level,
-        o.security,
-        shutdown,
-        |addr, metrics| {
-            // Stable, parseable lines for scripts and tests; logs go to stderr.
-            if let Some(m) = metrics {
-                println!("metrics on {m}");
-            }
-            println!("listening on {addr}");
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
-            tracing::info!(%addr, "serving");
-        },
-    );
+    let serving = syncmaster::serve(control, fleet, inventory, o.listen, o.zstd_level, o.security, shutdown, |bound| {
+        // Stable, parseable lines for scripts and tests; logs go to stderr.
+        if let Some(m) = bound.metrics {
+            println!("metrics on {m}");
+        }
+        if let Some(h) = bound.http {
+            println!("http on {h}");
+        }
+        println!("listening on {}", bound.grpc);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tracing::info!(addr = %bound.grpc, "serving");
+    });
     serving.await
 }
 

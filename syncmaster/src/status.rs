@@ -3,7 +3,7 @@
 use proto::v1 as pb;
 use serde_json::json;
 
-fn ago(now_ms: i64, then_ms: i64) -> String {
+pub(crate) fn ago(now_ms: i64, then_ms: i64) -> String {
     let s = ((now_ms - then_ms).max(0) / 1000) as u64;
     match s {
         0..=119 => format!("{s}s ago"),
@@ -68,6 +68,11 @@ pub fn table(s: &pb::StatusReply) -> String {
 }
 
 pub fn json(s: &pb::StatusReply) -> String {
+    serde_json::to_string_pretty(&json_value(s)).expect("status always serializes") + "\n"
+}
+
+/// The fleet as `syncmaster status --format json` prints it (also the fleet page's JSON).
+pub fn json_value(s: &pb::StatusReply) -> serde_json::Value {
     let hosts: Vec<_> = s
         .hosts
         .iter()
@@ -109,7 +114,7 @@ pub fn json(s: &pb::StatusReply) -> String {
             })
         })
         .collect();
-    let v = json!({
+    json!({
         "image_version": s.version,
         "identity": hex::encode(&s.identity),
         "now_unix_ms": s.now_unix_ms,
@@ -117,11 +122,10 @@ pub fn json(s: &pb::StatusReply) -> String {
         "out_after_secs": s.out_after_secs,
         "baseline_version": s.baseline_version,
         "hosts": hosts,
-    });
-    serde_json::to_string_pretty(&v).expect("status always serializes") + "\n"
+    })
 }
 
-fn when(now_ms: i64, at_ms: i64) -> String {
+pub(crate) fn when(now_ms: i64, at_ms: i64) -> String {
     if at_ms == 0 {
         "-".into()
     } else if at_ms > now_ms {
@@ -216,6 +220,12 @@ pub fn rollout_table(s: &pb::RolloutStatusReply) -> String {
 }
 
 pub fn rollout_json(s: &pb::RolloutStatusReply) -> String {
+    serde_json::to_string_pretty(&rollout_json_value(s)).expect("status always serializes") + "\n"
+}
+
+/// The rollout as `syncmaster rollout status --format json` prints it (also in the fleet
+/// page's JSON).
+pub fn rollout_json_value(s: &pb::RolloutStatusReply) -> serde_json::Value {
     let r = s.rollout.as_ref().map(|r| {
         json!({
             "id": r.id,
@@ -255,13 +265,12 @@ pub fn rollout_json(s: &pb::RolloutStatusReply) -> String {
             })).collect::<Vec<_>>(),
         })
     });
-    let v = json!({
+    json!({
         "has_policy": s.has_policy,
         "baseline_version": s.baseline_version,
         "now_unix_ms": s.now_unix_ms,
         "rollout": r,
-    });
-    serde_json::to_string_pretty(&v).expect("status always serializes") + "\n"
+    })
 }
 
 /// `syncmaster rollout log`: one line an event, or JSON lines.

@@ -97,6 +97,7 @@ pub struct Master {
     child: Child,
     url: String,
     metrics_url: Option<String>,
+    http_addr: Option<String>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -156,12 +157,15 @@ impl Master {
             }
         });
         let deadline = Instant::now() + MASTER_READY_TIMEOUT;
-        let mut master = Master { child, url: String::new(), metrics_url: None, stderr };
+        let mut master = Master { child, url: String::new(), metrics_url: None, http_addr: None, stderr };
         loop {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) => {
                     if let Some(addr) = line.strip_prefix("metrics on ") {
                         master.metrics_url = Some(format!("http://{}/metrics", addr.trim()));
+                    }
+                    if let Some(addr) = line.strip_prefix("http on ") {
+                        master.http_addr = Some(addr.trim().to_owned());
                     }
                     if let Some(addr) = line.strip_prefix("listening on ") {
                         master.url = format!("http://{}", addr.trim());
@@ -192,6 +196,11 @@ impl Master {
     }
 
     /// `http://ADDR/metrics`, for a master started with `--metrics-listen`.
+    /// The fleet page's address (`--http-listen`), once bound: `127.0.0.1:PORT`.
+    pub fn http_addr(&self) -> Option<&str> {
+        self.http_addr.as_deref()
+    }
+
     pub fn metrics_url(&self) -> Option<&str> {
         self.metrics_url.as_deref()
     }
@@ -701,4 +710,105 @@ pub fn http_get(url: &str) -> (String, String) {
     s.read_to_string(&mut reply).unwrap();
     let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
     (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
+}
+
+/// A CA, a master certificate for 127.0.0.1, and host certificates, made with the very
+/// `openssl` commands the README gives.
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(s: &Scratch) -> Option<Pki> {
+        if std::process::Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("SKIPPED: openssl is not installed (apt-get install openssl)");
+            return None;
+        }
+        let pki = Pki { dir: s.dir("pki") };
+        pki.ca("ca");
+        pki.ca("evil-ca");
+        pki.cert("ca", "master", "/CN=syncmaster", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth", 825);
+        pki.cert("ca", "web01", "/CN=web01", "subjectAltName=DNS:web01\nextendedKeyUsage=clientAuth", 825);
+        pki.cert("ca", "db01", "/CN=db01", "subjectAltName=DNS:db01\nextendedKeyUsage=clientAuth", 825);
+        pki.cert("ca", "admin", "/CN=admin", "subjectAltName=DNS:admin\nextendedKeyUsage=clientAuth", 825);
+        pki.cert("evil-ca", "web01-evil", "/CN=web01", "subjectAltName=DNS:web01\nextendedKeyUsage=clientAuth", 825);
+        pki.cert("ca", "web01-expired", "/CN=web01", "subjectAltName=DNS:web01\nextendedKeyUsage=clientAuth", -1);
+        Some(pki)
+    }
+
+    pub fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl").args(args).current_dir(&self.dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn ca(&self, name: &str) {
+        let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "3650",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+        ]);
+    }
+
+    pub fn cert(&self, ca: &str, name: &str, subject: &str, ext: &str, days: i32) {
+        let (key, csr, pem, extfile) =
+            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+        std::fs::write(self.dir.join(&extfile), ext).unwrap();
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            subject,
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            &days.to_string(),
+            "-extfile",
+            &extfile,
+            "-out",
+            &pem,
+        ]);
+    }
+
+    pub fn path(&self, f: &str) -> String {
+        self.dir.join(f).to_string_lossy().into_owned()
+    }
+
+    /// syncd flags presenting `cert`.
+    pub fn client(&self, cert: &str) -> Vec<String> {
+        ["--tls-ca", &self.path("ca.pem"), "--tls-cert", &self.path(&format!("{cert}.pem"))]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(["--tls-key".to_owned(), self.path(&format!("{cert}.key"))])
+            .collect()
+    }
 }

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use gis_tests::fake::{self, FakeMaster, Image, Reply};
 use gis_tests::{
-    random_bytes, run_syncd, run_syncd_limited, scratch, sync, wait_until, Builder, Master, Output, Scratch, Sentinel,
+    random_bytes, run_syncd, run_syncd_limited, scratch, sync, wait_until, Builder, Master, Output, Pki, Scratch,
+    Sentinel,
 };
 use manifest::trust::SigningKey;
 
@@ -359,107 +360,6 @@ fn the_real_master_signs_and_the_host_checks() {
         wait_until(Duration::from_secs(5), || rogue.stderr().contains("cached=true")),
         "the rogue master was not offered the cached identity"
     );
-}
-
-/// A CA, a master certificate for 127.0.0.1, and host certificates, made with the very
-/// `openssl` commands the README gives.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(s: &Scratch) -> Option<Pki> {
-        if Command::new("openssl").arg("version").output().is_err() {
-            eprintln!("SKIPPED: openssl is not installed (apt-get install openssl)");
-            return None;
-        }
-        let pki = Pki { dir: s.dir("pki") };
-        pki.ca("ca");
-        pki.ca("evil-ca");
-        pki.cert("ca", "master", "/CN=syncmaster", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth", 825);
-        pki.cert("ca", "web01", "/CN=web01", "subjectAltName=DNS:web01\nextendedKeyUsage=clientAuth", 825);
-        pki.cert("ca", "db01", "/CN=db01", "subjectAltName=DNS:db01\nextendedKeyUsage=clientAuth", 825);
-        pki.cert("ca", "admin", "/CN=admin", "subjectAltName=DNS:admin\nextendedKeyUsage=clientAuth", 825);
-        pki.cert("evil-ca", "web01-evil", "/CN=web01", "subjectAltName=DNS:web01\nextendedKeyUsage=clientAuth", 825);
-        pki.cert("ca", "web01-expired", "/CN=web01", "subjectAltName=DNS:web01\nextendedKeyUsage=clientAuth", -1);
-        Some(pki)
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl").args(args).current_dir(&self.dir).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn ca(&self, name: &str) {
-        let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "3650",
-            "-subj",
-            &format!("/CN={name}"),
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-        ]);
-    }
-
-    fn cert(&self, ca: &str, name: &str, subject: &str, ext: &str, days: i32) {
-        let (key, csr, pem, extfile) =
-            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
-        fs::write(self.dir.join(&extfile), ext).unwrap();
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            subject,
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-        ]);
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            &days.to_string(),
-            "-extfile",
-            &extfile,
-            "-out",
-            &pem,
-        ]);
-    }
-
-    fn path(&self, f: &str) -> String {
-        self.dir.join(f).to_string_lossy().into_owned()
-    }
-
-    /// syncd flags presenting `cert`.
-    fn client(&self, cert: &str) -> Vec<String> {
-        ["--tls-ca", &self.path("ca.pem"), "--tls-cert", &self.path(&format!("{cert}.pem"))]
-            .into_iter()
-            .map(str::to_owned)
-            .chain(["--tls-key".to_owned(), self.path(&format!("{cert}.key"))])
-            .collect()
-    }
 }
 
 // 8. Client certificates: from another CA, expired, and one host asking as another.
