@@ -10,11 +10,32 @@ use syncd::config::Config;
 use syncd::{drift, exit, SyncError, SyncOptions};
 
 #[derive(Parser)]
-#[command(name = "syncd", version, about = "Converge this host's root to the golden image")]
+#[command(
+    name = "syncd",
+    version,
+    about = "Converge this host's root to the golden image",
+    after_long_help = EXIT_CODES
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// In `syncd --help` and the man page; the README's table says more about each.
+const EXIT_CODES: &str = "Exit codes (sync, run's passes, prefetch, commit, rollback):
+  0   converged (dry run: the plan was computed)
+  1   finished, but some paths failed; each is reported
+  2   usage or configuration error; nothing changed
+  3   master unreachable or gone silent; what was applied stays applied, each file atomically
+  4   invalid or untrusted manifest; nothing changed
+  5   converged, but a trigger failed; it stays pending and is retried
+  6   stale (expired) manifest; nothing changed
+  7   not enough room; nothing changed
+  8   another syncd holds this root; nothing read or changed
+  9   converged, but the version's health checks failed
+  10  commit or rollback could not start (nothing prefetched or kept); nothing changed
+  11  rolled back after the health checks kept failing
+syncd drift exits with a bitmask of what differs (see its --help).";
 
 /// Flags every command shares; each can also come from the config file.
 #[derive(Args, Clone)]
@@ -182,6 +203,9 @@ enum Cmd {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<String>,
     },
+    /// Write man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -495,6 +519,7 @@ fn main() -> ExitCode {
         | Cmd::Rollback { common, .. }
         | Cmd::Status { common, .. }
         | Cmd::Explain { common, .. } => common,
+        Cmd::GenerateAssets { dir } => return generate_assets(dir),
     };
     if let Err(e) = common
         .priority()
@@ -512,6 +537,7 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.cmd {
+        Cmd::GenerateAssets { .. } => unreachable!("returned before the runtime started"),
         Cmd::Sync { common, dry_run, quiet, allow_downgrade } => {
             let report = common.resolve().and_then(|r| r.sync_options(dry_run, allow_downgrade));
             // A progress bar on a terminal (stderr), cleared before the report.
@@ -796,4 +822,16 @@ fn raise_open_file_limit() {
 
 fn default_host_id() -> String {
     rustix::system::uname().nodename().to_string_lossy().into_owned()
+}
+
+/// `syncd generate-assets DIR`: man pages and completions from this very CLI definition.
+fn generate_assets(dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    match cliassets::generate(Cli::command(), dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("syncd: cannot write man pages and completions into {}: {e}", dir.display());
+            ExitCode::from(exit::PARTIAL)
+        }
+    }
 }

@@ -138,6 +138,9 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Write man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -293,6 +296,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
     match cli.cmd {
+        Cmd::GenerateAssets { dir } => {
+            use clap::CommandFactory;
+            match cliassets::generate(Cli::command(), &dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("syncmaster: cannot write man pages and completions into {}: {e}", dir.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Serve {
             image,
             images,
