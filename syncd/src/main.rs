@@ -486,15 +486,8 @@ fn recorded(opts: &SyncOptions, r: Result<syncd::PassReport, SyncError>) -> Resu
 
 fn main() -> ExitCode {
     raise_open_file_limit();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // Trigger output is logged line by line under the trigger's name.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,syncd::trigger=info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Trigger output is logged line by line under the trigger's name.
+    cmdline::init_logging("warn,syncd::trigger=info");
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -639,7 +632,7 @@ fn main() -> ExitCode {
                 daemon_options(r)
             });
             let _in_runtime = rt.enter();
-            let shutdown = match shutdown_signal() {
+            let shutdown = match cmdline::shutdown_signal() {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("syncd: cannot install signal handlers: {e}");
@@ -755,19 +748,6 @@ fn daemon_options(r: Resolved) -> Result<syncd::daemon::DaemonOptions, SyncError
     Ok(syncd::daemon::DaemonOptions { sync, reconcile_interval, reconcile_jitter, announce_jitter, max_backoff, apply })
 }
 
-/// Resolves on SIGINT or SIGTERM; the handlers are installed when this is called.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    })
-}
-
 fn print_triggers(report: &syncd::PassReport) {
     for (name, changes) in &report.would_fire {
         let shown: Vec<String> =
@@ -827,7 +807,7 @@ fn default_host_id() -> String {
 /// `syncd generate-assets DIR`: man pages and completions from this very CLI definition.
 fn generate_assets(dir: &std::path::Path) -> ExitCode {
     use clap::CommandFactory;
-    match cliassets::generate(Cli::command(), dir) {
+    match cmdline::assets::generate(Cli::command(), dir) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("syncd: cannot write man pages and completions into {}: {e}", dir.display());

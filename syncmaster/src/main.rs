@@ -285,20 +285,13 @@ enum Format {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    cmdline::init_logging("info");
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
     match cli.cmd {
         Cmd::GenerateAssets { dir } => {
             use clap::CommandFactory;
-            match cliassets::generate(Cli::command(), &dir) {
+            match cmdline::assets::generate(Cli::command(), &dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("syncmaster: cannot write man pages and completions into {}: {e}", dir.display());
@@ -539,7 +532,11 @@ struct ServeOpts {
 async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Result<()> {
     // Install the handlers before anything else, so a signal sent right after the ready line
     // is a clean shutdown rather than the default kill.
-    let shutdown = shutdown_signal()?;
+    let stop = cmdline::shutdown_signal()?;
+    let shutdown = async move {
+        stop.await;
+        tracing::info!("shutting down");
+    };
     if let Some(store) = &o.store {
         // Before scanning: a store that cannot be used is refused at once.
         store.probe().await?;
@@ -680,18 +677,4 @@ async fn rollout(url: &str, endpoint: tonic::transport::Endpoint, cmd: RolloutCm
         }
     );
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-    })
 }
