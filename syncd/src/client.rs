@@ -14,7 +14,8 @@ use proto::v1::image_sync_client::ImageSyncClient;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{queue, SyncError};
+use crate::error::SyncError;
+use crate::queue;
 
 mod packs;
 

@@ -19,7 +19,12 @@ use proto::v1 as pb;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::{client, exit, health, PassReport, SyncError, SyncOptions};
+use crate::error::{exit, SyncError};
+use crate::local::converge;
+use crate::options::{Mode, SyncOptions};
+use crate::pass::sync_once;
+use crate::report::{PassReport, RolledBack};
+use crate::{client, health};
 
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
@@ -63,10 +68,10 @@ async fn daemon_pass(o: SyncOptions, apply: Apply) -> PassOutcome {
                     Err(e) => return (Err(e), None),
                 }
             }
-            (crate::converge(&o).await, None)
+            (converge(&o).await, None)
         }
         Apply::Window(ws) => {
-            let pre = match crate::prefetch_once(&o).await {
+            let pre = match crate::local::prefetch_once(&o).await {
                 Ok(p) => p,
                 Err(e) => return (Err(e), None),
             };
@@ -75,21 +80,21 @@ async fn daemon_pass(o: SyncOptions, apply: Apply) -> PassOutcome {
                 return (pinned_refused(&o, r).await, None);
             }
             if pre.up_to_date {
-                return (crate::converge(&o).await, None);
+                return (converge(&o).await, None);
             }
             let now = jiff::Timestamp::now();
             if crate::window::any_open(&ws, now) {
                 tracing::info!(version = pre.version, "commit window open: committing the prefetched version");
-                return (crate::commit_once(&o).await, None);
+                return (crate::local::commit_once(&o).await, None);
             }
             let next = crate::window::next_open(&ws, now);
             let wait = next
                 .map(|t| Duration::from_secs_f64((t.as_millisecond() - now.as_millisecond()).max(0) as f64 / 1000.0));
             tracing::info!(version = pre.version, next_window = %next.map(|t| t.to_string()).unwrap_or_default(), "prefetched; waiting for the commit window, reconciling against the current version meanwhile");
             let mut p = o.clone();
-            p.mode = crate::Mode::Pinned;
+            p.mode = Mode::Pinned;
             let r = match state.current {
-                Some(_) => crate::sync_once(&p).await,
+                Some(_) => sync_once(&p).await,
                 None => Err(SyncError::Local(format!(
                     "image v{} is prefetched and waits for the commit window; the local store keeps no current version to reconcile against meanwhile",
                     pre.version
@@ -125,9 +130,9 @@ fn clear_refused(o: &SyncOptions) {
 /// the version this host rolled back: reported `rolled-back`.
 async fn pinned_refused(o: &SyncOptions, r: &crate::store::Refused) -> Result<PassReport, SyncError> {
     let mut p = o.clone();
-    p.mode = crate::Mode::Pinned;
-    let mut rep = crate::sync_once(&p).await?;
-    rep.rolled_back = Some(crate::RolledBack {
+    p.mode = Mode::Pinned;
+    let mut rep = sync_once(&p).await?;
+    rep.rolled_back = Some(RolledBack {
         to: Ok((rep.image_version, rep.identity)),
         summary: format!(
             "image v{} was rolled back on this host ({}); not taken again until the master targets another version",

@@ -5,8 +5,9 @@
 
 use serde::Serialize;
 
+use crate::error::SyncError;
 use crate::plan::{Diff, Op};
-use crate::{PassReport, SyncError};
+use crate::report::PassReport;
 
 /// Exit-code bits and error codes of `syncd drift`.
 pub mod code {

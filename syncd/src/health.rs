@@ -20,7 +20,9 @@ use manifest::Hash;
 use serde::{Deserialize, Serialize};
 use triggers::health::{CheckResult, HealthCheck};
 
-use crate::{exit, PassReport, SyncOptions};
+use crate::error::exit;
+use crate::options::{root_key, SyncOptions};
+use crate::report::PassReport;
 
 /// One check's result as the record keeps it: what the report to the master carries.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -68,7 +70,7 @@ impl Record {
 
 /// Where the version `root` last converged to is kept.
 pub fn record_path(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("converged-version-{}.json", crate::root_key(root)))
+    state_dir.join(format!("converged-version-{}.json", root_key(root)))
 }
 
 /// The record at `path`. A missing record is `None`; so is a damaged one, with a warning: the

@@ -10,7 +10,16 @@
 
 use std::os::fd::AsFd;
 
-use super::*;
+use std::time::{Duration, Instant};
+
+use manifest::Hash;
+
+use crate::error::{exit, SyncError};
+use crate::options::{Mode, SyncOptions};
+use crate::pass::{gc_store, load_local_lists, open_store, plan_pass, start_pass, sync_once};
+
+use crate::report::{human_bytes, PassReport, RolledBack};
+use crate::{client, lock, plan, root, store, trust};
 
 /// What a prefetch did.
 #[derive(Debug, Clone)]

@@ -25,7 +25,7 @@ const MAGIC: &[u8; 8] = b"GISMC01\n";
 
 /// Where the cached manifest of `root` lives.
 pub fn path(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("manifest-{}.bin", crate::root_key(root)))
+    state_dir.join(format!("manifest-{}.bin", crate::options::root_key(root)))
 }
 
 fn read_frame(r: &mut impl Read) -> io::Result<Option<pb::ManifestMessage>> {

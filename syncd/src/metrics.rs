@@ -8,7 +8,8 @@ use std::path::Path;
 
 use promtext::{family, gauge, Registry, Unit};
 
-use crate::{exit, PassReport, SyncError};
+use crate::error::{exit, SyncError};
+use crate::report::PassReport;
 
 /// The pass's result as one word, as the master's fleet status shows it.
 pub fn result_word(r: &Result<PassReport, SyncError>) -> &'static str {

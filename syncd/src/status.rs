@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::error::SyncError;
+use crate::report::human_bytes;
 use crate::store::{Prefetch, Refused, State, VersionRef};
-use crate::{human_bytes, SyncError};
 
 #[derive(Debug, Serialize)]
 pub struct LocalStatus {

@@ -224,7 +224,7 @@ fn alternate(hex: &str, n: usize) -> String {
 
 /// Where the store of `root` lives.
 pub fn dir(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("store-{}", crate::root_key(root)))
+    state_dir.join(format!("store-{}", crate::options::root_key(root)))
 }
 
 /// The store's state alone, without opening the store (its object index is not read): for the

@@ -7,7 +7,7 @@ use manifest::trust::{self, PublicKey, VersionSignature};
 use manifest::Hash;
 use serde::{Deserialize, Serialize};
 
-use crate::SyncError;
+use crate::error::SyncError;
 
 /// What this host accepts.
 #[derive(Clone, Debug, Default)]
@@ -26,7 +26,7 @@ struct Applied {
 
 /// Where the highest applied version for `root` is kept.
 pub fn record_path(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("applied-version-{}.json", crate::root_key(root)))
+    state_dir.join(format!("applied-version-{}.json", crate::options::root_key(root)))
 }
 
 fn load(path: &Path) -> Result<Option<(u64, Hash)>, SyncError> {

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 const MAGIC: &[u8; 8] = b"GISUC01\n";
 
 pub fn path(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("unchanged-{}.bin", crate::root_key(root)))
+    state_dir.join(format!("unchanged-{}.bin", crate::options::root_key(root)))
 }
 
 /// Entries per chunk of the walk digest (part of its definition: changing it changes every
