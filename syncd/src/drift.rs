@@ -29,6 +29,8 @@ pub mod code {
     pub const INTERNAL: u8 = 19;
     /// No report: another syncd holds the root (without `--wait`).
     pub const BUSY: u8 = 20;
+    /// No report: syncd's own state (the trigger journal, a state file) could not be read.
+    pub const STATE: u8 = 21;
 }
 
 #[derive(Debug, Serialize)]
@@ -189,6 +191,7 @@ pub fn error_code(e: &SyncError) -> u8 {
         SyncError::BadManifest(_) | SyncError::Untrusted(_) => code::BAD_MANIFEST,
         SyncError::Lock(crate::lock::LockError::Busy { .. }) => code::BUSY,
         SyncError::Lock(_) => code::CONFIG,
+        SyncError::Journal(_) | SyncError::StateFile { .. } => code::STATE,
         SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } | SyncError::Local(_) | SyncError::Internal(_) => {
             code::INTERNAL
         }

@@ -40,6 +40,9 @@ pub mod exit {
     /// the host was rolled back locally to the previous version; that version is not taken
     /// again until the master targets another one.
     pub const ROLLED_BACK: u8 = 11;
+    /// syncd's own state could not be read or written: the trigger journal, or a state file
+    /// that is unreadable or damaged (the error names it). Nothing was changed in the root.
+    pub const STATE: u8 = 12;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,12 @@ pub enum SyncError {
     StoreNoSpace { store: PathBuf, version: u64, needed: u64, free: u64, needed_inodes: u64, free_inodes: u64 },
     #[error("internal error: {0}")]
     Internal(String),
+    /// The trigger journal could not be read or written (its message names the file).
+    #[error(transparent)]
+    Journal(#[from] triggers::journal::JournalError),
+    /// A state file that could not be read, or that is damaged.
+    #[error("syncd state file {}: {message}", .path.display())]
+    StateFile { path: PathBuf, message: String },
 }
 
 impl SyncError {
@@ -90,6 +99,7 @@ impl SyncError {
             SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } => exit::NO_SPACE,
             SyncError::Local(_) => exit::LOCAL,
             SyncError::Internal(_) => exit::PARTIAL,
+            SyncError::Journal(_) | SyncError::StateFile { .. } => exit::STATE,
         }
     }
 }

@@ -35,6 +35,7 @@ const EXIT_CODES: &str = "Exit codes (sync, run's passes, prefetch, commit, roll
   9   converged, but the version's health checks failed
   10  commit or rollback could not start (nothing prefetched or kept); nothing changed
   11  rolled back after the health checks kept failing
+  12  syncd's own state (trigger journal, a state file) unreadable or damaged; nothing changed
 syncd drift exits with a bitmask of what differs (see its --help).";
 
 /// Flags every command shares; each can also come from the config file.

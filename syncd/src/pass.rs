@@ -310,7 +310,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     };
     if opts.dry_run {
         report.would_fire = firing.iter().map(|(t, c)| (t.name.clone(), c.clone())).collect();
-        for p in triggers::journal::peek(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))? {
+        for p in triggers::journal::peek(&opts.state_dir)? {
             if !report.would_fire.iter().any(|(n, _)| *n == p.trigger)
                 && opts.triggers.iter().any(|t| t.name == p.trigger)
             {
@@ -374,7 +374,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     }
     // The triggers this batch will fire go to the journal, durably, before anything commits.
     let mut journal = match (opts.dry_run, opts.triggers.is_empty()) {
-        (false, false) => Some(triggers::Journal::open(&opts.state_dir).map_err(|e| SyncError::Config(e.to_string()))?),
+        (false, false) => Some(triggers::Journal::open(&opts.state_dir)?),
         _ => None,
     };
     let batch = triggers::journal::now_ms();
@@ -390,7 +390,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
                 not_before_ms: 0,
             })
             .collect();
-        j.add(pending).map_err(|e| SyncError::Config(e.to_string()))?;
+        j.add(pending)?;
     }
     // A record of a host that matched says nothing once it is about to change.
     if let (Some(p), false, false) = (opts.unchanged_path(), report.plan.is_empty(), opts.dry_run) {

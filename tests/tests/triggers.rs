@@ -252,3 +252,32 @@ fn bad_trigger_config_is_refused_naming_trigger_and_key() {
         assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "syncd changed the host despite a bad config");
     }
 }
+
+#[test]
+fn a_damaged_trigger_journal_is_exit_12_naming_it_and_nothing_changes() {
+    let s = scratch();
+    let master = Master::start(&image(&s));
+    let root = s.dir("root");
+    let cfg = config(&s, &trigger("sshd", "/etc/ssh/", "", "true"));
+    run(&master, &root, &cfg, &[]).expect_code(0, &[&root]);
+    drift_watched(&root);
+    let journal = s.join("state/pending-triggers.json");
+    fs::write(&journal, b"{ not json").unwrap();
+    let out = run(&master, &root, &cfg, &[]);
+    out.expect_code(12, &[&root]);
+    out.check(out.stderr.contains(journal.to_str().unwrap()), "the error does not name the journal", &[]);
+    assert_eq!(fs::read(root.join("etc/ssh/a.conf")).unwrap(), b"drifted\n", "the pass went on");
+    // drift reports it with its own code for "no report: syncd's state".
+    let cfg_arg = cfg.to_str().unwrap();
+    let out = gis_tests::run_syncd([
+        "drift",
+        "--insecure",
+        "--master",
+        master.url(),
+        "--root",
+        root.to_str().unwrap(),
+        "--config",
+        cfg_arg,
+    ]);
+    assert_eq!(out.code, 21, "{}", out.stderr);
+}
