@@ -6,9 +6,9 @@
 //! - [`Manifest`]: a validated, sorted, versioned list of entries with an identity hash;
 //! - [`wire`]: conversion to and from the protocol messages, validating everything received.
 
-pub mod cache;
 pub mod delta;
 mod entry;
+pub mod hash_index;
 mod path;
 pub mod scan;
 pub mod solid;
@@ -190,14 +190,14 @@ fn check_meta(path: &dyn std::fmt::Display, m: &Meta) -> Result<(), ManifestErro
 /// Scans the tree at `root` into a manifest, hashing every regular file in parallel.
 /// Any unreadable entry fails the whole scan: an image must be served whole or not at all.
 pub fn scan_image(root: &std::path::Path, version: u64) -> Result<Manifest, ImageScanError> {
-    scan_image_cached(root, version, &mut cache::HashCache::default())
+    scan_image_cached(root, version, &mut hash_index::HashIndex::default())
 }
 
 /// Like [`scan_image`], taking unchanged files' hashes from `cache` and refreshing it.
 pub fn scan_image_cached(
     root: &std::path::Path,
     version: u64,
-    cache: &mut cache::HashCache,
+    cache: &mut hash_index::HashIndex,
 ) -> Result<Manifest, ImageScanError> {
     let mut scan = scan::walk(root)?;
     let mut errors = std::mem::take(&mut scan.errors);

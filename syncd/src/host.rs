@@ -25,7 +25,7 @@ pub fn walk(root: &Path, rules: &Exclusions) -> Result<scan::Scan, ScanError> {
 
 /// Completes a [`walk`]: hashes what the comparison with `manifest` needs and, with
 /// `delta_bases`, the old files that new content may be sent as a delta against. Files that
-/// already have a hash (from the host index, [`manifest::cache::apply_file`]) are not read.
+/// already have a hash (from the host index, [`manifest::hash_index::apply_file`]) are not read.
 pub fn hash(
     root: &Path,
     mut s: scan::Scan,

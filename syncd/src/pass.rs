@@ -551,7 +551,7 @@ pub(crate) async fn plan_pass(
         let mut walk = walk;
         let files = walk.entries.iter().filter(|e| e.entry.kind == manifest::Kind::File).count() as u64;
         let applied = index_path.as_deref().map(|p| {
-            let (applied, problem) = manifest::cache::apply_file(p, &mut walk.entries);
+            let (applied, problem) = manifest::hash_index::apply_file(p, &mut walk.entries);
             read_limit.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
             if let Some(problem) = problem {
                 tracing::warn!("host index: {problem}; rebuilding it from a full scan");
@@ -567,7 +567,7 @@ pub(crate) async fn plan_pass(
             } else {
                 path.parent()
                     .map_or(Ok(()), |d| std::fs::DirBuilder::new().recursive(true).create(d))
-                    .and_then(|()| manifest::cache::save_entries(&path, &host.entries))
+                    .and_then(|()| manifest::hash_index::save_entries(&path, &host.entries))
                     .map(|()| write_limit.charge(std::fs::metadata(&path).map_or(0, |m| m.len())))
             };
             if let Err(e) = saved {
@@ -849,7 +849,7 @@ pub(crate) fn remember_written(opts: &SyncOptions, report: &PassReport, path: &s
         return;
     }
     let n = known.len();
-    let mut cache = manifest::cache::HashCache::load(path);
+    let mut cache = manifest::hash_index::HashIndex::load(path);
     cache.insert_known(known);
     match cache.save(path) {
         Ok(()) => opts.throttle.write.charge(std::fs::metadata(path).map_or(0, |m| m.len())),

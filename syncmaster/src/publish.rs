@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use manifest::cache::HashCache;
+use manifest::hash_index::HashIndex;
 use manifest::Hash;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -38,7 +38,7 @@ pub struct VersionState {
 pub struct Versions {
     state_dir: Option<PathBuf>,
     state: VersionState,
-    cache: HashCache,
+    cache: HashIndex,
 }
 
 impl Versions {
@@ -46,7 +46,7 @@ impl Versions {
     /// hand out (`--image-version`).
     pub fn open(state_dir: Option<&Path>, floor: u64) -> anyhow::Result<Versions> {
         let mut state = VersionState::default();
-        let mut cache = HashCache::default();
+        let mut cache = HashIndex::default();
         if let Some(d) = state_dir {
             std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("cannot create state dir {}: {e}", d.display()))?;
             let p = d.join("version.json");
@@ -62,7 +62,7 @@ impl Versions {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => anyhow::bail!("cannot read {}: {e}", p.display()),
             }
-            let (loaded, problem) = HashCache::load_checked(&d.join("hash-cache.bin"));
+            let (loaded, problem) = HashIndex::load_checked(&d.join("hash-cache.bin"));
             if let Some(problem) = problem {
                 tracing::warn!("hash cache: {problem}; every file will be hashed afresh");
             }

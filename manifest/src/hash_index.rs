@@ -1,4 +1,6 @@
-//! A persistent hash cache: (dev, inode) → (size, mtime, ctime, blake3), sorted by (dev, inode).
+//! The hash index: (dev, inode) → (size, mtime, ctime, blake3), sorted by (dev, inode). syncd
+//! keeps one per root (the host index, `host-index-*.bin` in its state dir), syncmaster one per
+//! image store (`hash-cache.bin`).
 //!
 //! A file whose size, mtime and ctime are unchanged since it was hashed is not read again, so a
 //! rescan of an unchanged tree costs about one stat walk. ctime is in the key because nothing in
@@ -31,7 +33,7 @@ struct Record {
 /// Records sorted by (dev, inode), one per inode: 72 bytes each, with no hash-table overhead
 /// (a million files cost 72 MB, not the 150 MB of a map).
 #[derive(Debug, Default)]
-pub struct HashCache {
+pub struct HashIndex {
     records: Vec<Record>,
 }
 
@@ -44,28 +46,28 @@ fn stamp(e: &ScannedEntry) -> Stamp {
     }
 }
 
-impl HashCache {
+impl HashIndex {
     /// Loads a cache; a missing, unreadable or damaged file is an empty cache (it is only ever an
     /// optimisation, and a damaged one must not be trusted).
-    pub fn load(path: &Path) -> HashCache {
+    pub fn load(path: &Path) -> HashIndex {
         Self::load_checked(path).0
     }
 
-    /// Like [`HashCache::load`], and says why an existing file could not be used, so the caller
+    /// Like [`HashIndex::load`], and says why an existing file could not be used, so the caller
     /// can warn that everything will be hashed afresh.
-    pub fn load_checked(path: &Path) -> (HashCache, Option<String>) {
+    pub fn load_checked(path: &Path) -> (HashIndex, Option<String>) {
         match Self::read(path) {
             Ok(c) => (c, None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (HashCache::default(), None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (HashIndex::default(), None),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                (HashCache::default(), Some(format!("{} is damaged", path.display())))
+                (HashIndex::default(), Some(format!("{} is damaged", path.display())))
             }
-            Err(e) => (HashCache::default(), Some(format!("cannot read {}: {e}", path.display()))),
+            Err(e) => (HashIndex::default(), Some(format!("cannot read {}: {e}", path.display()))),
         }
     }
 
     /// Reads record by record (no second copy of the file in memory), checking the checksum.
-    fn read(path: &Path) -> io::Result<HashCache> {
+    fn read(path: &Path) -> io::Result<HashIndex> {
         let mut r = RecordReader::open(path)?;
         let mut records = Vec::with_capacity(r.remaining);
         while let Some(rec) = r.next_record()? {
@@ -77,7 +79,7 @@ impl HashCache {
             records.sort_unstable_by_key(|r| r.key);
             records.dedup_by_key(|r| r.key);
         }
-        Ok(HashCache { records })
+        Ok(HashIndex { records })
     }
 
     /// Fills in the hash of every regular file whose stamp matches the cache.
@@ -420,11 +422,11 @@ mod tests {
         std::fs::write(&f, b"one").unwrap();
         let mut s = scan::walk(d.path()).unwrap();
         assert!(scan::hash_files(d.path(), &mut s.entries, &throttle::Limiter::unlimited(), |_| true).is_empty());
-        let mut c = HashCache::default();
+        let mut c = HashIndex::default();
         c.refresh(&s.entries);
         let cache_file = d.path().join("cache.bin");
         c.save(&cache_file).unwrap();
-        let c = HashCache::load(&cache_file);
+        let c = HashIndex::load(&cache_file);
         assert_eq!(c.len(), 1);
 
         let mut again = scan::walk(d.path()).unwrap().entries;
@@ -450,7 +452,7 @@ mod tests {
         let md = std::fs::metadata(&f).unwrap();
         let stamp =
             (md.len(), scan::stamp_ns(md.mtime(), md.mtime_nsec()), scan::stamp_ns(md.ctime(), md.ctime_nsec()));
-        let mut c = HashCache::default();
+        let mut c = HashIndex::default();
         // An older record of the same inode, and another inode's.
         c.insert_known([
             ((md.dev(), md.ino()), (3, 0, 0), Hash([1; 32])),
@@ -482,14 +484,14 @@ mod tests {
             assert!(scan::hash_files(d.path(), &mut s.entries, &throttle::Limiter::unlimited(), |_| true).is_empty());
             s.entries
         };
-        let mut c = HashCache::default();
+        let mut c = HashIndex::default();
         assert!(c.refresh(&scan_all()), "first fill");
         assert_eq!(c.len(), 3);
         assert!(!c.refresh(&scan_all()), "an unchanged tree leaves the cache as it is");
         // Saved and loaded back, still the same records.
         let file = d.path().join("cache.bin");
         c.save(&file).unwrap();
-        let mut c = HashCache::load(&file);
+        let mut c = HashIndex::load(&file);
         std::fs::remove_file(&file).unwrap();
         assert!(!c.refresh(&scan_all()));
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -527,7 +529,7 @@ mod tests {
         hash_rest(&mut e);
         assert!(!applied.unchanged(&e));
         save_entries(&file, &e).unwrap();
-        assert_eq!(HashCache::load(&file).len(), 3, "one record per inode");
+        assert_eq!(HashIndex::load(&file).len(), 3, "one record per inode");
 
         // Unchanged: every file filled from the index (both names of the hard link).
         let mut e = walk();
@@ -574,7 +576,7 @@ mod tests {
         assert!(!applied.unchanged(&e));
 
         // Records out of inode order (an old format) are refused rather than half-merged.
-        let mut c = HashCache::default();
+        let mut c = HashIndex::default();
         let mut all = walk();
         hash_rest(&mut all);
         c.refresh(&all);
@@ -633,9 +635,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c");
         std::fs::write(&p, b"GISHC01\ngarbage-garbage-garbage-garbage-garbage").unwrap();
-        let (c, warning) = HashCache::load_checked(&p);
+        let (c, warning) = HashIndex::load_checked(&p);
         assert!(c.is_empty());
         assert!(warning.unwrap().contains("damaged"));
-        assert!(HashCache::load_checked(&d.path().join("missing")).1.is_none(), "a missing cache is no problem");
+        assert!(HashIndex::load_checked(&d.path().join("missing")).1.is_none(), "a missing cache is no problem");
     }
 }
