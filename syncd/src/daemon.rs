@@ -58,7 +58,7 @@ type PassOutcome = (Result<PassReport, SyncError>, Option<Duration>);
 /// One daemon pass, and how soon the next must run whatever the schedule says (a commit
 /// window opening).
 async fn daemon_pass(o: SyncOptions, apply: Apply) -> PassOutcome {
-    let state = crate::store::read_state(&o.state_dir, &o.root);
+    let state = crate::store::read_state(&o.state());
     match apply {
         Apply::Immediately => {
             if let Some(r) = &state.refused {
@@ -109,20 +109,19 @@ async fn daemon_pass(o: SyncOptions, apply: Apply) -> PassOutcome {
 /// holds that manifest).
 async fn refused_target(o: &SyncOptions, r: &crate::store::Refused) -> Result<bool, SyncError> {
     let m = client::Master::connect(&o.master, &o.transport).await?;
-    let cached =
-        o.index.then(|| crate::mcache::path(&o.state_dir, &o.root)).and_then(|p| crate::mcache::peek_identity(&p));
+    let cached = o.manifest_cache_path().and_then(|p| crate::mcache::peek_identity(&p));
     let got = m.manifest(&o.host_id, cached.as_ref()).await?;
     Ok(got.identity.to_hex() == r.identity)
 }
 
 fn clear_refused(o: &SyncOptions) {
-    let mut s = crate::store::read_state(&o.state_dir, &o.root);
+    let mut s = crate::store::read_state(&o.state());
     if let Some(r) = s.refused.take() {
         tracing::info!(
             version = r.version,
             "the master targets another version: the one rolled back may be taken again"
         );
-        let _ = crate::store::write_state(&o.state_dir, &o.root, &s);
+        let _ = crate::store::write_state(&o.state(), &s);
     }
 }
 

@@ -11,7 +11,7 @@
 //! of that version reports them again (a failed check keeps the host `health-failed` at the
 //! master, even when the report of the pass that ran it was lost).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use triggers::health::{CheckResult, HealthCheck};
 
 use crate::error::exit;
-use crate::options::{root_key, SyncOptions};
+use crate::options::SyncOptions;
 use crate::report::PassReport;
 
 /// One check's result as the record keeps it: what the report to the master carries.
@@ -66,11 +66,6 @@ impl Record {
     fn is(&self, version: u64, identity: &Hash) -> bool {
         self.version == version && self.identity == *identity
     }
-}
-
-/// Where the version `root` last converged to is kept.
-pub fn record_path(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("converged-version-{}.json", root_key(root)))
 }
 
 /// The record at `path`. A missing record is `None`; so is a damaged one, with a warning: the
@@ -163,7 +158,7 @@ pub async fn after_pass(opts: &SyncOptions, report: &mut PassReport) {
     if opts.health.is_empty() || opts.dry_run || report.outcome.is_none() {
         return;
     }
-    let path = record_path(&opts.state_dir, &opts.root);
+    let path = opts.state().converged_version();
     check_or_recall(&opts.health, &path, opts.cancel.clone(), opts.health_grace, report).await;
 }
 
@@ -293,7 +288,7 @@ mod tests {
     #[test]
     fn the_record_round_trips_and_damage_reads_as_none() {
         let dir = tempfile::tempdir().unwrap();
-        let p = record_path(dir.path(), Path::new("/"));
+        let p = crate::state::StateDir::new(dir.path(), Path::new("/")).converged_version();
         assert!(load(&p).is_none());
         record(&p, 7, &Hash([3; 32]), 0, &[]).unwrap();
         let r = load(&p).unwrap();
@@ -305,7 +300,7 @@ mod tests {
     #[test]
     fn the_record_keeps_the_results_and_when_they_ran() {
         let dir = tempfile::tempdir().unwrap();
-        let p = record_path(dir.path(), Path::new("/srv/root"));
+        let p = crate::state::StateDir::new(dir.path(), Path::new("/srv/root")).converged_version();
         let results = [result("web", true, "exit 0", "fine\n"), result("app", false, "exit 1", "starting\nbroken\n")];
         record(&p, 7, &Hash([3; 32]), 1_765_000_000_123, &results).unwrap();
         let r = load(&p).unwrap();
@@ -322,7 +317,7 @@ mod tests {
     #[test]
     fn a_record_of_the_older_format_reads_as_checks_ran_without_stored_results() {
         let dir = tempfile::tempdir().unwrap();
-        let p = record_path(dir.path(), Path::new("/"));
+        let p = crate::state::StateDir::new(dir.path(), Path::new("/")).converged_version();
         std::fs::write(&p, format!("{{\"version\":7,\"identity\":\"{}\"}}", Hash([3; 32]).to_hex())).unwrap();
         let r = load(&p).expect("an older record is not damaged");
         assert_eq!((r.version, r.identity, r.checked_at_unix_ms, r.health.len()), (7, Hash([3; 32]), 0, 0));
@@ -364,7 +359,7 @@ mod tests {
     #[tokio::test]
     async fn a_later_converged_pass_of_the_same_version_carries_the_stored_failure_without_running_the_check() {
         let dir = tempfile::tempdir().unwrap();
-        let path = record_path(dir.path(), Path::new("/"));
+        let path = crate::state::StateDir::new(dir.path(), Path::new("/")).converged_version();
         let runs = dir.path().join("runs");
         let checks = [
             check("web", "exit 0"),

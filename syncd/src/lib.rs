@@ -39,6 +39,7 @@ pub mod queue;
 pub mod report;
 pub mod root;
 mod solid;
+pub mod state;
 pub mod status;
 pub mod store;
 pub mod trust;
@@ -47,6 +48,7 @@ pub mod window;
 
 pub use error::{exit, SyncError};
 pub use local::{commit_once, converge, prefetch_once, rollback_once, PrefetchReport};
-pub use options::{root_key, Mode, SyncOptions};
+pub use options::{Mode, SyncOptions};
 pub use pass::{compile_rules, load_local_lists, sync_once};
 pub use report::{human_bytes, PassReport, RolledBack};
+pub use state::{root_key, StateDir};

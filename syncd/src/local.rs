@@ -19,7 +19,7 @@ use crate::options::{Mode, SyncOptions};
 use crate::pass::{gc_store, load_local_lists, open_store, plan_pass, start_pass, sync_once};
 
 use crate::report::{human_bytes, PassReport, RolledBack};
-use crate::{client, lock, plan, root, store, trust};
+use crate::{client, lock, plan, root, store};
 
 /// What a prefetch did.
 #[derive(Debug, Clone)]
@@ -93,7 +93,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     let st = open_store(opts)?.expect("a prefetch always opens the store");
     let master =
         client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
-    let applied_record = trust::record_path(&opts.state_dir, &opts.root);
+    let applied_record = opts.state().applied_version();
     let s = start_pass(opts, &master, &local, &applied_record).await?;
     let mut report = PrefetchReport {
         version: s.version,
@@ -413,7 +413,7 @@ pub async fn converge(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     };
     if rolled.to.is_ok() {
         {
-            let mut state = store::read_state(&opts.state_dir, &opts.root);
+            let mut state = store::read_state(&opts.state());
             state.refused = Some(store::Refused {
                 version: report.image_version,
                 identity: report.identity.to_hex(),
@@ -423,7 +423,7 @@ pub async fn converge(opts: &SyncOptions) -> Result<PassReport, SyncError> {
                 },
                 at_unix_ms: triggers::journal::now_ms(),
             });
-            if let Err(e) = store::write_state(&opts.state_dir, &opts.root, &state) {
+            if let Err(e) = store::write_state(&opts.state(), &state) {
                 tracing::warn!("cannot record the refused version: {e}");
             }
         }

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use manifest::wire::ManifestAssembler;
 use manifest::{Hash, Manifest};
@@ -22,11 +22,6 @@ use prost::Message;
 use proto::v1 as pb;
 
 const MAGIC: &[u8; 8] = b"GISMC01\n";
-
-/// Where the cached manifest of `root` lives.
-pub fn path(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("manifest-{}.bin", crate::options::root_key(root)))
-}
 
 fn read_frame(r: &mut impl Read) -> io::Result<Option<pb::ManifestMessage>> {
     let mut len = [0u8; 4];
@@ -138,7 +133,7 @@ mod tests {
     #[test]
     fn a_saved_manifest_loads_back_whole() {
         let d = tempfile::tempdir().unwrap();
-        let p = path(d.path(), Path::new("/"));
+        let p = crate::state::StateDir::new(d.path(), Path::new("/")).manifest_cache();
         let m = sample();
         let id = m.identity();
         let unlimited = throttle::Limiter::unlimited();

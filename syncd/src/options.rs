@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{apply, client, mcache, trust, unchanged};
+use crate::state::StateDir;
+use crate::{apply, client, trust};
 
 #[derive(Clone, Debug)]
 pub struct SyncOptions {
@@ -74,22 +75,22 @@ impl Mode {
     }
 }
 
-/// A short, stable key for `root`, naming its files in the state dir (one host may converge
-/// several roots).
-pub fn root_key(root: &std::path::Path) -> String {
-    blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex()[..16].to_owned()
-}
-
 impl SyncOptions {
+    /// The state dir's files for this root.
+    pub fn state(&self) -> StateDir {
+        StateDir::new(&self.state_dir, &self.root)
+    }
+
+    /// The host index, when this pass keeps one (`index`).
     pub(crate) fn index_path(&self) -> Option<PathBuf> {
-        self.index.then(|| self.state_dir.join(format!("host-index-{}.bin", root_key(&self.root))))
+        self.index.then(|| self.state().host_index())
     }
 
     pub(crate) fn manifest_cache_path(&self) -> Option<PathBuf> {
-        self.index.then(|| mcache::path(&self.state_dir, &self.root))
+        self.index.then(|| self.state().manifest_cache())
     }
 
     pub(crate) fn unchanged_path(&self) -> Option<PathBuf> {
-        self.index.then(|| unchanged::path(&self.state_dir, &self.root))
+        self.index.then(|| self.state().unchanged())
     }
 }

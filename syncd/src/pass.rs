@@ -238,7 +238,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         false => None,
     };
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: connected");
-    let applied_record = trust::record_path(&opts.state_dir, &opts.root);
+    let applied_record = opts.state().applied_version();
     let start = match (opts.mode, &master, &store) {
         (Mode::Network | Mode::Prefetch, Some(m), _) => start_pass(opts, m, &local, &applied_record).await?,
         (_, _, Some(st)) => start_local(opts, st, &local).await?,
@@ -680,7 +680,7 @@ pub(crate) fn open_store(opts: &SyncOptions) -> Result<Option<std::sync::Arc<sto
         }
         return Ok(None);
     }
-    match store::Store::open(&opts.state_dir, &opts.root, &opts.throttle.read) {
+    match store::Store::open(&opts.state(), &opts.throttle.read) {
         Ok(s) => {
             let mut state = s.state();
             // (A prefetch cleans up at its end, once its own version is among those kept.)
@@ -692,12 +692,11 @@ pub(crate) fn open_store(opts: &SyncOptions) -> Result<Option<std::sync::Arc<sto
             }
             Ok(Some(std::sync::Arc::new(s)))
         }
-        Err(e) if needed => Err(SyncError::Local(format!(
-            "cannot open the local store {}: {e}",
-            store::dir(&opts.state_dir, &opts.root).display()
-        ))),
+        Err(e) if needed => {
+            Err(SyncError::Local(format!("cannot open the local store {}: {e}", opts.state().store().display())))
+        }
         Err(e) => {
-            tracing::warn!(store = %store::dir(&opts.state_dir, &opts.root).display(), "cannot open the local store: {e}; no local rollback for this pass");
+            tracing::warn!(store = %opts.state().store().display(), "cannot open the local store: {e}; no local rollback for this pass");
             Ok(None)
         }
     }

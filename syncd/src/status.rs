@@ -27,9 +27,10 @@ pub struct LocalStatus {
 
 impl LocalStatus {
     pub fn read(state_dir: &Path, root: &Path, windows: &[crate::window::Window]) -> Result<LocalStatus, SyncError> {
-        let dir = crate::store::dir(state_dir, root);
+        let sd = crate::state::StateDir::new(state_dir, root);
+        let dir = sd.store();
         let (state, own, shared) = if dir.join("objects").is_dir() {
-            let st = crate::store::Store::open_unlocked(state_dir, root)
+            let st = crate::store::Store::open_unlocked(&sd)
                 .map_err(|e| SyncError::Local(format!("cannot open the local store {}: {e}", dir.display())))?;
             let (own, shared) = st.usage();
             (st.state(), own, shared)

@@ -30,6 +30,7 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::fsops;
+use crate::state::StateDir;
 
 /// A version the store knows of.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -222,20 +223,15 @@ fn alternate(hex: &str, n: usize) -> String {
     }
 }
 
-/// Where the store of `root` lives.
-pub fn dir(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("store-{}", crate::options::root_key(root)))
-}
-
 /// The store's state alone, without opening the store (its object index is not read): for the
 /// daemon's checks before each pass. Missing or damaged: the default.
-pub fn read_state(state_dir: &Path, root: &Path) -> State {
-    read_state_in(&dir(state_dir, root))
+pub fn read_state(state: &StateDir) -> State {
+    read_state_in(&state.store())
 }
 
 /// Writes the state of an existing store (see [`read_state`]).
-pub fn write_state(state_dir: &Path, root: &Path, s: &State) -> io::Result<()> {
-    write_state_in(&dir(state_dir, root), s)
+pub fn write_state(state: &StateDir, s: &State) -> io::Result<()> {
+    write_state_in(&state.store(), s)
 }
 
 fn read_state_in(dir: &Path) -> State {
@@ -251,8 +247,8 @@ impl Store {
     /// the root's lock. If a pass or prefetch was interrupted (its [`BUSY`] marker is still
     /// there), removes the temp files it left and releases the objects it linked into the root
     /// ([`Store::release_lent`]); otherwise the objects are not even listed.
-    pub fn open(state_dir: &Path, root: &Path, read: &throttle::Limiter) -> io::Result<Store> {
-        let s = Store::open_unlocked(state_dir, root)?;
+    pub fn open(state: &StateDir, read: &throttle::Limiter) -> io::Result<Store> {
+        let s = Store::open_unlocked(state)?;
         if s.dir.join(BUSY).exists() {
             for name in s.names()? {
                 if fsops::is_temp_name(name.as_bytes()) {
@@ -288,8 +284,8 @@ impl Store {
     }
 
     /// Opens the store without changing anything in it (`syncd status`, which takes no lock).
-    pub fn open_unlocked(state_dir: &Path, root: &Path) -> io::Result<Store> {
-        let dir = dir(state_dir, root);
+    pub fn open_unlocked(state: &StateDir) -> io::Result<Store> {
+        let dir = state.store();
         std::fs::DirBuilder::new().recursive(true).create(dir.join("objects"))?;
         // Root only: the store holds old versions of setuid programs (kept for a rollback),
         // which no other user may reach to run.

@@ -1,7 +1,7 @@
 //! The host's side of signed versions: which keys it trusts, and the highest version it has
 //! applied (kept in the state dir, so a restart cannot be talked into a rollback).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use manifest::trust::{self, PublicKey, VersionSignature};
 use manifest::Hash;
@@ -22,11 +22,6 @@ pub struct Policy {
 struct Applied {
     version: u64,
     identity: String,
-}
-
-/// Where the highest applied version for `root` is kept.
-pub fn record_path(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("applied-version-{}.json", crate::options::root_key(root)))
 }
 
 fn load(path: &Path) -> Result<Option<(u64, Hash)>, SyncError> {

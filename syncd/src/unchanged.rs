@@ -15,17 +15,13 @@
 //! as the host tree.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use manifest::scan::Scan;
 use manifest::{BufferedHasher, Hash, HashSink};
 use rayon::prelude::*;
 
 const MAGIC: &[u8; 8] = b"GISUC01\n";
-
-pub fn path(state_dir: &Path, root: &Path) -> PathBuf {
-    state_dir.join(format!("unchanged-{}.bin", crate::options::root_key(root)))
-}
 
 /// Entries per chunk of the walk digest (part of its definition: changing it changes every
 /// digest, which costs each host one full pass).
