@@ -371,6 +371,47 @@ fn unclosed_bracket(p: &[u8]) -> bool {
     false
 }
 
+/// Lists on the wire: the master sends each host its own inventory lists with its manifest
+/// (`ManifestHeader.exclusions`). Both directions live here, once.
+pub mod wire {
+    use proto::v1 as pb;
+
+    use crate::PatternList;
+
+    /// A list as the master sends it.
+    pub fn to_wire(l: &PatternList) -> pb::ExclusionList {
+        pb::ExclusionList {
+            source: l.source.clone(),
+            patterns: l
+                .patterns
+                .iter()
+                .map(|(line, text)| pb::Pattern { text: text.clone(), line: *line as u32 })
+                .collect(),
+        }
+    }
+
+    /// A list as the host receives it; its source says it came from the master.
+    pub fn from_wire(l: &pb::ExclusionList) -> PatternList {
+        PatternList {
+            source: format!("master: {}", l.source),
+            patterns: l.patterns.iter().map(|p| (p.line as usize, p.text.clone())).collect(),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_list_keeps_its_patterns_and_lines_across_the_wire() {
+            let l = PatternList::parse("hosts.toml: group web", "# keep\n/etc/hostname\n\n!/etc/hosts\n");
+            let back = from_wire(&to_wire(&l));
+            assert_eq!(back.patterns, l.patterns);
+            assert_eq!(back.source, "master: hosts.toml: group web");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

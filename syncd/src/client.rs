@@ -1142,13 +1142,7 @@ pub fn check_url(url: &str, transport: &Transport) -> Result<Endpoint, SyncError
 }
 
 fn lists_from_wire(lists: &[pb::ExclusionList]) -> Vec<PatternList> {
-    lists
-        .iter()
-        .map(|l| PatternList {
-            source: format!("master: {}", l.source),
-            patterns: l.patterns.iter().map(|p| (p.line as usize, p.text.clone())).collect(),
-        })
-        .collect()
+    lists.iter().map(exclusions::wire::from_wire).collect()
 }
 
 /// A call's failure in a line: its code and message, and what caused it.

@@ -248,19 +248,8 @@ impl ImageSync for Service {
         let accept_packed = req.get_ref().accept_packed;
         tracing::info!(host = %host, version = image.manifest.version, entries = image.manifest.entries.len(), cached = omit, "manifest requested");
         // Only this host's own inventory entry travels with its manifest.
-        let lists: Vec<pb::ExclusionList> = self
-            .inventory
-            .lists_for(&host)
-            .iter()
-            .map(|l| pb::ExclusionList {
-                source: l.source.clone(),
-                patterns: l
-                    .patterns
-                    .iter()
-                    .map(|(line, text)| pb::Pattern { text: text.clone(), line: *line as u32 })
-                    .collect(),
-            })
-            .collect();
+        let lists: Vec<pb::ExclusionList> =
+            self.inventory.lists_for(&host).iter().map(exclusions::wire::to_wire).collect();
         let (tx, rx) = mpsc::channel(16);
         let signer = self.signing_key.clone().map(|k| (k, self.signature_ttl));
         let object_store_url = self.object_store_url.clone();
