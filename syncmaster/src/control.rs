@@ -14,12 +14,12 @@ use proto::v1 as pb;
 use tokio::sync::watch;
 
 use crate::fleet::{now_ms, Fleet, Snapshot};
+use crate::image::Image;
 use crate::inventory::Inventory;
 use crate::policy::Policy;
 use crate::publish::{Published, Versions};
 use crate::rollout::{self, GrantState, Rollout, State};
 use crate::store::{Change, EventRow, Store, Target, VersionRow};
-use crate::Image;
 
 struct Inner {
     store: Store,

@@ -28,7 +28,7 @@ use foldhash::HashMap;
 use manifest::{Hash, Kind};
 use rayon::prelude::*;
 
-use crate::Image;
+use crate::image::Image;
 
 /// What to cache: the zstd level of stored frames and the most bytes they may take.
 #[derive(Clone, Copy, Debug)]
@@ -109,7 +109,7 @@ impl ObjectCache {
                 .manifest
                 .entries
                 .iter()
-                .filter(|e| e.kind == Kind::File && e.size >= crate::MIN_COMPRESS)
+                .filter(|e| e.kind == Kind::File && e.size >= crate::encode::MIN_COMPRESS)
                 .filter_map(|e| Some((e.hash.as_ref()?, &e.path, e.size)))
                 .collect();
             todo.sort_unstable_by_key(|(h, _, _)| **h);

@@ -35,7 +35,7 @@ use manifest::{Hash, Kind};
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use crate::Image;
+use crate::image::Image;
 
 pub use objstore::OpenError;
 pub use packs::{PackConfig, PackSummary};
@@ -299,7 +299,7 @@ fn encode(
 /// `(true, data)` when `data` is stored raw, `(false, zstd frame)` otherwise.
 fn encode_bytes(data: Vec<u8>, level: i32) -> std::io::Result<(bool, Vec<u8>)> {
     let size = data.len() as u64;
-    if size < crate::MIN_COMPRESS {
+    if size < crate::encode::MIN_COMPRESS {
         return Ok((true, data));
     }
     let frame = zstd::bulk::compress(&data, level)?;

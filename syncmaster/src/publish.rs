@@ -16,7 +16,7 @@ use manifest::Hash;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::Image;
+use crate::image::Image;
 
 /// Versions kept servable after a newer one is published, for hosts still mid-pass.
 const HISTORY: usize = 3;

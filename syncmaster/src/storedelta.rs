@@ -26,9 +26,9 @@ use manifest::solid::{self, Index, New};
 use manifest::Hash;
 use object_store::ObjectStoreExt;
 
+use crate::image::Image;
 use crate::objcache::{compress_with, delta_frame, delta_jobs, long_cctx, read_checked, upgrade_objects, zstd_err};
 use crate::objstore::ObjectStoreTarget;
-use crate::Image;
 
 /// A delta is stored when it saves at least 1/`MIN_GAIN` of the object as stored.
 const MIN_GAIN: u64 = 32;

@@ -19,7 +19,7 @@ use object_store::path::Path as StorePath;
 use objstore::chunks::{self, ChunkRef, Index, Params};
 
 use super::{ObjectStoreTarget, Summary};
-use crate::Image;
+use crate::image::Image;
 
 impl ObjectStoreTarget {
     /// The key of the chunk index of the file whose hash is `hash`.

@@ -26,7 +26,7 @@ use object_store::ObjectStoreExt;
 use objstore::pack::{self, Encoding, Location, PackIndex};
 
 use super::ObjectStoreTarget;
-use crate::Image;
+use crate::image::Image;
 
 /// `--pack-max-object` and `--pack-size`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
