@@ -36,9 +36,9 @@ use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
 use crate::client::{Master, ObjectError, ObjectStream, Stopwatch};
-use crate::fsops::{self, MetaParts, VerifyingWriter};
+use crate::hostfs::fsops::{self, MetaParts, VerifyingWriter};
+use crate::hostfs::root::RootDir;
 use crate::plan::{Op, Plan, Source};
-use crate::root::RootDir;
 
 /// Temp files staged before one `syncfs` (and, in batches, their renames).
 const BATCH_FILES: usize = 2048;
@@ -556,7 +556,8 @@ impl Applier<'_> {
         let temp = fsops::create_temp_dir(dir.as_fd())?;
         if self.staging == Staging::Whole {
             // Built aside; what lies beneath the path is staged inside it until the commit.
-            let fd = rustix::fs::openat(&*dir, temp.as_str(), crate::root::dir_flags(), rustix::fs::Mode::empty());
+            let fd =
+                rustix::fs::openat(&*dir, temp.as_str(), crate::hostfs::root::dir_flags(), rustix::fs::Mode::empty());
             let fd = match fd {
                 Ok(fd) => fd,
                 Err(e) => {
@@ -1306,12 +1307,12 @@ impl Applier<'_> {
                             "the file was replaced since the scan; the next pass will catch up",
                         ));
                     }
-                    fsops::set_fd_meta(f.as_fd(), &new.meta, MetaParts::for_diff(diff))
+                    fsops::set_fd_meta(f.as_fd(), &new.meta, meta_parts(diff))
                 }
                 kind => {
                     let name = std::str::from_utf8(name).map(str::to_owned);
                     match name {
-                        Ok(n) => fsops::set_node_meta(dir.as_fd(), &n, kind, &new.meta, MetaParts::for_diff(diff)),
+                        Ok(n) => fsops::set_node_meta(dir.as_fd(), &n, kind, &new.meta, meta_parts(diff)),
                         // A non-UTF-8 name cannot be spelled for the /proc path: recreate instead.
                         Err(_) => {
                             let temp = fsops::create_temp_node(dir.as_fd(), new)?;
@@ -1407,7 +1408,7 @@ impl Applier<'_> {
                     dirs.insert(Some(c.path.clone()), (Some(i), MetaParts::ALL));
                 }
                 Op::Update { new, diff, .. } if new.kind == Kind::Dir => {
-                    dirs.insert(Some(c.path.clone()), (Some(i), MetaParts::for_diff(diff)));
+                    dirs.insert(Some(c.path.clone()), (Some(i), meta_parts(diff)));
                 }
                 _ => {}
             }
@@ -1513,4 +1514,11 @@ fn rename_in_parallel(root: &mut RootDir, plan: &Plan, items: &[Held]) -> Vec<io
 fn is_dir_at(dir: &OwnedFd, name: &[u8]) -> bool {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
         .is_ok_and(|st| Kind::from_mode(st.st_mode) == Some(Kind::Dir))
+}
+
+/// What to apply in place for a diff. chown clears setuid bits and capabilities, so an owner
+/// change re-applies mode and xattrs too.
+fn meta_parts(d: &crate::plan::Diff) -> MetaParts {
+    let owner = d.owner || d.group;
+    MetaParts { owner, mode: owner || d.perms, xattrs: owner || d.xattrs, mtime: true }
 }

@@ -1245,7 +1245,7 @@ impl Piece {
 /// [`Plan::fetch_bases`](crate::plan::Plan::fetch_bases)), beneath the root, never through a
 /// symlink, with every byte charged to `read`.
 pub struct Bases {
-    pub root: crate::root::RootDir,
+    pub root: crate::hostfs::root::RootDir,
     pub paths: Vec<Option<(manifest::RelPath, Hash)>>,
     /// Empty, or one per object: the host file whose chunks an object stored as chunks may
     /// reuse (see [`Plan::fetch_seeds`](crate::plan::Plan::fetch_seeds)).
@@ -1259,7 +1259,11 @@ pub struct Bases {
 impl Bases {
     /// The bases `plan` names for its fetches, read beneath `root` (`None` when it names none:
     /// a cold sync).
-    pub fn for_plan(root: &crate::root::RootDir, plan: &crate::plan::Plan, read: &throttle::Limiter) -> Option<Bases> {
+    pub fn for_plan(
+        root: &crate::hostfs::root::RootDir,
+        plan: &crate::plan::Plan,
+        read: &throttle::Limiter,
+    ) -> Option<Bases> {
         let any = !plan.fetch_bases.is_empty() || !plan.fetch_seeds.is_empty() || !plan.solid_bases.is_empty();
         any.then(|| Bases {
             root: root.share(),
@@ -1502,14 +1506,14 @@ fn load_base(
 /// Reads a delta base beneath the root (no symlink followed), at most one byte past the
 /// largest base a delta is made against.
 fn read_base(
-    root: &mut crate::root::RootDir,
+    root: &mut crate::hostfs::root::RootDir,
     path: &manifest::RelPath,
     read: &throttle::Limiter,
 ) -> io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::fd::AsFd;
     let (dir, name) = root.parent(path)?;
-    let (file, size) = crate::fsops::open_regular_sized(dir.as_fd(), name)?;
+    let (file, size) = crate::hostfs::fsops::open_regular_sized(dir.as_fd(), name)?;
     let cap = manifest::delta::MAX_DELTA_BYTES + 1;
     // Sized from fstat, so the read needs no regrowth (the Take below hides the size).
     let size = size.min(cap);

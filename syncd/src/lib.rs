@@ -5,8 +5,8 @@
 //!
 //! - what a pass is asked: [`options`] (and [`config`], the file behind it);
 //! - the host: [`lock`] (one syncd per root), [`host`] (the walk and hashes), [`unchanged`]
-//!   (the walk that proves nothing changed), [`root`] and [`fsops`] (every file operation,
-//!   beneath the root, without following symlinks);
+//!   (the walk that proves nothing changed), [`hostfs`] (every file operation, beneath the
+//!   root, without following symlinks);
 //! - the master: [`client`] (connection, manifest, objects, decode), [`queue`], [`trust`]
 //!   (signatures and versions), [`mcache`] (the last manifest);
 //! - [`plan`]: the pure diff of manifest and host;
@@ -23,9 +23,9 @@ pub mod config;
 pub mod daemon;
 pub mod drift;
 pub mod error;
-pub mod fsops;
 pub mod health;
 pub mod host;
+pub mod hostfs;
 pub mod local;
 pub mod lock;
 pub mod mcache;
@@ -37,7 +37,6 @@ pub mod plan;
 pub mod progress;
 pub mod queue;
 pub mod report;
-pub mod root;
 mod solid;
 pub mod state;
 pub mod status;

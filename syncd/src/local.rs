@@ -18,8 +18,9 @@ use crate::error::{exit, SyncError};
 use crate::options::{Mode, SyncOptions};
 use crate::pass::{gc_store, load_local_lists, open_store, plan_pass, start_pass, sync_once};
 
+use crate::hostfs::root;
 use crate::report::{human_bytes, PassReport, RolledBack};
-use crate::{client, lock, plan, root, store};
+use crate::{client, lock, plan, store};
 
 /// What a prefetch did.
 #[derive(Debug, Clone)]
@@ -366,9 +367,9 @@ fn fill_store(
             continue;
         }
         let r = root.parent(p).and_then(|(dir, name)| {
-            let f = crate::fsops::open_regular(dir.as_fd(), name)?;
+            let f = crate::hostfs::fsops::open_regular(dir.as_fd(), name)?;
             st.add(h, *size, metas.get(h), &throttle.write, |w| {
-                crate::fsops::copy(throttle::Throttled::new(&f, &throttle.read), w).map(|_| ())
+                crate::hostfs::fsops::copy(throttle::Throttled::new(&f, &throttle.read), w).map(|_| ())
             })
         });
         match r {

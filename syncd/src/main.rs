@@ -350,7 +350,7 @@ async fn explain(common: Flags, paths: &[String]) -> Result<(), SyncError> {
         None => Vec::new(),
     };
     let rules = syncd::compile_rules(&from_master, &local)?;
-    let mut root = syncd::root::RootDir::open(&r.root).ok();
+    let mut root = syncd::hostfs::root::RootDir::open(&r.root).ok();
     let mut out = std::io::stdout().lock();
     for arg in paths {
         let trimmed = arg.trim_start_matches('/');

@@ -170,7 +170,7 @@ pub fn render(r: &Result<PassReport, SyncError>, ended_unix: f64) -> String {
 pub fn record(path: Option<&Path>, r: &Result<PassReport, SyncError>) {
     let Some(path) = path else { return };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    if let Err(e) = crate::fsops::write_replacing(path, render(r, now).as_bytes()) {
+    if let Err(e) = crate::hostfs::fsops::write_replacing(path, render(r, now).as_bytes()) {
         tracing::warn!(path = %path.display(), "cannot write the metrics textfile: {e} (hint: metrics_textfile must name a file in a writable directory, such as node_exporter's textfile directory)");
     }
 }

@@ -10,10 +10,11 @@ use manifest::Hash;
 
 use crate::apply::{Failure, Outcome};
 use crate::error::SyncError;
+use crate::hostfs::root;
 use crate::options::{Mode, SyncOptions};
 use crate::plan::Plan;
 use crate::report::{human_bytes, PassReport};
-use crate::{apply, client, health, host, lock, mcache, plan, progress, root, store, trust, unchanged};
+use crate::{apply, client, health, host, lock, mcache, plan, progress, store, trust, unchanged};
 
 /// What a pass starts from: the validated manifest and the host's metadata walk.
 pub(crate) struct Started {

@@ -184,7 +184,7 @@ pub struct Plan {
     pub leftovers: Vec<Leftover>,
 }
 
-/// A temp entry of an earlier pass (its name is syncd's, see [`crate::fsops::is_temp_name`]).
+/// A temp entry of an earlier pass (its name is syncd's, see [`crate::hostfs::fsops::is_temp_name`]).
 #[derive(Clone, Debug)]
 pub struct Leftover {
     pub path: RelPath,
@@ -196,7 +196,7 @@ pub struct Leftover {
 /// Whether a host entry is a leftover of an interrupted pass: some component of its path is
 /// a syncd temp name, and the image has no entry there.
 fn is_leftover(path: &RelPath) -> bool {
-    path.components().any(crate::fsops::is_temp_name)
+    path.components().any(crate::hostfs::fsops::is_temp_name)
 }
 
 impl Plan {
@@ -349,7 +349,7 @@ impl Plan {
             if top_dirs.iter().any(|d| p.is_within(d)) {
                 continue;
             }
-            if !crate::fsops::is_temp_name(p.file_name()) {
+            if !crate::hostfs::fsops::is_temp_name(p.file_name()) {
                 continue; // beneath a temp directory the image has (edited by hand): leave it
             }
             if h.entry.kind == Kind::Dir {

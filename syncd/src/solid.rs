@@ -113,7 +113,7 @@ pub(crate) async fn plan(
 /// The segment decoded last: its objects, verified.
 pub(crate) struct SolidReader {
     plan: Arc<SolidPlan>,
-    root: crate::root::RootDir,
+    root: crate::hostfs::root::RootDir,
     read: throttle::Limiter,
     current: Option<(usize, HashMap<Hash, Bytes>)>,
     /// Segments that failed: their objects are fetched one by one.
@@ -123,7 +123,7 @@ pub(crate) struct SolidReader {
 }
 
 impl SolidReader {
-    pub fn new(plan: Arc<SolidPlan>, root: crate::root::RootDir, read: throttle::Limiter) -> SolidReader {
+    pub fn new(plan: Arc<SolidPlan>, root: crate::hostfs::root::RootDir, read: throttle::Limiter) -> SolidReader {
         SolidReader { plan, root, read, current: None, failed: HashSet::new(), wire: 0 }
     }
 
@@ -191,7 +191,7 @@ impl SolidReader {
 /// Rebuilds `seg`'s reference from the host's files and decodes `frame`; every object checked.
 fn decode(
     seg: &Segment,
-    mut root: crate::root::RootDir,
+    mut root: crate::hostfs::root::RootDir,
     read: &throttle::Limiter,
     frame: &[u8],
 ) -> Result<HashMap<Hash, Bytes>, String> {
@@ -247,7 +247,7 @@ fn decode(
 /// Appends the regular file `path` (beneath the root, no symlink followed) to `out`, reading
 /// at most one byte past `size`.
 fn read_file(
-    root: &mut crate::root::RootDir,
+    root: &mut crate::hostfs::root::RootDir,
     path: &RelPath,
     size: u64,
     read: &throttle::Limiter,
@@ -256,7 +256,7 @@ fn read_file(
     use std::io::Read;
     use std::os::fd::AsFd;
     let (dir, name) = root.parent(path)?;
-    let (file, _) = crate::fsops::open_regular_sized(dir.as_fd(), name)?;
+    let (file, _) = crate::hostfs::fsops::open_regular_sized(dir.as_fd(), name)?;
     throttle::Throttled::new(file, read).take(size + 1).read_to_end(out)?;
     Ok(())
 }

@@ -29,7 +29,7 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
-use crate::fsops;
+use crate::hostfs::fsops;
 use crate::state::StateDir;
 
 /// A version the store knows of.

@@ -35,7 +35,7 @@ const CHUNK_GETS_PER_OBJECT_GET: usize = 4;
 
 /// The host files an object stored as chunks may reuse: one per object of the stream.
 pub(super) struct Seeds {
-    root: crate::root::RootDir,
+    root: crate::hostfs::root::RootDir,
     paths: Vec<Option<RelPath>>,
     read: throttle::Limiter,
 }
@@ -54,7 +54,7 @@ impl Seeds {
 
 /// One host file to reuse chunks of.
 pub(super) struct Seed {
-    root: crate::root::RootDir,
+    root: crate::hostfs::root::RootDir,
     path: RelPath,
     read: throttle::Limiter,
 }
@@ -72,7 +72,7 @@ impl Seed {
     /// later is this file, whatever is renamed over its path meanwhile.
     fn scan(mut self, params: Params, wanted: &HashSet<[u8; 32]>) -> std::io::Result<Found> {
         let (dir, name) = self.root.parent(&self.path)?;
-        let (file, _) = crate::fsops::open_regular_sized(dir.as_fd(), name)?;
+        let (file, _) = crate::hostfs::fsops::open_regular_sized(dir.as_fd(), name)?;
         let mut at = HashMap::new();
         objstore::chunks::cut(throttle::Throttled::new(&file, &self.read), params, |off, data| {
             let h = *blake3::hash(&data).as_bytes();

@@ -102,13 +102,6 @@ impl MetaParts {
     pub fn any(&self) -> bool {
         self.owner || self.mode || self.xattrs || self.mtime
     }
-
-    /// What to apply in place for a diff. chown clears setuid bits and capabilities, so an
-    /// owner change re-applies mode and xattrs too.
-    pub fn for_diff(d: &crate::plan::Diff) -> MetaParts {
-        let owner = d.owner || d.group;
-        MetaParts { owner, mode: owner || d.perms, xattrs: owner || d.xattrs, mtime: true }
-    }
 }
 
 fn ts(meta: &Meta) -> Timestamps {
@@ -308,7 +301,7 @@ pub fn remove_tree(dir: BorrowedFd, name: &[u8], root_dev: u64) -> io::Result<()
     if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
         return Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?);
     }
-    let sub: OwnedFd = rustix::fs::openat(dir, name, crate::root::dir_flags(), Mode::empty())?;
+    let sub: OwnedFd = rustix::fs::openat(dir, name, super::root::dir_flags(), Mode::empty())?;
     if rustix::fs::fstat(&sub)?.st_dev != root_dev {
         return Err(io::Error::other("a filesystem is mounted there; refusing to delete across a mount point"));
     }
