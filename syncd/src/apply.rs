@@ -35,10 +35,11 @@ use manifest::{Entry, Hash, Kind, Manifest, Meta, RelPath};
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
-use crate::client::{Master, ObjectError, ObjectStream, Stopwatch};
+use crate::fetch::{Master, ObjectError, ObjectStream};
 use crate::hostfs::fsops::{self, MetaParts, VerifyingWriter};
 use crate::hostfs::root::RootDir;
 use crate::plan::{Op, Plan, Source};
+use crate::progress::Stopwatch;
 
 /// Temp files staged before one `syncfs` (and, in batches, their renames).
 const BATCH_FILES: usize = 2048;

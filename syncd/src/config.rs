@@ -255,7 +255,7 @@ pub struct Resolved {
     pub health: Vec<triggers::health::HealthCheck>,
     pub daemon: DaemonTimes,
     pub throttle: throttle::Throttle,
-    pub transport: crate::client::Transport,
+    pub transport: crate::fetch::Transport,
     pub trusted_keys: Vec<manifest::trust::PublicKey>,
     pub staging: crate::apply::Staging,
     pub wait: bool,
@@ -298,8 +298,8 @@ impl Flags {
     }
 
     /// The network deadlines, flag over config over default; each must be above zero.
-    fn deadlines(&self, cfg: &Config) -> Result<crate::client::Deadlines, SyncError> {
-        let default = crate::client::Deadlines::default();
+    fn deadlines(&self, cfg: &Config) -> Result<crate::fetch::Deadlines, SyncError> {
+        let default = crate::fetch::Deadlines::default();
         let pick = |flag: &Option<String>, key: &str, file: &Option<String>, default: Duration| {
             let (text, name) = match (flag, file) {
                 (Some(t), _) => (t, format!("--{}", key.replace('_', "-"))),
@@ -312,7 +312,7 @@ impl Flags {
                 Err(e) => Err(SyncError::Config(format!("{name}: {e}"))),
             }
         };
-        Ok(crate::client::Deadlines {
+        Ok(crate::fetch::Deadlines {
             connect: pick(&self.connect_timeout, "connect_timeout", &cfg.connect_timeout, default.connect)?,
             rpc: pick(&self.rpc_timeout, "rpc_timeout", &cfg.rpc_timeout, default.rpc)?,
             stream_idle: pick(
@@ -388,7 +388,7 @@ impl Flags {
             self.host_id
                 .or(cfg.host_id)
                 .unwrap_or_else(|| if tls.is_some() { String::new() } else { default_host_id() });
-        let store = crate::client::StoreConfig {
+        let store = crate::fetch::StoreConfig {
             url: self.object_store.or(cfg.object_store),
             fallback: self.object_store_fallback.or(cfg.object_store_fallback).unwrap_or(true),
             solid: self.object_store_solid.or(cfg.object_store_solid).unwrap_or(true),
@@ -452,7 +452,7 @@ impl Flags {
                 max_backoff: cfg.max_backoff,
             },
             throttle,
-            transport: crate::client::Transport { tls, insecure: self.insecure, deadlines, store },
+            transport: crate::fetch::Transport { tls, insecure: self.insecure, deadlines, store },
             trusted_keys,
         })
     }
@@ -586,7 +586,7 @@ mod tests {
         assert_eq!(r.host_id, "from-file");
         assert_eq!(r.transport.deadlines.rpc, Duration::from_secs(9));
         assert_eq!(r.transport.deadlines.connect, Duration::from_secs(3));
-        assert_eq!(r.transport.deadlines.stream_idle, crate::client::Deadlines::default().stream_idle);
+        assert_eq!(r.transport.deadlines.stream_idle, crate::fetch::Deadlines::default().stream_idle);
         // The config's exclusion files come first, then the flags'.
         assert_eq!(r.exclude_from, vec![PathBuf::from("/etc/a"), PathBuf::from("/etc/b")]);
         assert_eq!(r.state_dir, PathBuf::from("/var/lib/syncd"));

@@ -24,7 +24,7 @@ use crate::local::converge;
 use crate::options::{Mode, SyncOptions};
 use crate::pass::sync_once;
 use crate::report::{PassReport, RolledBack};
-use crate::{client, health};
+use crate::{fetch, health};
 
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
@@ -108,7 +108,7 @@ async fn daemon_pass(o: SyncOptions, apply: Apply) -> PassOutcome {
 /// Whether the master still targets the refused version `r` (the header alone, when the host
 /// holds that manifest).
 async fn refused_target(o: &SyncOptions, r: &crate::store::Refused) -> Result<bool, SyncError> {
-    let m = client::Master::connect(&o.master, &o.transport).await?;
+    let m = fetch::Master::connect(&o.master, &o.transport).await?;
     let cached = o.manifest_cache_path().and_then(|p| crate::mcache::peek_identity(&p));
     let got = m.manifest(&o.host_id, cached.as_ref()).await?;
     Ok(got.identity.to_hex() == r.identity)
@@ -321,7 +321,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     let url = opts.sync.master.clone();
     // A malformed URL will never work: refuse it now rather than retry forever.
     let transport = opts.sync.transport.clone();
-    client::check_url(&url, &transport)?;
+    fetch::check_url(&url, &transport)?;
     tokio::pin!(shutdown);
 
     let mut sched = Schedule::new(Instant::now(), opts.max_backoff);
@@ -368,7 +368,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                     tracing::warn!(
                         master = %url,
                         "version watch lost: {} (hint: the master closed the connection, or left an HTTP/2 ping unanswered for keepalive_timeout; reconnecting)",
-                        client::describe_status(&e)
+                        fetch::describe_status(&e)
                     );
                     watch = None;
                     reconnect_at = Instant::now() + sched.reconnect_wait();
@@ -496,10 +496,10 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
 /// Connects and opens the version watch, both within their deadlines.
 async fn subscribe(
     url: String,
-    transport: client::Transport,
+    transport: fetch::Transport,
     host: String,
 ) -> Result<tonic::Streaming<pb::VersionAnnouncement>, SyncError> {
-    client::Master::connect_for_watch(&url, &transport).await?.watch(&host).await
+    fetch::Master::connect_for_watch(&url, &transport).await?.watch(&host).await
 }
 
 async fn next_announcement(
@@ -547,12 +547,12 @@ fn log_pass(r: &Result<PassReport, SyncError>) {
 /// their deadlines, retried after 0.5 s, doubling up to `max_backoff` (plus jitter). It ends
 /// when acknowledged, or when aborted: a newer report replaces it, and shutdown gives it
 /// [`REPORT_GRACE`].
-async fn report(url: String, transport: client::Transport, result: pb::PassResult, max_backoff: Duration) {
+async fn report(url: String, transport: fetch::Transport, result: pb::PassResult, max_backoff: Duration) {
     let mut wait = Duration::from_millis(500).min(max_backoff);
     let mut attempt = 0u32;
     loop {
         attempt = attempt.saturating_add(1);
-        let sent = async { client::Master::connect(&url, &transport).await?.report(result.clone()).await };
+        let sent = async { fetch::Master::connect(&url, &transport).await?.report(result.clone()).await };
         match sent.await {
             Ok(()) if attempt > 1 => {
                 tracing::info!(attempt, result = %result.result, "pass report delivered to the master");

@@ -7,7 +7,7 @@
 //! - the host: [`lock`] (one syncd per root), [`host`] (the walk and hashes), [`unchanged`]
 //!   (the walk that proves nothing changed), [`hostfs`] (every file operation, beneath the
 //!   root, without following symlinks);
-//! - the master: [`client`] (connection, manifest, objects, decode), [`queue`], [`trust`]
+//! - the master: [`fetch`] (connection, manifest, objects, decode, queues), [`trust`]
 //!   (signatures and versions), [`mcache`] (the last manifest);
 //! - [`plan`]: the pure diff of manifest and host;
 //! - [`apply`]: stage, verify, commit, roll back; [`store`] and [`local`] (prefetch, commit
@@ -18,11 +18,11 @@
 //! - the daemon around passes: [`daemon`], [`window`], [`notify`].
 
 pub mod apply;
-pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod drift;
 pub mod error;
+pub mod fetch;
 pub mod health;
 pub mod host;
 pub mod hostfs;
@@ -35,7 +35,6 @@ pub mod options;
 pub mod pass;
 pub mod plan;
 pub mod progress;
-pub mod queue;
 pub mod report;
 mod solid;
 pub mod state;

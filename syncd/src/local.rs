@@ -20,7 +20,7 @@ use crate::pass::{gc_store, load_local_lists, open_store, plan_pass, start_pass,
 
 use crate::hostfs::root;
 use crate::report::{human_bytes, PassReport, RolledBack};
-use crate::{client, lock, plan, store};
+use crate::{fetch, lock, plan, store};
 
 /// What a prefetch did.
 #[derive(Debug, Clone)]
@@ -92,8 +92,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     let _lock = lock::acquire(&opts.root, lock::Access::Shared, opts.lock_wait, opts.cancel.as_ref()).await?;
     let local = load_local_lists(&opts.exclude_from)?;
     let st = open_store(opts)?.expect("a prefetch always opens the store");
-    let master =
-        client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
+    let master = fetch::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone());
     let applied_record = opts.state().applied_version();
     let s = start_pass(opts, &master, &local, &applied_record).await?;
     let mut report = PrefetchReport {
@@ -194,7 +193,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     plan.drop_fetches(|h| st.has(h));
     let root = root::RootDir::open(&opts.root)
         .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
-    let bases = client::Bases::for_plan(&root, &plan, &opts.throttle.read);
+    let bases = fetch::Bases::for_plan(&root, &plan, &opts.throttle.read);
     let master = master
         .with_store(&s.object_store_url, &s.identity)?
         .with_chunk_threshold(s.chunk_threshold)
@@ -297,8 +296,8 @@ struct Filled {
 fn fill_store(
     st: &store::Store,
     mut root: root::RootDir,
-    mut objects: client::ObjectStream,
-    master: &client::Master,
+    mut objects: fetch::ObjectStream,
+    master: &fetch::Master,
     rt: &tokio::runtime::Handle,
     fetch: &[(Hash, u64)],
     local: &[(Hash, u64, manifest::RelPath)],
@@ -320,7 +319,7 @@ fn fill_store(
         let mut broke = None;
         let r = st.add(h, *size, metas.get(h), &throttle.write, |w| {
             objects.next_into(*h, *size, Some(w)).map_err(|e| {
-                if let client::ObjectError::Broken(b) = &e {
+                if let fetch::ObjectError::Broken(b) = &e {
                     broke = Some(b.clone());
                 }
                 std::io::Error::other(e.to_string())

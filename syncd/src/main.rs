@@ -346,7 +346,7 @@ async fn explain(common: Flags, paths: &[String]) -> Result<(), SyncError> {
     let r = common.resolve()?;
     let local = syncd::load_local_lists(&r.exclude_from)?;
     let from_master = match &r.master {
-        Some(url) => syncd::client::Master::connect(url, &r.transport).await?.exclusion_lists(&r.host_id).await?,
+        Some(url) => syncd::fetch::Master::connect(url, &r.transport).await?.exclusion_lists(&r.host_id).await?,
         None => Vec::new(),
     };
     let rules = syncd::compile_rules(&from_master, &local)?;

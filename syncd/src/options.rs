@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::state::StateDir;
-use crate::{apply, client, trust};
+use crate::{apply, fetch, trust};
 
 #[derive(Clone, Debug)]
 pub struct SyncOptions {
@@ -31,7 +31,7 @@ pub struct SyncOptions {
     /// Byte-rate limits on disk reads, disk writes and fetches, shared by every pass.
     pub throttle: throttle::Throttle,
     /// How to reach the master.
-    pub transport: client::Transport,
+    pub transport: fetch::Transport,
     /// Which signatures are accepted, and whether a downgrade is.
     pub trust: trust::Policy,
     /// Stage the whole pass before committing any of it, or commit batch by batch.

@@ -14,7 +14,7 @@ use crate::hostfs::root;
 use crate::options::{Mode, SyncOptions};
 use crate::plan::Plan;
 use crate::report::{human_bytes, PassReport};
-use crate::{apply, client, health, host, lock, mcache, plan, progress, store, trust, unchanged};
+use crate::{apply, fetch, health, host, lock, mcache, plan, progress, store, trust, unchanged};
 
 /// What a pass starts from: the validated manifest and the host's metadata walk.
 pub(crate) struct Started {
@@ -45,7 +45,7 @@ pub(crate) struct Started {
 /// cached entries are read: it needs only the exclusion rules.
 pub(crate) async fn start_pass(
     opts: &SyncOptions,
-    master: &client::Master,
+    master: &fetch::Master,
     local: &[PatternList],
     applied_record: &std::path::Path,
 ) -> Result<Started, SyncError> {
@@ -233,9 +233,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let local = load_local_lists(&opts.exclude_from)?;
     let store = open_store(opts)?;
     let master = match opts.mode.uses_master() {
-        true => Some(
-            client::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone()),
-        ),
+        true => {
+            Some(fetch::Master::connect(&opts.master, &opts.transport).await?.with_net_limit(opts.throttle.net.clone()))
+        }
         false => None,
     };
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: connected");
@@ -402,7 +402,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
         let rt = tokio::runtime::Handle::current();
         // Delta bases are read by the stream's decode thread, beneath the same root.
-        let bases = client::Bases::for_plan(&root, &report.plan, &opts.throttle.read);
+        let bases = fetch::Bases::for_plan(&root, &report.plan, &opts.throttle.read);
         let (objects, master) = match master {
             Some(m) if opts.mode == Mode::Network => {
                 let m = m
@@ -413,7 +413,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             }
             // The current version kept locally: whole objects (or deltas) from the master.
             Some(m) => (m.spawn_fetch(report.plan.fetch.clone(), bases, &rt), Some(m)),
-            None => (client::ObjectStream::empty(), None),
+            None => (fetch::ObjectStream::empty(), None),
         };
         progress::planned(
             report.plan.fetch.len() as u64,

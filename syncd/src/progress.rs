@@ -109,3 +109,20 @@ impl Bar {
         }
     }
 }
+
+/// Time summed over the calls it wraps (one thread's).
+#[derive(Default)]
+pub struct Stopwatch(std::cell::Cell<std::time::Duration>);
+
+impl Stopwatch {
+    pub fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let r = f();
+        self.0.set(self.0.get() + t.elapsed());
+        r
+    }
+
+    pub fn secs(&self) -> f64 {
+        self.0.get().as_secs_f64()
+    }
+}

@@ -12,10 +12,14 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use manifest::Hash;
 use objstore::object_store::{GetOptions, GetRange, GetResult, ObjectStoreExt};
 use objstore::pack::{Encoding, PackIndex};
+use proto::v1 as pb;
+use tokio::sync::{mpsc, Semaphore};
 
-use super::*;
+use super::store::{open_object, Pump, StoreFailure, StoreTally};
+use super::transport::{secs, source_chain, Deadlines};
 
 /// Largest gap between two wanted objects read through rather than split into two GETs.
 pub(super) const GAP: u64 = 64 * 1024;

@@ -21,11 +21,12 @@ use bytes::Bytes;
 use futures_util::stream::StreamExt;
 use manifest::{Hash, RelPath};
 use objstore::chunks::{ChunkRef, Index, Params};
+use proto::v1 as pb;
 use tokio::sync::{mpsc, Semaphore};
 
-use super::{
-    open_object_in_order, pb, secs, source_chain, Bases, Deadlines, Pump, StoreFailure, StoreSource, StoreTally,
-};
+use super::decode::Bases;
+use super::store::{open_object_in_order, Pump, StoreFailure, StoreSource, StoreTally};
+use super::transport::{secs, source_chain, Deadlines};
 
 /// Seed chunks read back in one blocking call, up to this many bytes.
 const SEED_BATCH: u64 = 1 << 20;
