@@ -199,39 +199,69 @@ fn is_leftover(path: &RelPath) -> bool {
     path.components().any(crate::hostfs::fsops::is_temp_name)
 }
 
+/// Paths that must not be touched: mount points, and whatever lies beneath a mount point or
+/// beneath a directory that could not be listed.
+struct Fences<'a>(Vec<(&'a RelPath, bool)>);
+
+impl<'a> Fences<'a> {
+    fn of(host: &'a HostTree) -> Fences<'a> {
+        let mut f: Vec<(&RelPath, bool)> = host.unreadable.iter().map(|p| (p, false)).collect();
+        f.extend(host.entries.iter().filter(|h| h.mount_point).map(|h| (&h.entry.path, true)));
+        Fences(f)
+    }
+
+    /// Why `p` must be left alone, if it must.
+    fn reason(&self, p: &RelPath) -> Option<SkipReason> {
+        self.0.iter().find_map(|&(f, mount)| match (p == f, p.is_within(f), mount) {
+            (true, _, true) => Some(SkipReason::MountPoint),
+            (false, true, true) => Some(SkipReason::BeneathMountPoint(f.clone())),
+            (false, true, false) => Some(SkipReason::Unreadable(f.clone())),
+            _ => None,
+        })
+    }
+}
+
+/// What the merge left alone for an exclusion: the tops of excluded directories, and every
+/// excluded path.
+struct Excluded {
+    dirs: Vec<RelPath>,
+    paths: HashSet<RelPath>,
+}
+
 impl Plan {
+    /// The plan that takes `host` to `manifest`, leaving alone what `rules` exclude. Four
+    /// steps: [`Plan::merge`] the two sorted listings into changes (fencing off excluded and
+    /// unreachable paths), [`Plan::keep_holding_dirs`], [`Plan::schedule_leftovers`] of an
+    /// interrupted pass, and [`Plan::schedule_fetches`] with their delta bases and chunk seeds.
     pub fn compute(manifest: &Manifest, host: &HostTree, rules: &Exclusions) -> Plan {
         let mut plan = Plan { image_version: manifest.version, ..Plan::default() };
-        // syncd's own temp entries are not the host's: they are resumed or removed, never
-        // compared (nor reported as drift). One the image itself has is an ordinary entry.
-        let leftover = |h: &ScannedEntry| is_leftover(&h.entry.path) && manifest.get(&h.entry.path).is_none();
         let root_diff = Diff::of_meta(&host.root, &manifest.root);
         if root_diff.any() {
             plan.root = Some((host.root.clone(), manifest.root.clone(), root_diff));
         }
+        let fences = Fences::of(host);
+        let excluded = plan.merge(manifest, host, rules, &fences);
+        plan.excluded = excluded.paths.len();
+        plan.keep_holding_dirs(host);
+        plan.schedule_leftovers(manifest, host, &fences, &excluded);
+        plan.schedule_fetches();
+        plan
+    }
 
+    /// Merges the two sorted listings into changes, each with the source of its content.
+    /// Exclusions are decided top-down in path order, so an excluded directory's whole subtree
+    /// follows it; a path counts as a directory if it is one on either side, so a
+    /// directory-only rule protects a host directory the image would turn into a file. Paths
+    /// behind a fence are skipped.
+    fn merge(&mut self, manifest: &Manifest, host: &HostTree, rules: &Exclusions, fences: &Fences) -> Excluded {
+        // syncd's own temp entries are not the host's: they are resumed or removed, never
+        // compared (nor reported as drift). One the image itself has is an ordinary entry.
+        let leftover = |h: &ScannedEntry| is_leftover(&h.entry.path) && manifest.get(&h.entry.path).is_none();
         // Host content available for local copies (built on first need: a pass with nothing
         // to fetch never builds it).
         let local = LocalContent { entries: &host.entries, leftover: &leftover, map: std::cell::OnceCell::new() };
         let host_links = host_link_sets(&host.entries, &leftover);
         let leaders = manifest.link_leaders();
-
-        // Paths that must not be touched: mount points, and whatever lies beneath a mount point
-        // or beneath a directory that could not be listed.
-        let mut fences: Vec<(&RelPath, bool)> = host.unreadable.iter().map(|p| (p, false)).collect();
-        fences.extend(host.entries.iter().filter(|h| h.mount_point).map(|h| (&h.entry.path, true)));
-        let fence = |p: &RelPath| -> Option<SkipReason> {
-            fences.iter().find_map(|&(f, mount)| match (p == f, p.is_within(f), mount) {
-                (true, _, true) => Some(SkipReason::MountPoint),
-                (false, true, true) => Some(SkipReason::BeneathMountPoint(f.clone())),
-                (false, true, false) => Some(SkipReason::Unreadable(f.clone())),
-                _ => None,
-            })
-        };
-
-        // Exclusions: decided top-down in path order, so an excluded directory's whole subtree
-        // follows it. A path counts as a directory if it is one on either side, so a
-        // directory-only rule protects a host directory the image would turn into a file.
         let host_excluded: HashMap<&RelPath, bool> = host.excluded.iter().map(|(p, d)| (p, *d)).collect();
         let mut excluded_dirs: Vec<RelPath> = Vec::new();
         let mut excluded: HashSet<RelPath> = host.excluded.iter().map(|(p, _)| p.clone()).collect();
@@ -262,8 +292,8 @@ impl Plan {
                 excluded.insert(path.clone());
                 continue;
             }
-            if let Some(reason) = fence(path) {
-                plan.skipped.push(Skip { path: path.clone(), reason });
+            if let Some(reason) = fences.reason(path) {
+                self.skipped.push(Skip { path: path.clone(), reason });
                 continue;
             }
             let op = match (new, old) {
@@ -306,13 +336,15 @@ impl Plan {
                     fresh_leaders.insert(new.link_group);
                 }
             }
-            plan.changes.push(Change { path: path.clone(), op });
+            self.changes.push(Change { path: path.clone(), op });
         }
 
-        plan.excluded = excluded.len();
+        Excluded { dirs: excluded_dirs, paths: excluded }
+    }
 
-        // Never remove a host directory that holds an excluded path or a mount point: the rmdir
-        // or the swap that replaces it would take the excluded path with it, or fail.
+    /// Never removes a host directory that holds an excluded path or a mount point: the rmdir
+    /// or the swap that replaces it would take the excluded path with it, or fail.
+    fn keep_holding_dirs(&mut self, host: &HostTree) {
         let mounts: Vec<&RelPath> = host.entries.iter().filter(|h| h.mount_point).map(|h| &h.entry.path).collect();
         if !host.excluded.is_empty() || !mounts.is_empty() {
             let held_by = |c: &Change| -> Option<SkipReason> {
@@ -326,24 +358,28 @@ impl Plan {
                 }
                 mounts.iter().find(|m| inside(m)).map(|m| SkipReason::HoldsMountPoint((*m).clone()))
             };
-            let mut kept = Vec::with_capacity(plan.changes.len());
-            for c in std::mem::take(&mut plan.changes) {
+            let mut kept = Vec::with_capacity(self.changes.len());
+            for c in std::mem::take(&mut self.changes) {
                 match held_by(&c) {
-                    Some(reason) => plan.skipped.push(Skip { path: c.path, reason }),
+                    Some(reason) => self.skipped.push(Skip { path: c.path, reason }),
                     None => kept.push(c),
                 }
             }
-            plan.changes = kept;
+            self.changes = kept;
         }
+    }
 
-        // Leftovers beneath a fence or an exclusion are left alone; a temp directory goes
-        // whole, so nothing beneath it is resumed. A regular file with a single name whose
-        // content hashed to what a staged file needs is resumed; the rest is removed.
+    /// Leftovers of an interrupted pass: beneath a fence or an exclusion they are left alone;
+    /// a temp directory goes whole, so nothing beneath it is resumed. A regular file with a
+    /// single name whose content hashed to what a staged file needs is resumed; the rest is
+    /// removed.
+    fn schedule_leftovers(&mut self, manifest: &Manifest, host: &HostTree, fences: &Fences, excl: &Excluded) {
+        let leftover = |h: &ScannedEntry| is_leftover(&h.entry.path) && manifest.get(&h.entry.path).is_none();
         let mut resumable: HashMap<Hash, Vec<&RelPath>> = HashMap::new();
         let mut top_dirs: Vec<&RelPath> = Vec::new();
         for h in host.entries.iter().filter(|h| leftover(h)) {
             let p = &h.entry.path;
-            if fence(p).is_some() || excluded_dirs.iter().any(|d| p.is_within(d)) || excluded.contains(p) {
+            if fences.reason(p).is_some() || excl.dirs.iter().any(|d| p.is_within(d)) || excl.paths.contains(p) {
                 continue;
             }
             if top_dirs.iter().any(|d| p.is_within(d)) {
@@ -357,11 +393,11 @@ impl Plan {
             }
             match (h.entry.kind, h.entry.hash, h.nlink) {
                 (Kind::File, Some(hash), 1) => resumable.entry(hash).or_default().push(p),
-                _ => plan.leftovers.push(Leftover { path: p.clone(), kind: h.entry.kind, size: h.entry.size }),
+                _ => self.leftovers.push(Leftover { path: p.clone(), kind: h.entry.kind, size: h.entry.size }),
             }
         }
         if !resumable.is_empty() {
-            for c in &mut plan.changes {
+            for c in &mut self.changes {
                 let staged_file = c.op.makes_new_inode() && c.op.new_entry().is_some_and(|n| n.kind == Kind::File);
                 let source = match &mut c.op {
                     Op::Create { source, .. } | Op::Update { source, .. } | Op::Replace { source, .. } => source,
@@ -380,18 +416,23 @@ impl Plan {
             for p in paths {
                 let size =
                     host.entries.binary_search_by(|h| h.entry.path.cmp(p)).map_or(0, |i| host.entries[i].entry.size);
-                plan.leftovers.push(Leftover { path: p.clone(), kind: Kind::File, size });
+                self.leftovers.push(Leftover { path: p.clone(), kind: Kind::File, size });
             }
         }
-        plan.leftovers.sort_by(|a, b| a.path.cmp(&b.path));
+        self.leftovers.sort_by(|a, b| a.path.cmp(&b.path));
+    }
 
-        let gone = delta::Gone::new(plan.changes.iter().filter_map(|c| match &c.op {
+    /// The objects to fetch, each once, in the order the apply first needs them, with the
+    /// delta base and the chunk seed the host offers for each, and the bases a solid delta may
+    /// use.
+    fn schedule_fetches(&mut self) {
+        let gone = delta::Gone::new(self.changes.iter().filter_map(|c| match &c.op {
             Op::Delete { old } | Op::Replace { old, .. } => candidate(old),
             _ => None,
         }));
         // Whether each content hash has been seen, and whether it is fetched already.
         let mut seen: HashMap<Hash, bool> = HashMap::new();
-        for c in &plan.changes {
+        for c in &self.changes {
             let (h, fetch) = match (c.op.source(), c.op.new_entry()) {
                 (Some(Source::Fetch(h)), Some(_)) => (h, true),
                 (Some(Source::Local(_, h) | Source::Resume(_, h)), Some(_)) => (h, false),
@@ -403,7 +444,7 @@ impl Plan {
                     fetch
                 }
                 std::collections::hash_map::Entry::Occupied(mut o) => {
-                    plan.reused.insert(*h);
+                    self.reused.insert(*h);
                     let first = fetch && !*o.get();
                     *o.get_mut() |= fetch;
                     first
@@ -411,7 +452,7 @@ impl Plan {
             };
             if first_fetch {
                 let new = c.op.new_entry().expect("matched above");
-                plan.fetch.push((*h, new.size));
+                self.fetch.push((*h, new.size));
                 let base = match &c.op {
                     // An old file at the path: it is the base or there is none (the master,
                     // seeing that file in its previous image, would not look further).
@@ -421,8 +462,8 @@ impl Plan {
                     _ => delta::choose(&c.path, new.size, h, None, &gone),
                 };
                 if let Some(b) = base {
-                    plan.fetch_bases.resize(plan.fetch.len() - 1, None);
-                    plan.fetch_bases.push(Some((b.path.clone(), b.hash)));
+                    self.fetch_bases.resize(self.fetch.len() - 1, None);
+                    self.fetch_bases.push(Some((b.path.clone(), b.hash)));
                 } else {
                     let large = match &c.op {
                         Op::Update { old, .. } if old.entry.kind == Kind::File => {
@@ -431,7 +472,7 @@ impl Plan {
                         _ => delta::choose_large(&c.path, new.size, h, None, &gone),
                     };
                     if let Some(b) = large {
-                        plan.solid_bases.push((b.path.clone(), b.hash));
+                        self.solid_bases.push((b.path.clone(), b.hash));
                     }
                 }
                 let seed = match &c.op {
@@ -442,18 +483,17 @@ impl Plan {
                     _ => gone.seed_for(&c.path, SEED_MIN).map(|g| g.path.clone()),
                 };
                 if let Some(seed) = seed {
-                    plan.fetch_seeds.resize(plan.fetch.len() - 1, None);
-                    plan.fetch_seeds.push(Some(seed));
+                    self.fetch_seeds.resize(self.fetch.len() - 1, None);
+                    self.fetch_seeds.push(Some(seed));
                 }
             }
         }
-        if !plan.fetch_bases.is_empty() {
-            plan.fetch_bases.resize(plan.fetch.len(), None);
+        if !self.fetch_bases.is_empty() {
+            self.fetch_bases.resize(self.fetch.len(), None);
         }
-        if !plan.fetch_seeds.is_empty() {
-            plan.fetch_seeds.resize(plan.fetch.len(), None);
+        if !self.fetch_seeds.is_empty() {
+            self.fetch_seeds.resize(self.fetch.len(), None);
         }
-        plan
     }
 
     /// True when the host already matches (and no leftover of an interrupted pass is there).
