@@ -35,7 +35,7 @@ use manifest::{Entry, Hash, Kind, Manifest, Meta, RelPath};
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
-use crate::fetch::{Master, ObjectError, ObjectStream};
+use crate::fetch::{ObjectError, ObjectStream};
 use crate::hostfs::fsops::{self, MetaParts, VerifyingWriter};
 use crate::hostfs::root::RootDir;
 use crate::plan::{Op, Plan, Source};
@@ -233,9 +233,9 @@ struct Applier<'a> {
     plan: &'a Plan,
     staging: Staging,
     objects: ObjectStream,
-    /// `None` for a pass with no network (a commit from the local store, a rollback).
-    master: Option<Master>,
-    rt: tokio::runtime::Handle,
+    /// Where one object is fetched on its own when the stream's copy failed; `None` for a
+    /// pass with no network (a commit or rollback from the local store).
+    aside: Option<Box<dyn ContentSource>>,
     /// The local store: content is linked from it, and old content kept in it.
     store: Option<Arc<crate::store::Store>>,
     out: Outcome,
@@ -285,9 +285,17 @@ struct Applier<'a> {
     throttle: throttle::Throttle,
 }
 
+/// Where the apply gets one object on its own, when the copy the stream gave (or the local
+/// store's) failed: the master, in a pass that reaches it. The apply knows nothing else of
+/// the network.
+pub trait ContentSource: Send {
+    /// A stream of this one object (`size`: the most it may hold).
+    fn fetch_one(&self, hash: Hash, size: u64) -> ObjectStream;
+}
+
 /// Applies `plan` beneath `root`. Objects come from `objects` in `plan.fetch` order; a
-/// fallback fetch of a single object goes through `master` on `rt`. Disk reads and writes
-/// are charged to `throttle`.
+/// fallback fetch of a single object comes from `aside`. Disk reads and writes are charged
+/// to `throttle`.
 #[allow(clippy::too_many_arguments)]
 pub fn apply(
     root: RootDir,
@@ -295,8 +303,7 @@ pub fn apply(
     plan: &Plan,
     staging: Staging,
     objects: ObjectStream,
-    master: Option<Master>,
-    rt: tokio::runtime::Handle,
+    aside: Option<Box<dyn ContentSource>>,
     store: Option<Arc<crate::store::Store>>,
     cancel: Option<Arc<AtomicBool>>,
     throttle: &throttle::Throttle,
@@ -315,8 +322,7 @@ pub fn apply(
         plan,
         staging,
         objects,
-        master,
-        rt,
+        aside,
         store,
         store_linked: HashMap::new(),
         lent_at: HashMap::new(),
@@ -1083,13 +1089,13 @@ impl Applier<'_> {
             w.reset()?;
         }
         // 3. A fetch of this one object.
-        let Some(master) = self.master.as_ref() else {
+        let Some(aside) = self.aside.as_ref() else {
             errors.push("not in the local store, and this pass does not reach the master".into());
             return Err(io::Error::other(errors.join("; ")));
         };
         if !self.out.stats.master_lost {
             tracing::debug!(hash = %hash, errors = ?errors, "fetching one object on its own");
-            let mut one = master.spawn_fetch_aside(vec![(hash, w.limit())], &self.rt);
+            let mut one = aside.fetch_one(hash, w.limit());
             let r = one.next_into(hash, w.limit(), Some(&mut *w));
             self.out.stats.wire_bytes += one.wire_bytes;
             if r.is_ok() {

@@ -427,8 +427,9 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let store_for_apply = store.clone().filter(|_| staging == apply::Staging::Whole);
 
         let (plan, outcome, manifest) = tokio::task::spawn_blocking(move || {
+            let aside = master.map(|m| Box::new(m.aside(rt)) as Box<dyn apply::ContentSource>);
             let outcome =
-                apply::apply(root, &manifest, &plan, staging, objects, master, rt, store_for_apply, cancel, &throttle);
+                apply::apply(root, &manifest, &plan, staging, objects, aside, store_for_apply, cancel, &throttle);
             (plan, outcome, manifest)
         })
         .await

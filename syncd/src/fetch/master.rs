@@ -358,6 +358,11 @@ impl Master {
         self.spawn_fetch_on(self.side.clone(), objects, None, rt)
     }
 
+    /// This master as the apply's source of single objects, received on `rt`.
+    pub fn aside(self, rt: tokio::runtime::Handle) -> Aside {
+        Aside { master: self, rt }
+    }
+
     /// Requests `objects` (hash, declared size) in order. The stream is received on `rt`, and
     /// whole-object zstd frames are decoded on a thread of their own ([`decode_stage`]), so the
     /// apply thread only writes and verifies.
@@ -670,4 +675,16 @@ pub(super) fn start_stream(
     }
     let stream = ObjectStream::reading(rx, store);
     (tx, received, stream)
+}
+
+/// The master as a source of single objects for the apply (see [`Master::aside`]).
+pub struct Aside {
+    master: Master,
+    rt: tokio::runtime::Handle,
+}
+
+impl crate::apply::ContentSource for Aside {
+    fn fetch_one(&self, hash: Hash, size: u64) -> ObjectStream {
+        self.master.spawn_fetch_aside(vec![(hash, size)], &self.rt)
+    }
 }
