@@ -616,8 +616,7 @@ pub(crate) fn trigger_changes(plan: &Plan) -> Vec<triggers::Change<'_>> {
         .collect()
 }
 
-/// After the commit: withdraws this batch's changes that were not made, then runs every
-/// pending trigger in config order, removing each from the journal only when it exits 0.
+/// After the commit: the triggers of what it changed (see [`triggers::run::after_commit`]).
 pub(crate) fn run_triggers(
     journal: &mut triggers::Journal,
     opts: &SyncOptions,
@@ -627,13 +626,6 @@ pub(crate) fn run_triggers(
     results: &mut Vec<triggers::run::RunResult>,
     deferred: &mut Vec<String>,
 ) {
-    let journal_error = |e: triggers::journal::JournalError| triggers::run::RunResult {
-        trigger: "(journal)".into(),
-        ok: false,
-        status: e.to_string(),
-        duration: Duration::ZERO,
-        changes: 0,
-    };
     let done: std::collections::HashSet<String> = plan
         .changes
         .iter()
@@ -641,32 +633,9 @@ pub(crate) fn run_triggers(
         .filter(|(i, _)| outcome.done.get(*i).copied().unwrap_or(false))
         .map(|(_, c)| format!("/{}", c.path))
         .collect();
-    if let Err(e) = journal.withdraw_uncommitted(batch, |r| done.contains(&r.path)) {
-        return results.push(journal_error(e));
-    }
-    let known: Vec<&str> = opts.triggers.iter().map(|t| t.name.as_str()).collect();
-    match journal.forget_unknown(&known) {
-        Ok(gone) => {
-            for g in gone {
-                tracing::warn!(trigger = %g, "pending trigger is no longer in the config; dropped");
-            }
-        }
-        Err(e) => return results.push(journal_error(e)),
-    }
-    let now = triggers::journal::now_ms();
-    for t in &opts.triggers {
-        let Some(p) = journal.pending().iter().find(|p| p.trigger == t.name).cloned() else { continue };
-        if !opts.retry_now && p.not_before_ms > now {
-            deferred.push(t.name.clone());
-            continue;
-        }
-        let r = triggers::run::run(t, &p, journal.dir());
-        let persisted = if r.ok { journal.complete(&t.name) } else { journal.failed(&t.name, &r.status) };
-        results.push(r);
-        if let Err(e) = persisted {
-            return results.push(journal_error(e));
-        }
-    }
+    let after = triggers::run::after_commit(journal, &opts.triggers, batch, |p| done.contains(p), opts.retry_now);
+    results.extend(after.results);
+    deferred.extend(after.deferred);
 }
 
 /// The local store of this root, when the state dir was chosen (not on a dry run, which writes

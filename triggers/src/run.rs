@@ -24,6 +24,68 @@ pub struct RunResult {
     pub changes: usize,
 }
 
+/// What the triggers did after a commit: each one run, and those still waiting for their
+/// retry backoff.
+#[derive(Debug, Default)]
+pub struct AfterCommit {
+    pub results: Vec<RunResult>,
+    pub deferred: Vec<String>,
+}
+
+/// After a commit: withdraws from `journal` this `batch`'s changes that were not made
+/// (`committed` says which paths were), drops pending triggers no longer in `triggers`, then
+/// runs every pending trigger in config order, removing each from the journal only when it
+/// exits 0. A trigger still in its retry backoff waits unless `retry_now`. A journal that
+/// cannot be written stops there, reported as the `(journal)` result.
+pub fn after_commit(
+    journal: &mut crate::Journal,
+    triggers: &[Trigger],
+    batch: u64,
+    committed: impl Fn(&str) -> bool,
+    retry_now: bool,
+) -> AfterCommit {
+    let mut out = AfterCommit::default();
+    let journal_error = |e: crate::journal::JournalError| RunResult {
+        trigger: "(journal)".into(),
+        ok: false,
+        status: e.to_string(),
+        duration: Duration::ZERO,
+        changes: 0,
+    };
+    if let Err(e) = journal.withdraw_uncommitted(batch, |r| committed(&r.path)) {
+        out.results.push(journal_error(e));
+        return out;
+    }
+    let known: Vec<&str> = triggers.iter().map(|t| t.name.as_str()).collect();
+    match journal.forget_unknown(&known) {
+        Ok(gone) => {
+            for g in gone {
+                tracing::warn!(trigger = %g, "pending trigger is no longer in the config; dropped");
+            }
+        }
+        Err(e) => {
+            out.results.push(journal_error(e));
+            return out;
+        }
+    }
+    let now = crate::journal::now_ms();
+    for t in triggers {
+        let Some(p) = journal.pending().iter().find(|p| p.trigger == t.name).cloned() else { continue };
+        if !retry_now && p.not_before_ms > now {
+            out.deferred.push(t.name.clone());
+            continue;
+        }
+        let r = run(t, &p, journal.dir());
+        let persisted = if r.ok { journal.complete(&t.name) } else { journal.failed(&t.name, &r.status) };
+        out.results.push(r);
+        if let Err(e) = persisted {
+            out.results.push(journal_error(e));
+            return out;
+        }
+    }
+    out
+}
+
 /// Runs `trigger` for `pending`, writing its changes as NDJSON into `scratch_dir`.
 pub fn run(trigger: &Trigger, pending: &Pending, scratch_dir: &Path) -> RunResult {
     let started = Instant::now();
@@ -124,4 +186,54 @@ fn write_changes(path: &Path, pending: &Pending) -> std::io::Result<()> {
 
 fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+#[cfg(test)]
+mod after_commit_tests {
+    use super::*;
+    use crate::{ChangeKind, ChangeRecord, Journal, Pending, Stored};
+
+    fn trigger(name: &str, script: &str) -> Trigger {
+        let def: crate::config::TriggerDef =
+            toml::from_str(&format!("name = {name:?}\nwatch = [\"/etc/\"]\nrun = [\"sh\", \"-c\", {script:?}]\n"))
+                .unwrap();
+        crate::config::validate(&[def], "test").unwrap().remove(0)
+    }
+
+    fn pending(name: &str, path: &str, batch: u64, not_before_ms: u64) -> Pending {
+        let record = ChangeRecord { path: path.into(), change: ChangeKind::Content, old_hash: None, new_hash: None };
+        Pending {
+            trigger: name.into(),
+            image_version: 1,
+            changes: vec![Stored { record, batch }],
+            attempts: 1,
+            last_error: None,
+            not_before_ms,
+        }
+    }
+
+    #[test]
+    fn runs_what_was_committed_defers_a_backoff_and_drops_what_the_config_lost() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        let later = crate::journal::now_ms() + 60_000;
+        j.add(vec![
+            pending("ok", "/etc/a", 7, 0),
+            pending("waits", "/etc/b", 1, later),
+            pending("uncommitted", "/etc/c", 7, 0),
+            pending("gone", "/etc/d", 1, 0),
+        ])
+        .unwrap();
+        let triggers = [trigger("ok", "true"), trigger("waits", "true"), trigger("uncommitted", "true")];
+        let out = after_commit(&mut j, &triggers, 7, |p| p != "/etc/c", false);
+        let ran: Vec<(&str, bool)> = out.results.iter().map(|r| (r.trigger.as_str(), r.ok)).collect();
+        assert_eq!(ran, [("ok", true)], "{out:?}");
+        assert_eq!(out.deferred, ["waits"]);
+        let left: Vec<&str> = j.pending().iter().map(|p| p.trigger.as_str()).collect();
+        assert_eq!(left, ["waits"], "ok ran, the uncommitted change was withdrawn, gone was dropped");
+        // With retry_now the backoff is not waited out, and a failure stays pending.
+        let out = after_commit(&mut j, &[trigger("waits", "exit 3")], 8, |_| true, true);
+        assert!(!out.results[0].ok && out.deferred.is_empty(), "{out:?}");
+        assert_eq!(j.pending().len(), 1);
+    }
 }
