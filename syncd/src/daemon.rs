@@ -3,11 +3,13 @@
 //! Event watches alone lose events under load, so the daemon reconciles the full state every
 //! `reconcile_interval` (plus jitter) and uses the master's version announcements only to start
 //! a pass early (after a small random delay, so a fleet does not stampede). The loop is one
-//! `select!` over: an announcement, the watch stream breaking, the reconnect timer, a
-//! reconnect finishing, the pass timer, a pass finishing, and the shutdown signal. No arm waits
-//! on the master: reconnects, passes and reports run as tasks. Decisions about *when* the next
-//! pass or reconnect happens live in [`Schedule`], which does no I/O and is tested with plain
-//! instants.
+//! `select!` whose arms each become an [`Event`]: an announcement, the watch breaking, a
+//! reconnect finishing, a pass finishing, a deadline ([`Event::Tick`]), or the shutdown signal
+//! (SIGTERM is an event like the others). [`Daemon::handle`] decides what each means as a list
+//! of [`Action`]s, and the loop does them: start a pass, start a reconnect, report a pass, stop.
+//! No arm waits on the master: reconnects, passes and reports run as tasks, each under the
+//! deadlines of [`fetch::Deadlines`]. `Daemon` (with [`Schedule`], when the next pass and
+//! reconnect are due) does no I/O and reads no clock, and is tested on made-up instants.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -212,11 +214,157 @@ impl Schedule {
     pub fn reconnect_wait(&mut self) -> Duration {
         let d = self.reconnect_backoff;
         self.reconnect_backoff = (self.reconnect_backoff * 2).min(self.max_backoff);
-        d + jitter(d / 4)
+        d
     }
 
     pub fn connected(&mut self) {
         self.reconnect_backoff = self.min_backoff;
+    }
+}
+
+/// Something the daemon loop saw. The loop turns each `select!` arm into one of these and
+/// hands it to [`Daemon::handle`], which decides what to do; the loop only does it.
+#[derive(Debug)]
+pub enum Event {
+    /// A deadline the daemon set ([`Daemon::next_deadline`]) has come.
+    Tick,
+    /// The master announced this image identity on the version watch.
+    Announced(Hash),
+    /// The version watch broke or ended (the master closed it, or a keepalive ping went
+    /// unanswered).
+    WatchLost,
+    /// An attempt to open the version watch ended.
+    Connected(bool),
+    /// A pass ended: what it converged to, whether it must be retried soon, whether the host
+    /// holds its version on purpose (a prefetched version waits for its window, or the
+    /// announced one was rolled back here), and how soon a commit window opens.
+    PassDone { converged_to: Option<Hash>, retry: bool, holding: bool, wake: Option<Duration> },
+    /// SIGTERM or SIGINT.
+    Stop,
+}
+
+/// What [`Daemon::handle`] asks the loop to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start a pass (as a task).
+    StartPass,
+    /// Start opening the version watch (as a task).
+    Connect,
+    /// Send the pass's result to the master, replacing a report still on its way; tell
+    /// systemd (`READY=1` the first time, `STATUS=` after) with the next pass this far off.
+    Report { next: Duration, first: bool },
+    /// Stop: let the current file finish, send the last report, exit.
+    Shutdown,
+}
+
+/// The daemon's state: what runs, and when the next pass and reconnect are due. Pure: no I/O
+/// and no clock of its own (every call is given `now`), so the loop's decisions are tested
+/// on made-up instants.
+#[derive(Debug)]
+pub struct Daemon {
+    pub sched: Schedule,
+    reconcile: Duration,
+    reconcile_jitter: Duration,
+    announce_jitter: Duration,
+    /// The version watch is open.
+    pub watching: bool,
+    /// An attempt to open it is under way.
+    pub connecting: bool,
+    /// A pass is under way.
+    pub passing: bool,
+    /// When to try the watch again, while it is closed.
+    reconnect_at: Instant,
+    /// A pass has ended (systemd's `READY=1` was sent).
+    ready: bool,
+    /// Random delays; zero in tests.
+    jitter: fn(Duration) -> Duration,
+}
+
+impl Daemon {
+    pub fn new(now: Instant, o: &DaemonOptions) -> Daemon {
+        Daemon {
+            sched: Schedule::new(now, o.max_backoff),
+            reconcile: o.reconcile_interval,
+            reconcile_jitter: o.reconcile_jitter,
+            announce_jitter: o.announce_jitter,
+            watching: false,
+            connecting: false,
+            passing: false,
+            reconnect_at: now,
+            ready: false,
+            jitter,
+        }
+    }
+
+    /// The next instant at which [`Event::Tick`] must be delivered.
+    pub fn next_deadline(&self) -> Instant {
+        let pass = (!self.passing).then_some(self.sched.next_pass);
+        let reconnect = (!self.watching && !self.connecting).then_some(self.reconnect_at);
+        // Nothing due (a pass runs and the watch is up): far away; another event comes first.
+        pass.into_iter().chain(reconnect).min().unwrap_or(self.far(self.sched.next_pass))
+    }
+
+    fn far(&self, from: Instant) -> Instant {
+        from + Duration::from_secs(365 * 24 * 3600)
+    }
+
+    /// Decides what to do about `event` at `now`.
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Stop => return vec![Action::Shutdown],
+            Event::Tick => {}
+            Event::Announced(id) => self.sched.announced(now, id, (self.jitter)(self.announce_jitter)),
+            Event::WatchLost => {
+                self.watching = false;
+                self.reconnect_at = now + self.reconnect_wait();
+            }
+            Event::Connected(true) => {
+                self.connecting = false;
+                self.watching = true;
+                self.sched.connected();
+            }
+            Event::Connected(false) => {
+                self.connecting = false;
+                self.reconnect_at = now + self.reconnect_wait();
+            }
+            Event::PassDone { converged_to, retry, holding, wake } => {
+                self.passing = false;
+                let converged_to = if holding { self.sched.announced.or(converged_to) } else { converged_to };
+                let reconcile = self.reconcile + (self.jitter)(self.reconcile_jitter);
+                self.sched.pass_done(now, converged_to, retry, reconcile);
+                if let Some(w) = wake {
+                    // The commit window opens before the next reconcile.
+                    self.sched.next_pass = self.sched.next_pass.min(now + w);
+                }
+                out.push(Action::Report {
+                    next: self.sched.next_pass.saturating_duration_since(now),
+                    first: !self.ready,
+                });
+                self.ready = true;
+            }
+        }
+        // Whatever happened, start what is due.
+        if !self.watching && !self.connecting && now >= self.reconnect_at {
+            self.connecting = true;
+            out.push(Action::Connect);
+        }
+        if !self.passing && now >= self.sched.next_pass {
+            self.passing = true;
+            out.push(Action::StartPass);
+        }
+        out
+    }
+
+    /// How long until the next attempt to open the watch.
+    pub fn reconnect_in(&self, now: Instant) -> Duration {
+        self.reconnect_at.saturating_duration_since(now)
+    }
+
+    /// The wait before the next attempt to open the watch, backing off, with jitter.
+    fn reconnect_wait(&mut self) -> Duration {
+        let d = self.sched.reconnect_wait();
+        d + (self.jitter)(d / 4)
     }
 }
 
@@ -324,12 +472,12 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     fetch::check_url(&url, &transport)?;
     tokio::pin!(shutdown);
 
-    let mut sched = Schedule::new(Instant::now(), opts.max_backoff);
+    let mut daemon = Daemon::new(Instant::now(), &opts);
     let mut watch: Option<tonic::Streaming<pb::VersionAnnouncement>> = None;
-    let mut reconnect_at = Instant::now();
     let mut connecting: Option<JoinHandle<Result<tonic::Streaming<pb::VersionAnnouncement>, SyncError>>> = None;
     let mut pass: Option<JoinHandle<PassOutcome>> = None;
-    // The last pass's report, while it is being sent.
+    // The last pass's result until it is reported, then its report while it is being sent.
+    let mut last: Option<Result<PassReport, SyncError>> = None;
     let mut reporting: Option<JoinHandle<()>> = None;
     tracing::info!(master = %url, root = %opts.sync.root.display(), interval = ?opts.reconcile_interval, "syncd daemon starting");
     // systemd (Type=notify): READY after the first pass, STATUS per pass, WATCHDOG while work
@@ -337,12 +485,13 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     let ping_every = crate::notify::watchdog_interval();
     let mut next_ping = Instant::now() + ping_every.unwrap_or(Duration::from_secs(3600));
     let mut pinged_progress = crate::progress::moves();
-    let mut ready = false;
     crate::notify::status("starting: the first pass runs now");
 
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
+    let mut connect_error: Option<SyncError> = None;
+    'run: loop {
+        // Each arm becomes one event; `daemon.handle` decides, the loop acts.
+        let event = tokio::select! {
+            _ = &mut shutdown => Event::Stop,
             _ = tokio::time::sleep_until(next_ping), if ping_every.is_some() => {
                 let now = crate::progress::moves();
                 if pass.is_none() || now != pinged_progress {
@@ -352,16 +501,18 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 }
                 pinged_progress = now;
                 next_ping = Instant::now() + ping_every.expect("guarded");
+                continue;
             }
             msg = next_announcement(&mut watch), if watch.is_some() => match msg {
-                Some(Ok(a)) => {
-                    if let Some(id) = Hash::from_slice(&a.identity) {
-                        if sched.applied != Some(id) {
+                Some(Ok(a)) => match Hash::from_slice(&a.identity) {
+                    Some(id) => {
+                        if daemon.sched.applied != Some(id) {
                             tracing::info!(version = a.version, "new image version announced");
                         }
-                        sched.announced(Instant::now(), id, jitter(opts.announce_jitter));
+                        Event::Announced(id)
                     }
-                }
+                    None => continue,
+                },
                 Some(Err(e)) => {
                     // Idle by design, the watch ends only when the connection does: the
                     // master closed it, or a keepalive ping went unanswered.
@@ -371,85 +522,69 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                         fetch::describe_status(&e)
                     );
                     watch = None;
-                    reconnect_at = Instant::now() + sched.reconnect_wait();
+                    Event::WatchLost
                 }
                 None => {
                     tracing::warn!(master = %url, "version watch ended (master restarting?)");
                     watch = None;
-                    reconnect_at = Instant::now() + sched.reconnect_wait();
+                    Event::WatchLost
                 }
             },
-            _ = tokio::time::sleep_until(reconnect_at), if watch.is_none() && connecting.is_none() => {
-                connecting = Some(tokio::spawn(subscribe(url.clone(), transport.clone(), host.clone())));
-            }
             done = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
                 connecting = None;
                 match done.unwrap_or_else(|e| Err(SyncError::Internal(format!("watch task failed: {e}")))) {
                     Ok(w) => {
                         tracing::info!(master = %url, "watching for new image versions");
                         watch = Some(w);
-                        sched.connected();
+                        Event::Connected(true)
                     }
                     Err(e) => {
-                        let wait = sched.reconnect_wait();
-                        tracing::warn!("{e}; retrying in {wait:.1?}");
-                        reconnect_at = Instant::now() + wait;
+                        connect_error = Some(e);
+                        Event::Connected(false)
                     }
                 }
-            }
-            _ = tokio::time::sleep_until(sched.next_pass), if pass.is_none() => {
-                let o = opts.sync.clone();
-                // Far in the future until this pass ends and says when the next one is due.
-                sched.next_pass = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-                let apply = opts.apply.clone();
-                pass = Some(tokio::spawn(daemon_pass(o, apply)));
             }
             done = async { pass.as_mut().expect("guarded").await }, if pass.is_some() => {
                 pass = None;
                 let (r, wake) = done.map_err(|e| SyncError::Internal(format!("pass task failed: {e}")))?;
                 log_pass(&r);
                 crate::metrics::record(opts.sync.metrics_textfile.as_deref(), &r);
-                let converged_to = match &r {
-                    Ok(rep) if matches!(rep.exit_code(), exit::OK | exit::TRIGGER_FAILED | exit::HEALTH_FAILED) => {
-                        Some(rep.identity)
+                let event = pass_event(&r, wake);
+                last = Some(r);
+                event
+            }
+            _ = tokio::time::sleep_until(daemon.next_deadline()) => Event::Tick,
+        };
+        let now = Instant::now();
+        let actions = daemon.handle(event, now);
+        if let Some(e) = connect_error.take() {
+            tracing::warn!("{e}; retrying in {:.1?}", daemon.reconnect_in(now));
+        }
+        for action in actions {
+            match action {
+                Action::Shutdown => break 'run,
+                Action::Connect => {
+                    connecting = Some(tokio::spawn(subscribe(url.clone(), transport.clone(), host.clone())));
+                }
+                Action::StartPass => {
+                    pass = Some(tokio::spawn(daemon_pass(opts.sync.clone(), opts.apply.clone())));
+                }
+                Action::Report { next, first } => {
+                    let Some(r) = last.take() else { continue };
+                    let line = status_line(&r, next);
+                    match first {
+                        true => crate::notify::ready(&line),
+                        false => crate::notify::status(&line),
                     }
-                    _ => None,
-                };
-                // The host stays at its current version on purpose (a prefetched version waits
-                // for its window, or the announced one was rolled back here): the announcement
-                // is answered, and no pass is started early for it.
-                let holding = wake.is_some() || matches!(&r, Ok(rep) if rep.rolled_back.is_some());
-                let converged_to = if holding { sched.announced.or(converged_to) } else { converged_to };
-                // A failed health check is not retried early: the host did converge, and its
-                // checks run once per new version, so a retry would only report the stored
-                // failure again. It counts as converged for scheduling.
-                let retry = match &r {
-                    Ok(rep) => {
-                        !matches!(rep.exit_code(), exit::OK | exit::HEALTH_FAILED | exit::ROLLED_BACK)
-                            || !rep.deferred.is_empty()
+                    // The master keeps a host's latest result only: a report still on its way
+                    // (or still being retried) is superseded. Safe to drop even when it was a
+                    // failure: the stored health verdict goes into every report of its version.
+                    if let Some(old) = reporting.take() {
+                        old.abort();
                     }
-                    Err(_) => true,
-                };
-                let reconcile = opts.reconcile_interval + jitter(opts.reconcile_jitter);
-                sched.pass_done(Instant::now(), converged_to, retry, reconcile);
-                let line = status_line(&r, sched.next_pass.saturating_duration_since(Instant::now()));
-                match ready {
-                    false => crate::notify::ready(&line),
-                    true => crate::notify::status(&line),
+                    let result = pass_result(&host, &r);
+                    reporting = Some(tokio::spawn(report(url.clone(), transport.clone(), result, opts.max_backoff)));
                 }
-                ready = true;
-                if let Some(w) = wake {
-                    // The commit window opens before the next reconcile.
-                    sched.next_pass = sched.next_pass.min(Instant::now() + w);
-                }
-                // The master keeps a host's latest result only: a report still on its way
-                // (or still being retried) is superseded. Safe to drop even when it was a
-                // failure: the stored health verdict goes into every report of its version.
-                if let Some(old) = reporting.take() {
-                    old.abort();
-                }
-                let result = pass_result(&host, &r);
-                reporting = Some(tokio::spawn(report(url.clone(), transport.clone(), result, opts.max_backoff)));
             }
         }
     }
@@ -491,6 +626,31 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The event for a pass that ended with `r` (and a commit window `wake` away, if one opens
+/// before the next reconcile).
+fn pass_event(r: &Result<PassReport, SyncError>, wake: Option<Duration>) -> Event {
+    let converged_to = match r {
+        Ok(rep) if matches!(rep.exit_code(), exit::OK | exit::TRIGGER_FAILED | exit::HEALTH_FAILED) => {
+            Some(rep.identity)
+        }
+        _ => None,
+    };
+    // The host stays at its current version on purpose (a prefetched version waits for its
+    // window, or the announced one was rolled back here): the announcement is answered, and
+    // no pass is started early for it.
+    let holding = wake.is_some() || matches!(r, Ok(rep) if rep.rolled_back.is_some());
+    // A failed health check is not retried early: the host did converge, and its checks run
+    // once per new version, so a retry would only report the stored failure again. It counts
+    // as converged for scheduling.
+    let retry = match r {
+        Ok(rep) => {
+            !matches!(rep.exit_code(), exit::OK | exit::HEALTH_FAILED | exit::ROLLED_BACK) || !rep.deferred.is_empty()
+        }
+        Err(_) => true,
+    };
+    Event::PassDone { converged_to, retry, holding, wake }
 }
 
 /// Connects and opens the version watch, both within their deadlines.
@@ -629,6 +789,113 @@ mod tests {
         assert_eq!(pass_result("h", &Ok(report(None, &[true]))).result, "converged");
         assert_eq!(pass_result("h", &Ok(report(None, &[]))).result, "converged");
         assert_eq!(report(Some(true), &[false]).exit_code(), exit::HEALTH_FAILED);
+    }
+
+    fn daemon(now: Instant) -> Daemon {
+        let o = DaemonOptions {
+            sync: crate::config::Flags::default()
+                .resolve_with(crate::config::Config::default())
+                .unwrap()
+                .local_options(false)
+                .unwrap(),
+            reconcile_interval: Duration::from_secs(600),
+            reconcile_jitter: Duration::from_secs(60),
+            announce_jitter: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(8),
+            apply: Apply::Immediately,
+        };
+        let mut d = Daemon::new(now, &o);
+        d.jitter = |_| Duration::ZERO;
+        d
+    }
+
+    fn done(converged_to: Option<Hash>, retry: bool) -> Event {
+        Event::PassDone { converged_to, retry, holding: false, wake: None }
+    }
+
+    #[test]
+    fn the_loop_starts_a_pass_and_the_watch_at_once_then_reconciles_on_time() {
+        let t0 = Instant::now();
+        let mut d = daemon(t0);
+        assert_eq!(d.next_deadline(), t0);
+        assert_eq!(d.handle(Event::Tick, t0), [Action::Connect, Action::StartPass]);
+        assert!(d.next_deadline() > t0 + Duration::from_secs(3600), "nothing is due while both run");
+        assert_eq!(d.handle(Event::Connected(true), t0), []);
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(
+            d.handle(done(Some(h(1)), false), t1),
+            [Action::Report { next: Duration::from_secs(600), first: true }]
+        );
+        assert_eq!(d.next_deadline(), t1 + Duration::from_secs(600));
+        assert_eq!(d.handle(Event::Tick, t1 + Duration::from_secs(599)), []);
+        assert_eq!(d.handle(Event::Tick, t1 + Duration::from_secs(600)), [Action::StartPass]);
+        // The second report is a STATUS= line, not READY=1.
+        let t2 = t1 + Duration::from_secs(601);
+        assert_eq!(
+            d.handle(done(Some(h(1)), false), t2),
+            [Action::Report { next: Duration::from_secs(600), first: false }]
+        );
+        assert_eq!(d.handle(Event::Stop, t2), [Action::Shutdown]);
+    }
+
+    #[test]
+    fn an_announcement_starts_a_pass_now_and_one_during_a_pass_starts_the_next_at_once() {
+        let t0 = Instant::now();
+        let mut d = daemon(t0);
+        d.handle(Event::Tick, t0);
+        d.handle(Event::Connected(true), t0);
+        d.handle(done(Some(h(1)), false), t0);
+        // The version the host has: nothing to do.
+        assert_eq!(d.handle(Event::Announced(h(1)), t0 + Duration::from_secs(1)), []);
+        // A new one: a pass now (announce jitter zero here).
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(d.handle(Event::Announced(h(2)), t1), [Action::StartPass]);
+        // Another while that pass runs: once it ends, the next starts at once.
+        assert_eq!(d.handle(Event::Announced(h(3)), t1), []);
+        let acts = d.handle(done(Some(h(2)), false), t1 + Duration::from_secs(3));
+        assert_eq!(acts.last(), Some(&Action::StartPass), "{acts:?}");
+    }
+
+    #[test]
+    fn a_lost_watch_reconnects_with_backoff_and_failed_passes_retry_with_backoff() {
+        let t0 = Instant::now();
+        let mut d = daemon(t0);
+        d.handle(Event::Tick, t0);
+        d.handle(Event::Connected(true), t0);
+        let ms = Duration::from_millis;
+        assert_eq!(d.handle(Event::WatchLost, t0), []);
+        assert_eq!(d.handle(Event::Tick, t0 + ms(499)), []);
+        assert_eq!(d.handle(Event::Tick, t0 + ms(500)), [Action::Connect]);
+        // A failed attempt waits twice as long; a success resets the backoff.
+        let t1 = t0 + ms(600);
+        assert_eq!(d.handle(Event::Connected(false), t1), []);
+        assert_eq!(d.next_deadline(), t1 + ms(1000));
+        assert_eq!(d.handle(Event::Tick, t1 + ms(1000)), [Action::Connect]);
+        d.handle(Event::Connected(true), t1 + ms(1000));
+        d.handle(Event::WatchLost, t1 + ms(2000));
+        assert_eq!(d.next_deadline(), t1 + ms(2500));
+        // A pass that must be retried comes back after 0.5 s, then 1 s, capped at 8 s.
+        let t2 = t1 + Duration::from_secs(10);
+        d.handle(done(None, true), t2);
+        assert_eq!(d.next_deadline().min(d.sched.next_pass), t2 + ms(500));
+    }
+
+    #[test]
+    fn a_commit_window_opening_before_the_reconcile_brings_the_next_pass_forward() {
+        let t0 = Instant::now();
+        let mut d = daemon(t0);
+        d.handle(Event::Tick, t0);
+        d.handle(Event::Connected(true), t0);
+        let acts = d.handle(
+            Event::PassDone {
+                converged_to: Some(h(1)),
+                retry: false,
+                holding: true,
+                wake: Some(Duration::from_secs(30)),
+            },
+            t0,
+        );
+        assert_eq!(acts, [Action::Report { next: Duration::from_secs(30), first: true }]);
     }
 
     #[test]
