@@ -386,7 +386,7 @@ pub fn status_line(r: &Result<PassReport, SyncError>, next: Duration) -> String 
             }
         }
         Err(e) => {
-            let first = e.to_string();
+            let first = e.report();
             let first: String = first.chars().take(120).collect();
             format!("pass failed: {first}; retry in {next}")
         }
@@ -436,7 +436,7 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
                 _ => "error",
             }
             .into(),
-            errors: vec![e.to_string()],
+            errors: vec![e.report()],
             ..Default::default()
         },
     }
@@ -699,7 +699,7 @@ fn log_pass(r: &Result<PassReport, SyncError>) {
             }
             tracing::info!("{}", rep.summary());
         }
-        Err(e) => tracing::warn!("pass failed: {e}"),
+        Err(e) => tracing::warn!("pass failed: {}", e.report()),
     }
 }
 
@@ -722,7 +722,7 @@ async fn report(url: String, transport: fetch::Transport, result: pb::PassResult
             Err(e) if attempt == 1 => {
                 tracing::warn!("cannot report the pass to the master: {e}; retrying until it is acknowledged")
             }
-            Err(e) => tracing::debug!(attempt, "cannot report the pass to the master: {e}"),
+            Err(e) => tracing::debug!(attempt, "cannot report the pass to the master: {}", e.report()),
         }
         tokio::time::sleep(wait + jitter(wait / 4)).await;
         wait = (wait * 2).min(max_backoff);

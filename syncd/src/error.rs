@@ -51,11 +51,11 @@ pub enum SyncError {
     Config(String),
     #[error("master {url} is unreachable: {reason} (hint: check that syncmaster is running and the URL is right)")]
     Unreachable { url: String, reason: String },
-    #[error("the master's manifest was rejected, nothing was changed: {0}")]
+    #[error("the master's manifest was rejected, nothing was changed")]
     BadManifest(#[source] manifest::ManifestError),
-    #[error("the master's manifest was refused, nothing was changed: {0}")]
+    #[error("the master's manifest was refused, nothing was changed")]
     Untrusted(#[source] manifest::trust::TrustError),
-    #[error("cannot scan host root {root}: {source}")]
+    #[error("cannot scan host root {}", .root.display())]
     Scan {
         root: PathBuf,
         #[source]
@@ -86,6 +86,13 @@ pub enum SyncError {
 }
 
 impl SyncError {
+    /// The error and every cause beneath it, in one line: `what failed: why: why`. Messages
+    /// name what failed, and leave the cause to its `source()` (as nextest and anyhow print
+    /// them); this puts them together for stderr, logs and the master.
+    pub fn report(&self) -> String {
+        chain(self)
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             SyncError::Config(_) | SyncError::Scan { .. } => exit::USAGE,
@@ -101,5 +108,41 @@ impl SyncError {
             SyncError::Internal(_) => exit::PARTIAL,
             SyncError::Journal(_) | SyncError::StateFile { .. } => exit::STATE,
         }
+    }
+}
+
+/// `e` and its causes, `: `-separated; a cause whose text the line already holds is skipped.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_names_what_failed_then_each_cause_once() {
+        let e = SyncError::Scan {
+            root: PathBuf::from("/srv/root"),
+            source: manifest::scan::ScanError::Io {
+                path: PathBuf::from("/srv/root"),
+                source: std::io::Error::from_raw_os_error(libc::EACCES),
+            },
+        };
+        assert_eq!(e.to_string(), "cannot scan host root /srv/root");
+        let r = e.report();
+        assert!(r.starts_with("cannot scan host root /srv/root: "), "{r}");
+        assert!(r.contains("Permission denied"), "{r}");
+        assert_eq!(r.matches("Permission denied").count(), 1, "{r}");
     }
 }

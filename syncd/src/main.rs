@@ -160,7 +160,7 @@ fn main() -> ExitCode {
         .priority()
         .and_then(|(io, nice)| throttle::set_process_priority(io, nice).map_err(|e| SyncError::Config(e.to_string())))
     {
-        eprintln!("syncd: {e}");
+        eprintln!("syncd: {}", e.report());
         let code = if matches!(cli.cmd, Cmd::Drift { .. }) { drift::error_code(&e) } else { e.exit_code() };
         return ExitCode::from(code);
     }
@@ -185,7 +185,7 @@ fn main() -> ExitCode {
             match report {
                 Ok(Ok(report)) => print_pass(&report, quiet),
                 Ok(Err(e)) | Err(e) => {
-                    eprintln!("syncd: {e}");
+                    eprintln!("syncd: {}", e.report());
                     ExitCode::from(e.exit_code())
                 }
             }
@@ -198,7 +198,7 @@ fn main() -> ExitCode {
                     ExitCode::from(if report.refused.is_some() { exit::ROLLED_BACK } else { exit::OK })
                 }
                 Ok(Err(e)) | Err(e) => {
-                    eprintln!("syncd: {e}");
+                    eprintln!("syncd: {}", e.report());
                     ExitCode::from(e.exit_code())
                 }
             }
@@ -218,7 +218,7 @@ fn main() -> ExitCode {
             match report.map(run) {
                 Ok(Ok(report)) => print_pass(&report, quiet),
                 Ok(Err(e)) | Err(e) => {
-                    eprintln!("syncd: {e}");
+                    eprintln!("syncd: {}", e.report());
                     ExitCode::from(e.exit_code())
                 }
             }
@@ -233,14 +233,14 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("syncd: {e}");
+                eprintln!("syncd: {}", e.report());
                 ExitCode::from(e.exit_code())
             }
         },
         Cmd::Explain { common, paths } => match rt.block_on(explain(common, &paths)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("syncd: {e}");
+                eprintln!("syncd: {}", e.report());
                 ExitCode::from(e.exit_code())
             }
         },
@@ -261,7 +261,7 @@ fn main() -> ExitCode {
                     ExitCode::from(d.exit_code(incomplete))
                 }
                 Ok(Err(e)) | Err(e) => {
-                    eprintln!("syncd: {e}");
+                    eprintln!("syncd: {}", e.report());
                     ExitCode::from(drift::error_code(&e))
                 }
             }
@@ -284,7 +284,7 @@ fn main() -> ExitCode {
             match opts.map(|o| rt.block_on(syncd::daemon::run(o, shutdown))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) | Err(e) => {
-                    eprintln!("syncd: {e}");
+                    eprintln!("syncd: {}", e.report());
                     ExitCode::from(e.exit_code())
                 }
             }
