@@ -427,15 +427,7 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
         }
         Err(e) => pb::PassResult {
             host_id: host_id.to_owned(),
-            result: match e {
-                SyncError::BadManifest(_) => "rejected",
-                SyncError::Untrusted(t) if t.is_stale() => "stale",
-                SyncError::Untrusted(_) => "rejected",
-                SyncError::Unreachable { .. } => "unreachable",
-                SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } => "no-space",
-                _ => "error",
-            }
-            .into(),
+            result: crate::metrics::result_word(r).into(),
             errors: vec![e.report()],
             ..Default::default()
         },

@@ -11,7 +11,8 @@ use promtext::{family, gauge, Registry, Unit};
 use crate::error::{exit, SyncError};
 use crate::report::PassReport;
 
-/// The pass's result as one word, as the master's fleet status shows it.
+/// The pass's result as one word, as the master's fleet status shows it: one table, for the
+/// master's reports and the metrics alike.
 pub fn result_word(r: &Result<PassReport, SyncError>) -> &'static str {
     match r {
         Ok(rep) => match rep.exit_code() {
@@ -24,7 +25,14 @@ pub fn result_word(r: &Result<PassReport, SyncError>) -> &'static str {
             exit::NO_SPACE => "no-space",
             _ => "error",
         },
-        Err(_) => "error",
+        Err(e) => match e {
+            SyncError::BadManifest(_) => "rejected",
+            SyncError::Untrusted(t) if t.is_stale() => "stale",
+            SyncError::Untrusted(_) => "rejected",
+            SyncError::Unreachable { .. } => "unreachable",
+            SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } => "no-space",
+            _ => "error",
+        },
     }
 }
 

@@ -79,13 +79,13 @@ fn every_pass_writes_its_metrics_atomically_and_promtool_accepts_them() {
     // The edited file is read again; the other two come from the index.
     assert_eq!(v["syncd_last_pass_index_hits"], 2.0, "{v:?}");
 
-    // A master that cannot be reached: the pass's error is the last result.
+    // A master that cannot be reached: the last result, the same word the master would see.
     drop(m);
     let out = syncd("sync", "http://127.0.0.1:9", &root, &state, &cfg);
     assert_ne!(out.code, 0);
     promtool_check(&prom);
     let v = samples(&std::fs::read_to_string(&prom).unwrap());
-    assert_eq!(v["syncd_last_pass_result{result=\"error\"}"], 1.0, "{v:?}");
+    assert_eq!(v["syncd_last_pass_result{result=\"unreachable\"}"], 1.0, "{v:?}");
     assert_eq!(v["syncd_last_pass_success"], 0.0);
     assert_eq!(v["syncd_last_pass_exit_code"], out.code as f64, "{v:?}");
 }
