@@ -113,8 +113,12 @@ impl SyncError {
 
 /// `e` and its causes, `: `-separated; a cause whose text the line already holds is skipped.
 pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
+    with_causes(e.to_string(), e.source())
+}
+
+/// `text` followed by `cause` and the causes beneath it, each skipped when `text` already holds
+/// it (messages often repeat their first causes).
+pub fn with_causes(mut text: String, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(c) = cause {
         let c_text = c.to_string();
         if !text.contains(&c_text) {

@@ -160,27 +160,9 @@ pub(super) fn lists_from_wire(lists: &[pb::ExclusionList]) -> Vec<PatternList> {
 
 /// A call's failure in a line: its code and message, and what caused it.
 pub fn describe_status(s: &tonic::Status) -> String {
-    let mut text = format!("{}: {}", s.code(), s.message());
-    let mut cause = std::error::Error::source(s);
-    while let Some(c) = cause {
-        // The message often repeats the first causes already.
-        let c_text = c.to_string();
-        if !text.contains(&c_text) {
-            text.push_str(": ");
-            text.push_str(&c_text);
-        }
-        cause = c.source();
-    }
-    text
+    crate::error::with_causes(format!("{}: {}", s.code(), s.message()), std::error::Error::source(s))
 }
 
 pub(super) fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    crate::error::chain(e)
 }
