@@ -204,7 +204,8 @@ fn a_store_that_stalls_in_the_middle_of_a_body_falls_back() {
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
     let (store, from_master, after) = store_sources(&out);
-    assert!(store >= 3, "nothing came from the store before the stall: {}", out.summary());
+    // As for the stop below: the stall can catch several GETs mid-body on a busy machine.
+    assert!(store >= 1, "nothing came from the store before the stall: {}", out.summary());
     assert!(after >= 1 && from_master >= after, "{}", out.summary());
     assert!(took < Duration::from_secs(30), "took {took:?}");
 }
@@ -222,7 +223,9 @@ fn a_store_stopped_in_the_middle_of_a_sync() {
     out.expect_code(0, &[&root]);
     assert_converged(&v1, &root, &out);
     let (store, from_master, after) = store_sources(&out);
-    assert!(store >= 3, "nothing came from the store before the stop: {}", out.summary());
+    // GETs run several at a time and the stop counts the bytes of all of them, so on a busy
+    // machine it can cut most of them mid-body: at least one object must have come whole.
+    assert!(store >= 1, "nothing came from the store before the stop: {}", out.summary());
     assert!(after >= 1 && from_master >= after, "{}", out.summary());
     assert!(out.stderr.contains("fetching from the master instead"), "the fallback is not logged:\n{}", out.stderr);
 
