@@ -274,6 +274,11 @@ pub struct DaemonTimes {
     pub max_backoff: Option<String>,
 }
 
+/// A refused value of `name`.
+fn setting(name: impl Into<String>, problem: impl std::fmt::Display) -> SyncError {
+    SyncError::Setting { name: name.into(), problem: problem.to_string() }
+}
+
 impl Flags {
     /// The config file named by `--config`, or an empty one.
     pub fn config(&self) -> Result<Config, SyncError> {
@@ -287,12 +292,12 @@ impl Flags {
     pub fn priority(&self) -> Result<(Option<throttle::IoPriority>, Option<i32>), SyncError> {
         let cfg = self.config()?;
         let io = match self.io_priority.as_ref().or(cfg.io_priority.as_ref()) {
-            Some(s) => Some(s.parse().map_err(|e| SyncError::Config(format!("io_priority: {e}")))?),
+            Some(s) => Some(s.parse().map_err(|e| setting("io_priority", e))?),
             None => None,
         };
         let nice = self.nice.or(cfg.nice);
         if let Some(n) = nice.filter(|n| !(-20..=19).contains(n)) {
-            return Err(SyncError::Config(format!("nice: {n} is outside -20..=19")));
+            return Err(setting("nice", format!("{n} is outside -20..=19")));
         }
         Ok((io, nice))
     }
@@ -307,9 +312,9 @@ impl Flags {
                 (None, None) => return Ok(default),
             };
             match manifest::units::parse_duration(text) {
-                Ok(d) if d.is_zero() => Err(SyncError::Config(format!("{name}: must be greater than zero"))),
+                Ok(d) if d.is_zero() => Err(setting(name, "must be greater than zero")),
                 Ok(d) => Ok(d),
-                Err(e) => Err(SyncError::Config(format!("{name}: {e}"))),
+                Err(e) => Err(setting(name, e)),
             }
         };
         Ok(crate::fetch::Deadlines {
@@ -361,21 +366,18 @@ impl Flags {
         exclude_from.extend(self.exclude_from);
         let source = self.config.as_ref().map_or_else(String::new, |p| p.display().to_string());
         // Refuse to start on a bad trigger, naming the trigger and the key.
-        let triggers = triggers::config::validate(&cfg.trigger, &source)
-            .map_err(|e| SyncError::Config(format!("config {source}: {e}")))?;
+        let triggers =
+            triggers::config::validate(&cfg.trigger, &source).map_err(|e| setting(format!("config {source}"), e))?;
         // Health checks likewise: local only, refused at start when bad.
-        let health =
-            triggers::health::validate(&cfg.health).map_err(|e| SyncError::Config(format!("config {source}: {e}")))?;
+        let health = triggers::health::validate(&cfg.health).map_err(|e| setting(format!("config {source}"), e))?;
         let tls = match (self.tls_ca.or(cfg.tls_ca), self.tls_cert.or(cfg.tls_cert), self.tls_key.or(cfg.tls_key)) {
             (Some(ca), Some(cert), Some(key)) => Some(proto::tls::client(&ca, &cert, &key).map_err(SyncError::Config)?),
             (None, None, None) => None,
-            _ => return Err(SyncError::Config("mTLS needs all three of tls_ca, tls_cert and tls_key".into())),
+            _ => return Err(setting("tls_ca, tls_cert, tls_key", "mTLS needs all three")),
         };
         let mut trusted_keys = Vec::new();
         for k in cfg.trusted_keys.iter().chain(&self.trusted_keys) {
-            trusted_keys.push(
-                manifest::trust::PublicKey::parse(k).map_err(|e| SyncError::Config(format!("trusted_keys: {e}")))?,
-            );
+            trusted_keys.push(manifest::trust::PublicKey::parse(k).map_err(|e| setting("trusted_keys", e))?);
         }
         if self.insecure {
             tracing::warn!(
@@ -393,21 +395,18 @@ impl Flags {
             fallback: self.object_store_fallback.or(cfg.object_store_fallback).unwrap_or(true),
             solid: self.object_store_solid.or(cfg.object_store_solid).unwrap_or(true),
             concurrency: match self.object_store_concurrency.or(cfg.object_store_concurrency) {
-                Some(0) => return Err(SyncError::Config("object_store_concurrency: must be at least 1".into())),
+                Some(0) => return Err(setting("object_store_concurrency", "must be at least 1")),
                 Some(n) => n,
                 None => 8,
             },
             anonymous: cfg.object_store_anonymous.unwrap_or(false),
         };
         let staging = match self.staging.as_ref().or(cfg.staging.as_ref()) {
-            Some(s) => s.parse().map_err(|e| SyncError::Config(format!("staging: {e}")))?,
+            Some(s) => s.parse().map_err(|e| setting("staging", e))?,
             None => crate::apply::Staging::default(),
         };
         let health_grace = match &cfg.health_grace {
-            Some(t) => Some(
-                manifest::units::parse_duration(t)
-                    .map_err(|e| SyncError::Config(format!("config key health_grace: {e}")))?,
-            ),
+            Some(t) => Some(manifest::units::parse_duration(t).map_err(|e| setting("config key health_grace", e))?),
             None => None,
         };
         let store_max_bytes = match &cfg.store_max_bytes {
@@ -425,9 +424,10 @@ impl Flags {
                 crate::daemon::Apply::Window(crate::window::parse_all(&cfg.commit_window).map_err(SyncError::Config)?)
             }
             Some(other) => {
-                return Err(SyncError::Config(format!(
-                    "config key apply: unknown value {other:?} (expected \"immediately\" or \"window\")"
-                )))
+                return Err(setting(
+                    "config key apply",
+                    format!("unknown value {other:?} (expected \"immediately\" or \"window\")"),
+                ))
             }
         };
         Ok(Resolved {
@@ -522,11 +522,11 @@ impl Resolved {
         let r = self;
         let d = |v: &Option<String>, key: &str, default: &str| {
             manifest::units::parse_duration(v.as_deref().unwrap_or(default))
-                .map_err(|e| SyncError::Config(format!("config key {key}: {e}")))
+                .map_err(|e| setting(format!("config key {key}"), e))
         };
         let reconcile_interval = d(&r.daemon.reconcile_interval, "reconcile_interval", "15m")?;
         if reconcile_interval.is_zero() {
-            return Err(SyncError::Config("config key reconcile_interval: must be greater than zero".into()));
+            return Err(setting("config key reconcile_interval", "must be greater than zero"));
         }
         let reconcile_jitter = d(&r.daemon.reconcile_jitter, "reconcile_jitter", "1m")?;
         let announce_jitter = d(&r.daemon.announce_jitter, "announce_jitter", "10s")?;
@@ -600,6 +600,9 @@ mod tests {
         let insecure = || Flags { insecure: true, ..Flags::default() };
         let e = err(Flags { rpc_timeout: Some("0s".into()), ..insecure() }.resolve_with(Config::default()));
         assert!(e.contains("--rpc-timeout: must be greater than zero"), "{e}");
+        // The setting is kept as data, not only in the text.
+        let r = Flags { nice: Some(40), ..insecure() }.priority();
+        assert!(matches!(r, Err(SyncError::Setting { ref name, .. }) if name == "nice"), "{:?}", r.err());
         let e = err(insecure().resolve_with(cfg("keepalive_timeout = \"soon\"\n")));
         assert!(e.contains("config key keepalive_timeout"), "{e}");
         let e = err(insecure().resolve_with(cfg("tls_ca = \"/ca.pem\"\n")));

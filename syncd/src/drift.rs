@@ -186,7 +186,7 @@ impl Report {
 /// The drift exit code for a pass that could not produce a report: always 16 or more.
 pub fn error_code(e: &SyncError) -> u8 {
     match e {
-        SyncError::Config(_) | SyncError::Scan { .. } => code::CONFIG,
+        SyncError::Config(_) | SyncError::Setting { .. } | SyncError::Scan { .. } => code::CONFIG,
         SyncError::Unreachable { .. } => code::UNREACHABLE,
         SyncError::BadManifest(_) | SyncError::Untrusted(_) => code::BAD_MANIFEST,
         SyncError::Lock(crate::lock::LockError::Busy { .. }) => code::BUSY,

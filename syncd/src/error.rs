@@ -47,8 +47,13 @@ pub mod exit {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    /// A usage or configuration error that is not about one setting.
     #[error("{0}")]
     Config(String),
+    /// A flag or config key with a value that cannot be used: `name` says which (`--rpc-timeout`,
+    /// `config key rpc_timeout`, `trusted_keys`), `problem` what is wrong with it.
+    #[error("{name}: {problem}")]
+    Setting { name: String, problem: String },
     #[error("master {url} is unreachable: {reason} (hint: check that syncmaster is running and the URL is right)")]
     Unreachable { url: String, reason: String },
     #[error("the master's manifest was rejected, nothing was changed")]
@@ -95,7 +100,7 @@ impl SyncError {
 
     pub fn exit_code(&self) -> u8 {
         match self {
-            SyncError::Config(_) | SyncError::Scan { .. } => exit::USAGE,
+            SyncError::Config(_) | SyncError::Setting { .. } | SyncError::Scan { .. } => exit::USAGE,
             SyncError::Unreachable { .. } => exit::UNREACHABLE,
             SyncError::BadManifest(_) => exit::BAD_MANIFEST,
             SyncError::Untrusted(t) if t.is_stale() => exit::STALE,
