@@ -409,7 +409,7 @@ pub fn pass_result(host_id: &str, r: &Result<PassReport, SyncError>) -> pb::Pass
                 excluded: rep.plan.excluded as u64,
                 failed_paths: rep.failures().count() as u64,
                 failed_triggers: rep.triggers.iter().filter(|t| !t.ok).map(|t| t.trigger.clone()).collect(),
-                errors: rep.failures().take(10).map(|f| format!("{}: {}", f.path, f.error)).collect(),
+                errors: rep.failures().take(10).map(|f| format!("{}: {}", f.at, f.error)).collect(),
                 duration_secs: rep.duration.as_secs_f64(),
                 dry_run: rep.outcome.is_none(),
                 health: rep
@@ -667,7 +667,7 @@ fn log_pass(r: &Result<PassReport, SyncError>) {
     match r {
         Ok(rep) => {
             for f in rep.failures() {
-                tracing::error!(path = %f.path, "{}", f.error);
+                tracing::error!(path = %f.at, "{}", f.error);
             }
             for t in &rep.triggers {
                 if t.ok {

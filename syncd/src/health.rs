@@ -396,7 +396,11 @@ mod tests {
 
         // A pass that did not converge carries nothing (its own failure is the verdict).
         let mut partial = report(7, Hash([7; 32]));
-        partial.scan_failures.push(crate::apply::Failure { path: "etc/x".into(), error: "unreadable".into() });
+        partial.scan_failures.push(crate::apply::Failure {
+            at: crate::apply::FailedAt::Entry(manifest::RelPath::new("etc/x").unwrap()),
+            kind: crate::apply::FailureKind::Scan,
+            error: "unreadable".into(),
+        });
         check_or_recall(&checks, &path, None, None, &mut partial).await;
         assert!(partial.health.is_empty());
 

@@ -250,7 +250,7 @@ fn main() -> ExitCode {
                 Ok(Ok(report)) => {
                     let incomplete = report.failures().next().is_some();
                     for f in report.failures() {
-                        eprintln!("syncd: error: {}: {}", f.path, f.error);
+                        eprintln!("syncd: error: {}: {}", f.at, f.error);
                     }
                     let d = drift::Report::new(&report);
                     let text = match format {
@@ -308,7 +308,7 @@ fn print_pass(report: &syncd::PassReport, quiet: bool) -> ExitCode {
         }
     }
     for f in report.failures() {
-        eprintln!("syncd: error: {}: {}", f.path, f.error);
+        eprintln!("syncd: error: {}: {}", f.at, f.error);
     }
     print_triggers(report);
     print_health(report);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use exclusions::{Exclusions, PatternList};
 use manifest::Hash;
 
-use crate::apply::{Failure, Outcome};
+use crate::apply::{FailedAt, Failure, FailureKind, Outcome};
 use crate::error::SyncError;
 use crate::hostfs::root;
 use crate::options::{Mode, SyncOptions};
@@ -280,11 +280,17 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             (Some(manifest), plan, errors)
         }
     };
-    let mut scan_failures: Vec<Failure> =
-        scan_errors.iter().map(|e| Failure { path: e.path().display().to_string(), error: e.to_string() }).collect();
+    let mut scan_failures: Vec<Failure> = scan_errors
+        .iter()
+        .map(|e| Failure { at: FailedAt::File(e.path().to_owned()), kind: FailureKind::Scan, error: e.to_string() })
+        .collect();
     for s in &plan.skipped {
         if s.reason.is_failure() {
-            scan_failures.push(Failure { path: s.path.to_string(), error: format!("left alone: {}", s.reason) });
+            scan_failures.push(Failure {
+                at: FailedAt::Entry(s.path.clone()),
+                kind: FailureKind::LeftAlone,
+                error: format!("left alone: {}", s.reason),
+            });
         }
     }
     let mut report = PassReport {
@@ -460,7 +466,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         // Applied, even in part: from now on anything older is a rollback. (A pass rolled
         // back applied nothing: the host is still at its earlier version.)
         if let Err(error) = trust::record(&opts.trust, &applied_record, report.image_version, &report.identity) {
-            o.failures.push(Failure { path: applied_record.display().to_string(), error });
+            o.failures.push(Failure { at: FailedAt::File(applied_record.clone()), kind: FailureKind::State, error });
         }
     }
     if let (Some(j), Some(o)) = (&mut journal, &report.outcome) {

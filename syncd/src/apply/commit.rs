@@ -9,7 +9,7 @@ use manifest::{Hash, Kind, Meta, RelPath};
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
-use super::{Applier, Held, Location, Staged, Staging, COMMIT_THREADS};
+use super::{Applier, FailedAt, FailureKind, Held, Location, Staged, Staging, COMMIT_THREADS};
 use crate::hostfs::fsops::{self, MetaParts};
 use crate::hostfs::root::RootDir;
 use crate::plan::{Op, Plan, Source};
@@ -47,7 +47,12 @@ impl Applier<'_> {
             let dir = match self.root.parent(&path) {
                 Ok((dir, _)) => dir,
                 Err(e) => {
-                    self.fail_content(&path, "cannot reach the staged entry's directory to commit it", e);
+                    self.fail_content(
+                        &path,
+                        FailureKind::Commit,
+                        "cannot reach the staged entry's directory to commit it",
+                        e,
+                    );
                     continue;
                 }
             };
@@ -68,7 +73,7 @@ impl Applier<'_> {
             if let Err(e) = r {
                 let _ = fsops::remove_tree(d.dir.as_fd(), d.temp.as_bytes(), self.root.dev());
                 self.failed_dirs.push(d.path.clone());
-                self.fail_content(&d.path, "cannot swap the new directory into place", e);
+                self.fail_content(&d.path, FailureKind::Commit, "cannot swap the new directory into place", e);
             }
         }
     }
@@ -90,7 +95,7 @@ impl Applier<'_> {
                 if let Some(h) = hash {
                     self.materialized.remove(&h);
                 }
-                self.fail_content(&path, "cannot rename new content into place", e);
+                self.fail_content(&path, FailureKind::Commit, "cannot rename new content into place", e);
             }
         }
     }
@@ -128,10 +133,9 @@ impl Applier<'_> {
             }
         }
         if left > 0 {
-            self.fail_str(
-                &self.root.path().display().to_string(),
-                format!("rolling back: {left} temp entries or new directories could not be removed; the next pass removes them"),
-            );
+            self.fail_pass(format!(
+                "rolling back: {left} temp entries or new directories could not be removed; the next pass removes them"
+            ));
         }
         // Parent mtimes as they were: the host's own where the plan saw it differ, else the
         // image's, which the host matched.
@@ -216,7 +220,7 @@ impl Applier<'_> {
                     self.out.done[i] = true;
                     self.touch_parent(&c.path);
                 }
-                Err(e) => self.fail_content(&c.path, &format!("cannot hard-link to {leader}"), e),
+                Err(e) => self.fail_content(&c.path, FailureKind::Commit, &format!("cannot hard-link to {leader}"), e),
             }
         }
     }
@@ -263,7 +267,7 @@ impl Applier<'_> {
             });
             match r {
                 Ok(()) => self.out.done[i] = true,
-                Err(e) => self.fail(&c.path, "cannot update metadata", e),
+                Err(e) => self.fail(&c.path, FailureKind::Metadata, "cannot update metadata", e),
             }
         }
     }
@@ -288,15 +292,14 @@ impl Applier<'_> {
                     self.out.done[i] = true;
                     self.touch_parent(&c.path);
                 }
-                Err(e) => self.fail(&c.path, "cannot delete", e),
+                Err(e) => self.fail(&c.path, FailureKind::Delete, "cannot delete", e),
             }
         }
         let held = self.out.held_back - held_before;
         if held > 0 && self.halt.is_none() {
-            self.fail_str(
-                &self.root.path().display().to_string(),
-                format!("{held} deletions held back because new content failed (see above); a pass that brings everything in makes them"),
-            );
+            self.fail_pass(format!(
+                "{held} deletions held back because new content failed (see above); a pass that brings everything in makes them"
+            ));
         }
     }
 
@@ -376,8 +379,11 @@ impl Applier<'_> {
                 (Ok(()), None, None) => self.out.root_done = true,
                 (Ok(()), None, Some(_)) => {}
                 (Err(e), _, p) => {
-                    let shown = p.as_ref().map_or_else(|| ".".to_owned(), |p| p.to_string());
-                    self.fail_str(&shown, format!("cannot set directory metadata: {e}"));
+                    let at = match p {
+                        Some(p) => FailedAt::Entry(p.clone()),
+                        None => FailedAt::Root(self.root.path().to_owned()),
+                    };
+                    self.failure(at, FailureKind::DirectoryMetadata, format!("cannot set directory metadata: {e}"));
                 }
             }
         }

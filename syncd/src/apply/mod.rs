@@ -75,11 +75,64 @@ impl std::str::FromStr for Staging {
     }
 }
 
-/// One path that could not be brought in line, and why.
+/// One thing a pass could not do, kept as data: where, what, and why.
 #[derive(Debug, Clone)]
 pub struct Failure {
-    pub path: String,
+    pub at: FailedAt,
+    pub kind: FailureKind,
+    /// Why, for people: what was not done and the error.
     pub error: String,
+}
+
+/// Where a failure happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailedAt {
+    /// An entry of the tree, relative to the root.
+    Entry(RelPath),
+    /// No one entry: the pass as a whole, on the root's filesystem (a halt, a flush, a
+    /// roll-back that left temp entries).
+    Root(std::path::PathBuf),
+    /// A file outside the tree: a host path the scan could not read, or a state file.
+    File(std::path::PathBuf),
+}
+
+impl std::fmt::Display for FailedAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailedAt::Entry(p) => write!(f, "{p}"),
+            FailedAt::Root(p) | FailedAt::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// What could not be done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The host path could not be read.
+    Scan,
+    /// Left alone: a mount point, beneath one, or beneath an unreadable directory.
+    LeftAlone,
+    /// A temp entry of an interrupted pass could not be removed.
+    Leftover,
+    /// A directory could not be made.
+    Directory,
+    /// New content could not be staged (written, verified, flushed) or linked.
+    Stage,
+    /// Not made because something it depends on failed (a link's leader, a symlink's target,
+    /// a parent directory).
+    HeldBack,
+    /// The staged entry could not be renamed or swapped into place.
+    Commit,
+    /// Metadata could not be changed in place.
+    Metadata,
+    /// The entry could not be deleted.
+    Delete,
+    /// A directory's metadata could not be set after the pass.
+    DirectoryMetadata,
+    /// The pass as a whole (staging stopped, a flush failed, deletions held back).
+    Pass,
+    /// A state file could not be written.
+    State,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -401,10 +454,7 @@ pub fn apply(
         } else {
             "the changes not yet made were not attempted"
         };
-        a.fail_str(
-            &a.root.path().display().to_string(),
-            format!("staging stopped: {why}; {what} ({skipped} changes left for the next pass)"),
-        );
+        a.fail_pass(format!("staging stopped: {why}; {what} ({skipped} changes left for the next pass)"));
     }
     tracing::debug!(
         waiting_for_objects = a.objects.waited.secs(),
@@ -413,7 +463,7 @@ pub fn apply(
     );
     let t = std::time::Instant::now();
     if let Err(e) = rustix::fs::syncfs(a.root.fd()) {
-        a.fail_str(&a.root.path().display().to_string(), format!("cannot flush the filesystem (syncfs): {e}"));
+        a.fail_pass(format!("cannot flush the filesystem (syncfs): {e}"));
     }
     tracing::debug!(secs = t.elapsed().as_secs_f64(), "apply: final syncfs");
     if let Some(h) = a.releasing.take() {
@@ -447,20 +497,25 @@ pub fn apply(
 }
 
 impl Applier<'_> {
-    fn fail(&mut self, path: &RelPath, what: &str, e: impl std::fmt::Display) {
-        self.fail_str(&path.to_string(), format!("{what}: {e}"));
+    fn fail(&mut self, path: &RelPath, kind: FailureKind, what: &str, e: impl std::fmt::Display) {
+        self.failure(FailedAt::Entry(path.clone()), kind, format!("{what}: {e}"));
     }
 
     /// A path whose new entry could not be made: from now on nothing destructive is done.
-    fn fail_content(&mut self, path: &RelPath, what: &str, e: impl std::fmt::Display) {
+    fn fail_content(&mut self, path: &RelPath, kind: FailureKind, what: &str, e: impl std::fmt::Display) {
         self.content_failed = true;
         self.failed.insert(path.clone());
-        self.fail(path, what, e);
+        self.fail(path, kind, what, e);
     }
 
-    fn fail_str(&mut self, path: &str, error: String) {
-        tracing::debug!(path, "{error}");
-        self.out.failures.push(Failure { path: path.to_owned(), error });
+    fn failure(&mut self, at: FailedAt, kind: FailureKind, error: String) {
+        tracing::debug!(at = %at, ?kind, "{error}");
+        self.out.failures.push(Failure { at, kind, error });
+    }
+
+    /// A failure of the pass as a whole, not of one entry.
+    fn fail_pass(&mut self, error: String) {
+        self.failure(FailedAt::Root(self.root.path().to_owned()), FailureKind::Pass, error);
     }
 
     /// A change not made because something it depends on failed.
@@ -468,7 +523,7 @@ impl Applier<'_> {
         self.out.held_back += 1;
         self.content_failed = true;
         self.failed.insert(path.clone());
-        self.fail_str(&path.to_string(), format!("held back: {why}"));
+        self.failure(FailedAt::Entry(path.clone()), FailureKind::HeldBack, format!("held back: {why}"));
     }
 
     /// Stops all further staging, keeping the first reason.
@@ -496,7 +551,12 @@ impl Applier<'_> {
 
     fn check_blocked(&mut self, path: &RelPath) -> bool {
         if let Some(d) = self.blocked(path) {
-            self.fail_content(path, "skipped", format!("its parent directory {d} could not be made"));
+            self.fail_content(
+                path,
+                FailureKind::HeldBack,
+                "skipped",
+                format!("its parent directory {d} could not be made"),
+            );
             return true;
         }
         false

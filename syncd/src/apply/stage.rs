@@ -11,7 +11,10 @@ use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
 use super::commit::is_dir_at;
-use super::{is_systemic, resolve_target, Applier, DirSwap, Held, Location, Staged, Staging, BATCH_BYTES, BATCH_FILES};
+use super::{
+    is_systemic, resolve_target, Applier, DirSwap, FailureKind, Held, Location, Staged, Staging, BATCH_BYTES,
+    BATCH_FILES,
+};
 use crate::hostfs::fsops::{self, MetaParts, VerifyingWriter};
 use crate::plan::{Op, Source};
 
@@ -28,7 +31,9 @@ impl Applier<'_> {
                     self.out.stats.leftovers_removed += 1;
                     self.touched.insert(l.path.parent());
                 }
-                Err(e) => self.fail(&l.path, "cannot remove a temp entry an interrupted pass left", e),
+                Err(e) => {
+                    self.fail(&l.path, FailureKind::Leftover, "cannot remove a temp entry an interrupted pass left", e)
+                }
             }
         }
         if !self.plan.leftovers.is_empty() {
@@ -55,7 +60,7 @@ impl Applier<'_> {
                 if is_systemic(&e) {
                     self.halt_on(&e);
                 }
-                self.fail_content(&c.path, "cannot create directory", e);
+                self.fail_content(&c.path, FailureKind::Directory, "cannot create directory", e);
                 self.failed_dirs.push(c.path.clone());
                 continue;
             }
@@ -174,7 +179,7 @@ impl Applier<'_> {
                         if is_systemic(&e) || self.out.stats.master_lost {
                             self.halt_on(&e);
                         }
-                        self.fail_content(&c.path, "cannot stage new content", e);
+                        self.fail_content(&c.path, FailureKind::Stage, "cannot stage new content", e);
                     }
                 }
             }
@@ -209,7 +214,7 @@ impl Applier<'_> {
                     if is_systemic(&e) {
                         self.halt_on(&e);
                     }
-                    self.fail_content(&c.path, &format!("cannot hard-link to {leader}"), e);
+                    self.fail_content(&c.path, FailureKind::Stage, &format!("cannot hard-link to {leader}"), e);
                 }
             }
         }
@@ -385,7 +390,7 @@ impl Applier<'_> {
                 self.materialized.remove(&h);
             }
             let path = self.plan.changes[s.index].path.clone();
-            self.fail_content(&path, "cannot flush staged content (syncfs)", e);
+            self.fail_content(&path, FailureKind::Stage, "cannot flush staged content (syncfs)", e);
         }
     }
 }
