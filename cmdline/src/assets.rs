@@ -17,18 +17,7 @@ pub fn generate(cmd: clap::Command, dir: &Path) -> io::Result<()> {
     let man = dir.join("man");
     std::fs::create_dir_all(&man)?;
     clap_mangen::generate_to(cmd.clone(), &man)?;
-    // Neither hidden subcommands nor clap's own `help` get a page.
-    for e in std::fs::read_dir(&man)? {
-        let file = e?.file_name().to_string_lossy().into_owned();
-        let sub = file.strip_prefix(&format!("{name}-")).and_then(|f| f.strip_suffix(".1"));
-        let under = |s: &str, c: &str| s == c || s.starts_with(&format!("{c}-"));
-        let hidden = sub.is_some_and(|s| {
-            under(s, "help") || cmd.get_subcommands().any(|c| c.is_hide_set() && under(s, c.get_name()))
-        });
-        if hidden {
-            std::fs::remove_file(man.join(&file))?;
-        }
-    }
+    // clap_mangen leaves out hidden subcommands and clap's own `help`.
     let completions = dir.join("completions");
     std::fs::create_dir_all(&completions)?;
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {

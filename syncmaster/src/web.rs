@@ -310,49 +310,40 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// A GET route answering with `render` of the fleet and the rollout, read off the async
+/// workers, as `ctype`.
+fn view(
+    control: Arc<Control>,
+    ctype: &'static str,
+    render: fn(&pb::StatusReply, &pb::RolloutStatusReply) -> String,
+) -> axum::routing::MethodRouter {
+    axum::routing::get(move || {
+        let c = control.clone();
+        async move {
+            let body = tokio::task::spawn_blocking(move || render(&c.fleet_status(), &c.rollout_status()))
+                .await
+                .unwrap_or_default();
+            let headers = [
+                (CONTENT_TYPE, ctype),
+                (CACHE_CONTROL, "no-store"),
+                // No script, no frame, nothing fetched: the page is its own markup and style.
+                (
+                    HeaderName::from_static("content-security-policy"),
+                    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'",
+                ),
+                (HeaderName::from_static("x-content-type-options"), "nosniff"),
+                (HeaderName::from_static("referrer-policy"), "no-referrer"),
+            ];
+            (headers, body)
+        }
+    })
+}
+
 fn router(control: Arc<Control>) -> axum::Router {
-    let headers = |ctype: &'static str| {
-        [
-            (CONTENT_TYPE, ctype),
-            (CACHE_CONTROL, "no-store"),
-            // No script, no frame, nothing fetched: the page is its own markup and style.
-            (
-                HeaderName::from_static("content-security-policy"),
-                "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'",
-            ),
-            (HeaderName::from_static("x-content-type-options"), "nosniff"),
-            (HeaderName::from_static("referrer-policy"), "no-referrer"),
-        ]
-    };
-    let c = control.clone();
-    axum::Router::new()
-        .route(
-            "/",
-            axum::routing::get(move || {
-                let c = c.clone();
-                async move {
-                    let body = tokio::task::spawn_blocking(move || page(&c.fleet_status(), &c.rollout_status()))
-                        .await
-                        .unwrap_or_default();
-                    (headers("text/html; charset=utf-8"), body)
-                }
-            }),
-        )
-        .route(
-            "/fleet.json",
-            axum::routing::get(move || {
-                let c = control.clone();
-                async move {
-                    let body = tokio::task::spawn_blocking(move || {
-                        serde_json::to_string_pretty(&data(&c.fleet_status(), &c.rollout_status())).unwrap_or_default()
-                            + "\n"
-                    })
-                    .await
-                    .unwrap_or_default();
-                    (headers("application/json"), body)
-                }
-            }),
-        )
+    axum::Router::new().route("/", view(control.clone(), "text/html; charset=utf-8", page)).route(
+        "/fleet.json",
+        view(control, "application/json", |f, r| serde_json::to_string_pretty(&data(f, r)).unwrap_or_default() + "\n"),
+    )
 }
 
 /// Serves the page on `listener` until `stopped` turns true: HTTPS with client certificates

@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::decode::Bases;
 use super::store::{open_object_in_order, Pump, StoreFailure, StoreSource, StoreTally};
-use super::transport::{secs, source_chain, Deadlines};
+use super::transport::{secs, Deadlines};
+use crate::error::chain;
 
 /// Seed chunks read back in one blocking call, up to this many bytes.
 const SEED_BATCH: u64 = 1 << 20;
@@ -102,7 +103,7 @@ pub(super) async fn get_index(
     let get = match tokio::time::timeout(d.rpc, store.store.get(&key)).await {
         Ok(Ok(get)) => get,
         Ok(Err(objstore::object_store::Error::NotFound { .. })) => return Ok(None),
-        Ok(Err(e)) => return Err(fail(source_chain(&e), true)),
+        Ok(Err(e)) => return Err(fail(chain(&e), true)),
         Err(_) => return Err(fail(format!("no reply within {} (rpc_timeout sets this deadline)", secs(d.rpc)), true)),
     };
     let body = read_body(get, Index::max_bytes(size), d).await.map_err(|(why, down)| fail(why, down))?;
@@ -127,7 +128,7 @@ async fn read_body(get: objstore::object_store::GetResult, cap: u64, d: Deadline
                 ))
             }
             Ok(None) => return Ok(Bytes::from(out)),
-            Ok(Some(Err(e))) => return Err((source_chain(&e), true)),
+            Ok(Some(Err(e))) => return Err((chain(&e), true)),
             Ok(Some(Ok(data))) => {
                 if (out.len() + data.len()) as u64 > cap {
                     return Err((format!("longer than the {cap} bytes it can be"), false));

@@ -19,10 +19,10 @@ use super::queue;
 use super::store::{open_object, Pump, StoreSource, StoreTally};
 use super::stream::ObjectStream;
 use super::transport::{
-    check_url, describe_status, lists_from_wire, no_reply, secs, source_chain, stalled, within, Deadlines, StoreConfig,
-    Transport, DELTA_GET_MIN,
+    check_url, describe_status, lists_from_wire, no_reply, secs, stalled, within, Deadlines, StoreConfig, Transport,
+    DELTA_GET_MIN,
 };
-use crate::error::SyncError;
+use crate::error::{chain, SyncError};
 
 /// A manifest as received: whole, or only its header when the host's cached copy is current.
 pub struct Received {
@@ -96,7 +96,7 @@ impl Master {
             .keep_alive_timeout(d.keepalive_timeout)
             .keep_alive_while_idle(while_idle);
         // The endpoint's own connect timeout covers TCP alone, not the TLS handshake after it.
-        let connecting = async { endpoint.connect().await.map_err(|e| unreachable(&source_chain(&e))) };
+        let connecting = async { endpoint.connect().await.map_err(|e| unreachable(&chain(&e))) };
         let channel = within(d.connect, connecting, || {
             unreachable(&format!(
                 "no connection within {} (the master may be hung or overloaded, or a firewall drops the packets; connect_timeout sets this deadline)",

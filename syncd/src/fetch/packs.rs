@@ -19,7 +19,8 @@ use proto::v1 as pb;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::store::{open_object, Pump, StoreFailure, StoreTally};
-use super::transport::{secs, source_chain, Deadlines};
+use super::transport::{secs, Deadlines};
+use crate::error::chain;
 
 /// Largest gap between two wanted objects read through rather than split into two GETs.
 pub(super) const GAP: u64 = 64 * 1024;
@@ -128,7 +129,7 @@ pub(super) async fn load_index(
             tracing::debug!("object store {url}: no pack index {key}: one GET per object");
             return Ok(None);
         }
-        Ok(Err(e)) => return Err(down(source_chain(&e))),
+        Ok(Err(e)) => return Err(down(chain(&e))),
         Err(_) => return Err(down(format!("no reply within {} (rpc_timeout sets this deadline)", secs(d.rpc)))),
     };
     if got.meta.size > objstore::pack::MAX_INDEX_BYTES {
@@ -142,7 +143,7 @@ pub(super) async fn load_index(
     let wait = d.stream_idle.max(d.rpc);
     let body = match tokio::time::timeout(wait, got.bytes()).await {
         Ok(Ok(b)) => b,
-        Ok(Err(e)) => return Err(down(source_chain(&e))),
+        Ok(Err(e)) => return Err(down(chain(&e))),
         Err(_) => return Err(down(format!("no data for {} (stream_idle_timeout sets this deadline)", secs(wait)))),
     };
     tally.bytes.fetch_add(body.len() as u64, Relaxed);
@@ -200,9 +201,9 @@ pub(super) async fn open_unit(
         }
         // A range the pack does not hold (a damaged index): not the store's fault.
         Ok(Err(e @ objstore::object_store::Error::Generic { .. })) if e.to_string().contains("Range") => {
-            Err(fail(source_chain(&e), false))
+            Err(fail(chain(&e), false))
         }
-        Ok(Err(e)) => Err(fail(source_chain(&e), true)),
+        Ok(Err(e)) => Err(fail(chain(&e), true)),
         Err(_) => Err(fail(format!("no reply within {} (rpc_timeout sets this deadline)", secs(d.rpc)), true)),
     }
 }
@@ -241,7 +242,7 @@ impl Pump {
             };
             let mut data = match next {
                 Some(Ok(d)) => d,
-                Some(Err(e)) => return Err((k, fail(source_chain(&e), true))),
+                Some(Err(e)) => return Err((k, fail(chain(&e), true))),
                 None => {
                     let why = format!("the range ended after {} bytes, short of the pack index's", pos - start);
                     return Err((k, fail(why, false)));

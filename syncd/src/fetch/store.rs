@@ -8,7 +8,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::Channel;
 
 use super::decode::net_weight;
-use super::transport::{describe_status, no_reply, secs, source_chain, stalled, Deadlines};
+use super::transport::{describe_status, no_reply, secs, stalled, Deadlines};
+use crate::error::chain;
 
 /// Where the objects of one stream came from, when it reads from an object store: shared by
 /// the receiving task (which fills it) and the apply (which reads it to count).
@@ -101,7 +102,7 @@ pub(super) async fn open_object(
             Ok(Ok(get)) => return Ok((pb::Encoding::ZstdDelta, key.to_string(), get, Some(base))),
             // No delta against this base: the whole object.
             Ok(Err(objstore::object_store::Error::NotFound { .. })) => {}
-            Ok(Err(e)) => return Err(fail(source_chain(&e))),
+            Ok(Err(e)) => return Err(fail(chain(&e))),
             Err(_) => return Err(fail(format!("no reply within {} (rpc_timeout sets this deadline)", secs(d.rpc)))),
         }
     }
@@ -138,7 +139,7 @@ pub(super) async fn open_object_in_order(
                     sent_any: false,
                 })
             }
-            Ok(Err(e)) => return Err(fail(source_chain(&e), true)),
+            Ok(Err(e)) => return Err(fail(chain(&e), true)),
             Err(_) => {
                 return Err(fail(format!("no reply within {} (rpc_timeout sets this deadline)", secs(d.rpc)), true))
             }
@@ -272,7 +273,7 @@ impl Pump {
                         }
                     }
                 }
-                Some(Err(e)) => return Err(fail(source_chain(&e))),
+                Some(Err(e)) => return Err(fail(chain(&e))),
                 None => break,
             }
         }

@@ -162,7 +162,3 @@ pub(super) fn lists_from_wire(lists: &[pb::ExclusionList]) -> Vec<PatternList> {
 pub fn describe_status(s: &tonic::Status) -> String {
     crate::error::with_causes(format!("{}: {}", s.code(), s.message()), std::error::Error::source(s))
 }
-
-pub(super) fn source_chain(e: &dyn std::error::Error) -> String {
-    crate::error::chain(e)
-}
