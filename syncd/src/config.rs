@@ -130,19 +130,38 @@ pub enum ByteRate {
 }
 
 impl ByteRate {
-    pub fn bytes(&self, key: &str) -> Result<u64, String> {
+    pub fn bytes(&self, key: &str) -> Result<u64, SyncError> {
         match self {
             ByteRate::Bytes(n) => Ok(*n),
-            ByteRate::Text(s) => throttle::parse_bytes(s).map_err(|e| format!("config key {key}: {e}")),
+            ByteRate::Text(s) => throttle::parse_bytes(s).map_err(|e| setting(format!("config key {key}"), e)),
         }
     }
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config {} is not valid: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Config, ConfigFileError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigFileError::Invalid { path: path.to_owned(), source })
     }
+}
+
+/// Why the config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot read config {}", .path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, or a key unknown or of the wrong type (the cause names the line and the key).
+    #[error("config {} is not valid", .path.display())]
+    Invalid {
+        path: std::path::PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
 }
 
 // ---- Resolution: flags over the file over defaults ----
@@ -283,7 +302,7 @@ impl Flags {
     /// The config file named by `--config`, or an empty one.
     pub fn config(&self) -> Result<Config, SyncError> {
         match &self.config {
-            Some(p) => Config::load(p).map_err(SyncError::Config),
+            Some(p) => Ok(Config::load(p)?),
             None => Ok(Config::default()),
         }
     }
@@ -353,7 +372,7 @@ impl Flags {
         let rate = |flag: Option<u64>, key: &str, v: &Option<crate::config::ByteRate>| -> Result<u64, SyncError> {
             match (flag, v) {
                 (Some(n), _) => Ok(n),
-                (None, Some(r)) => r.bytes(key).map_err(SyncError::Config),
+                (None, Some(r)) => r.bytes(key),
                 (None, None) => Ok(0),
             }
         };
@@ -371,7 +390,9 @@ impl Flags {
         // Health checks likewise: local only, refused at start when bad.
         let health = triggers::health::validate(&cfg.health).map_err(|e| setting(format!("config {source}"), e))?;
         let tls = match (self.tls_ca.or(cfg.tls_ca), self.tls_cert.or(cfg.tls_cert), self.tls_key.or(cfg.tls_key)) {
-            (Some(ca), Some(cert), Some(key)) => Some(proto::tls::client(&ca, &cert, &key).map_err(SyncError::Config)?),
+            (Some(ca), Some(cert), Some(key)) => {
+                Some(proto::tls::client(&ca, &cert, &key).map_err(|e| setting("tls_ca, tls_cert, tls_key", e))?)
+            }
             (None, None, None) => None,
             _ => return Err(setting("tls_ca, tls_cert, tls_key", "mTLS needs all three")),
         };
@@ -410,19 +431,19 @@ impl Flags {
             None => None,
         };
         let store_max_bytes = match &cfg.store_max_bytes {
-            Some(b) => Some(b.bytes("store_max_bytes").map_err(SyncError::Config)?),
+            Some(b) => Some(b.bytes("store_max_bytes")?),
             None => None,
         };
         let apply = match cfg.apply.as_deref() {
             None | Some("immediately") => {
                 if !cfg.commit_window.is_empty() {
-                    crate::window::parse_all(&cfg.commit_window).map_err(SyncError::Config)?;
+                    crate::window::parse_all(&cfg.commit_window).map_err(|e| setting("config key commit_window", e))?;
                 }
                 crate::daemon::Apply::Immediately
             }
-            Some("window") => {
-                crate::daemon::Apply::Window(crate::window::parse_all(&cfg.commit_window).map_err(SyncError::Config)?)
-            }
+            Some("window") => crate::daemon::Apply::Window(
+                crate::window::parse_all(&cfg.commit_window).map_err(|e| setting("config key commit_window", e))?,
+            ),
             Some(other) => {
                 return Err(setting(
                     "config key apply",
@@ -483,13 +504,9 @@ impl Resolved {
 
     /// Options for one pass (`sync`, `drift`).
     pub fn sync_options(self, dry_run: bool, allow_downgrade: bool) -> Result<SyncOptions, SyncError> {
-        let master = self.master.ok_or_else(|| {
-            SyncError::Config("no master given (hint: pass --master URL or set master in the config file)".into())
-        })?;
+        let master = self.master.ok_or(SyncError::NoMaster)?;
         if self.trusted_keys.is_empty() && !self.transport.insecure {
-            return Err(SyncError::Config(
-                "no trusted keys: this host would accept any manifest (hint: put the master's public key from `syncmaster keygen` in trusted_keys, or pass --insecure for a test or demo)".into(),
-            ));
+            return Err(SyncError::NoTrustedKeys);
         }
         Ok(SyncOptions {
             master,
@@ -622,10 +639,10 @@ mod tests {
     #[test]
     fn a_pass_needs_a_master_and_trust_but_a_local_commit_needs_neither() {
         let no_master = Flags::default().resolve_with(Config::default()).unwrap().sync_options(false, false);
-        assert!(matches!(no_master, Err(SyncError::Config(ref m)) if m.contains("no master given")));
+        assert!(matches!(no_master, Err(SyncError::NoMaster)));
         let r = Flags { master: Some("https://m:7411".into()), ..Flags::default() };
         let untrusted = r.resolve_with(Config::default()).unwrap().sync_options(false, false);
-        assert!(matches!(untrusted, Err(SyncError::Config(ref m)) if m.contains("no trusted keys")));
+        assert!(matches!(untrusted, Err(SyncError::NoTrustedKeys)));
         // A commit or rollback reads the local store only.
         let local = Flags::default().resolve_with(Config::default()).unwrap().local_options(false).unwrap();
         assert!(local.index, "the local store lives in the state dir");

@@ -97,10 +97,7 @@ async fn daemon_pass(o: SyncOptions, apply: Apply) -> PassOutcome {
             p.mode = Mode::Pinned;
             let r = match state.current {
                 Some(_) => sync_once(&p).await,
-                None => Err(SyncError::Local(format!(
-                    "image v{} is prefetched and waits for the commit window; the local store keeps no current version to reconcile against meanwhile",
-                    pre.version
-                ))),
+                None => Err(crate::error::LocalError::WaitingForWindow { version: pre.version }.into()),
             };
             (r, wait)
         }
@@ -524,7 +521,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
             },
             done = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
                 connecting = None;
-                match done.unwrap_or_else(|e| Err(SyncError::Internal(format!("watch task failed: {e}")))) {
+                match done.unwrap_or_else(|e| Err(SyncError::Task { task: "watch", source: e })) {
                     Ok(w) => {
                         tracing::info!(master = %url, "watching for new image versions");
                         watch = Some(w);
@@ -538,7 +535,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
             }
             done = async { pass.as_mut().expect("guarded").await }, if pass.is_some() => {
                 pass = None;
-                let (r, wake) = done.map_err(|e| SyncError::Internal(format!("pass task failed: {e}")))?;
+                let (r, wake) = done.map_err(|e| SyncError::Task { task: "pass", source: e })?;
                 log_pass(&r);
                 crate::metrics::record(opts.sync.metrics_textfile.as_deref(), &r);
                 let event = pass_event(&r, wake);

@@ -186,14 +186,16 @@ impl Report {
 /// The drift exit code for a pass that could not produce a report: always 16 or more.
 pub fn error_code(e: &SyncError) -> u8 {
     match e {
-        SyncError::Config(_) | SyncError::Setting { .. } | SyncError::Scan { .. } => code::CONFIG,
         SyncError::Unreachable { .. } => code::UNREACHABLE,
         SyncError::BadManifest(_) | SyncError::Untrusted(_) => code::BAD_MANIFEST,
         SyncError::Lock(crate::lock::LockError::Busy { .. }) => code::BUSY,
         SyncError::Lock(_) => code::CONFIG,
-        SyncError::Journal(_) | SyncError::StateFile { .. } => code::STATE,
-        SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } | SyncError::Local(_) | SyncError::Internal(_) => {
+        SyncError::Journal(_) | SyncError::StateFile { .. } | SyncError::StateFileDamaged { .. } => code::STATE,
+        SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } | SyncError::Local(_) | SyncError::Task { .. } => {
             code::INTERNAL
         }
+        // Every usage or configuration error (the same set `sync` exits 2 for).
+        _ if e.exit_code() == crate::error::exit::USAGE => code::CONFIG,
+        _ => code::INTERNAL,
     }
 }

@@ -45,11 +45,145 @@ pub mod exit {
     pub const STATE: u8 = 12;
 }
 
+/// Why `syncd prefetch`, `commit` or `rollback` (or a daemon pass from the local store) could
+/// not go on: exit 10 ([`exit::LOCAL`]). Nothing was changed in the root.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The local store cannot be opened, written or flushed: `action` says which
+    /// (`"open"`, `"write in"`, `"flush"`, `"save the index of"`, `"save the state of"`).
+    #[error("cannot {action} the local store {}", .store.display())]
+    Store {
+        store: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot keep image v{version} in the local store {}", .store.display())]
+    KeepImage {
+        store: PathBuf,
+        version: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write object {hash} into the local store {}", .store.display())]
+    WriteObject {
+        store: PathBuf,
+        hash: manifest::Hash,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the local store {} ran out of space while prefetching (object {hash}); nothing was written to the root", .store.display())]
+    StoreFull {
+        store: PathBuf,
+        hash: manifest::Hash,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("prefetch stopped on request; what was fetched is kept")]
+    PrefetchStopped,
+    #[error("the prefetch of image v{version} is not complete ({done} of {total} objects); nothing was changed (hint: run syncd prefetch)")]
+    Incomplete { version: u64, done: u64, total: u64 },
+    #[error("nothing is prefetched; nothing was changed (hint: run syncd prefetch first)")]
+    NothingPrefetched,
+    #[error("no previous version to roll back to (the local store {} keeps none: a rollback was done already, or no commit replaced a version it kept); nothing was changed", .store.display())]
+    NoPrevious { store: PathBuf },
+    #[error("the local store keeps no current version; nothing was changed")]
+    NoCurrent,
+    #[error("the local store's state names a bad identity {0:?}")]
+    BadIdentity(String),
+    #[error("cannot load image v{version} from the local store; nothing was changed")]
+    LoadImage {
+        version: u64,
+        #[source]
+        source: crate::mcache::LoadError,
+    },
+    /// The commit or rollback found content missing from the store: `first` is the first
+    /// path (or hash) that needs it.
+    #[error("the local store {} lacks the content of {count} files of image v{version} (first: {first}): the host changed since the prefetch, or the store was damaged; nothing was changed (hint: run syncd prefetch again{})", .store.display(), if *.rollback { ", or let the master send the old version" } else { "" })]
+    Lacks { store: PathBuf, count: usize, version: u64, first: String, rollback: bool },
+    #[error("image v{version} is prefetched and waits for the commit window; the local store keeps no current version to reconcile against meanwhile")]
+    WaitingForWindow { version: u64 },
+}
+
+/// What is wrong with a master URL (see [`SyncError::MasterUrl`]).
+#[derive(Debug, thiserror::Error)]
+pub enum UrlProblem {
+    #[error(
+        "is invalid: it must start with https:// or http:// (hint: https://HOST:PORT, or http:// with --insecure)"
+    )]
+    Scheme,
+    #[error("is invalid: {0} (hint: https://HOST:PORT, or http:// with --insecure)")]
+    Invalid(String),
+    #[error("is invalid: it names no host (hint: https://HOST:PORT, or http:// with --insecure)")]
+    NoHost,
+    #[error("is plain TCP, where anyone on the path can feed this host files; use https:// with tls_ca, tls_cert and tls_key (see README, Trust), or pass --insecure for a test or demo")]
+    PlainTcp,
+    #[error("needs TLS material: set tls_ca, tls_cert and tls_key (or --tls-ca, --tls-cert, --tls-key)")]
+    NoTls,
+    #[error("has a TLS configuration that was refused")]
+    TlsRefused(#[source] tonic::transport::Error),
+}
+
+/// Which command or pass needs the state dir (see [`SyncError::NoStateDir`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeedsStore {
+    /// A pass from the local store (`commit`, `rollback`).
+    LocalPass,
+    /// A command that reads or fills the local store (`prefetch`, `commit`, `rollback`).
+    Command,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    /// A usage or configuration error that is not about one setting.
-    #[error("{0}")]
-    Config(String),
+    /// The host root is missing, not a directory, or cannot be opened.
+    #[error("cannot use {} as the host root", .root.display())]
+    Root {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A local exclusion file, or the master's lists for this host, cannot be read or compiled
+    /// (the cause names the file and line): syncd refuses to run rather than guess.
+    #[error("the exclusion lists cannot be used, nothing was changed")]
+    Exclusions(#[source] exclusions::ExclusionError),
+    /// No master was given to a command that needs one.
+    #[error("no master given (hint: pass --master URL or set master in the config file)")]
+    NoMaster,
+    /// No trusted key was given, and the transport is not `--insecure`.
+    #[error("no trusted keys: this host would accept any manifest (hint: put the master's public key from `syncmaster keygen` in trusted_keys, or pass --insecure for a test or demo)")]
+    NoTrustedKeys,
+    /// A master URL that cannot name a master over the transport configured.
+    #[error("master URL {url:?} {problem}")]
+    MasterUrl { url: String, problem: UrlProblem },
+    /// The master refused this host (permission denied or unauthenticated).
+    #[error("master {url} refused this host: {message} (hint: under mTLS the host's identity is its certificate's name; drop --host-id or use the right certificate)")]
+    Refused { url: String, message: String },
+    /// The object store named by `object_store` (or by the master) cannot be used.
+    #[error("{source}{hint}")]
+    ObjectStore {
+        source: objstore::OpenError,
+        /// What to do about it, when the cause suggests something (`" (hint: …)"`), or empty.
+        hint: &'static str,
+    },
+    /// The state dir was not chosen, and this command or pass needs the local store in it.
+    #[error("{} (hint: pass --state-dir or set state_dir)", match .0 {
+        NeedsStore::LocalPass => "a pass from the local store needs a state dir",
+        NeedsStore::Command => "this command needs the local store, which lives in the state dir",
+    })]
+    NoStateDir(NeedsStore),
+    /// The I/O class or nice level could not be set.
+    #[error("cannot set the process's I/O class or nice level")]
+    Priority(#[source] std::io::Error),
+    /// A path given on the command line (`syncd explain PATH`) is not a valid path.
+    #[error("cannot explain {arg:?}")]
+    BadPath {
+        arg: String,
+        #[source]
+        source: manifest::PathError,
+    },
+    /// The config file cannot be read or parsed.
+    #[error(transparent)]
+    ConfigFile(#[from] crate::config::ConfigFileError),
     /// A flag or config key with a value that cannot be used: `name` says which (`--rpc-timeout`,
     /// `config key rpc_timeout`, `trusted_keys`), `problem` what is wrong with it.
     #[error("{name}: {problem}")]
@@ -73,21 +207,33 @@ pub enum SyncError {
         .root.display(), human_bytes(*.needed), human_bytes(*.free)
     )]
     NoSpace { root: PathBuf, needed: u64, free: u64, needed_inodes: u64, free_inodes: u64 },
-    #[error("{0}")]
-    Local(String),
+    #[error(transparent)]
+    Local(#[from] LocalError),
     #[error(
         "not enough free space in the local store {} to prefetch image v{version}: it needs {} and {needed_inodes} inodes (with a margin), and {} and {free_inodes} inodes are free; nothing was written to the root (hint: free some space on that filesystem, or raise store_max_bytes if that is the bound)",
         .store.display(), human_bytes(*.needed), human_bytes(*.free)
     )]
     StoreNoSpace { store: PathBuf, version: u64, needed: u64, free: u64, needed_inodes: u64, free_inodes: u64 },
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// A task of the pass panicked or was cancelled: a bug, or a shutdown in its middle.
+    #[error("internal error: the {task} task failed")]
+    Task {
+        task: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// The trigger journal could not be read or written (its message names the file).
     #[error(transparent)]
     Journal(#[from] triggers::journal::JournalError),
-    /// A state file that could not be read, or that is damaged.
-    #[error("syncd state file {}: {message}", .path.display())]
-    StateFile { path: PathBuf, message: String },
+    /// A state file that could not be read.
+    #[error("cannot read syncd state file {}", .path.display())]
+    StateFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state file that is damaged: `why` says how.
+    #[error("syncd state file {} is damaged ({why}); refusing to guess the highest version applied (hint: if you trust the master's current version, delete the file and run `syncd sync` once)", .path.display())]
+    StateFileDamaged { path: PathBuf, why: String },
 }
 
 impl SyncError {
@@ -95,12 +241,51 @@ impl SyncError {
     /// name what failed, and leave the cause to its `source()` (as nextest and anyhow print
     /// them); this puts them together for stderr, logs and the master.
     pub fn report(&self) -> String {
-        chain(self)
+        let mut text = chain(self).trim_end().to_owned();
+        if let Some(hint) = self.hint() {
+            text.push_str(" (hint: ");
+            text.push_str(hint);
+            text.push(')');
+        }
+        text
+    }
+
+    /// What to do about an error whose cause is printed after its message, so the hint goes at
+    /// the end of [`report`](Self::report) rather than in the middle. (Errors without a cause
+    /// carry their hint in their message.)
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            SyncError::Root { .. } => Some("--root must be an existing directory"),
+            SyncError::Priority(_) => Some("run as root, or drop io_priority and nice"),
+            SyncError::StateFile { .. } => Some("check --state-dir and its permissions"),
+            SyncError::Local(LocalError::StoreFull { .. }) => {
+                Some("free some space there, then run syncd prefetch again: what was fetched is kept")
+            }
+            SyncError::ConfigFile(crate::config::ConfigFileError::Read { .. }) => {
+                Some("check the path given to --config")
+            }
+            SyncError::ConfigFile(crate::config::ConfigFileError::Invalid { .. }) => {
+                Some("see README, Configuration, for every key")
+            }
+            _ => None,
+        }
     }
 
     pub fn exit_code(&self) -> u8 {
         match self {
-            SyncError::Config(_) | SyncError::Setting { .. } | SyncError::Scan { .. } => exit::USAGE,
+            SyncError::Root { .. }
+            | SyncError::Exclusions(_)
+            | SyncError::NoMaster
+            | SyncError::NoTrustedKeys
+            | SyncError::MasterUrl { .. }
+            | SyncError::Refused { .. }
+            | SyncError::ObjectStore { .. }
+            | SyncError::NoStateDir(_)
+            | SyncError::Priority(_)
+            | SyncError::BadPath { .. }
+            | SyncError::ConfigFile(_)
+            | SyncError::Setting { .. }
+            | SyncError::Scan { .. } => exit::USAGE,
             SyncError::Unreachable { .. } => exit::UNREACHABLE,
             SyncError::BadManifest(_) => exit::BAD_MANIFEST,
             SyncError::Untrusted(t) if t.is_stale() => exit::STALE,
@@ -110,8 +295,8 @@ impl SyncError {
             SyncError::Lock(lock::LockError::Cancelled { .. }) => exit::PARTIAL,
             SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } => exit::NO_SPACE,
             SyncError::Local(_) => exit::LOCAL,
-            SyncError::Internal(_) => exit::PARTIAL,
-            SyncError::Journal(_) | SyncError::StateFile { .. } => exit::STATE,
+            SyncError::Task { .. } => exit::PARTIAL,
+            SyncError::Journal(_) | SyncError::StateFile { .. } | SyncError::StateFileDamaged { .. } => exit::STATE,
         }
     }
 }
@@ -153,5 +338,18 @@ mod tests {
         assert!(r.starts_with("cannot scan host root /srv/root: "), "{r}");
         assert!(r.contains("Permission denied"), "{r}");
         assert_eq!(r.matches("Permission denied").count(), 1, "{r}");
+    }
+
+    #[test]
+    fn a_hint_comes_after_the_cause() {
+        let e = SyncError::Root {
+            root: PathBuf::from("/srv/nope"),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let r = e.report();
+        assert!(r.starts_with("cannot use /srv/nope as the host root: "), "{r}");
+        assert!(r.ends_with("(hint: --root must be an existing directory)"), "{r}");
+        // Errors whose hint is in their message get none added.
+        assert_eq!(SyncError::NoMaster.report(), SyncError::NoMaster.to_string());
     }
 }

@@ -44,7 +44,7 @@ pub mod trust;
 pub mod unchanged;
 pub mod window;
 
-pub use error::{exit, SyncError};
+pub use error::{exit, LocalError, SyncError};
 pub use local::{commit_once, converge, prefetch_once, rollback_once, PrefetchReport};
 pub use options::{Mode, SyncOptions};
 pub use pass::{compile_rules, load_local_lists, sync_once};

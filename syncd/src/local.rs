@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use manifest::Hash;
 
-use crate::error::{exit, SyncError};
+use crate::error::{exit, LocalError, SyncError};
 use crate::options::{Mode, SyncOptions};
 use crate::pass::{gc_store, load_local_lists, open_store, plan_pass, start_pass, sync_once};
 
@@ -84,10 +84,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     opts.dry_run = false;
     let opts = &opts;
     if !opts.root.is_dir() {
-        return Err(SyncError::Config(format!(
-            "root {} is not a directory (hint: --root must be an existing directory)",
-            opts.root.display()
-        )));
+        return Err(SyncError::Root { root: opts.root.clone(), source: std::io::ErrorKind::NotADirectory.into() });
     }
     let _lock = lock::acquire(&opts.root, lock::Access::Shared, opts.lock_wait, opts.cancel.as_ref()).await?;
     let local = load_local_lists(&opts.exclude_from)?;
@@ -134,9 +131,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
         &s.lists,
         &opts.throttle.write,
     )
-    .map_err(|e| {
-        SyncError::Local(format!("cannot keep image v{} in the local store {}: {e}", s.version, st.path().display()))
-    })?;
+    .map_err(|source| LocalError::KeepImage { store: st.path().to_owned(), version: s.version, source })?;
 
     // What the commit will link from the store: every new regular file's content, once.
     let mut seen = std::collections::HashSet::new();
@@ -188,19 +183,17 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
         started_unix_ms: triggers::journal::now_ms(),
         finished_unix_ms: 0,
     });
-    st.save_state(&state).map_err(|e| SyncError::Local(format!("cannot save the local store's state: {e}")))?;
+    st.save_state(&state).map_err(|e| store_err(&st, "save the state of", e))?;
 
     plan.drop_fetches(|h| st.has(h));
-    let root = root::RootDir::open(&opts.root)
-        .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
+    let root = root::RootDir::open(&opts.root).map_err(|e| SyncError::Root { root: opts.root.clone(), source: e })?;
     let bases = fetch::Bases::for_plan(&root, &plan, &opts.throttle.read);
     let master = master
         .with_store(&s.object_store_url, &s.identity)?
         .with_chunk_threshold(s.chunk_threshold)
         .with_solid(s.identity);
     let rt = tokio::runtime::Handle::current();
-    st.mark_busy()
-        .map_err(|e| SyncError::Local(format!("cannot write in the local store {}: {e}", st.path().display())))?;
+    st.mark_busy().map_err(|e| store_err(&st, "write in", e))?;
     let objects = master.spawn_fetch(plan.fetch.clone(), bases, &rt);
     let fetch = plan.fetch.clone();
     let (st2, throttle, cancel) = (st.clone(), opts.throttle.clone(), opts.cancel.clone());
@@ -209,7 +202,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
         fill_store(&st2, root, objects, &master, &rt, &fetch, &local_copies, &metas, &throttle, cancel, progress_state)
     })
     .await
-    .map_err(|e| SyncError::Internal(format!("prefetch task failed: {e}")))??;
+    .map_err(|e| SyncError::Task { task: "prefetch", source: e })??;
     report.objects = done.objects;
     report.bytes = done.bytes;
     report.wire_bytes = done.wire_bytes;
@@ -224,8 +217,8 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
             Err(e) => tracing::warn!(hash = %h, "prefetch: cannot add another inode of an object: {e}"),
         }
     }
-    st.sync().map_err(|e| SyncError::Local(format!("cannot flush the local store {}: {e}", st.path().display())))?;
-    st.flush().map_err(|e| SyncError::Local(format!("cannot save the local store's index: {e}")))?;
+    st.sync().map_err(|e| store_err(&st, "flush", e))?;
+    st.flush().map_err(|e| store_err(&st, "save the index of", e))?;
     // Lent nothing: this only takes the busy marker away.
     st.release_lent();
     let mut state = st.state();
@@ -235,7 +228,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
         p.bytes_done = p.bytes_total;
         p.finished_unix_ms = triggers::journal::now_ms();
     }
-    st.save_state(&state).map_err(|e| SyncError::Local(format!("cannot save the local store's state: {e}")))?;
+    st.save_state(&state).map_err(|e| store_err(&st, "save the state of", e))?;
     gc_store(opts, &st, &mut state);
     report.duration = started.elapsed();
     Ok(report)
@@ -271,15 +264,18 @@ fn check_store_room(
     Ok(())
 }
 
+/// A failed `action` on the store as a whole.
+fn store_err(st: &store::Store, action: &'static str, source: std::io::Error) -> LocalError {
+    LocalError::Store { store: st.path().to_owned(), action, source }
+}
+
 /// A failed write of object `h` into the store, out of space or not.
-fn store_write_err(st: &store::Store, h: &Hash, e: std::io::Error) -> SyncError {
-    if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
-        SyncError::Local(format!(
-            "the local store {} ran out of space while prefetching (object {h}): {e}; nothing was written to the root (hint: free some space there, then run syncd prefetch again: what was fetched is kept)",
-            st.path().display()
-        ))
+fn store_write_err(st: &store::Store, h: &Hash, source: std::io::Error) -> SyncError {
+    let (store, hash) = (st.path().to_owned(), *h);
+    if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+        LocalError::StoreFull { store, hash, source }.into()
     } else {
-        SyncError::Local(format!("cannot write object {h} into the local store {}: {e}", st.path().display()))
+        LocalError::WriteObject { store, hash, source }.into()
     }
 }
 
@@ -314,7 +310,7 @@ fn fill_store(
     let store_err = |h: &Hash, e: std::io::Error| store_write_err(st, h, e);
     for (h, size) in fetch {
         if stopped() {
-            return Err(SyncError::Local("prefetch stopped on request; what was fetched is kept".into()));
+            return Err(LocalError::PrefetchStopped.into());
         }
         let mut broke = None;
         let r = st.add(h, *size, metas.get(h), &throttle.write, |w| {

@@ -156,9 +156,8 @@ fn main() -> ExitCode {
         | Cmd::Explain { common, .. } => common,
         Cmd::GenerateAssets { dir } => return generate_assets(dir),
     };
-    if let Err(e) = common
-        .priority()
-        .and_then(|(io, nice)| throttle::set_process_priority(io, nice).map_err(|e| SyncError::Config(e.to_string())))
+    if let Err(e) =
+        common.priority().and_then(|(io, nice)| throttle::set_process_priority(io, nice).map_err(SyncError::Priority))
     {
         eprintln!("syncd: {}", e.report());
         let code = if matches!(cli.cmd, Cmd::Drift { .. }) { drift::error_code(&e) } else { e.exit_code() };
@@ -356,7 +355,7 @@ async fn explain(common: Flags, paths: &[String]) -> Result<(), SyncError> {
         let trimmed = arg.trim_start_matches('/');
         let dir_hint = trimmed.ends_with('/');
         let rel = manifest::RelPath::new(trimmed.trim_end_matches('/'))
-            .map_err(|e| SyncError::Config(format!("cannot explain {arg:?}: {e}")))?;
+            .map_err(|e| SyncError::BadPath { arg: arg.clone(), source: e })?;
         // Whether it is a directory decides directory-only rules: ask the host, safely.
         let is_dir = dir_hint
             || root.as_mut().is_some_and(|root| {

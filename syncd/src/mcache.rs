@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use manifest::wire::ManifestAssembler;
 use manifest::{Hash, Manifest};
@@ -59,23 +59,56 @@ pub fn peek_identity(path: &Path) -> Option<Hash> {
     }
 }
 
+/// Why a kept copy of a manifest (the manifest cache, or one in the local store) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read the manifest cache file {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the manifest cache file {} is damaged", .path.display())]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        source: manifest::ManifestError,
+    },
+    #[error("the manifest cache file {} holds {}, not {}", .path.display(), .held.to_hex(), .wanted.to_hex())]
+    Other { path: PathBuf, held: Hash, wanted: Hash },
+    /// The exclusion lists kept beside a manifest in the local store.
+    #[error("cannot read the exclusion lists kept in {}", .path.display())]
+    Lists {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the exclusion lists kept in {} are damaged", .path.display())]
+    ListsDamaged {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// Loads the cached copy and checks it completely: it must be a valid manifest whose entries
 /// hash to `identity`. Returns why not, for a warning (the caller then asks for the whole
 /// manifest).
-pub fn load(path: &Path, identity: &Hash, read: &throttle::Limiter) -> Result<Manifest, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("manifest cache {}: {e}", path.display());
-    let mut r = open(path).map_err(|e| fail(&e))?;
+pub fn load(path: &Path, identity: &Hash, read: &throttle::Limiter) -> Result<Manifest, LoadError> {
+    let io_err = |source| LoadError::Read { path: path.to_owned(), source };
+    let damaged = |source| LoadError::Damaged { path: path.to_owned(), source };
+    let mut r = open(path).map_err(io_err)?;
     let mut asm = ManifestAssembler::default();
     let mut bytes = 0u64;
-    while let Some(msg) = read_frame(&mut r).map_err(|e| fail(&e))? {
+    while let Some(msg) = read_frame(&mut r).map_err(io_err)? {
         bytes += msg.encoded_len() as u64 + 4;
-        asm.push(msg).map_err(|e| fail(&e))?;
+        asm.push(msg).map_err(damaged)?;
     }
     read.charge(bytes);
     match asm.identity() {
-        Some(held) if held != *identity => Err(fail(&format!("holds {}, not {}", held.to_hex(), identity.to_hex()))),
+        Some(held) if held != *identity => Err(LoadError::Other { path: path.to_owned(), held, wanted: *identity }),
         // `finish` checks that the entries hash to the identity the copy's header names.
-        _ => asm.finish().map_err(|e| fail(&e)),
+        _ => asm.finish().map_err(damaged),
     }
 }
 
@@ -142,7 +175,8 @@ mod tests {
         assert_eq!(peek_identity(&p), Some(id));
         assert_eq!(load(&p, &id, &unlimited).unwrap(), m);
         let other = Hash::of(b"another image");
-        assert!(load(&p, &other, &unlimited).unwrap_err().contains("not"), "a different identity is refused");
+        let err = load(&p, &other, &unlimited).unwrap_err();
+        assert!(matches!(err, LoadError::Other { held, .. } if held == id), "a different identity is refused: {err}");
     }
 
     #[test]
@@ -163,7 +197,7 @@ mod tests {
         let at = edited.windows(10).position(|w| w == b"etc/passwd").unwrap();
         edited[at + 9] = b'e';
         std::fs::write(&p, &edited).unwrap();
-        let err = load(&p, &id, &unlimited).unwrap_err();
+        let err = crate::error::chain(&load(&p, &id, &unlimited).unwrap_err());
         assert!(err.contains("identity mismatch"), "{err}");
         // Not a cache at all.
         std::fs::write(&p, b"hello").unwrap();

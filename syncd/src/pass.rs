@@ -9,7 +9,7 @@ use exclusions::{Exclusions, PatternList};
 use manifest::Hash;
 
 use crate::apply::{FailedAt, Failure, FailureKind, Outcome};
-use crate::error::SyncError;
+use crate::error::{LocalError, NeedsStore, SyncError};
 use crate::hostfs::root;
 use crate::options::{Mode, SyncOptions};
 use crate::plan::Plan;
@@ -70,7 +70,7 @@ pub(crate) async fn start_pass(
         if let Some(recorded) = recorded {
             let done = walk
                 .await
-                .map_err(|e| SyncError::Internal(format!("host walk task failed: {e}")))?
+                .map_err(|e| SyncError::Task { task: "host walk", source: e })?
                 .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
             if unchanged::digest(&done) == Some(recorded) {
                 tracing::debug!(secs = t.elapsed().as_secs_f64(), "host unchanged since it last matched this image");
@@ -96,7 +96,7 @@ pub(crate) async fn start_pass(
                     (cache.clone().unwrap_or_default(), got.identity, opts.throttle.read.clone());
                 let loaded = tokio::task::spawn_blocking(move || mcache::load(&path, &identity, &read))
                     .await
-                    .map_err(|e| SyncError::Internal(format!("manifest cache task failed: {e}")))?;
+                    .map_err(|e| SyncError::Task { task: "manifest cache", source: e })?;
                 tracing::debug!(secs = t.elapsed().as_secs_f64(), "manifest cache loaded");
                 match loaded {
                     Ok(mut m) => {
@@ -106,7 +106,7 @@ pub(crate) async fn start_pass(
                     }
                     Err(why) => {
                         // Not offered again, so the master must send the whole manifest.
-                        tracing::warn!("{why}; asking the master for the whole manifest");
+                        tracing::warn!("{}; asking the master for the whole manifest", crate::error::chain(&why));
                         let _ = walk.await;
                         offered = None;
                         continue;
@@ -116,7 +116,7 @@ pub(crate) async fn start_pass(
         };
         let walk = walk
             .await
-            .map_err(|e| SyncError::Internal(format!("host walk task failed: {e}")))?
+            .map_err(|e| SyncError::Task { task: "host walk", source: e })?
             .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
         return Ok(Started {
             manifest: Some(manifest),
@@ -145,42 +145,27 @@ pub(crate) async fn start_local(
         Mode::Commit => match state.prefetched {
             Some(p) if p.complete => store::VersionRef { version: p.version, identity: p.identity, at_unix_ms: 0 },
             Some(p) => {
-                return Err(SyncError::Local(format!(
-                    "the prefetch of image v{} is not complete ({} of {} objects); nothing was changed (hint: run syncd prefetch)",
-                    p.version, p.objects_done, p.objects_total
-                )))
+                return Err(
+                    LocalError::Incomplete { version: p.version, done: p.objects_done, total: p.objects_total }.into()
+                )
             }
-            None => {
-                return Err(SyncError::Local(
-                    "nothing is prefetched; nothing was changed (hint: run syncd prefetch first)".into(),
-                ))
-            }
+            None => return Err(LocalError::NothingPrefetched.into()),
         },
-        Mode::Rollback => state.previous.clone().ok_or_else(|| {
-            SyncError::Local(format!(
-                "no previous version to roll back to (the local store {} keeps none: a rollback was done already, or no commit replaced a version it kept); nothing was changed",
-                store.path().display()
-            ))
-        })?,
-        _ => state.current.clone().ok_or_else(|| {
-            SyncError::Local("the local store keeps no current version; nothing was changed".into())
-        })?,
+        Mode::Rollback => {
+            state.previous.clone().ok_or_else(|| LocalError::NoPrevious { store: store.path().to_owned() })?
+        }
+        _ => state.current.clone().ok_or(LocalError::NoCurrent)?,
     };
-    let identity = target.hash().ok_or_else(|| {
-        SyncError::Local(format!("the local store's state names a bad identity {:?}", target.identity))
-    })?;
-    let (manifest, lists) = store.load_manifest(&identity, &opts.throttle.read).map_err(|e| {
-        SyncError::Local(format!(
-            "cannot load image v{} from the local store: {e}; nothing was changed",
-            target.version
-        ))
-    })?;
+    let identity = target.hash().ok_or_else(|| LocalError::BadIdentity(target.identity.clone()))?;
+    let (manifest, lists) = store
+        .load_manifest(&identity, &opts.throttle.read)
+        .map_err(|source| LocalError::LoadImage { version: target.version, source })?;
     let rules = compile_rules(&lists, local)?;
     let rules_digest = unchanged::rules_digest(&rules);
     let (root, walk_rules) = (opts.root.clone(), rules.clone());
     let walk = tokio::task::spawn_blocking(move || host::walk(&root, &walk_rules))
         .await
-        .map_err(|e| SyncError::Internal(format!("host walk task failed: {e}")))?
+        .map_err(|e| SyncError::Task { task: "host walk", source: e })?
         .map_err(|source| SyncError::Scan { root: opts.root.clone(), source })?;
     Ok(Started {
         version: target.version,
@@ -199,33 +184,25 @@ pub(crate) async fn start_local(
 /// Reads and checks the local exclusion files. A broken list is a configuration error:
 /// syncd refuses to run rather than guess.
 pub fn load_local_lists(paths: &[PathBuf]) -> Result<Vec<PatternList>, SyncError> {
-    let lists = paths
-        .iter()
-        .map(|p| PatternList::read(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SyncError::Config(e.to_string()))?;
+    let lists =
+        paths.iter().map(|p| PatternList::read(p)).collect::<Result<Vec<_>, _>>().map_err(SyncError::Exclusions)?;
     for l in &lists {
-        Exclusions::compile([l]).map_err(|e| SyncError::Config(e.to_string()))?;
+        Exclusions::compile([l]).map_err(SyncError::Exclusions)?;
     }
     Ok(lists)
 }
 
 /// The effective rules: the master's lists for this host, then the local files.
 pub fn compile_rules(master: &[PatternList], local: &[PatternList]) -> Result<Exclusions, SyncError> {
-    Exclusions::compile(master.iter().chain(local)).map_err(|e| SyncError::Config(e.to_string()))
+    Exclusions::compile(master.iter().chain(local)).map_err(SyncError::Exclusions)
 }
 
 /// One convergence pass.
 pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let started = Instant::now();
-    let root_md = std::fs::metadata(&opts.root).map_err(|e| {
-        SyncError::Config(format!(
-            "root {} cannot be used: {e} (hint: --root must be an existing directory)",
-            opts.root.display()
-        ))
-    })?;
+    let root_md = std::fs::metadata(&opts.root).map_err(|e| SyncError::Root { root: opts.root.clone(), source: e })?;
     if !root_md.is_dir() {
-        return Err(SyncError::Config(format!("root {} is not a directory", opts.root.display())));
+        return Err(SyncError::Root { root: opts.root.clone(), source: std::io::ErrorKind::NotADirectory.into() });
     }
     // One syncd per root, before anything of the host is read.
     let access = if opts.dry_run { lock::Access::Shared } else { lock::Access::Exclusive };
@@ -243,11 +220,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let start = match (opts.mode, &master, &store) {
         (Mode::Network | Mode::Prefetch, Some(m), _) => start_pass(opts, m, &local, &applied_record).await?,
         (_, _, Some(st)) => start_local(opts, st, &local).await?,
-        _ => {
-            return Err(SyncError::Config(
-                "a pass from the local store needs a state dir (hint: pass --state-dir or set state_dir)".into(),
-            ))
-        }
+        _ => return Err(SyncError::NoStateDir(NeedsStore::LocalPass)),
     };
     let Started {
         manifest,
@@ -344,12 +317,14 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
                     .iter()
                     .find(|c| c.op.new_entry().and_then(|n| n.hash).as_ref() == Some(first))
                     .map_or_else(|| first.to_hex(), |c| format!("/{}", c.path));
-                return Err(SyncError::Local(format!(
-                    "the local store {} lacks the content of {} files of image v{version} (first: {path}): the host changed since the prefetch, or the store was damaged; nothing was changed (hint: run syncd prefetch again{})",
-                    st.path().display(),
-                    missing.len(),
-                    if opts.mode == Mode::Rollback { ", or let the master send the old version" } else { "" }
-                )));
+                return Err(LocalError::Lacks {
+                    store: st.path().to_owned(),
+                    count: missing.len(),
+                    version,
+                    first: path,
+                    rollback: opts.mode == Mode::Rollback,
+                }
+                .into());
             }
             report.plan.fetch.clear();
             report.plan.fetch_bases.clear();
@@ -404,8 +379,8 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         unchanged::clear(&p);
     }
     if let (Some(manifest), false, false) = (manifest, opts.dry_run, report.plan.is_empty()) {
-        let root = root::RootDir::open(&opts.root)
-            .map_err(|e| SyncError::Config(format!("cannot open root {}: {e}", opts.root.display())))?;
+        let root =
+            root::RootDir::open(&opts.root).map_err(|e| SyncError::Root { root: opts.root.clone(), source: e })?;
         let rt = tokio::runtime::Handle::current();
         // Delta bases are read by the stream's decode thread, beneath the same root.
         let bases = fetch::Bases::for_plan(&root, &report.plan, &opts.throttle.read);
@@ -439,7 +414,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             (plan, outcome, manifest)
         })
         .await
-        .map_err(|e| SyncError::Internal(format!("apply task failed: {e}")))?;
+        .map_err(|e| SyncError::Task { task: "apply", source: e })?;
         report.plan = plan;
         report.outcome = Some(outcome);
         if let Some(st) = &store {
@@ -585,7 +560,7 @@ pub(crate) async fn plan_pass(
         (manifest, rules, r, index_use)
     })
     .await
-    .map_err(|e| SyncError::Internal(e.to_string()))?;
+    .map_err(|source| SyncError::Task { task: "host scan", source })?;
 
     tracing::debug!(secs = started.elapsed().as_secs_f64(), entries = host.entries.len(), "phase: host scanned");
     let mut plan = Plan::compute(&manifest, &host, &rules);
@@ -650,10 +625,7 @@ pub(crate) fn open_store(opts: &SyncOptions) -> Result<Option<std::sync::Arc<sto
     let needed = !matches!(opts.mode, Mode::Network);
     if !opts.index || opts.dry_run {
         if needed && !opts.dry_run {
-            return Err(SyncError::Config(
-                "this command needs the local store, which lives in the state dir (hint: pass --state-dir or set state_dir)"
-                    .into(),
-            ));
+            return Err(SyncError::NoStateDir(NeedsStore::Command));
         }
         return Ok(None);
     }
@@ -669,9 +641,7 @@ pub(crate) fn open_store(opts: &SyncOptions) -> Result<Option<std::sync::Arc<sto
             }
             Ok(Some(std::sync::Arc::new(s)))
         }
-        Err(e) if needed => {
-            Err(SyncError::Local(format!("cannot open the local store {}: {e}", opts.state().store().display())))
-        }
+        Err(e) if needed => Err(LocalError::Store { store: opts.state().store(), action: "open", source: e }.into()),
         Err(e) => {
             tracing::warn!(store = %opts.state().store().display(), "cannot open the local store: {e}; no local rollback for this pass");
             Ok(None)

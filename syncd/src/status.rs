@@ -30,8 +30,11 @@ impl LocalStatus {
         let sd = crate::state::StateDir::new(state_dir, root);
         let dir = sd.store();
         let (state, own, shared) = if dir.join("objects").is_dir() {
-            let st = crate::store::Store::open_unlocked(&sd)
-                .map_err(|e| SyncError::Local(format!("cannot open the local store {}: {e}", dir.display())))?;
+            let st = crate::store::Store::open_unlocked(&sd).map_err(|source| crate::error::LocalError::Store {
+                store: dir.clone(),
+                action: "open",
+                source,
+            })?;
             let (own, shared) = st.usage();
             (st.state(), own, shared)
         } else {

@@ -785,12 +785,15 @@ impl Store {
         &self,
         identity: &Hash,
         read: &throttle::Limiter,
-    ) -> Result<(Manifest, Vec<exclusions::PatternList>), String> {
+    ) -> Result<(Manifest, Vec<exclusions::PatternList>), crate::mcache::LoadError> {
+        use crate::mcache::LoadError;
         let path = self.manifest_path(&identity.to_hex());
         let m = crate::mcache::load(&path, identity, read)?;
-        let lists: Vec<(String, Vec<(usize, String)>)> = std::fs::read(path.with_extension("lists.json"))
-            .map_err(|e| format!("{}: {e}", path.with_extension("lists.json").display()))
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())))?;
+        let lists_path = path.with_extension("lists.json");
+        let bytes =
+            std::fs::read(&lists_path).map_err(|source| LoadError::Lists { path: lists_path.clone(), source })?;
+        let lists: Vec<(String, Vec<(usize, String)>)> = serde_json::from_slice(&bytes)
+            .map_err(|source| LoadError::ListsDamaged { path: lists_path.clone(), source })?;
         Ok((m, lists.into_iter().map(|(source, patterns)| exclusions::PatternList { source, patterns }).collect()))
     }
 
@@ -812,7 +815,7 @@ impl Store {
                 Ok((m, _)) => wanted.extend(m.entries.iter().filter_map(|e| e.hash)),
                 // Its content cannot be told: keep everything rather than guess.
                 Err(e) => {
-                    tracing::warn!("local store: {e}; nothing removed this time");
+                    tracing::warn!("local store: {}; nothing removed this time", crate::error::chain(&e));
                     return Ok(0);
                 }
             }

@@ -28,21 +28,9 @@ fn load(path: &Path) -> Result<Option<(u64, Hash)>, SyncError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(SyncError::StateFile {
-                path: path.to_owned(),
-                message: format!("cannot read it: {e} (hint: check --state-dir and its permissions)"),
-            })
-        }
+        Err(source) => return Err(SyncError::StateFile { path: path.to_owned(), source }),
     };
-    let damaged = |why: String| {
-        SyncError::StateFile {
-        path: path.to_owned(),
-        message: format!(
-            "damaged ({why}); refusing to guess the highest version applied (hint: if you trust the master's current version, delete the file and run `syncd sync` once)"
-        ),
-    }
-    };
+    let damaged = |why: String| SyncError::StateFileDamaged { path: path.to_owned(), why };
     let a: Applied = serde_json::from_str(&text).map_err(|e| damaged(e.to_string()))?;
     let id = Hash::from_hex(&a.identity).ok_or_else(|| damaged("bad identity".into()))?;
     Ok(Some((a.version, id)))

@@ -154,9 +154,9 @@ impl Window {
 /// The windows of `commit_window`, each checked; the error names the key.
 pub fn parse_all(texts: &[String]) -> Result<Vec<Window>, String> {
     if texts.is_empty() {
-        return Err("commit_window: apply = \"window\" needs at least one window, e.g. [\"Sat 02:00-04:00\"]".into());
+        return Err("apply = \"window\" needs at least one window, e.g. [\"Sat 02:00-04:00\"]".into());
     }
-    texts.iter().map(|t| Window::parse(t).map_err(|e| format!("commit_window: {e}"))).collect()
+    texts.iter().map(|t| Window::parse(t)).collect()
 }
 
 /// Whether any window is open at `now`.
@@ -216,7 +216,7 @@ mod tests {
             ("Sat 02:00-04:00 Mars/Olympus", "unknown time zone \"Mars/Olympus\""),
         ] {
             let e = parse_all(&[text.to_owned()]).unwrap_err();
-            assert!(e.starts_with("commit_window: ") && e.contains(want), "{text}: {e}");
+            assert!(e.contains(want), "{text}: {e}");
             assert!(e.contains("expected DAYS HH:MM-HH:MM [ZONE]"), "{e}");
         }
         assert!(parse_all(&[]).unwrap_err().contains("needs at least one window"));

@@ -183,10 +183,11 @@ impl Master {
                 } else {
                     ""
                 };
+                let e = SyncError::ObjectStore { source: e, hint };
                 if cfg.url.is_some() || !cfg.fallback {
-                    return Err(SyncError::Config(format!("{e}{hint}")));
+                    return Err(e);
                 }
-                tracing::warn!("{e}{hint}; fetching every object from the master");
+                tracing::warn!("{e}; fetching every object from the master");
             }
         }
         Ok(self)
@@ -325,11 +326,7 @@ impl Master {
 
     pub(super) fn status_error(&self, s: tonic::Status) -> SyncError {
         if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) {
-            return SyncError::Config(format!(
-                "master {} refused this host: {} (hint: under mTLS the host's identity is its certificate's name; drop --host-id or use the right certificate)",
-                self.url,
-                s.message()
-            ));
+            return SyncError::Refused { url: self.url.clone(), message: s.message().to_owned() };
         }
         SyncError::Unreachable { url: self.url.clone(), reason: describe_status(&s) }
     }

@@ -7,7 +7,7 @@ use exclusions::PatternList;
 use proto::v1 as pb;
 use tonic::transport::Endpoint;
 
-use crate::error::SyncError;
+use crate::error::{SyncError, UrlProblem};
 
 /// Largest zstd window a host accepts (32 MiB): bounds decoder memory whatever the master sends.
 pub(super) const MAX_WINDOW_LOG: u32 = 25;
@@ -127,29 +127,20 @@ pub(super) async fn within<T>(
 /// Checks that `url` can name a master at all, over the transport configured (a usage error
 /// otherwise, not "unreachable").
 pub fn check_url(url: &str, transport: &Transport) -> Result<Endpoint, SyncError> {
-    let bad = |why: String| {
-        SyncError::Config(format!(
-            "master URL {url:?} is invalid: {why} (hint: https://HOST:PORT, or http:// with --insecure)"
-        ))
-    };
+    let bad = |problem: UrlProblem| SyncError::MasterUrl { url: url.to_owned(), problem };
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(bad("it must start with https:// or http://".into()));
+        return Err(bad(UrlProblem::Scheme));
     }
-    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(e.to_string()))?;
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(UrlProblem::Invalid(e.to_string())))?;
     if endpoint.uri().host().is_none_or(str::is_empty) {
-        return Err(bad("it names no host".into()));
+        return Err(bad(UrlProblem::NoHost));
     }
     if url.starts_with("http://") && !transport.insecure {
-        return Err(SyncError::Config(format!(
-            "master URL {url} is plain TCP, where anyone on the path can feed this host files; use https:// with tls_ca, tls_cert and tls_key (see README, Trust), or pass --insecure for a test or demo"
-        )));
+        return Err(bad(UrlProblem::PlainTcp));
     }
     if url.starts_with("https://") {
-        let tls = transport.tls.clone().ok_or_else(|| {
-            SyncError::Config(format!("master URL {url} needs TLS material: set tls_ca, tls_cert and tls_key (or --tls-ca, --tls-cert, --tls-key)"))
-        })?;
-        endpoint =
-            endpoint.tls_config(tls).map_err(|e| SyncError::Config(format!("TLS configuration refused: {e}")))?;
+        let tls = transport.tls.clone().ok_or_else(|| bad(UrlProblem::NoTls))?;
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad(UrlProblem::TlsRefused(e)))?;
     }
     Ok(endpoint)
 }
