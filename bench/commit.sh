@@ -11,7 +11,8 @@
 #
 # Env: RUNS=5, CORPORA=/var/tmp/gis-corpora, SCRATCH=/var/tmp/gis-commit,
 #      SYNCD / SYNCMASTER (default target/release/{syncd,syncmaster}),
-#      RESULTS=bench/RESULTS.md (a dated section is appended).
+#      RESULTS (a dated section is appended; default: a new file per run,
+#      bench/results/<UTC stamp>-commit.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
@@ -19,7 +20,7 @@ CORPORA=${CORPORA:-/var/tmp/gis-corpora}
 SCRATCH=${SCRATCH:-/var/tmp/gis-commit}
 SYNCD=${SYNCD:-target/release/syncd}
 SYNCMASTER=${SYNCMASTER:-target/release/syncmaster}
-RESULTS=${RESULTS:-bench/RESULTS.md}
+RESULTS=${RESULTS:-}   # default: a new file under bench/results/, named when the report is written
 OLD=$CORPORA/bullseye-minbase
 NEW=$CORPORA/bookworm-minbase
 for t in "$OLD" "$NEW" "$SYNCD" "$SYNCMASTER"; do
@@ -138,6 +139,8 @@ print(f"commit / sync = {m(c)/m(s):.2f} (goal ≤ 0.3); commit / rsync (daemon) 
 PY
 )
 echo "$report"
+# shellcheck source=bench/lib.sh
+[ -n "$RESULTS" ] || { source bench/lib.sh; RESULTS=$(new_results bench commit); }
 {
   echo
   echo "## commit.sh, $(date -u +%Y-%m-%d), rev $(git rev-parse --short HEAD), $RUNS runs, bullseye→bookworm minbase"

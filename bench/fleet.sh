@@ -31,7 +31,8 @@
 # scan, the cache or upload, and every round so far).
 #
 # Prints a table per mode, medians over the rounds, the ratio of the master's CPU per host with
-# the store to without, and appends a dated section to RESULTS (default bench/RESULTS.md).
+# the store to without, and appends a dated section to RESULTS (default: a new file per run,
+# bench/results/<UTC stamp>-fleet.md).
 # Exits 1 if a host failed or a checked root differs, 2 on bad setup.
 #
 # Needs root (netns, tmpfs), iproute2, rsync, python3, a release build (cargo build --release
@@ -46,7 +47,7 @@
 #   SYNCD, SYNCMASTER   binaries (default: release builds in $CARGO_TARGET_DIR or target/)
 #   S3S_FS          the s3s-fs binary (default: on PATH, else ~/.cargo/bin/s3s-fs)
 #   TIMEOUT=900     seconds for one round
-#   RESULTS=bench/RESULTS.md
+#   RESULTS=bench/results/<UTC stamp>-fleet.md   (by default a new file per run)
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$here/.." && pwd)
@@ -58,7 +59,7 @@ IMAGE=${IMAGE:-}
 SCRATCH=${SCRATCH:-/var/tmp/gis-fleet}
 KEEP=${KEEP:-0}
 TIMEOUT=${TIMEOUT:-900}
-RESULTS=${RESULTS:-$here/RESULTS.md}
+RESULTS=${RESULTS:-}   # default: a new file under bench/results/, named when the report is written
 target_dir=${CARGO_TARGET_DIR:-$REPO/target}
 SYNCD=${SYNCD:-$target_dir/release/syncd}
 SYNCMASTER=${SYNCMASTER:-$target_dir/release/syncmaster}
@@ -110,7 +111,7 @@ if [ -z "$IMAGE" ]; then
     IMAGE=$SCRATCH/image
     image_desc="generated: bench/gen-image.py, $(python3 "$here/gen-image.py" "$IMAGE")" || die "cannot generate the image"
 else
-    image_desc="$IMAGE"
+    image_desc=$(basename "$IMAGE")   # its name only: reports hold no absolute paths
 fi
 image_bytes=$(du -sb --apparent-size "$IMAGE" | cut -f1)
 content_bytes=$(find "$IMAGE" -type f -links 1 -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }')
@@ -283,5 +284,7 @@ report() {
     fi
     echo
 }
+# shellcheck source=bench/lib.sh
+[ -n "$RESULTS" ] || { source "$here/lib.sh"; RESULTS=$(new_results "$here" fleet); }
 report | tee -a "$RESULTS"
 [ "$failed_any" = 0 ] || { echo "fleet.sh: FAIL: a host failed or a root differs (see above)" >&2; exit 1; }

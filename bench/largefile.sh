@@ -18,9 +18,10 @@
 # whole object from the master (`--object-store none`).
 #
 # Usage: bench/largefile.sh [RUNS]  (default 3). Needs s3s-fs (see README, Tests), rsync,
-# python3, and `cargo build --release --bins` (CARGO_TARGET_DIR is honoured). Appends its raw
-# output to bench/LARGEFILE.md. Scratch: $LARGEFILE_SCRATCH (default /var/tmp/gis-largefile),
-# removed at the end.
+# python3, and `cargo build --release --bins` (CARGO_TARGET_DIR is honoured). Writes its raw
+# output to a new file per run, bench/results/<UTC stamp>-largefile.md (or appends it to
+# RESULTS when set). Scratch: $LARGEFILE_SCRATCH (default /var/tmp/gis-largefile), removed at
+# the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
@@ -28,7 +29,7 @@ TARGET=${CARGO_TARGET_DIR:-target}/${PROFILE:-release}
 # The file size in MiB (the check is 256; smaller only to try the script).
 MIB=${LARGEFILE_MIB:-256}
 S=${LARGEFILE_SCRATCH:-/var/tmp/gis-largefile}
-OUT=bench/LARGEFILE.md
+OUT=${RESULTS:-}   # default: a new file under bench/results/, named when the report is written
 export PATH="$PATH:$HOME/.cargo/bin"
 command -v s3s-fs >/dev/null || { echo "needs s3s-fs: cargo install s3s-fs --version 0.14.1 --features binary --locked" >&2; exit 2; }
 [ -x "$TARGET/syncd" ] && [ -x "$TARGET/syncmaster" ] || { echo "needs cargo build --release --bins ($TARGET)" >&2; exit 2; }
@@ -148,6 +149,8 @@ m_recv=$(median "${RS_RECV[@]}"); m_lit=$(median "${RS_LIT[@]}"); m_rst=$(median
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 # Before the report starts appending to $OUT (which would make the tree look dirty).
 REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty tree)')"
+# shellcheck source=bench/lib.sh
+[ -n "$OUT" ] || { source bench/lib.sh; OUT=$(new_results bench largefile); }
 {
     echo
     echo "## $(date -u '+%Y-%m-%d %H:%M:%S UTC'): one $MIB MiB file, 10 KiB inserted near the start + 1 MiB changed in the middle"

@@ -30,7 +30,8 @@
 #                        must list nothing but `./` (2 = with -c, full checksums; 0 = skip)
 #   MASTER_TIMEOUT=900   seconds to wait for syncmaster's `listening on` line
 #   TOOL_TIMEOUT=3600    a single run (including the setup sync) is killed after this
-#   RESULTS=bench/RESULTS.md   markdown file the dated section is appended to
+#   RESULTS=bench/results/<UTC stamp>-nochange.md   markdown file the dated section is
+#                        appended to (by default a new file per run)
 #   WALK_ONLY=1          1: syncd passes run as deployed, so a pass after one that found the
 #                        host matching stops after the walk (the unchanged-host record);
 #                        0: the record is removed (untimed) before every syncd run, so each
@@ -48,12 +49,14 @@ SCRATCH=${SCRATCH:-/var/tmp/gis-bench}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SYNCD=${SYNCD:-$REPO/target/release/syncd}
 SYNCMASTER=${SYNCMASTER:-$REPO/target/release/syncmaster}
-# Paths as the report shows them: relative to the checkout where they lie in it.
-shown() { case $1 in "$REPO"/*) echo "${1#"$REPO"/}" ;; *) echo "$1" ;; esac; }
+# Paths as the report shows them: relative to the checkout where they lie in it, else the file
+# name only (reports hold no absolute paths of this machine).
+shown() { case $1 in "$REPO"/*) echo "${1#"$REPO"/}" ;; *) echo "${1##*/}" ;; esac; }
+outside() { local p; for p; do [[ $p == "$REPO"/* ]] || return 0; done; return 1; }
 VERIFY=${VERIFY:-1}
 MASTER_TIMEOUT=${MASTER_TIMEOUT:-900}
 TOOL_TIMEOUT=${TOOL_TIMEOUT:-3600}
-RESULTS=${RESULTS:-$here/RESULTS.md}
+RESULTS=${RESULTS:-}   # default: a new file under bench/results/, named when the report is written
 MEASURE=$here/measure.py
 
 die() { echo "nochange: $*" >&2; exit 1; }
@@ -258,12 +261,12 @@ f4() { set -- $1; echo "wall ${1}s, peak RSS $(kib2mib "$3") MiB, CPU ${4}s"; }
 report=$(cat <<MD
 ## $(date -u '+%Y-%m-%d %H:%M:%S UTC') no-change pass ($IMAGE_NAME, $entries entries, $RUNS rounds, alternated)
 
-- machine: $(nproc) cores, kernel $(uname -r), CPU: ${cpu_model:-unknown}, RAM $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo); scratch \`$SCRATCH\` on $fstype; page cache warm; syncd host index warm; WALK_ONLY=$WALK_ONLY ($([ "$WALK_ONLY" != 0 ] && echo "timed passes may stop after the walk: the unchanged-host record" || echo "the unchanged-host record removed before each pass: full passes")); source rev: $rev
+- machine: $(nproc) cores, kernel $(uname -r), CPU: ${cpu_model:-unknown}, RAM $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo); scratch on $fstype; page cache warm; syncd host index warm; WALK_ONLY=$WALK_ONLY ($([ "$WALK_ONLY" != 0 ] && echo "timed passes may stop after the walk: the unchanged-host record" || echo "the unchanged-host record removed before each pass: full passes")); source rev: $rev
 - rsync: $(rsync --version | head -n1 | sed 's/  */ /g'); CLK_TCK $HZ
 - setup (untimed): master scan ${scan}s; cold \`syncd sync\` into the empty root: $(f4 "$setup_sync") ($setup_summary); index-warming syncd pass: $(f4 "$setup_index"); warming rsync pass: $(f4 "$setup_rsync"); fidelity: $fidelity
 - commands (each round runs all three once, rotating which goes first; each through \`bench/measure.py\`):
   - find: \`find ROOT -printf '%s %T@ %m %U %G\n'\` (to /dev/null)
-  - syncd: \`$(shown "$SYNCD") sync ${SYNCD_FLAGS[*]:+${SYNCD_FLAGS[*]} }-q --master http://127.0.0.1:PORT --root ROOT --state-dir STATE\` (master: \`$(shown "$SYNCMASTER") serve ${MASTER_FLAGS[*]:+${MASTER_FLAGS[*]} }--image IMAGE --listen 127.0.0.1:0\`)
+  - syncd: \`$(shown "$SYNCD") sync ${SYNCD_FLAGS[*]:+${SYNCD_FLAGS[*]} }-q --master http://127.0.0.1:PORT --root ROOT --state-dir STATE\` (master: \`$(shown "$SYNCMASTER") serve ${MASTER_FLAGS[*]:+${MASTER_FLAGS[*]} }--image IMAGE --listen 127.0.0.1:0\`)$(! outside "$SYNCD" "$SYNCMASTER" || echo "; binaries outside this checkout are shown by their file name only")
   - rsync: \`rsync -aHAX --numeric-ids --delete rsync://127.0.0.1:PORT/img/ ROOT/\` (daemon: \`rsync --daemon --no-detach\`, module \`img\` read only, uid/gid root, no chroot, numeric ids)
 - measurement: wall = monotonic clock from fork to reap; peak RSS = $RSS_METHOD (rsync: the larger of its two client processes); lo RX = growth of the \`lo\` RX byte counter across the run (both directions, headers included, host-wide); server CPU = syncmaster's utime+stime from /proc/PID/stat read just before and after each syncd run, and the rsync daemon's cutime+cstime (its reaped per-client children) read before and after each rsync run once it has no children left; total ticks / rounds, resolution 1 tick = $((1000 / HZ)) ms
 
@@ -288,6 +291,7 @@ MD
 )
 echo
 echo "$report"
+[ -n "$RESULTS" ] || RESULTS=$(new_results "$here" nochange)
 printf '\n%s\n' "$report" >>"$RESULTS"
 log "appended to $RESULTS; logs in $LOGS"
 [ "$fails" -eq 0 ] && [[ $fidelity != *FAIL* ]] || { echo "!!!!!!!! FAIL: some runs failed or the root did not match (see above)" >&2; exit 1; }

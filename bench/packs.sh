@@ -3,7 +3,8 @@
 # objects read loose (one GET each) against objects read from packs (coalesced range GETs),
 # with a cold `rsync -aHAX` from an rsync daemon as the anchor, alternated in the same runs.
 #
-# Usage: bench/packs.sh            (appends a report to bench/packs-results.md)
+# Usage: bench/packs.sh            (writes a report to a new file per run,
+#                                   bench/results/<UTC stamp>-packs.md, or appends it to RESULTS)
 #        SCENARIO=upgrade bench/packs.sh
 #
 # SCENARIO=cold (default): CORPUS into an empty directory.
@@ -40,7 +41,7 @@ PACK_FLAGS=${PACK_FLAGS:-}
 SCENARIO=${SCENARIO:-cold}
 FROM=${FROM:-/var/tmp/gis-corpora/bullseye-minbase}
 LEVEL=19; [ "$SCENARIO" = upgrade ] && LEVEL=3
-OUT=$HERE/packs-results.md
+OUT=${RESULTS:-}   # default: a new file under bench/results/, named when the report is written
 
 die() { echo "packs.sh: $*" >&2; exit 1; }
 [ -d "$CORPUS" ] || die "no corpus at $CORPUS (hint: bench/corpora.sh)"
@@ -165,6 +166,8 @@ IDX_COUNT=$(find "$P/packs/index" -name '*.idx' | wc -l)
 SMALL=$(find "$CORPUS" -type f -size -1024k | wc -l)
 
 median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+# shellcheck source=bench/lib.sh
+[ -n "$OUT" ] || { source "$HERE/lib.sh"; OUT=$(new_results "$HERE" packs); }
 col() { awk -F'\t' -v p="$1" -v t="$2" -v c="$3" '$1 == p && $2 == t { print $c }' "$ROWS" | median; }
 {
     echo

@@ -58,7 +58,8 @@
 #   CONVERGE_TIMEOUT=900   seconds for the fleet's first convergence (12 cold syncs)
 #   ROLLOUT_TIMEOUT=900    seconds for one rollout to complete
 #   CACHE_TIMEOUT=900      seconds to wait for an `object cache ready` line
-#   RESULTS=bench/RESULTS.md   markdown file the dated section is appended to
+#   RESULTS=bench/results/<UTC stamp>-rollout.md   markdown file the dated section is
+#                          appended to (by default a new file per run)
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -78,17 +79,19 @@ SYNCMASTER=${SYNCMASTER:-$target_dir/release/syncmaster}
 CONVERGE_TIMEOUT=${CONVERGE_TIMEOUT:-900}
 ROLLOUT_TIMEOUT=${ROLLOUT_TIMEOUT:-900}
 CACHE_TIMEOUT=${CACHE_TIMEOUT:-900}
-RESULTS=${RESULTS:-$here/RESULTS.md}
+RESULTS=${RESULTS:-}   # default: a new file under bench/results/, named when the report is written
 OLD=$CORPORA/bookworm-minbase
 NEW=$CORPORA/trixie-minbase
-# Paths as the report shows them: relative to the checkout where they lie in it.
+# Paths as the report shows them: relative to the checkout where they lie in it, else the file
+# name only (reports hold no absolute paths of this machine).
 shown() {
     case $1 in
         "$REPO"/*) echo "${1#"$REPO"/}" ;;
         "$target_dir"/*) echo "\$CARGO_TARGET_DIR/${1#"$target_dir"/}" ;;
-        *) echo "$1" ;;
+        *) echo "${1##*/}" ;;
     esac
 }
+outside() { local p; for p; do [[ $p == "$REPO"/* || $p == "$target_dir"/* ]] || return 0; done; return 1; }
 
 die() { echo "rollout.sh: $*" >&2; exit 2; }
 log() { echo "[$(date +%T)] $*" >&2; }
@@ -361,15 +364,15 @@ final_hwm=$(status_kib "$MASTER_PID" VmHWM) final_rss=$(status_kib "$MASTER_PID"
 fstype=$(scratch_fs "$SCRATCH")
 cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-git -C "$REPO" diff --quiet HEAD -- . ':!bench/RESULTS.md' 2>/dev/null || rev+=" (dirty tree)"
+git -C "$REPO" diff --quiet HEAD -- . ':!bench/results/' 2>/dev/null || rev+=" (dirty tree)"
 entries_old=$(find "$IMAGES/v1" | wc -l) entries_new=$(find "$IMAGES/v2" | wc -l)
 size_old=$(du -sh "$IMAGES/v1" | cut -f1) size_new=$(du -sh "$IMAGES/v2" | cut -f1)
 HEADER=$(cat <<MD
 ## $(date -u '+%Y-%m-%d %H:%M:%S UTC') fleet rollout ($HOSTS hosts, $ROUNDS rounds, bench/rollout.sh)
 
-- machine: $(nproc) cores, kernel $(uname -r), CPU: ${cpu_model:-unknown}, RAM $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo); scratch \`$SCRATCH\` on $fstype; source rev: $rev; CLK_TCK $HZ; load average (1/5/15 min) at start $load_start, at the end $(cut -d' ' -f1-3 /proc/loadavg) (anything else running competes with the master and the $HOSTS daemons for the cores)
+- machine: $(nproc) cores, kernel $(uname -r), CPU: ${cpu_model:-unknown}, RAM $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo); scratch on $fstype; source rev: $rev; CLK_TCK $HZ; load average (1/5/15 min) at start $load_start, at the end $(cut -d' ' -f1-3 /proc/loadavg) (anything else running competes with the master and the $HOSTS daemons for the cores)
 - images: v1 = bookworm-minbase ($size_old, $entries_old entries), v2 = trixie-minbase ($size_new, $entries_new entries); rounds alternate v1 -> v2 (upgrade) and back to the bookworm tree, published under a new version number
-- master: \`$(shown "$SYNCMASTER") serve --images IMAGES --hosts hosts.toml --state-dir STATE ${MASTER_FLAGS[*]}\` (object cache level ${CACHE_LEVEL:-19 (default)}); $HOSTS × \`$(shown "$SYNCD") run --insecure --config hostNN/syncd.toml\` on loopback, each with announce_jitter 0s, reconcile_interval 5m, max_backoff 1s and \`[[health]] run = ["/usr/bin/test", "-x", "ROOT/bin/sh"]\`
+- master: \`$(shown "$SYNCMASTER") serve --images IMAGES --hosts hosts.toml --state-dir STATE ${MASTER_FLAGS[*]}\` (object cache level ${CACHE_LEVEL:-19 (default)}); $HOSTS × \`$(shown "$SYNCD") run --insecure --config hostNN/syncd.toml\` on loopback, each with announce_jitter 0s, reconcile_interval 5m, max_backoff 1s and \`[[health]] run = ["/usr/bin/test", "-x", "ROOT/bin/sh"]\`$(! outside "$SYNCD" "$SYNCMASTER" || echo "; binaries outside this checkout are shown by their file name only")
 - setup (untimed): $HOSTS cold syncs of v1 converged in ${setup_converge_s}s; v1's object cache ready after ${setup_cache}s; then master VmHWM $((setup_hwm / 1024)) MiB, VmRSS $((setup_rss / 1024)) MiB, CPU so far $(python3 -c "print(f'{$setup_cpu_ticks / $HZ:.1f}')") s
 - measurement: publish = the script's wall clock (ms) just before the \`current\` flip; event times are the master's \`at_unix_ms\` (same clock) from \`syncmaster rollout log --format json\`; "completed seen" = when the script's 0.2 s poll of \`rollout status\` saw it. Master CPU = utime+stime of syncmaster from /proc/PID/stat (±1 tick), from just before the flip to "completed seen", and to its \`object cache ready\` line for the new version (the background pool at nice 10 that compresses the new version's objects and deltas; each round waits for it before the next publish). syncd CPU = the sum over the $HOSTS daemons of utime+stime+cutime+cstime (health checks included), flip to "completed seen". RSS = VmHWM (peak) and VmRSS of syncmaster from /proc/PID/status. Every host root is then checked with \`rsync -aHAXcn --numeric-ids --delete -i TREE/ ROOT/\` (must print nothing)
 - policy (hosts.toml):
@@ -425,6 +428,7 @@ report="$HEADER
 $BODY"
 echo
 echo "$report"
+[ -n "$RESULTS" ] || RESULTS=$(new_results "$here" rollout)
 printf '\n%s\n' "$report" >>"$RESULTS"
-log "appended to $(shown "$RESULTS")"
+log "appended to $RESULTS"
 [ "$failed" = 0 ] || { echo "FAIL: some host roots differ from the published tree (see above)" >&2; exit 1; }

@@ -50,7 +50,8 @@
 #   TOOL_TIMEOUT=1800   a timed rsync/syncd run is killed after this many seconds
 #                     (counts as a failed run, exit 124); SIGTERM to this script takes
 #                     effect once the current run ends, Ctrl-C at once
-#   RESULTS=bench/RESULTS.md   markdown file the dated result section is appended to
+#   RESULTS=bench/results/<UTC stamp>-sync-vs-rsync.md   markdown file the dated result
+#                     section is appended to (by default a new file per run)
 #
 # syncmaster/syncd builds whose --help lists --insecure (TLS builds) get --insecure (plain
 # TCP, like the rsync daemon); the report shows the exact commands.
@@ -83,8 +84,10 @@ SYNCMASTER=${SYNCMASTER:-$REPO/target/release/syncmaster}
 SYNCD_B=${SYNCD_B:-}
 SYNCD_B_ARGS=${SYNCD_B_ARGS:-}
 OBJECT_STORE=${OBJECT_STORE:-0}
-# Paths as the report shows them: relative to the checkout where they lie in it.
-shown() { case $1 in "$REPO"/*) echo "${1#"$REPO"/}" ;; *) echo "$1" ;; esac; }
+# Paths as the report shows them: relative to the checkout where they lie in it, else the file
+# name only (reports hold no absolute paths of this machine).
+shown() { case $1 in "$REPO"/*) echo "${1#"$REPO"/}" ;; *) echo "${1##*/}" ;; esac; }
+outside() { local p; for p; do [ -z "$p" ] || [[ $p == "$REPO"/* ]] || return 0; done; return 1; }
 MASTER_EXTRA=${MASTER_EXTRA:-}
 DELTAS=${DELTAS:-1}
 SKIP_SYNCD=${SKIP_SYNCD:-0}
@@ -92,7 +95,7 @@ VERIFY=${VERIFY:-once}
 SYNC_AFTER=${SYNC_AFTER:-0}
 MASTER_TIMEOUT=${MASTER_TIMEOUT:-900}
 TOOL_TIMEOUT=${TOOL_TIMEOUT:-1800}
-RESULTS=${RESULTS:-$BENCH_DIR/RESULTS.md}
+RESULTS=${RESULTS:-}   # default: a new file under bench/results/, named when the report is written
 MEASURE=$BENCH_DIR/measure.py
 
 die() { echo "sync-vs-rsync: $*" >&2; exit 1; }
@@ -490,7 +493,7 @@ report=$(
     echo "## $(date -u '+%Y-%m-%d %H:%M:%S UTC')$([ "$SKIP_SYNCD" = 1 ] && echo ' (rsync only, SKIP_SYNCD=1)')"
     echo
     echo "- machine: $(nproc) cores, kernel $(uname -r), CPU: ${cpu_model:-unknown}, RAM $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
-    echo "- scratch: \`$SCRATCH\` on $fstype; page cache warm, one untimed warm-up per tool; host dir recreated (untimed, then \`sync\`) before every run"
+    echo "- scratch: on $fstype; page cache warm, one untimed warm-up per tool; host dir recreated (untimed, then \`sync\`) before every run"
     echo "- runs: $RUNS per tool per scenario, tools alternated; SYNC_AFTER=$SYNC_AFTER; source rev: $rev"
     echo "- rsync: $(rsync --version | head -n1 | sed 's/  */ /g')"
     echo "- commands:"
@@ -500,6 +503,7 @@ report=$(
     fi
     if [ "$SKIP_SYNCD" != 1 ]; then
         echo "  - syncd: \`$(shown "$SYNCD") sync ${SYNCD_FLAGS[*]:+${SYNCD_FLAGS[*]} }--master http://127.0.0.1:PORT --root DEST\` (master: \`$(shown "$SYNCMASTER") serve ${MASTER_FLAGS[*]:+${MASTER_FLAGS[*]} }--image IMAGE --listen 127.0.0.1:0\`, started and scanned before timing)"
+        ! outside "$SYNCD" "$SYNCMASTER" "$SYNCD_B" || echo "  - binaries outside this checkout are shown by their file name only"
         [ "$DELTAS" = 0 ] || echo "  - upgrade scenarios (DELTAS=1): the master is started with \`--images DIR --state-dir STATE --poll 200ms\` instead, DIR/current pointing first at the host's release (published as v1), then at IMAGE (v2); timing starts once v2's object cache (whole frames, and deltas against v1) is ready"
     fi
     echo "  - every client run goes through \`bench/measure.py --log FILE --timeout $TOOL_TIMEOUT$([ "$SYNC_AFTER" != 1 ] || echo ' --sync') -- CMD\`"
@@ -574,6 +578,7 @@ report=$(
 )
 echo
 echo "$report"
+[ -n "$RESULTS" ] || RESULTS=$(new_results "$BENCH_DIR" sync-vs-rsync)
 printf '%s\n\n' "$report" >>"$RESULTS"
 log "appended to $RESULTS; logs in $LOGS"
 [ $ANY_FAIL -eq 0 ] || { echo "!!!!!!!! FAIL: some runs or fidelity checks failed (see above)" >&2; exit 1; }

@@ -16,7 +16,7 @@
 # Env: CORPORA (default /var/tmp/gis-corpora), IMAGE (default bookworm-big), RATE (default
 #      20MiB), WINDOW (seconds, default 10), TOLERANCE (percent, default 10),
 #      SCRATCH (default /var/tmp/gis-bench), SYNCD, SYNCMASTER (default target/release/…),
-#      RESULTS (default bench/RESULTS.md).
+#      RESULTS (default: a new file per run, bench/results/<UTC stamp>-throttle.md).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 CORPORA=${CORPORA:-/var/tmp/gis-corpora}
@@ -28,7 +28,7 @@ TOLERANCE=${TOLERANCE:-10}
 SCRATCH=${SCRATCH:-/var/tmp/gis-bench}
 SYNCD=${SYNCD:-$here/../target/release/syncd}
 SYNCMASTER=${SYNCMASTER:-$here/../target/release/syncmaster}
-RESULTS=${RESULTS:-$here/RESULTS.md}
+RESULTS=${RESULTS:-}   # default: a new file under bench/results/, named when the report is written
 die() { echo "throttle.sh: $*" >&2; exit 1; }
 # shellcheck source=bench/lib.sh
 source "$here/lib.sh"
@@ -146,4 +146,5 @@ report=$(
     done
 )
 echo "$report"
+[ -n "$RESULTS" ] || RESULTS=$(new_results "$here" throttle)
 echo "$report" >>"$RESULTS"
