@@ -18,6 +18,7 @@ use crate::error::{exit, LocalError, SyncError};
 use crate::options::{Mode, SyncOptions};
 use crate::pass::{gc_store, load_local_lists, open_store, plan_pass, start_pass, sync_once};
 
+use crate::hostfs::files::HostFiles;
 use crate::hostfs::root;
 use crate::report::{human_bytes, PassReport, RolledBack};
 use crate::{fetch, lock, plan, store};
@@ -187,7 +188,7 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
 
     plan.drop_fetches(|h| st.has(h));
     let root = root::RootDir::open(&opts.root).map_err(|e| SyncError::Root { root: opts.root.clone(), source: e })?;
-    let bases = fetch::Bases::for_plan(&root, &plan, &opts.throttle.read);
+    let bases = fetch::Bases::for_plan(&HostFiles::new(&root, &opts.throttle.read), &plan);
     let master = master
         .with_store(&s.object_store_url, &s.identity)?
         .with_chunk_threshold(s.chunk_threshold)

@@ -10,6 +10,7 @@ use manifest::Hash;
 
 use crate::apply::{FailedAt, Failure, FailureKind, Outcome};
 use crate::error::{LocalError, NeedsStore, SyncError};
+use crate::hostfs::files::HostFiles;
 use crate::hostfs::root;
 use crate::options::{Mode, SyncOptions};
 use crate::plan::Plan;
@@ -383,7 +384,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
             root::RootDir::open(&opts.root).map_err(|e| SyncError::Root { root: opts.root.clone(), source: e })?;
         let rt = tokio::runtime::Handle::current();
         // Delta bases are read by the stream's decode thread, beneath the same root.
-        let bases = fetch::Bases::for_plan(&root, &report.plan, &opts.throttle.read);
+        let bases = fetch::Bases::for_plan(&HostFiles::new(&root, &opts.throttle.read), &report.plan);
         let (objects, master) = match master {
             Some(m) if opts.mode == Mode::Network => {
                 let m = m

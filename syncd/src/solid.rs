@@ -17,9 +17,9 @@
 //! [`manifest::delta::MAX_SOLID_BYTES`] each.
 
 use std::collections::{HashMap, HashSet};
-use std::io;
 use std::sync::Arc;
 
+use crate::hostfs::files::HostFiles;
 use bytes::Bytes;
 use manifest::solid::{Index, Segment};
 use manifest::{Hash, RelPath};
@@ -113,8 +113,8 @@ pub(crate) async fn plan(
 /// The segment decoded last: its objects, verified.
 pub(crate) struct SolidReader {
     plan: Arc<SolidPlan>,
-    root: crate::hostfs::root::RootDir,
-    read: throttle::Limiter,
+    /// The host's files the segments' references are rebuilt from.
+    files: HostFiles,
     current: Option<(usize, HashMap<Hash, Bytes>)>,
     /// Segments that failed: their objects are fetched one by one.
     failed: HashSet<usize>,
@@ -123,8 +123,8 @@ pub(crate) struct SolidReader {
 }
 
 impl SolidReader {
-    pub fn new(plan: Arc<SolidPlan>, root: crate::hostfs::root::RootDir, read: throttle::Limiter) -> SolidReader {
-        SolidReader { plan, root, read, current: None, failed: HashSet::new(), wire: 0 }
+    pub fn new(plan: Arc<SolidPlan>, files: HostFiles) -> SolidReader {
+        SolidReader { plan, files, current: None, failed: HashSet::new(), wire: 0 }
     }
 
     /// Whether `hash` is to come out of a segment.
@@ -180,8 +180,8 @@ impl SolidReader {
         };
         self.wire += frame.len() as u64;
         net.charge_async(frame.len() as u64).await;
-        let (plan, root, read) = (self.plan.clone(), self.root.share(), self.read.clone());
-        tokio::task::spawn_blocking(move || decode(&plan.segments[n], root, &read, &frame))
+        let (plan, files) = (self.plan.clone(), self.files.share());
+        tokio::task::spawn_blocking(move || decode(&plan.segments[n], files, &frame))
             .await
             .map_err(|e| format!("decode task failed: {e}"))?
             .map_err(|e| format!("{key} ({} objects over {} bases): {e}", seg.objects.len(), seg.bases.len()))
@@ -189,17 +189,14 @@ impl SolidReader {
 }
 
 /// Rebuilds `seg`'s reference from the host's files and decodes `frame`; every object checked.
-fn decode(
-    seg: &Segment,
-    mut root: crate::hostfs::root::RootDir,
-    read: &throttle::Limiter,
-    frame: &[u8],
-) -> Result<HashMap<Hash, Bytes>, String> {
+fn decode(seg: &Segment, mut files: HostFiles, frame: &[u8]) -> Result<HashMap<Hash, Bytes>, String> {
     use zstd::zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer};
     let mut reference = Vec::with_capacity(seg.reference_bytes() as usize);
     for b in &seg.bases {
         let at = reference.len();
-        read_file(&mut root, &b.path, b.size, read, &mut reference)
+        // At most one byte past `size`: a longer file is not the base.
+        files
+            .read_into(&b.path, b.size + 1, &mut reference)
             .map_err(|e| format!("cannot read base {}: {e}", b.path))?;
         if reference.len() - at != b.size as usize || Hash::of(&reference[at..]) != b.hash {
             return Err(format!("base {} is not the file the delta was made against ({})", b.path, b.hash));
@@ -242,21 +239,4 @@ fn decode(
         }
     }
     Ok(objects)
-}
-
-/// Appends the regular file `path` (beneath the root, no symlink followed) to `out`, reading
-/// at most one byte past `size`.
-fn read_file(
-    root: &mut crate::hostfs::root::RootDir,
-    path: &RelPath,
-    size: u64,
-    read: &throttle::Limiter,
-    out: &mut Vec<u8>,
-) -> io::Result<()> {
-    use std::io::Read;
-    use std::os::fd::AsFd;
-    let (dir, name) = root.parent(path)?;
-    let (file, _) = crate::hostfs::fsops::open_regular_sized(dir.as_fd(), name)?;
-    throttle::Throttled::new(file, read).take(size + 1).read_to_end(out)?;
-    Ok(())
 }

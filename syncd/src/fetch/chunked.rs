@@ -12,7 +12,6 @@
 //! whole from the master, or with the fallback off, the pass fails): never unverified content.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -28,6 +27,7 @@ use super::decode::Bases;
 use super::store::{open_object_in_order, Pump, StoreFailure, StoreSource, StoreTally};
 use super::transport::{secs, Deadlines};
 use crate::error::chain;
+use crate::hostfs::files::HostFiles;
 
 /// Seed chunks read back in one blocking call, up to this many bytes.
 const SEED_BATCH: u64 = 1 << 20;
@@ -37,28 +37,27 @@ const CHUNK_GETS_PER_OBJECT_GET: usize = 4;
 
 /// The host files an object stored as chunks may reuse: one per object of the stream.
 pub(super) struct Seeds {
-    root: crate::hostfs::root::RootDir,
+    files: HostFiles,
     paths: Vec<Option<RelPath>>,
-    read: throttle::Limiter,
 }
 
 impl Seeds {
-    pub(super) fn from_bases(b: Bases) -> Option<Seeds> {
-        (!b.seeds.is_empty()).then_some(Seeds { root: b.root, paths: b.seeds, read: b.read })
+    /// The seeds of `b`, if it names any.
+    pub(super) fn from_bases(b: &Bases) -> Option<Seeds> {
+        (!b.seeds.is_empty()).then(|| Seeds { files: b.files.share(), paths: b.seeds.clone() })
     }
 
     /// The seed of object `i`, if it has one.
     pub(super) fn get(&self, i: usize) -> Option<Seed> {
         let path = self.paths.get(i)?.clone()?;
-        Some(Seed { root: self.root.share(), path, read: self.read.clone() })
+        Some(Seed { files: self.files.share(), path })
     }
 }
 
 /// One host file to reuse chunks of.
 pub(super) struct Seed {
-    root: crate::hostfs::root::RootDir,
+    files: HostFiles,
     path: RelPath,
-    read: throttle::Limiter,
 }
 
 /// A seed, cut: the open file and where each wanted chunk lies in it.
@@ -73,17 +72,17 @@ impl Seed {
     /// notes the offset of every chunk in `wanted`. The file stays open: what is read back
     /// later is this file, whatever is renamed over its path meanwhile.
     fn scan(mut self, params: Params, wanted: &HashSet<[u8; 32]>) -> std::io::Result<Found> {
-        let (dir, name) = self.root.parent(&self.path)?;
-        let (file, _) = crate::hostfs::fsops::open_regular_sized(dir.as_fd(), name)?;
+        let (file, _) = self.files.open(&self.path)?;
+        let read = self.files.limiter().clone();
         let mut at = HashMap::new();
-        objstore::chunks::cut(throttle::Throttled::new(&file, &self.read), params, |off, data| {
+        objstore::chunks::cut(throttle::Throttled::new(&file, &read), params, |off, data| {
             let h = *blake3::hash(&data).as_bytes();
             if wanted.contains(&h) {
                 at.entry(h).or_insert(off);
             }
             Ok(())
         })?;
-        Ok(Found { file: Arc::new(file), at, read: self.read })
+        Ok(Found { file: Arc::new(file), at, read })
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::queue;
 use super::transport::MAX_WINDOW_LOG;
+use crate::hostfs::files::HostFiles;
 use crate::progress::Stopwatch;
 
 /// Why one object could not be received.
@@ -84,7 +85,8 @@ impl Piece {
 /// [`Plan::fetch_bases`](crate::plan::Plan::fetch_bases)), beneath the root, never through a
 /// symlink, with every byte charged to `read`.
 pub struct Bases {
-    pub root: crate::hostfs::root::RootDir,
+    /// Where the bases are read: the host's regular files, read-only.
+    pub files: HostFiles,
     pub paths: Vec<Option<(manifest::RelPath, Hash)>>,
     /// Empty, or one per object: the host file whose chunks an object stored as chunks may
     /// reuse (see [`Plan::fetch_seeds`](crate::plan::Plan::fetch_seeds)).
@@ -92,24 +94,18 @@ pub struct Bases {
     /// Bases offered to the solid delta only (see
     /// [`Plan::solid_bases`](crate::plan::Plan::solid_bases)).
     pub solid: Vec<(manifest::RelPath, Hash)>,
-    pub read: throttle::Limiter,
 }
 
 impl Bases {
-    /// The bases `plan` names for its fetches, read beneath `root` (`None` when it names none:
+    /// The bases `plan` names for its fetches, read from `files` (`None` when it names none:
     /// a cold sync).
-    pub fn for_plan(
-        root: &crate::hostfs::root::RootDir,
-        plan: &crate::plan::Plan,
-        read: &throttle::Limiter,
-    ) -> Option<Bases> {
+    pub fn for_plan(files: &HostFiles, plan: &crate::plan::Plan) -> Option<Bases> {
         let any = !plan.fetch_bases.is_empty() || !plan.fetch_seeds.is_empty() || !plan.solid_bases.is_empty();
         any.then(|| Bases {
-            root: root.share(),
+            files: files.share(),
             paths: plan.fetch_bases.clone(),
             seeds: plan.fetch_seeds.clone(),
             solid: plan.solid_bases.clone(),
-            read: read.clone(),
         })
     }
 
@@ -317,7 +313,7 @@ pub(super) fn load_base(
     // renamed into place, so a base that changed since the scan only costs a whole fetch of
     // the object (after a hash mismatch), never wrong content. Hashing every base again cost
     // the decode thread, the upgrade's critical path, about 0.05 s per bookworm minbase.
-    let content = read_base(&mut bases.root, &path, &bases.read).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let content = read_base(&mut bases.files, &path).map_err(|e| format!("cannot read {path}: {e}"))?;
     let zerr = |code: usize| zstd_error(code).to_string();
     ctx.reset(zstd::zstd_safe::ResetDirective::SessionAndParameters).map_err(zerr)?;
     ctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(MAX_WINDOW_LOG)).map_err(zerr)?;
@@ -325,22 +321,10 @@ pub(super) fn load_base(
     Ok(())
 }
 
-/// Reads a delta base beneath the root (no symlink followed), at most one byte past the
-/// largest base a delta is made against.
-pub(super) fn read_base(
-    root: &mut crate::hostfs::root::RootDir,
-    path: &manifest::RelPath,
-    read: &throttle::Limiter,
-) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::fd::AsFd;
-    let (dir, name) = root.parent(path)?;
-    let (file, size) = crate::hostfs::fsops::open_regular_sized(dir.as_fd(), name)?;
-    let cap = manifest::delta::MAX_DELTA_BYTES + 1;
-    // Sized from fstat, so the read needs no regrowth (the Take below hides the size).
-    let size = size.min(cap);
-    let mut data = Vec::with_capacity(size as usize + 1);
-    throttle::Throttled::new(file, read).take(cap).read_to_end(&mut data)?;
+/// Reads a delta base, at most one byte past the largest base a delta is made against.
+pub(super) fn read_base(files: &mut HostFiles, path: &manifest::RelPath) -> io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    files.read_into(path, manifest::delta::MAX_DELTA_BYTES + 1, &mut data)?;
     Ok(data)
 }
 

@@ -405,19 +405,11 @@ impl Master {
         let solid_src = match (&src.solid, &bases) {
             (Some(to), Some(b)) => {
                 let offered = b.paths.iter().cloned().chain(b.solid.iter().cloned().map(Some)).collect::<Vec<_>>();
-                Some((*to, offered, b.root.share(), b.read.clone()))
+                Some((*to, offered, b.files.share()))
             }
             _ => None,
         };
-        let seeds = bases.as_ref().and_then(|b| {
-            chunked::Seeds::from_bases(Bases {
-                root: b.root.share(),
-                paths: Vec::new(),
-                seeds: b.seeds.clone(),
-                solid: Vec::new(),
-                read: b.read.clone(),
-            })
-        });
+        let seeds = bases.as_ref().and_then(chunked::Seeds::from_bases);
         let (tx, received, stream) = start_stream(objects.clone(), bases, Some(tally.clone()));
         let pump = self.pump();
         let client = self.client.clone();
@@ -427,11 +419,11 @@ impl Master {
             let d = pump.d;
             let store = &src.store;
             let mut solid = None;
-            if let Some((to, paths, root, read)) = solid_src {
+            if let Some((to, paths, files)) = solid_src {
                 if let Some(plan) = crate::solid::plan(store, &to, &objects, &paths, d.rpc).await {
                     tally.solid_wire.fetch_add(plan.index_bytes, std::sync::atomic::Ordering::Relaxed);
                     tally.bytes.fetch_add(plan.index_bytes, std::sync::atomic::Ordering::Relaxed);
-                    solid = Some(crate::solid::SolidReader::new(Arc::new(plan), root, read));
+                    solid = Some(crate::solid::SolidReader::new(Arc::new(plan), files));
                 }
             }
             // Each object's way, in this order: out of the solid delta; a large file, from its
