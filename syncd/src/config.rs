@@ -263,6 +263,8 @@ pub struct Flags {
 
 /// Flags and config file resolved, validated, with defaults: what every command starts from.
 pub struct Resolved {
+    /// The I/O class and nice level, to set before any thread starts.
+    pub priority: (Option<throttle::IoPriority>, Option<i32>),
     pub master: Option<String>,
     pub root: PathBuf,
     pub host_id: String,
@@ -308,8 +310,7 @@ impl Flags {
     }
 
     /// The I/O class and nice level, flag over config.
-    pub fn priority(&self) -> Result<(Option<throttle::IoPriority>, Option<i32>), SyncError> {
-        let cfg = self.config()?;
+    fn priority(&self, cfg: &Config) -> Result<(Option<throttle::IoPriority>, Option<i32>), SyncError> {
         let io = match self.io_priority.as_ref().or(cfg.io_priority.as_ref()) {
             Some(s) => Some(s.parse().map_err(|e| setting("io_priority", e))?),
             None => None,
@@ -368,6 +369,7 @@ impl Flags {
 
     /// Resolves the flags over `cfg`: flag, then config key, then default; every value checked.
     pub fn resolve_with(self, cfg: Config) -> Result<Resolved, SyncError> {
+        let priority = self.priority(&cfg)?;
         let deadlines = self.deadlines(&cfg)?;
         let rate = |flag: Option<u64>, key: &str, v: &Option<crate::config::ByteRate>| -> Result<u64, SyncError> {
             match (flag, v) {
@@ -452,6 +454,7 @@ impl Flags {
             }
         };
         Ok(Resolved {
+            priority,
             staging,
             wait: self.wait,
             health_grace,
@@ -618,7 +621,7 @@ mod tests {
         let e = err(Flags { rpc_timeout: Some("0s".into()), ..insecure() }.resolve_with(Config::default()));
         assert!(e.contains("--rpc-timeout: must be greater than zero"), "{e}");
         // The setting is kept as data, not only in the text.
-        let r = Flags { nice: Some(40), ..insecure() }.priority();
+        let r = Flags { nice: Some(40), ..insecure() }.resolve_with(Config::default());
         assert!(matches!(r, Err(SyncError::Setting { ref name, .. }) if name == "nice"), "{:?}", r.err());
         let e = err(insecure().resolve_with(cfg("keepalive_timeout = \"soon\"\n")));
         assert!(e.contains("config key keepalive_timeout"), "{e}");

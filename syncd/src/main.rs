@@ -156,13 +156,20 @@ fn main() -> ExitCode {
         | Cmd::Explain { common, .. } => common,
         Cmd::GenerateAssets { dir } => return generate_assets(dir),
     };
-    if let Err(e) =
-        common.priority().and_then(|(io, nice)| throttle::set_process_priority(io, nice).map_err(SyncError::Priority))
-    {
-        eprintln!("syncd: {}", e.report());
-        let code = if matches!(cli.cmd, Cmd::Drift { .. }) { drift::error_code(&e) } else { e.exit_code() };
-        return ExitCode::from(code);
-    }
+    // Flags over the config file, read once; every value checked before anything runs.
+    let resolved = common.clone().resolve().and_then(|r| {
+        let (io, nice) = r.priority;
+        throttle::set_process_priority(io, nice).map_err(SyncError::Priority)?;
+        Ok(r)
+    });
+    let resolved = match resolved {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("syncd: {}", e.report());
+            let code = if matches!(cli.cmd, Cmd::Drift { .. }) { drift::error_code(&e) } else { e.exit_code() };
+            return ExitCode::from(code);
+        }
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -173,8 +180,8 @@ fn main() -> ExitCode {
     let rollback = matches!(cli.cmd, Cmd::Rollback { .. });
     let code = match cli.cmd {
         Cmd::GenerateAssets { .. } => unreachable!("returned before the runtime started"),
-        Cmd::Sync { common, dry_run, quiet, allow_downgrade } => {
-            let report = common.resolve().and_then(|r| r.sync_options(dry_run, allow_downgrade));
+        Cmd::Sync { dry_run, quiet, allow_downgrade, .. } => {
+            let report = resolved.sync_options(dry_run, allow_downgrade);
             // A progress bar on a terminal (stderr), cleared before the report.
             let bar = (!quiet && !dry_run && std::io::stderr().is_terminal()).then(syncd::progress::Bar::start);
             let report = report.map(|opts| recorded(&opts, rt.block_on(syncd::converge(&opts))));
@@ -189,8 +196,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Prefetch { common } => {
-            let report = common.resolve().and_then(|r| r.local_options(true));
+        Cmd::Prefetch { .. } => {
+            let report = resolved.local_options(true);
             match report.map(|opts| rt.block_on(syncd::prefetch_once(&opts))) {
                 Ok(Ok(report)) => {
                     eprintln!("syncd: {}", report.summary());
@@ -202,8 +209,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Commit { common, quiet } | Cmd::Rollback { common, quiet } => {
-            let report = common.resolve().and_then(|r| r.local_options(false));
+        Cmd::Commit { quiet, .. } | Cmd::Rollback { quiet, .. } => {
+            let report = resolved.local_options(false);
             let run = |opts: SyncOptions| {
                 let r = rt.block_on(async {
                     if rollback {
@@ -222,7 +229,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Status { common, format } => match common.resolve().and_then(|r| r.status()) {
+        Cmd::Status { format, .. } => match resolved.status() {
             Ok(s) => {
                 let text = match format {
                     Format::Text => s.text(),
@@ -236,15 +243,15 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
-        Cmd::Explain { common, paths } => match rt.block_on(explain(common, &paths)) {
+        Cmd::Explain { paths, .. } => match rt.block_on(explain(resolved, &paths)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("syncd: {}", e.report());
                 ExitCode::from(e.exit_code())
             }
         },
-        Cmd::Drift { common, format } => {
-            let report = common.resolve().and_then(|r| r.sync_options(true, false));
+        Cmd::Drift { format, .. } => {
+            let report = resolved.sync_options(true, false);
             match report.map(|opts| recorded(&opts, rt.block_on(syncd::sync_once(&opts)))) {
                 Ok(Ok(report)) => {
                     let incomplete = report.failures().next().is_some();
@@ -265,13 +272,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Run { common, reconcile_interval } => {
-            let opts = common.resolve().and_then(|mut r| {
-                if reconcile_interval.is_some() {
-                    r.daemon.reconcile_interval = reconcile_interval;
-                }
-                r.daemon_options()
-            });
+        Cmd::Run { reconcile_interval, .. } => {
+            let mut r = resolved;
+            if reconcile_interval.is_some() {
+                r.daemon.reconcile_interval = reconcile_interval;
+            }
+            let opts = r.daemon_options();
             let _in_runtime = rt.enter();
             let shutdown = match cmdline::shutdown_signal() {
                 Ok(s) => s,
@@ -341,8 +347,7 @@ fn print_rollback(report: &syncd::PassReport) {
 /// How long the exiting process waits for blocking work (see the end of `main`).
 const RUNTIME_GRACE: Duration = Duration::from_secs(1);
 
-async fn explain(common: Flags, paths: &[String]) -> Result<(), SyncError> {
-    let r = common.resolve()?;
+async fn explain(r: syncd::config::Resolved, paths: &[String]) -> Result<(), SyncError> {
     let local = syncd::load_local_lists(&r.exclude_from)?;
     let from_master = match &r.master {
         Some(url) => syncd::fetch::Master::connect(url, &r.transport).await?.exclusion_lists(&r.host_id).await?,
