@@ -9,7 +9,8 @@ use manifest::{Hash, Kind, Meta, RelPath};
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
-use super::{Applier, FailedAt, FailureKind, Held, Location, Staged, Staging, COMMIT_THREADS};
+use super::applier::{Applier, Held, Location, Staged, COMMIT_THREADS};
+use super::types::{FailedAt, FailureKind, Staging};
 use crate::hostfs::fsops::{self, MetaParts};
 use crate::hostfs::root::RootDir;
 use crate::plan::{Op, Plan, Source};

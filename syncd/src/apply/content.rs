@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 
 use manifest::{Hash, Kind};
 
-use super::{is_systemic, Applier, Location};
+use super::applier::{is_systemic, Applier, Location};
 use crate::fetch::ObjectError;
 use crate::hostfs::fsops::{self, VerifyingWriter};
 use crate::plan::{Op, Source};

@@ -10,11 +10,9 @@ use manifest::{Entry, Hash, Kind, RelPath};
 use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
+use super::applier::{is_systemic, resolve_target, Applier, DirSwap, Held, Location, Staged, BATCH_BYTES, BATCH_FILES};
 use super::commit::is_dir_at;
-use super::{
-    is_systemic, resolve_target, Applier, DirSwap, FailureKind, Held, Location, Staged, Staging, BATCH_BYTES,
-    BATCH_FILES,
-};
+use super::types::{FailureKind, Staging};
 use crate::hostfs::fsops::{self, MetaParts, VerifyingWriter};
 use crate::plan::{Op, Source};
 
