@@ -64,6 +64,18 @@ impl Manifest {
 
     /// Content identity: blake3 over the canonical encoding of the root and every entry.
     /// Two images with the same identity are the same tree; the version is not part of it.
+    /// Puts `entries` (sorted by path) in place: each replaces the entry at its path, or is
+    /// added there. A host's files rendered by the master are laid over the image this way, on
+    /// the master to compute the identity it signs and on the host before checking it.
+    pub fn overlay(&mut self, entries: &[Entry]) {
+        for e in entries {
+            match self.entries.binary_search_by(|x| x.path.cmp(&e.path)) {
+                Ok(i) => self.entries[i] = e.clone(),
+                Err(i) => self.entries.insert(i, e.clone()),
+            }
+        }
+    }
+
     pub fn identity(&self) -> Hash {
         let mut h = BufferedHasher::new();
         h.update(b"golden-image-sync manifest v1\0");

@@ -7,6 +7,12 @@
 //! `"golden-image-sync manifest v1\0" ‖ identity (32) ‖ version (u64 BE) ‖ expires_unix (u64 BE)`.
 //! The identity hash covers every entry and the root's metadata (see [`crate::Manifest::identity`]),
 //! so the signature covers the whole tree.
+//!
+//! A manifest with files rendered for one host (its identity covers them like any entry) is
+//! signed over a second layout, which also binds the host and the serial of the data rendered:
+//! `"golden-image-sync rendered manifest v1\0" ‖ identity ‖ version ‖ expires_unix ‖
+//! render_serial (u64 BE) ‖ host length (u32 BE) ‖ host`. One host's render cannot pass for
+//! another's, and an older render of a version cannot replace a newer one ([`RenderBinding`]).
 
 use std::fmt;
 use std::io::Write;
@@ -17,6 +23,7 @@ use ed25519_dalek::{Signer, Verifier};
 use crate::Hash;
 
 const DOMAIN: &[u8] = b"golden-image-sync manifest v1\0";
+const DOMAIN_RENDERED: &[u8] = b"golden-image-sync rendered manifest v1\0";
 const SECRET_PREFIX: &str = "golden-image-sync ed25519 secret key:";
 const PUBLIC_PREFIX: &str = "ed25519:";
 
@@ -28,12 +35,28 @@ pub struct VersionSignature {
     pub signature: [u8; 64],
 }
 
-fn message(identity: &Hash, version: u64, expires_unix: u64) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DOMAIN.len() + 48);
-    m.extend_from_slice(DOMAIN);
+/// What the signature of a manifest with files rendered for one host also covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderBinding {
+    /// The host the files were rendered for.
+    pub host: String,
+    /// Goes up with every reload of the master's render data: among renders of one version, a
+    /// host takes only a newer one.
+    pub serial: u64,
+}
+
+fn message(identity: &Hash, version: u64, expires_unix: u64, binding: Option<&RenderBinding>) -> Vec<u8> {
+    let domain = if binding.is_some() { DOMAIN_RENDERED } else { DOMAIN };
+    let mut m = Vec::with_capacity(domain.len() + 64);
+    m.extend_from_slice(domain);
     m.extend_from_slice(&identity.0);
     m.extend_from_slice(&version.to_be_bytes());
     m.extend_from_slice(&expires_unix.to_be_bytes());
+    if let Some(b) = binding {
+        m.extend_from_slice(&b.serial.to_be_bytes());
+        m.extend_from_slice(&(b.host.len() as u32).to_be_bytes());
+        m.extend_from_slice(b.host.as_bytes());
+    }
     m
 }
 
@@ -84,10 +107,21 @@ impl SigningKey {
     }
 
     pub fn sign(&self, identity: &Hash, version: u64, expires_unix: u64) -> VersionSignature {
+        self.sign_bound(identity, version, expires_unix, None)
+    }
+
+    /// Signs a manifest; with `binding`, one with files rendered for that host.
+    pub fn sign_bound(
+        &self,
+        identity: &Hash,
+        version: u64,
+        expires_unix: u64,
+        binding: Option<&RenderBinding>,
+    ) -> VersionSignature {
         VersionSignature {
             public_key: self.0.verifying_key().to_bytes(),
             expires_unix,
-            signature: self.0.sign(&message(identity, version, expires_unix)).to_bytes(),
+            signature: self.0.sign(&message(identity, version, expires_unix, binding)).to_bytes(),
         }
     }
 }
@@ -147,6 +181,10 @@ pub enum TrustError {
     Rollback { offered: u64, highest: u64 },
     #[error("the master offers version {version} with identity {offered}, but version {version} applied here had identity {applied}: refusing a different tree under the same number")]
     Substituted { version: u64, offered: String, applied: String },
+    #[error("the master offers files rendered for host {offered:?}, and this host is {this:?}: refusing another host's files (hint: check host_id and the master's inventory)")]
+    OtherHost { offered: String, this: String },
+    #[error("the master offers a render of version {version} with serial {offered}, but this host applied a render of it with serial {applied}: refusing a render that is not newer (hint: check the master's clock; the serial is the time its inventory was loaded)")]
+    OlderRender { version: u64, offered: u64, applied: u64 },
 }
 
 impl TrustError {
@@ -164,6 +202,19 @@ pub fn verify(
     version: u64,
     now_unix: u64,
 ) -> Result<(), TrustError> {
+    verify_bound(trusted, sig, identity, version, None, now_unix)
+}
+
+/// [`verify`], for a manifest with files rendered for `binding.host` when `binding` is set (its
+/// signature covers the binding too).
+pub fn verify_bound(
+    trusted: &[PublicKey],
+    sig: Option<&VersionSignature>,
+    identity: &Hash,
+    version: u64,
+    binding: Option<&RenderBinding>,
+    now_unix: u64,
+) -> Result<(), TrustError> {
     let sig = sig.ok_or(TrustError::Unsigned)?;
     let key = trusted
         .iter()
@@ -171,7 +222,7 @@ pub fn verify(
         .ok_or_else(|| TrustError::UnknownKey(hex::encode(sig.public_key)))?;
     let s = ed25519_dalek::Signature::from_bytes(&sig.signature);
     key.0
-        .verify(&message(identity, version, sig.expires_unix), &s)
+        .verify(&message(identity, version, sig.expires_unix, binding), &s)
         .map_err(|_| TrustError::BadSignature { version, identity: identity.to_hex() })?;
     if now_unix >= sig.expires_unix {
         return Err(TrustError::Expired { version, expired_at: sig.expires_unix, now: now_unix });
@@ -180,14 +231,16 @@ pub fn verify(
 }
 
 /// Refuses going back: `offered` must not be lower than the highest version applied, and the
-/// same version must be the same tree.
+/// same version must be the same tree, or a newer render of it (`offered_serial`, the signed
+/// render serial, above `applied_serial`; 0 for a manifest with nothing rendered).
 pub fn check_not_rollback(
-    applied: Option<(u64, &Hash)>,
+    applied: Option<(u64, &Hash, u64)>,
     offered: u64,
     identity: &Hash,
+    offered_serial: u64,
     allow_downgrade: bool,
 ) -> Result<(), TrustError> {
-    let Some((highest, applied_id)) = applied else { return Ok(()) };
+    let Some((highest, applied_id, applied_serial)) = applied else { return Ok(()) };
     if allow_downgrade {
         return Ok(());
     }
@@ -195,11 +248,16 @@ pub fn check_not_rollback(
         return Err(TrustError::Rollback { offered, highest });
     }
     if offered == highest && applied_id != identity {
-        return Err(TrustError::Substituted {
-            version: offered,
-            offered: identity.to_hex(),
-            applied: applied_id.to_hex(),
-        });
+        if offered_serial == 0 {
+            return Err(TrustError::Substituted {
+                version: offered,
+                offered: identity.to_hex(),
+                applied: applied_id.to_hex(),
+            });
+        }
+        if offered_serial <= applied_serial {
+            return Err(TrustError::OlderRender { version: offered, offered: offered_serial, applied: applied_serial });
+        }
     }
     Ok(())
 }
@@ -242,15 +300,43 @@ mod tests {
     #[test]
     fn rollback_and_substitution_are_refused_unless_overridden() {
         let a = id(1);
-        assert!(check_not_rollback(None, 1, &a, false).is_ok());
-        assert!(check_not_rollback(Some((5, &a)), 6, &id(2), false).is_ok());
-        assert!(check_not_rollback(Some((5, &a)), 5, &a, false).is_ok());
+        assert!(check_not_rollback(None, 1, &a, 0, false).is_ok());
+        assert!(check_not_rollback(Some((5, &a, 0)), 6, &id(2), 0, false).is_ok());
+        assert!(check_not_rollback(Some((5, &a, 0)), 5, &a, 0, false).is_ok());
         assert_eq!(
-            check_not_rollback(Some((5, &a)), 4, &id(2), false),
+            check_not_rollback(Some((5, &a, 0)), 4, &id(2), 0, false),
             Err(TrustError::Rollback { offered: 4, highest: 5 })
         );
-        assert!(matches!(check_not_rollback(Some((5, &a)), 5, &id(2), false), Err(TrustError::Substituted { .. })));
-        assert!(check_not_rollback(Some((5, &a)), 4, &id(2), true).is_ok());
+        assert!(matches!(
+            check_not_rollback(Some((5, &a, 0)), 5, &id(2), 0, false),
+            Err(TrustError::Substituted { .. })
+        ));
+        assert!(check_not_rollback(Some((5, &a, 0)), 4, &id(2), 0, true).is_ok());
+        // A newer render of the applied version is taken; the same or an older one is not.
+        assert!(check_not_rollback(Some((5, &a, 100)), 5, &id(2), 101, false).is_ok());
+        assert_eq!(
+            check_not_rollback(Some((5, &a, 100)), 5, &id(2), 100, false),
+            Err(TrustError::OlderRender { version: 5, offered: 100, applied: 100 })
+        );
+        assert!(check_not_rollback(Some((5, &a, 100)), 5, &a, 100, false).is_ok());
+    }
+
+    #[test]
+    fn a_rendered_manifest_is_bound_to_its_host_and_serial() {
+        let k = SigningKey::generate();
+        let trusted = [k.public()];
+        let b = RenderBinding { host: "web01".into(), serial: 7 };
+        let sig = k.sign_bound(&id(1), 3, 1000, Some(&b));
+        assert_eq!(verify_bound(&trusted, Some(&sig), &id(1), 3, Some(&b), 999), Ok(()));
+        // Not as a plain manifest, not for another host, not under another serial.
+        assert!(verify(&trusted, Some(&sig), &id(1), 3, 999).is_err());
+        let other = RenderBinding { host: "web02".into(), serial: 7 };
+        assert!(verify_bound(&trusted, Some(&sig), &id(1), 3, Some(&other), 999).is_err());
+        let older = RenderBinding { host: "web01".into(), serial: 6 };
+        assert!(verify_bound(&trusted, Some(&sig), &id(1), 3, Some(&older), 999).is_err());
+        // And a plain signature does not pass for a rendered one.
+        let plain = k.sign(&id(1), 3, 1000);
+        assert!(verify_bound(&trusted, Some(&plain), &id(1), 3, Some(&b), 999).is_err());
     }
 
     #[test]

@@ -134,6 +134,11 @@ pub fn manifest_header(m: &Manifest, identity: &Hash) -> pb::ManifestHeader {
         entries_omitted: false,
         object_store_url: String::new(),
         chunk_threshold: 0,
+        rendered: Vec::new(),
+        rendered_templates: Vec::new(),
+        rendered_for: String::new(),
+        render_serial: 0,
+        image_identity: Bytes::new(),
     }
 }
 
@@ -199,7 +204,14 @@ pub struct ManifestAssembler {
     header: Option<(u64, Hash, u64, Meta)>,
     signature: Option<crate::trust::VersionSignature>,
     entries: Vec<Entry>,
+    /// The header's rendered entries, put in place by `finish` (see [`Manifest::overlay`]).
+    rendered: Vec<Entry>,
+    rendered_templates: Vec<String>,
+    binding: Option<crate::trust::RenderBinding>,
 }
+
+/// Most entries a header may carry rendered for one host.
+pub const MAX_RENDERED: usize = 10_000;
 
 /// The wire form of a version signature.
 pub fn signature_to_wire(s: &crate::trust::VersionSignature) -> pb::VersionSignature {
@@ -236,6 +248,33 @@ impl ManifestAssembler {
                         signature_from_wire(s).ok_or_else(|| bad("signature: key must be 32 bytes, signature 64"))?,
                     );
                 }
+                if h.rendered.len() > MAX_RENDERED {
+                    return Err(bad(&format!(
+                        "{} rendered entries, more than the limit {MAX_RENDERED}",
+                        h.rendered.len()
+                    )));
+                }
+                for (i, w) in h.rendered.iter().enumerate() {
+                    let e = entry_from_wire(i, w)?;
+                    if e.kind != crate::Kind::File || e.hash.is_none() || e.link_group != 0 {
+                        return Err(bad(&format!("rendered entry {} is not a plain regular file", e.path)));
+                    }
+                    if self.rendered.last().is_some_and(|p| p.path >= e.path) {
+                        return Err(bad(&format!("rendered entry {} is out of order or duplicated", e.path)));
+                    }
+                    self.rendered.push(e);
+                }
+                if !h.rendered_templates.is_empty() && h.rendered_templates.len() != h.rendered.len() {
+                    return Err(bad("rendered_templates does not name one template per rendered entry"));
+                }
+                self.rendered_templates = h.rendered_templates.clone();
+                self.binding = match (h.rendered_for.is_empty(), h.rendered.is_empty()) {
+                    (true, true) => None,
+                    (true, false) => return Err(bad("rendered entries name no host they were rendered for")),
+                    (false, _) => {
+                        Some(crate::trust::RenderBinding { host: h.rendered_for.clone(), serial: h.render_serial })
+                    }
+                };
                 self.entries.reserve(h.entry_count.min(1 << 20) as usize);
                 self.header = Some((h.version, identity, h.entry_count, root));
             }
@@ -302,6 +341,21 @@ impl ManifestAssembler {
         self.signature.clone()
     }
 
+    /// The host and serial a header with rendered entries binds them to (checked with the
+    /// signature, [`crate::trust::verify_bound`]).
+    pub fn binding(&self) -> Option<crate::trust::RenderBinding> {
+        self.binding.clone()
+    }
+
+    /// The rendered paths, each with its template's path in the image.
+    pub fn rendered(&self) -> Vec<(crate::RelPath, String)> {
+        self.rendered
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.clone(), self.rendered_templates.get(i).cloned().unwrap_or_default()))
+            .collect()
+    }
+
     /// Completes the manifest once the stream has ended.
     pub fn finish(self) -> Result<Manifest, ManifestError> {
         self.finish_signed().map(|(m, _)| m)
@@ -314,7 +368,8 @@ impl ManifestAssembler {
         if self.entries.len() as u64 != count {
             return Err(ManifestError::CountMismatch { expected: count, actual: self.entries.len() as u64 });
         }
-        let m = Manifest { version, root, entries: self.entries };
+        let mut m = Manifest { version, root, entries: self.entries };
+        m.overlay(&self.rendered);
         m.validate()?;
         let actual = m.identity();
         if actual != identity {

@@ -728,6 +728,7 @@ mod tests {
 
     fn report(trigger_ok: Option<bool>, health_ok: &[bool]) -> PassReport {
         PassReport {
+            render: None,
             host_id: "h".into(),
             root: "/".into(),
             image_version: 2,

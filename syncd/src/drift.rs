@@ -31,6 +31,9 @@ pub mod code {
     pub const BUSY: u8 = 20;
     /// No report: syncd's own state (the trigger journal, a state file) could not be read.
     pub const STATE: u8 = 21;
+    /// No report: the master could not render this host's files (the error names the template,
+    /// the line and the key).
+    pub const RENDER: u8 = 22;
 }
 
 #[derive(Debug, Serialize)]
@@ -72,6 +75,9 @@ pub struct DriftEntry {
     /// The same change, itemized like `rsync -i`.
     #[serde(skip)]
     pub line: String,
+    /// The template the master rendered this path from for this host, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rendered_from: Option<String>,
 }
 
 fn what(d: &Diff) -> Vec<&'static str> {
@@ -96,7 +102,7 @@ impl Report {
     pub fn new(r: &PassReport) -> Report {
         let mut entries = Vec::new();
         if let (Some((_, _, d)), Some(line)) = (&r.plan.root, r.plan.root_line()) {
-            entries.push(DriftEntry { path: "/".into(), status: "changed", what: what(d), line });
+            entries.push(DriftEntry { path: "/".into(), status: "changed", what: what(d), line, rendered_from: None });
         }
         for c in &r.plan.changes {
             let (status, what) = match &c.op {
@@ -105,7 +111,13 @@ impl Report {
                 Op::Replace { .. } => ("changed", vec!["type"]),
                 Op::Update { diff, .. } => ("changed", what(diff)),
             };
-            entries.push(DriftEntry { path: format!("/{}", c.path), status, what, line: c.itemize() });
+            entries.push(DriftEntry {
+                path: format!("/{}", c.path),
+                status,
+                what,
+                line: c.itemize(),
+                rendered_from: r.rendered_from(&c.path).map(str::to_owned),
+            });
         }
         let count = |s: &str| entries.iter().filter(|e| e.status == s).count();
         let summary = Summary {
@@ -139,7 +151,10 @@ impl Report {
                 ("changed", w) => w.join(", "),
                 (s, _) => s.to_owned(),
             };
-            out.push_str(&format!("{}  ({words})\n", e.line));
+            match &e.rendered_from {
+                Some(t) => out.push_str(&format!("{}  ({words}; rendered from {t})\n", e.line)),
+                None => out.push_str(&format!("{}  ({words})\n", e.line)),
+            }
         }
         for t in &self.triggers {
             let why: Vec<String> = t.changes.iter().map(|c| format!("{} ({})", c.path, c.change.as_str())).collect();
@@ -191,6 +206,7 @@ pub fn error_code(e: &SyncError) -> u8 {
         SyncError::Lock(crate::lock::LockError::Busy { .. }) => code::BUSY,
         SyncError::Lock(_) => code::CONFIG,
         SyncError::Journal(_) | SyncError::StateFile { .. } | SyncError::StateFileDamaged { .. } => code::STATE,
+        SyncError::Render { .. } => code::RENDER,
         SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } | SyncError::Local(_) | SyncError::Task { .. } => {
             code::INTERNAL
         }

@@ -43,6 +43,10 @@ pub mod exit {
     /// syncd's own state could not be read or written: the trigger journal, or a state file
     /// that is unreadable or damaged (the error names it). Nothing was changed in the root.
     pub const STATE: u8 = 12;
+    /// The master could not render this host's files (a template failed, a variable is
+    /// missing, a validation command refused the render, or a render shrank): the error names
+    /// the template, the line and the key. Nothing was changed; the host keeps its files.
+    pub const RENDER: u8 = 13;
 }
 
 /// Why `syncd prefetch`, `commit` or `rollback` (or a daemon pass from the local store) could
@@ -155,6 +159,10 @@ pub enum SyncError {
     /// A master URL that cannot name a master over the transport configured.
     #[error("master URL {url:?} {problem}")]
     MasterUrl { url: String, problem: UrlProblem },
+    /// The master could not render this host's files: `message` names the template, its line
+    /// and what failed (a missing variable, a validation command, a shrunk render).
+    #[error("master {url} could not render this host's files: {message}; nothing was changed, and this host keeps its current files (hint: fix the template or the inventory's vars on the master)")]
+    Render { url: String, message: String },
     /// The master refused this host (permission denied or unauthenticated).
     #[error("master {url} refused this host: {message} (hint: under mTLS the host's identity is its certificate's name; drop --host-id or use the right certificate)")]
     Refused { url: String, message: String },
@@ -297,6 +305,7 @@ impl SyncError {
             SyncError::Local(_) => exit::LOCAL,
             SyncError::Task { .. } => exit::PARTIAL,
             SyncError::Journal(_) | SyncError::StateFile { .. } | SyncError::StateFileDamaged { .. } => exit::STATE,
+            SyncError::Render { .. } => exit::RENDER,
         }
     }
 }

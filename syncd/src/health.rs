@@ -330,6 +330,7 @@ mod tests {
 
     fn report(version: u64, identity: Hash) -> PassReport {
         PassReport {
+            render: None,
             host_id: "h".into(),
             root: "/".into(),
             image_version: version,

@@ -349,9 +349,9 @@ const RUNTIME_GRACE: Duration = Duration::from_secs(1);
 
 async fn explain(r: syncd::config::Resolved, paths: &[String]) -> Result<(), SyncError> {
     let local = syncd::load_local_lists(&r.exclude_from)?;
-    let from_master = match &r.master {
+    let (from_master, rendered) = match &r.master {
         Some(url) => syncd::fetch::Master::connect(url, &r.transport).await?.exclusion_lists(&r.host_id).await?,
-        None => Vec::new(),
+        None => (Vec::new(), Vec::new()),
     };
     let rules = syncd::compile_rules(&from_master, &local)?;
     let mut root = syncd::hostfs::root::RootDir::open(&r.root).ok();
@@ -370,6 +370,9 @@ async fn explain(r: syncd::config::Resolved, paths: &[String]) -> Result<(), Syn
                 })
             });
         let _ = writeln!(out, "/{rel}: {}", rules.explain(&rel, is_dir));
+        if let Some((_, template)) = rendered.iter().find(|(p, _)| *p == rel) {
+            let _ = writeln!(out, "/{rel}: rendered for this host by the master from {template}");
+        }
     }
     if rules.is_empty() {
         eprintln!("syncd: note: no exclusion rules are in effect (no --exclude-from, config files or master lists)");

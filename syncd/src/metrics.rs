@@ -31,6 +31,7 @@ pub fn result_word(r: &Result<PassReport, SyncError>) -> &'static str {
             SyncError::Untrusted(_) => "rejected",
             SyncError::Unreachable { .. } => "unreachable",
             SyncError::NoSpace { .. } | SyncError::StoreNoSpace { .. } => "no-space",
+            SyncError::Render { .. } => "render-failed",
             _ => "error",
         },
     }

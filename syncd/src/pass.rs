@@ -38,6 +38,8 @@ pub(crate) struct Started {
     /// The master's exclusion lists for this host, as received (kept with the manifest in the
     /// local store).
     pub(crate) lists: Vec<PatternList>,
+    /// Files the master rendered for this host (their entries are in the manifest).
+    pub(crate) render: Option<fetch::Render>,
 }
 
 /// Gets the manifest and walks the host. The manifest comes from the host's cached copy when
@@ -57,7 +59,15 @@ pub(crate) async fn start_pass(
         let mut got = master.manifest(&opts.host_id, offered.as_ref()).await?;
         tracing::debug!(secs = t.elapsed().as_secs_f64(), omitted = got.manifest.is_none(), "manifest reply received");
         // Signature, expiry and rollback are checked before the host is even read.
-        trust::check(&opts.trust, applied_record, got.version, &got.identity, got.signature.as_ref())?;
+        trust::check(
+            &opts.trust,
+            applied_record,
+            got.version,
+            &got.identity,
+            got.signature.as_ref(),
+            got.render.as_ref().and_then(|r| r.binding.as_ref()),
+            &opts.host_id,
+        )?;
         let rules = compile_rules(&got.lists, local)?;
         let (root, walk_rules) = (opts.root.clone(), rules.clone());
         let mut walk = tokio::task::spawn_blocking(move || host::walk(&root, &walk_rules));
@@ -86,6 +96,7 @@ pub(crate) async fn start_pass(
                     chunk_threshold: got.chunk_threshold,
                     walk: done,
                     lists: got.lists,
+                    render: got.render,
                 });
             }
             walk = tokio::task::spawn_blocking(move || Ok(done));
@@ -130,6 +141,7 @@ pub(crate) async fn start_pass(
             chunk_threshold: got.chunk_threshold,
             walk,
             lists: got.lists,
+            render: got.render,
         });
     }
 }
@@ -179,6 +191,7 @@ pub(crate) async fn start_local(
         chunk_threshold: 0,
         walk,
         lists,
+        render: None,
     })
 }
 
@@ -234,6 +247,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         chunk_threshold,
         walk,
         lists,
+        render,
     } = start;
     tracing::debug!(secs = started.elapsed().as_secs_f64(), "phase: manifest received and validated");
     // The digest of this walk, recorded if the pass finds the host matching the image.
@@ -283,6 +297,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         walk_only,
         duration: Duration::ZERO,
         rolled_back: None,
+        render: render.clone(),
     };
     // (With no triggers, the changes are not even listed for them.)
     let firing = match opts.triggers.is_empty() {
@@ -387,10 +402,16 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let bases = fetch::Bases::for_plan(&HostFiles::new(&root, &opts.throttle.read), &report.plan);
         let (objects, master) = match master {
             Some(m) if opts.mode == Mode::Network => {
+                // Files rendered for this host are only on the master.
+                let rendered = report.render.iter().flat_map(|r| r.files.iter()).filter_map(|(p, _)| {
+                    let i = manifest.entries.binary_search_by(|e| e.path.cmp(p)).ok()?;
+                    manifest.entries[i].hash
+                });
                 let m = m
                     .with_store(&object_store_url, &identity)?
                     .with_chunk_threshold(chunk_threshold)
-                    .with_solid(report.identity);
+                    .with_solid(report.identity)
+                    .with_master_only(rendered);
                 (m.spawn_fetch(report.plan.fetch.clone(), bases, &rt), Some(m))
             }
             // The current version kept locally: whole objects (or deltas) from the master.
@@ -441,7 +462,13 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     if let Some(o) = report.outcome.as_mut().filter(|o| !o.rolled_back && opts.mode != Mode::Rollback) {
         // Applied, even in part: from now on anything older is a rollback. (A pass rolled
         // back applied nothing: the host is still at its earlier version.)
-        if let Err(error) = trust::record(&opts.trust, &applied_record, report.image_version, &report.identity) {
+        if let Err(error) = trust::record(
+            &opts.trust,
+            &applied_record,
+            report.image_version,
+            &report.identity,
+            fetch::Render::serial(report.render.as_ref()),
+        ) {
             o.failures.push(Failure { at: FailedAt::File(applied_record.clone()), kind: FailureKind::State, error });
         }
     }

@@ -45,6 +45,8 @@ pub struct PassReport {
     /// This version's health checks kept failing for `health_grace`: the host was rolled back
     /// locally (see [`converge`]).
     pub rolled_back: Option<RolledBack>,
+    /// Files the master rendered for this host, with their templates.
+    pub render: Option<crate::fetch::Render>,
 }
 
 /// A local rollback after failed health checks.
@@ -69,10 +71,19 @@ impl PassReport {
         }
         for (i, c) in self.plan.changes.iter().enumerate() {
             if self.outcome.as_ref().is_none_or(|o| o.done[i]) {
-                out.push(c.itemize());
+                let mut line = c.itemize();
+                if let Some(t) = self.rendered_from(&c.path) {
+                    line.push_str(&format!("  (rendered from {t})"));
+                }
+                out.push(line);
             }
         }
         out
+    }
+
+    /// The template `path` was rendered from for this host, if the master rendered it.
+    pub fn rendered_from(&self, path: &manifest::RelPath) -> Option<&str> {
+        self.render.as_ref()?.template_of(path)
     }
 
     pub fn failures(&self) -> impl Iterator<Item = &Failure> {

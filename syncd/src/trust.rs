@@ -22,9 +22,16 @@ pub struct Policy {
 struct Applied {
     version: u64,
     identity: String,
+    /// The render serial of files rendered for this host in that version (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    render_serial: u64,
 }
 
-fn load(path: &Path) -> Result<Option<(u64, Hash)>, SyncError> {
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn load(path: &Path) -> Result<Option<(u64, Hash, u64)>, SyncError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -33,45 +40,63 @@ fn load(path: &Path) -> Result<Option<(u64, Hash)>, SyncError> {
     let damaged = |why: String| SyncError::StateFileDamaged { path: path.to_owned(), why };
     let a: Applied = serde_json::from_str(&text).map_err(|e| damaged(e.to_string()))?;
     let id = Hash::from_hex(&a.identity).ok_or_else(|| damaged("bad identity".into()))?;
-    Ok(Some((a.version, id)))
+    Ok(Some((a.version, id, a.render_serial)))
 }
 
 /// Checks a received manifest (version `version`, whose entries were checked to hash to
-/// `identity`) before anything is read or written for it.
+/// `identity`) before anything is read or written for it. With `binding` (files rendered for a
+/// host), the signature must cover it, and it must name this host (`host_id`, when the host
+/// knows its name: under mTLS the master names it by its certificate).
 pub fn check(
     policy: &Policy,
     record: &Path,
     version: u64,
     identity: &Hash,
     sig: Option<&VersionSignature>,
+    binding: Option<&trust::RenderBinding>,
+    host_id: &str,
 ) -> Result<(), SyncError> {
     if policy.keys.is_empty() {
         tracing::warn!(version, "--insecure: the manifest's signature is not checked");
         return Ok(());
     }
-    trust::verify(&policy.keys, sig, identity, version, trust::now_unix()).map_err(SyncError::Untrusted)?;
-    let applied = load(record)?;
-    trust::check_not_rollback(applied.as_ref().map(|(v, h)| (*v, h)), version, identity, policy.allow_downgrade)
+    trust::verify_bound(&policy.keys, sig, identity, version, binding, trust::now_unix())
         .map_err(SyncError::Untrusted)?;
-    if policy.allow_downgrade && applied.is_some_and(|(v, _)| v > version) {
+    if let Some(b) = binding.filter(|b| !host_id.is_empty() && b.host != host_id) {
+        return Err(SyncError::Untrusted(trust::TrustError::OtherHost {
+            offered: b.host.clone(),
+            this: host_id.into(),
+        }));
+    }
+    let applied = load(record)?;
+    let serial = binding.map_or(0, |b| b.serial);
+    trust::check_not_rollback(
+        applied.as_ref().map(|(v, h, s)| (*v, h, *s)),
+        version,
+        identity,
+        serial,
+        policy.allow_downgrade,
+    )
+    .map_err(SyncError::Untrusted)?;
+    if policy.allow_downgrade && applied.is_some_and(|(v, _, _)| v > version) {
         tracing::warn!(offered = version, "--allow-downgrade: accepting a version lower than one applied before");
     }
     Ok(())
 }
 
 /// Records version `version` (identity `identity`) as applied: later passes refuse anything older.
-pub fn record(policy: &Policy, record: &Path, version: u64, identity: &Hash) -> Result<(), String> {
+pub fn record(policy: &Policy, record: &Path, version: u64, identity: &Hash, render_serial: u64) -> Result<(), String> {
     if policy.keys.is_empty() {
         return Ok(());
     }
     if !policy.allow_downgrade {
-        if let Ok(Some((v, _))) = load(record) {
+        if let Ok(Some((v, _, _))) = load(record) {
             if v > version {
                 return Ok(());
             }
         }
     }
-    let a = Applied { version, identity: identity.to_hex() };
+    let a = Applied { version, identity: identity.to_hex(), render_serial };
     let write = || -> std::io::Result<()> {
         let dir = record.parent().unwrap_or(Path::new("."));
         std::fs::DirBuilder::new().recursive(true).create(dir)?;

@@ -431,6 +431,12 @@ impl Control {
         self.changed.subscribe()
     }
 
+    /// Wakes every watching host's stream to look at its target again (after the inventory was
+    /// reloaded: a host's rendered files, and so its identity, may have changed).
+    pub fn poke(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
     /// The image `host` should converge to now.
     pub fn image_for(&self, host: &str) -> Result<Arc<Image>, String> {
         let v = self.target_info(host).0;

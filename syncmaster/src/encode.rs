@@ -85,6 +85,12 @@ pub(crate) fn send_object(
     }
 }
 
+/// Sends content held in memory (a file rendered for a host), raw. False: the host left.
+pub(crate) fn send_bytes(hash: Hash, content: Bytes, tx: &mut Batcher) -> bool {
+    let size = content.len() as u64;
+    send_frame(content, &Bytes::copy_from_slice(&hash.0), size, pb::Encoding::Raw, Bytes::new(), tx)
+}
+
 /// Sends a stored frame as slices of it (no copy), the last one marked. False: the host left.
 fn send_frame(frame: Bytes, hash: &Bytes, size: u64, encoding: pb::Encoding, base: Bytes, tx: &mut Batcher) -> bool {
     let mut at = 0;

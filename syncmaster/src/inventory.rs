@@ -1,15 +1,25 @@
-//! The host inventory (`--hosts FILE`): groups with exclusion lists, and hosts that belong to
-//! groups and may have a list of their own. Like netbox config contexts, a host's effective
-//! configuration is its groups' in order, then its own.
+//! The host inventory (`--hosts FILE`): groups with exclusion lists and context data, and hosts
+//! that belong to groups and may have a list and data of their own. Like NetBox config
+//! contexts, a host's effective configuration is everyone's (`[vars]`), then its groups' in
+//! order, then its own.
 //!
 //! ```toml
+//! [vars]
+//! dns = { servers = ["10.0.0.53"] }
+//!
 //! [groups.base]
-//! exclude = ["/etc/hostname", "/etc/resolv.conf", "/etc/ssh/ssh_host_*"]
+//! exclude = ["/etc/resolv.conf", "/etc/ssh/ssh_host_*"]
+//! vars = { ntp = "ntp.example.net" }
 //!
 //! [hosts.web01]
 //! groups = ["base"]
 //! exclude = ["/srv/local/"]
+//! vars = { ip = "10.0.1.11" }
 //! ```
+//!
+//! Tables merge key by key, deeper tables too; any other value (a string, a number, an array)
+//! set by a later level replaces the earlier one. `[render]` and `[templates]` say which files
+//! of the image are rendered per host from this data ([`crate::render`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,10 +34,15 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
+    vars: toml::Table,
+    #[serde(default)]
     groups: BTreeMap<String, GroupDef>,
     #[serde(default)]
     hosts: BTreeMap<String, HostDef>,
     rollout: Option<Spanned<policy::RolloutDef>>,
+    render: Option<RenderDef>,
+    #[serde(default)]
+    templates: BTreeMap<String, Spanned<TemplateDef>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,6 +50,8 @@ struct File {
 struct GroupDef {
     #[serde(default)]
     exclude: Vec<Spanned<String>>,
+    #[serde(default)]
+    vars: toml::Table,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,14 +61,113 @@ struct HostDef {
     groups: Vec<Spanned<String>>,
     #[serde(default)]
     exclude: Vec<Spanned<String>>,
+    #[serde(default)]
+    vars: toml::Table,
 }
 
-/// A validated inventory: every host's effective exclusion lists, resolved at load time.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenderDef {
+    /// A directory of the image: each `NAME.j2` file beneath it renders the path `/NAME`.
+    templates_dir: Option<String>,
+}
+
+/// `[templates."/etc/hosts"]`: one rendered path, its template and what the render gets.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateDef {
+    /// The template's path in the image; optional for a path whose template is in
+    /// `templates_dir` (this table then only sets options).
+    pub source: Option<String>,
+    /// Octal permission bits of the rendered file (default: the template file's).
+    pub mode: Option<String>,
+    /// Owner and group ids of the rendered file (default: the template file's).
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    /// A command run on the master on each render before it is served; `%s` is the rendered
+    /// file's path (in a temp dir). A non-zero exit refuses the render for that host.
+    #[serde(default)]
+    pub validate: Vec<String>,
+    /// Serve a render under half the size of the host's previous one (refused by default).
+    #[serde(default)]
+    pub allow_shrink: bool,
+}
+
+/// One host's context data: the merged table, and for every key (dotted, leaves only) the
+/// level that set it.
+#[derive(Debug, Default, Clone)]
+pub struct HostVars {
+    pub vars: toml::Table,
+    pub sources: BTreeMap<String, String>,
+}
+
+/// One host as the inventory resolves it.
+#[derive(Debug, Default)]
+struct HostEntry {
+    groups: Vec<String>,
+    lists: Vec<PatternList>,
+    vars: HostVars,
+}
+
+/// What the inventory says is rendered: `[render]` and `[templates]`, with the line of each
+/// template's table.
+#[derive(Debug, Default, Clone)]
+pub struct RenderConfig {
+    pub templates_dir: Option<String>,
+    /// Target path (as written, absolute) → its table and the table's line.
+    pub templates: BTreeMap<String, (TemplateDef, usize)>,
+}
+
+/// A validated inventory: every host's effective exclusion lists and context data, resolved
+/// at load time.
 #[derive(Debug, Default)]
 pub struct Inventory {
-    hosts: BTreeMap<String, Vec<PatternList>>,
+    /// The file it was read from, as shown in messages.
+    pub path: String,
+    hosts: BTreeMap<String, HostEntry>,
     /// `[rollout]`, validated against the hosts and groups; `None` without the table.
     pub policy: Option<policy::Policy>,
+    pub render: RenderConfig,
+}
+
+/// A key no level of `vars` may set: templates get the host's name and groups under it.
+pub const RESERVED_VAR: &str = "host";
+
+/// Merges `over` into `into`, key by key (tables recursively; anything else replaces), and
+/// records `source` for every leaf `over` sets, under its dotted key below `prefix`.
+fn merge(
+    into: &mut toml::Table,
+    over: &toml::Table,
+    source: &str,
+    prefix: &str,
+    sources: &mut BTreeMap<String, String>,
+) {
+    for (k, v) in over {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match (into.get_mut(k), v) {
+            (Some(toml::Value::Table(mine)), toml::Value::Table(theirs)) => merge(mine, theirs, source, &key, sources),
+            _ => {
+                // A replaced table's leaves are gone: so are their sources.
+                let below = format!("{key}.");
+                sources.retain(|s, _| !s.starts_with(&below));
+                into.insert(k.clone(), v.clone());
+                record(v, source, &key, sources);
+            }
+        }
+    }
+}
+
+fn record(v: &toml::Value, source: &str, key: &str, sources: &mut BTreeMap<String, String>) {
+    match v {
+        toml::Value::Table(t) if !t.is_empty() => {
+            for (k, v) in t {
+                record(v, source, &format!("{key}.{k}"), sources);
+            }
+        }
+        _ => {
+            sources.insert(key.to_owned(), source.to_owned());
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +189,9 @@ pub enum InventoryError {
     Policy { path: String, line: usize, message: String },
     #[error(transparent)]
     Pattern(#[from] exclusions::ExclusionError),
+    /// Context data or a template table that cannot be used.
+    #[error("{path}:{line}: {message}")]
+    Render { path: String, line: usize, message: String },
 }
 
 impl Inventory {
@@ -87,6 +206,28 @@ impl Inventory {
         let file: File = toml::from_str(text)
             .map_err(|e| InventoryError::Parse { path: path.to_owned(), message: e.to_string() })?;
         let line_of = |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+        // The line a table header `[NAME]` (or `NAME = {`) is on, for messages about it.
+        let line_named =
+            |needle: &str| text.lines().position(|l| l.trim_start().starts_with(needle)).map_or(1, |i| i + 1);
+        let reserved = |t: &toml::Table, level: &str, needle: String| -> Result<(), InventoryError> {
+            match t.contains_key(RESERVED_VAR) {
+                true => Err(InventoryError::Render {
+                    path: path.to_owned(),
+                    line: line_named(&needle),
+                    message: format!(
+                        "{level} sets {RESERVED_VAR:?}, which is reserved: templates get the host's name and groups as host.name and host.groups (hint: rename the key)"
+                    ),
+                }),
+                false => Ok(()),
+            }
+        };
+        reserved(&file.vars, "[vars]", "[vars]".into())?;
+        for (name, g) in &file.groups {
+            reserved(&g.vars, &format!("[groups.{name}.vars]"), format!("[groups.{name}"))?;
+        }
+        for (name, h) in &file.hosts {
+            reserved(&h.vars, &format!("[hosts.{name}.vars]"), format!("[hosts.{name}"))?;
+        }
         let list = |source: String, pats: &[Spanned<String>]| PatternList {
             source,
             patterns: pats.iter().map(|p| (line_of(p.span()), p.get_ref().clone())).collect(),
@@ -101,6 +242,8 @@ impl Inventory {
         let mut hosts = BTreeMap::new();
         for (name, h) in &file.hosts {
             let mut lists = Vec::new();
+            let mut vars = HostVars::default();
+            merge(&mut vars.vars, &file.vars, "[vars]", "", &mut vars.sources);
             for g in &h.groups {
                 let group = groups.get(g.get_ref()).ok_or_else(|| InventoryError::UnknownGroup {
                     path: path.to_owned(),
@@ -109,12 +252,47 @@ impl Inventory {
                     group: g.get_ref().clone(),
                 })?;
                 lists.push(group.clone());
+                let gvars = &file.groups[g.get_ref()].vars;
+                merge(&mut vars.vars, gvars, &format!("[groups.{}.vars]", g.get_ref()), "", &mut vars.sources);
             }
+            merge(&mut vars.vars, &h.vars, &format!("[hosts.{name}.vars]"), "", &mut vars.sources);
             let own = list(format!("{path} [hosts.{name}]"), &h.exclude);
             Exclusions::compile([&own])?;
             lists.push(own);
             lists.retain(|l| !l.patterns.is_empty());
-            hosts.insert(name.clone(), lists);
+            let groups = h.groups.iter().map(|g| g.get_ref().clone()).collect();
+            hosts.insert(name.clone(), HostEntry { groups, lists, vars });
+        }
+        let mut render = RenderConfig {
+            templates_dir: file.render.as_ref().and_then(|r| r.templates_dir.clone()),
+            templates: BTreeMap::new(),
+        };
+        for (target, def) in &file.templates {
+            let line = line_of(def.span());
+            let bad = |message: String| InventoryError::Render { path: path.to_owned(), line, message };
+            let def = def.get_ref().clone();
+            if let Some(m) = &def.mode {
+                match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+                    Ok(bits) if bits <= 0o7777 => {}
+                    _ => {
+                        return Err(bad(format!(
+                            "[templates.{target:?}]: mode {m:?} is not octal permission bits (hint: \"0644\")"
+                        )))
+                    }
+                }
+            }
+            if def.source.is_none() && render.templates_dir.is_none() {
+                return Err(bad(format!(
+                    "[templates.{target:?}] names no source, and there is no [render] templates_dir to find it in (hint: source = \"/path/in/the/image.j2\")"
+                )));
+            }
+            if !def.validate.is_empty() && !def.validate.iter().any(|a| a.contains("%s")) {
+                return Err(bad(format!(
+                    "[templates.{target:?}]: validate {:?} never names the file (hint: put %s where the rendered file's path goes)",
+                    def.validate
+                )));
+            }
+            render.templates.insert(target.clone(), (def, line));
         }
         let policy = match &file.rollout {
             None => None,
@@ -137,13 +315,24 @@ impl Inventory {
                 Some(p)
             }
         };
-        Ok(Inventory { hosts, policy })
+        Ok(Inventory { path: path.to_owned(), hosts, policy, render })
     }
 
     /// The exclusion lists the master sends `host`, in precedence order. A host the inventory
     /// does not name gets none.
     pub fn lists_for(&self, host: &str) -> &[PatternList] {
-        self.hosts.get(host).map_or(&[], Vec::as_slice)
+        self.hosts.get(host).map_or(&[], |h| h.lists.as_slice())
+    }
+
+    /// `host`'s context data, merged, with where each key came from; `None` for a host the
+    /// inventory does not name.
+    pub fn vars_for(&self, host: &str) -> Option<&HostVars> {
+        self.hosts.get(host).map(|h| &h.vars)
+    }
+
+    /// `host`'s groups, in its order.
+    pub fn groups_of(&self, host: &str) -> &[String] {
+        self.hosts.get(host).map_or(&[], |h| h.groups.as_slice())
     }
 
     /// Every host name, sorted.
@@ -236,6 +425,77 @@ groups = ["base"]
             err.to_string().starts_with("hosts.toml:19: wave \"early\": percent 150 is outside 0-100 (hint: "),
             "{err}"
         );
+    }
+
+    const VARS: &str = r#"
+[vars]
+domain = "example.net"
+dns = { servers = ["10.0.0.53"], search = "example.net" }
+sshd = { port = 22 }
+
+[groups.base]
+vars = { ntp = "ntp.example.net", sshd = { port = 2222, permit_root = "no" } }
+
+[groups.web]
+[groups.web.vars]
+dns = { servers = ["10.1.0.53", "10.1.0.54"] }
+sshd = { permit_root = "prohibit-password" }
+
+[hosts.web01]
+groups = ["base", "web"]
+vars = { ip = "10.0.1.11", sshd = { port = 2200 } }
+
+[hosts.web02]
+groups = ["web", "base"]
+"#;
+
+    #[test]
+    fn vars_merge_like_netbox_config_contexts_and_name_their_source() {
+        let inv = Inventory::parse("hosts.toml", VARS).unwrap();
+        let v = inv.vars_for("web01").unwrap();
+        let get = |k: &str| {
+            let mut t = &v.vars;
+            let parts: Vec<&str> = k.split('.').collect();
+            for p in &parts[..parts.len() - 1] {
+                t = t[*p].as_table().unwrap();
+            }
+            t[parts[parts.len() - 1]].clone()
+        };
+        // Deeper tables merge key by key; arrays and scalars are replaced by later levels.
+        assert_eq!(get("dns.servers"), toml::Value::Array(vec!["10.1.0.53".into(), "10.1.0.54".into()]));
+        assert_eq!(get("dns.search").as_str(), Some("example.net"));
+        assert_eq!(get("sshd.port").as_integer(), Some(2200));
+        assert_eq!(get("sshd.permit_root").as_str(), Some("prohibit-password"));
+        assert_eq!(v.sources["dns.servers"], "[groups.web.vars]");
+        assert_eq!(v.sources["dns.search"], "[vars]");
+        assert_eq!(v.sources["sshd.port"], "[hosts.web01.vars]");
+        assert_eq!(v.sources["sshd.permit_root"], "[groups.web.vars]");
+        assert_eq!(v.sources["ntp"], "[groups.base.vars]");
+        assert_eq!(v.sources["ip"], "[hosts.web01.vars]");
+        assert_eq!(v.sources.len(), 7, "{:?}", v.sources);
+        // Groups in the host's order: web02 lists base last, so base's permit_root wins.
+        let w2 = inv.vars_for("web02").unwrap();
+        assert_eq!(w2.sources["sshd.permit_root"], "[groups.base.vars]");
+        assert_eq!(w2.sources["sshd.port"], "[groups.base.vars]");
+        assert_eq!(inv.groups_of("web02"), ["web", "base"]);
+        assert!(inv.vars_for("stranger").is_none());
+    }
+
+    #[test]
+    fn the_reserved_host_key_and_bad_template_tables_are_refused_with_their_line() {
+        let e = Inventory::parse("hosts.toml", "[hosts.a]\nvars = { host = \"x\" }\n").unwrap_err().to_string();
+        assert!(e.starts_with("hosts.toml:1: [hosts.a.vars] sets \"host\", which is reserved"), "{e}");
+        let e =
+            Inventory::parse("hosts.toml", "\n[templates.\"/etc/hosts\"]\nmode = \"0644\"\n").unwrap_err().to_string();
+        assert!(e.starts_with("hosts.toml:2: [templates.\"/etc/hosts\"] names no source"), "{e}");
+        let e = Inventory::parse("hosts.toml", "[templates.\"/etc/x\"]\nsource = \"/t.j2\"\nmode = \"rw\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mode \"rw\" is not octal"), "{e}");
+        let e = Inventory::parse("hosts.toml", "[templates.\"/etc/x\"]\nsource = \"/t.j2\"\nvalidate = [\"true\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("never names the file"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod objcache;
 pub mod objstore;
 pub mod policy;
 pub mod publish;
+pub mod render;
 pub mod rollout;
 pub mod server;
 pub mod service;

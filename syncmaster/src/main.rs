@@ -138,6 +138,17 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Print a host's context data from the inventory, merged ([vars], then its groups' in its
+    /// order, then its own), with the level each key came from.
+    Vars {
+        /// Host inventory (TOML), as given to `serve --hosts`.
+        #[arg(long, value_name = "FILE", default_value = "/etc/syncmaster/hosts.toml")]
+        hosts: PathBuf,
+        /// The host, as named in the inventory.
+        host: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Write man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
@@ -426,6 +437,7 @@ fn main() -> ExitCode {
             let state_dir = state_dir.or_else(|| images.as_ref().map(|_| PathBuf::from("/var/lib/syncmaster")));
             let opts = ServeOpts {
                 tree,
+                hosts: hosts.clone(),
                 images,
                 listen: syncmaster::Listen { grpc: listen, metrics: metrics_listen, http: http_listen },
                 state_dir,
@@ -491,6 +503,29 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Vars { hosts, host, format } => {
+            let inv = match inventory::Inventory::load(&hosts) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("syncmaster: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let Some(v) = inv.vars_for(&host) else {
+                eprintln!(
+                    "syncmaster: {} names no host {host:?} (hint: its hosts are {})",
+                    hosts.display(),
+                    inv.hosts().join(", ")
+                );
+                return ExitCode::from(2);
+            };
+            let text = match format {
+                Format::Text => syncmaster::render::vars_text(&host, inv.groups_of(&host), v),
+                Format::Json => syncmaster::render::vars_json(&host, inv.groups_of(&host), v) + "\n",
+            };
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
         Cmd::Keygen { out } => {
             let key = manifest::trust::SigningKey::generate();
             let public = key.public().to_string();
@@ -516,6 +551,8 @@ fn main() -> ExitCode {
 
 struct ServeOpts {
     tree: PathBuf,
+    /// `--hosts`: reloaded on SIGHUP.
+    hosts: Option<PathBuf>,
     images: Option<PathBuf>,
     listen: syncmaster::Listen,
     state_dir: Option<PathBuf>,
@@ -530,6 +567,7 @@ struct ServeOpts {
 }
 
 async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Result<()> {
+    let renders = Arc::new(syncmaster::render::Renders::new(inventory.clone(), o.state_dir.as_deref()));
     // Install the handlers before anything else, so a signal sent right after the ready line
     // is a clean shutdown rather than the default kill.
     let stop = cmdline::shutdown_signal()?;
@@ -560,6 +598,8 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         secs = started.elapsed().as_secs_f64(),
         "image scanned"
     );
+    // Templates that cannot be used refuse the start (naming the template or inventory line).
+    renders.check_image(&scanned).map_err(|e| anyhow::anyhow!("cannot serve image {}: {e}", o.tree.display()))?;
     let scanned = match &o.store {
         // Serving (and so announcing) begins once the first version's objects are all stored.
         Some(store) => {
@@ -596,10 +636,17 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         (None, _) => tracing::info!("no [rollout] policy: a new version goes to every host at once"),
     }
     if let Some(images) = o.images {
-        let w = publish::watch_current(images, control.clone(), versions, o.poll, o.store.clone());
+        let w = publish::watch_current(images, control.clone(), versions, o.poll, o.store.clone(), renders.clone());
         tokio::spawn(w);
     }
-    let serving = syncmaster::serve(control, fleet, inventory, o.listen, o.zstd_level, o.security, shutdown, |bound| {
+    {
+        let (renders, current) = (renders.clone(), control.published().current());
+        tokio::task::spawn_blocking(move || renders.prerender(&current));
+    }
+    if let Some(path) = o.hosts.clone() {
+        reload_on_sighup(path, renders.clone(), control.clone())?;
+    }
+    let serving = syncmaster::serve(control, fleet, renders, o.listen, o.zstd_level, o.security, shutdown, |bound| {
         // Stable, parseable lines for scripts and tests; logs go to stderr.
         if let Some(m) = bound.metrics {
             println!("metrics on {m}");
@@ -676,5 +723,51 @@ async fn rollout(url: &str, endpoint: tonic::transport::Endpoint, cmd: RolloutCm
             Format::Text => syncmaster::status::rollout_table(&reply),
         }
     );
+    Ok(())
+}
+
+/// On SIGHUP, reads the inventory again: its vars, templates and exclusion lists take effect at
+/// once (every host is rendered again, under a higher serial, and watching hosts are told of a
+/// changed identity). Its hosts and `[rollout]` are read at start only. A file that does not
+/// load is logged and the one in use kept.
+fn reload_on_sighup(
+    path: PathBuf,
+    renders: Arc<syncmaster::render::Renders>,
+    control: Arc<syncmaster::control::Control>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let loaded = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || inventory::Inventory::load(&path)).await
+            };
+            let inv = match loaded {
+                Ok(Ok(inv)) => inv,
+                Ok(Err(e)) => {
+                    tracing::error!("SIGHUP: inventory not reloaded, the one loaded before stays in use: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("SIGHUP: inventory not reloaded: {e}");
+                    continue;
+                }
+            };
+            let before = renders.inventory();
+            if before.hosts() != inv.hosts() || before.policy.is_some() != inv.policy.is_some() {
+                tracing::warn!(
+                    "SIGHUP: the inventory's hosts or [rollout] changed; they take effect at the next restart (vars, templates and exclusion lists take effect now)"
+                );
+            }
+            renders.reload(Arc::new(inv));
+            let serial = renders.serial();
+            let (r, current) = (renders.clone(), control.published().current());
+            let _ = tokio::task::spawn_blocking(move || r.prerender(&current)).await;
+            control.poke();
+            tracing::info!(path = %path.display(), serial, "inventory reloaded");
+            println!("inventory reloaded serial {serial}");
+        }
+    });
     Ok(())
 }

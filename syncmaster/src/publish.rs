@@ -256,10 +256,14 @@ pub async fn watch_current(
     versions: Arc<Mutex<Versions>>,
     every: Duration,
     store: Option<Arc<crate::objstore::ObjectStoreTarget>>,
+    renders: Arc<crate::render::Renders>,
 ) {
     let published = control.published().clone();
     let link = images.join("current");
     let mut last_target = std::fs::read_link(&link).ok();
+    // A target refused for its templates, and the render data it was refused under: not
+    // scanned again until one of them changes.
+    let mut refused: Option<(PathBuf, u64)> = None;
     loop {
         tokio::time::sleep(every).await;
         let target = match std::fs::read_link(&link) {
@@ -269,7 +273,7 @@ pub async fn watch_current(
                 continue;
             }
         };
-        if Some(&target) == last_target.as_ref() {
+        if Some(&target) == last_target.as_ref() || refused == Some((target.clone(), renders.serial())) {
             continue;
         }
         let dir = images.join(&target);
@@ -278,6 +282,16 @@ pub async fn watch_current(
         match scanned {
             Ok(Ok(mut image)) => {
                 let same = image.identity == published.current().identity;
+                // Templates that cannot be used refuse the version (the hosts stay where they are).
+                if let Err(e) = renders.check_image(&image) {
+                    tracing::error!(
+                        "not publishing {} (version {}): {e} (fix it, then flip current again or reload the inventory with SIGHUP)",
+                        target.display(),
+                        image.manifest.version
+                    );
+                    refused = Some((target, renders.serial()));
+                    continue;
+                }
                 if let (false, Some(store)) = (same, &store) {
                     let shared = Arc::new(image);
                     // Deltas are made against the version hosts are on now.
@@ -302,6 +316,9 @@ pub async fn watch_current(
                         tracing::error!("not publishing {}: {e:#}", target.display());
                         continue;
                     }
+                    // Every host's files rendered now, so a failing one is logged at once.
+                    let (renders, current) = (renders.clone(), published.current());
+                    tokio::task::spawn_blocking(move || renders.prerender(&current));
                 }
                 last_target = Some(target);
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::service::{Security, Service};
-use crate::{control, fleet, inventory, metrics, status, web};
+use crate::{control, fleet, metrics, render, status, web};
 
 /// Where [`serve`] listens (port 0 picks a free port), or, once bound, where it listens.
 #[derive(Clone, Copy, Debug)]
@@ -35,7 +35,7 @@ async fn bind(addr: Option<SocketAddr>, flag: &str) -> anyhow::Result<Option<Tcp
 pub async fn serve(
     control: Arc<control::Control>,
     fleet: Arc<fleet::Fleet>,
-    inventory: Arc<inventory::Inventory>,
+    renders: Arc<render::Renders>,
     listen: Listen,
     zstd_level: i32,
     security: Security,
@@ -105,7 +105,7 @@ pub async fn serve(
         });
     }
     let control_for_status = control.clone();
-    let service = Service::new(control, fleet, inventory, zstd_level, &security, stop_rx);
+    let service = Service::new(control, fleet, renders, zstd_level, &security, stop_rx);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = security.tls {
         builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS configuration refused: {e}"))?;

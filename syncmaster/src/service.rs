@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::encode::{send_object, Batcher};
-use crate::{control, fleet, identity, inventory, metrics, publish};
+use crate::encode::{send_bytes, send_object, Batcher};
+use crate::{control, fleet, identity, metrics, publish, render};
 
 /// How the master proves itself and its images.
 #[derive(Clone, Default)]
@@ -45,7 +45,8 @@ pub struct Service {
     published: Arc<publish::Published>,
     control: Arc<control::Control>,
     fleet: Arc<fleet::Fleet>,
-    inventory: Arc<inventory::Inventory>,
+    /// The inventory in use and every host's rendered files.
+    renders: Arc<render::Renders>,
     zstd_level: i32,
     signing_key: Option<Arc<manifest::trust::SigningKey>>,
     signature_ttl: std::time::Duration,
@@ -61,7 +62,7 @@ impl Service {
     pub fn new(
         control: Arc<control::Control>,
         fleet: Arc<fleet::Fleet>,
-        inventory: Arc<inventory::Inventory>,
+        renders: Arc<render::Renders>,
         zstd_level: i32,
         security: &Security,
         stopping: tokio::sync::watch::Receiver<bool>,
@@ -71,7 +72,7 @@ impl Service {
             published: control.published().clone(),
             control,
             fleet,
-            inventory,
+            renders,
             zstd_level,
             signing_key: security.signing_key.clone(),
             signature_ttl: security.signature_ttl,
@@ -134,13 +135,23 @@ impl ImageSync for Service {
         let host = self.host_of(&req, &req.get_ref().host_id)?;
         self.fleet.seen(&host);
         let image = self.control.image_for(&host).map_err(Status::unavailable)?;
+        // This host's rendered files, laid over the image (rendering may run validation
+        // commands: off the async workers). A render that fails fails this host's pass.
+        let rendered = {
+            let (renders, image, host) = (self.renders.clone(), image.clone(), host.clone());
+            tokio::task::spawn_blocking(move || renders.for_host(&image, &host))
+                .await
+                .map_err(|e| Status::internal(format!("rendering failed: {e}")))?
+                .map_err(|e| Status::failed_precondition(e.to_string()))?
+        };
+        let identity = rendered.as_ref().map_or(image.identity, |r| r.identity);
         // A host that holds this very tree gets the signed header alone.
-        let omit = req.get_ref().cached_identity.as_ref() == image.identity.0.as_slice();
+        let omit = req.get_ref().cached_identity.as_ref() == identity.0.as_slice();
         let accept_packed = req.get_ref().accept_packed;
-        tracing::info!(host = %host, version = image.manifest.version, entries = image.manifest.entries.len(), cached = omit, "manifest requested");
+        tracing::info!(host = %host, version = image.manifest.version, entries = image.manifest.entries.len(), rendered = rendered.as_ref().map_or(0, |r| r.entries.len()), cached = omit, "manifest requested");
         // Only this host's own inventory entry travels with its manifest.
         let lists: Vec<pb::ExclusionList> =
-            self.inventory.lists_for(&host).iter().map(exclusions::wire::to_wire).collect();
+            self.renders.inventory().lists_for(&host).iter().map(exclusions::wire::to_wire).collect();
         let (tx, rx) = mpsc::channel(16);
         let signer = self.signing_key.clone().map(|k| (k, self.signature_ttl));
         let object_store_url = self.object_store_url.clone();
@@ -169,9 +180,19 @@ impl ImageSync for Service {
                     h.entries_omitted = omit;
                     h.object_store_url = object_store_url.clone();
                     h.chunk_threshold = chunk_threshold;
+                    let binding = rendered.as_ref().map(|r| {
+                        h.image_identity = Bytes::copy_from_slice(&h.identity);
+                        h.identity = Bytes::copy_from_slice(&r.identity.0);
+                        h.rendered = r.entries.iter().map(manifest::wire::entry_to_wire).collect();
+                        h.rendered_templates = r.templates.clone();
+                        h.rendered_for = host.clone();
+                        h.render_serial = r.serial;
+                        manifest::trust::RenderBinding { host: host.clone(), serial: r.serial }
+                    });
                     if let (Some((key, ttl)), Some(id)) = (&signer, Hash::from_slice(&h.identity)) {
                         let expires = manifest::trust::now_unix() + ttl.as_secs().max(1);
-                        h.signature = Some(manifest::wire::signature_to_wire(&key.sign(&id, h.version, expires)));
+                        let sig = key.sign_bound(&id, h.version, expires, binding.as_ref());
+                        h.signature = Some(manifest::wire::signature_to_wire(&sig));
                     }
                 }
                 // A failed send means the host went away: stop encoding.
@@ -221,13 +242,19 @@ impl ImageSync for Service {
         // (bench/fleet.sh).
         let (tx, rx) = mpsc::channel(2);
         let published = self.published.clone();
+        let renders = self.renders.clone();
         let level = self.zstd_level;
         // Reading and compressing are blocking work: keep them off the async workers.
         tokio::task::spawn_blocking(move || {
             let mut out = Batcher::new(tx);
             for (i, h) in hashes.into_iter().enumerate() {
                 let base = bases.get(i).copied().flatten();
-                if !send_object(&published, h, base, level, &mut out) {
+                let sent = match renders.object(&h) {
+                    // A file rendered for a host: from memory, raw (they are small).
+                    Some(content) => send_bytes(h, content, &mut out),
+                    None => send_object(&published, h, base, level, &mut out),
+                };
+                if !sent {
                     return;
                 }
             }
@@ -242,6 +269,7 @@ impl ImageSync for Service {
         let mut rx = self.control.subscribe();
         let control = self.control.clone();
         let fleet = self.fleet.clone();
+        let renders = self.renders.clone();
         let mut stopping = self.stopping.clone();
         let (tx, out) = mpsc::channel(4);
         fleet.watching(&host, 1);
@@ -252,12 +280,20 @@ impl ImageSync for Service {
             loop {
                 rx.borrow_and_update();
                 if let Ok(img) = control.image_for(&host) {
-                    let now = (img.manifest.version, img.identity);
+                    // The identity this host is served: with its rendered files, if any (a
+                    // render that fails announces the image's, and the host's pass says why).
+                    let (r, i, h) = (renders.clone(), img.clone(), host.clone());
+                    let rendered = tokio::task::spawn_blocking(move || r.for_host(&i, &h)).await;
+                    let identity = match rendered {
+                        Ok(Ok(Some(r))) => r.identity,
+                        _ => img.identity,
+                    };
+                    let now = (img.manifest.version, identity);
                     if last != Some(now) {
                         last = Some(now);
                         let ann = pb::VersionAnnouncement {
                             version: img.manifest.version,
-                            identity: Bytes::copy_from_slice(&img.identity.0),
+                            identity: Bytes::copy_from_slice(&identity.0),
                         };
                         if tx.send(Ok(ann)).await.is_err() {
                             break;
@@ -280,6 +316,11 @@ impl ImageSync for Service {
         let host = self.host_of(&req, &req.get_ref().host_id)?;
         let mut r = req.into_inner();
         r.host_id = host;
+        // A host served rendered files reports the identity of its render; rollouts and the
+        // fleet view judge the image's.
+        if let Some(base) = Hash::from_slice(&r.identity).and_then(|id| self.renders.image_identity_of(&id)) {
+            r.identity = Bytes::copy_from_slice(&base.0);
+        }
         if r.host_id.is_empty() || r.host_id.len() > 255 {
             return Err(Status::invalid_argument("a pass report needs a host id of 1 to 255 bytes"));
         }

@@ -245,6 +245,7 @@ pub fn raw_manifest(entries: Vec<pb::Entry>) -> Vec<pb::ManifestMessage> {
                 entries_omitted: false,
                 object_store_url: String::new(),
                 chunk_threshold: 0,
+                ..Default::default()
             })),
         },
         pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Batch(pb::EntryBatch { entries })) },

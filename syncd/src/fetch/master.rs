@@ -38,6 +38,33 @@ pub struct Received {
     pub object_store_url: String,
     /// The header's `chunk_threshold` (0: no object is stored as chunks).
     pub chunk_threshold: u64,
+    /// The files the master rendered for this host, when it rendered any.
+    pub render: Option<Render>,
+}
+
+/// Files the master rendered for this host from templates in the image (see README, Per-host
+/// files): the host and serial the signature binds them to, and each path with its template.
+#[derive(Clone, Debug, Default)]
+pub struct Render {
+    pub binding: Option<manifest::trust::RenderBinding>,
+    pub files: Vec<(manifest::RelPath, String)>,
+}
+
+impl Render {
+    fn of(asm: &ManifestAssembler) -> Option<Render> {
+        let binding = asm.binding()?;
+        Some(Render { binding: Some(binding), files: asm.rendered() })
+    }
+
+    /// The template `path` was rendered from, if it was.
+    pub fn template_of(&self, path: &manifest::RelPath) -> Option<&str> {
+        self.files.iter().find(|(p, _)| p == path).map(|(_, t)| t.as_str())
+    }
+
+    /// The signed serial (0: nothing rendered).
+    pub fn serial(r: Option<&Render>) -> u64 {
+        r.and_then(|r| r.binding.as_ref()).map_or(0, |b| b.serial)
+    }
 }
 
 pub(super) fn bad_stream(what: &str) -> SyncError {
@@ -61,6 +88,8 @@ pub struct Master {
     pub(super) store: Option<Arc<StoreSource>>,
     /// Objects this large are stored as chunks in the store (0: none): see [`chunked`].
     pub(super) chunk_threshold: u64,
+    /// Objects only the master has: files it rendered for this host, never in the store.
+    pub(super) master_only: Arc<std::collections::HashSet<Hash>>,
 }
 
 impl Master {
@@ -118,6 +147,7 @@ impl Master {
             store_config: transport.store.clone(),
             store: None,
             chunk_threshold: 0,
+            master_only: Arc::default(),
         })
     }
 
@@ -193,6 +223,13 @@ impl Master {
         Ok(self)
     }
 
+    /// `hashes` (the content of files the master rendered for this host) come from the master
+    /// even with an object store: they are not in it.
+    pub fn with_master_only(mut self, hashes: impl IntoIterator<Item = Hash>) -> Master {
+        self.master_only = Arc::new(hashes.into_iter().collect());
+        self
+    }
+
     /// Objects of at least `threshold` bytes (the manifest header's `chunk_threshold`; 0:
     /// none) are fetched from the store as chunks, reusing what the host has (see [`chunked`]).
     pub fn with_chunk_threshold(mut self, threshold: u64) -> Master {
@@ -246,9 +283,11 @@ impl Master {
                 lists,
                 object_store_url,
                 chunk_threshold,
+                render: Render::of(&header),
             });
         }
         let identity = asm.identity();
+        let render = Render::of(&asm);
         // `finish_signed` checks that the entries hash to the header's identity.
         let (m, signature) = asm.finish_signed().map_err(SyncError::BadManifest)?;
         let identity = identity.ok_or(SyncError::BadManifest(manifest::ManifestError::NoHeader))?;
@@ -260,15 +299,25 @@ impl Master {
             lists,
             object_store_url,
             chunk_threshold,
+            render,
         })
     }
 
-    /// Only this host's exclusion lists: reads the manifest header and hangs up.
-    pub async fn exclusion_lists(&self, host_id: &str) -> Result<Vec<PatternList>, SyncError> {
+    /// Only this host's exclusion lists and the files rendered for it (each with its
+    /// template): reads the manifest header and hangs up.
+    pub async fn exclusion_lists(
+        &self,
+        host_id: &str,
+    ) -> Result<(Vec<PatternList>, Vec<(manifest::RelPath, String)>), SyncError> {
         let mut stream = self.open_manifest(host_id, None).await?;
         match self.next_message(&mut stream, "manifest").await? {
             Some(pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Header(h)) }) => {
-                Ok(lists_from_wire(&h.exclusions))
+                let lists = lists_from_wire(&h.exclusions);
+                let mut header = ManifestAssembler::default();
+                header
+                    .push(pb::ManifestMessage { msg: Some(pb::manifest_message::Msg::Header(h)) })
+                    .map_err(SyncError::BadManifest)?;
+                Ok((lists, header.rendered()))
             }
             _ => Err(SyncError::BadManifest(manifest::ManifestError::NoHeader)),
         }
@@ -327,6 +376,10 @@ impl Master {
     pub(super) fn status_error(&self, s: tonic::Status) -> SyncError {
         if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) {
             return SyncError::Refused { url: self.url.clone(), message: s.message().to_owned() };
+        }
+        // The only refusal of this kind a master sends: it could not render this host's files.
+        if s.code() == tonic::Code::FailedPrecondition {
+            return SyncError::Render { url: self.url.clone(), message: s.message().to_owned() };
         }
         SyncError::Unreachable { url: self.url.clone(), reason: describe_status(&s) }
     }
@@ -414,6 +467,7 @@ impl Master {
         let pump = self.pump();
         let client = self.client.clone();
         let threshold = self.chunk_threshold;
+        let master_only = self.master_only.clone();
         rt.spawn(async move {
             use futures_util::stream::StreamExt;
             let d = pump.d;
@@ -436,8 +490,10 @@ impl Master {
             let large = |i: usize| threshold > 0 && objects[i].1 >= threshold;
             let delta_base =
                 |i: usize| offered.get(i).copied().flatten().filter(|_| objects[i].1 >= DELTA_GET_MIN && !large(i));
-            let own: Vec<bool> =
-                (0..objects.len()).map(|i| covered[i] || large(i) || delta_base(i).is_some()).collect();
+            let only_master = |i: usize| master_only.contains(&objects[i].0);
+            let own: Vec<bool> = (0..objects.len())
+                .map(|i| covered[i] || large(i) || delta_base(i).is_some() || only_master(i))
+                .collect();
             let index = match packs::load_index(store, &src.identity, d, &tally).await {
                 Ok(index) => index,
                 // The store failed on its first GET: the whole pass from the master, or with
@@ -471,8 +527,11 @@ impl Master {
                         packs::Unit::Range { .. } => (false, None),
                     };
                     let large = matches!(u, packs::Unit::Loose(i) if large(i));
+                    let rendered = matches!(u, packs::Unit::Loose(i) if only_master(i));
                     async move {
                         let r = match u {
+                            // Rendered for this host by the master: not in the store.
+                            packs::Unit::Loose(_) if rendered => Ok(packs::Opened::Master),
                             // Objects of a solid segment are not fetched one by one, unless it fails.
                             packs::Unit::Loose(_) if covered => Ok(packs::Opened::Solid),
                             // A large file: its chunk index first (see [`chunked`]).
@@ -574,6 +633,12 @@ impl Master {
                             Ok(false) => return,
                             Err(f) => (i, f),
                         }
+                    }
+                    (packs::Unit::Loose(i), Ok(packs::Opened::Master)) => {
+                        if !pump.master(client.clone(), &[objects[i].0], &[], &tx, &received).await {
+                            return;
+                        }
+                        continue;
                     }
                     (packs::Unit::Range { start, members, .. }, Ok(packs::Opened::Range(key, get))) => {
                         match pump.store_range(&objects, start, &members, &key, get, &tx, &received, &tally).await {

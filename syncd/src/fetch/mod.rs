@@ -13,7 +13,7 @@ pub mod stream;
 pub mod transport;
 
 pub use decode::{Bases, ObjectError};
-pub use master::{Master, Received};
+pub use master::{Master, Received, Render};
 pub use store::StoreTally;
 pub use stream::ObjectStream;
 pub use transport::{check_url, describe_status, Deadlines, StoreConfig, Transport};

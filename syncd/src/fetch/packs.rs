@@ -172,6 +172,8 @@ pub(super) enum Opened {
     Solid,
     /// A large file's chunk index (`None`: it has none; see [`super::chunked`]).
     Index(Option<objstore::chunks::Index>),
+    /// A file the master rendered for this host: fetched from the master, not the store.
+    Master,
 }
 
 /// Opens the GET of `unit`.
