@@ -538,6 +538,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 let (r, wake) = done.map_err(|e| SyncError::Task { task: "pass", source: e })?;
                 log_pass(&r);
                 crate::metrics::record(opts.sync.metrics_textfile.as_deref(), &r);
+                crate::last_pass::record(&opts.sync, &r);
                 let event = pass_event(&r, wake);
                 last = Some(r);
                 event
@@ -588,6 +589,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
             Ok(Ok((r, _))) => {
                 log_pass(&r);
                 crate::metrics::record(opts.sync.metrics_textfile.as_deref(), &r);
+                crate::last_pass::record(&opts.sync, &r);
                 if let Some(old) = reporting.take() {
                     old.abort();
                 }

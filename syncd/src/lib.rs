@@ -14,7 +14,7 @@
 //!   and rollback from the local store);
 //! - after the commit: triggers (the `triggers` crate), [`health`];
 //! - one pass from start to end: [`pass`]; what it did: [`report`], [`error`] (exit codes),
-//!   [`metrics`], [`progress`], [`drift`], [`status`];
+//!   [`metrics`], [`last_pass`], [`progress`], [`drift`], [`status`];
 //! - the daemon around passes: [`daemon`], [`window`], [`notify`].
 
 pub mod apply;
@@ -26,6 +26,7 @@ pub mod fetch;
 pub mod health;
 pub mod host;
 pub mod hostfs;
+pub mod last_pass;
 pub mod local;
 pub mod lock;
 pub mod mcache;

@@ -60,6 +60,11 @@ impl StateDir {
     pub fn store(&self) -> PathBuf {
         self.file("store", "")
     }
+
+    /// The last pass's outcome, for `syncd status` ([`crate::last_pass`]).
+    pub fn last_pass(&self) -> PathBuf {
+        self.file("last-pass", ".json")
+    }
 }
 
 #[cfg(test)]
@@ -78,6 +83,7 @@ mod tests {
         assert_eq!(a.unchanged(), Path::new(&format!("/var/lib/syncd/unchanged-{k}.bin")));
         assert_eq!(a.applied_version(), Path::new(&format!("/var/lib/syncd/applied-version-{k}.json")));
         assert_eq!(a.converged_version(), Path::new(&format!("/var/lib/syncd/converged-version-{k}.json")));
+        assert_eq!(a.last_pass(), Path::new(&format!("/var/lib/syncd/last-pass-{k}.json")));
         assert_eq!(a.store(), Path::new(&format!("/var/lib/syncd/store-{k}")));
         assert_eq!(a.dir(), Path::new("/var/lib/syncd"));
     }

@@ -23,6 +23,8 @@ pub struct LocalStatus {
     /// the root (hard links: no extra room).
     pub store_own_bytes: u64,
     pub store_shared_bytes: u64,
+    /// The last pass that could change the root: its result, version and first errors.
+    pub last_pass: Option<crate::last_pass::LastPass>,
 }
 
 impl LocalStatus {
@@ -52,6 +54,7 @@ impl LocalStatus {
             next_window: crate::window::next_open(windows, now).map(|t| t.to_string()),
             store_own_bytes: own,
             store_shared_bytes: shared,
+            last_pass: crate::last_pass::read(&sd),
         })
     }
 
@@ -65,6 +68,14 @@ impl LocalStatus {
             None => "none".into(),
         };
         let mut out = format!("root:       {}\n", self.root.display());
+        if let Some(p) = &self.last_pass {
+            let when = jiff::Timestamp::from_second(p.ended_unix as i64).map_or_else(|_| "?".into(), |t| t.to_string());
+            let version = if p.version > 0 { format!(" (image v{})", p.version) } else { String::new() };
+            out += &format!("last pass:  {}{version}, ended {when}\n", p.result);
+            for e in &p.errors {
+                out += &format!("            {e}\n");
+            }
+        }
         out += &format!("current:    {}\n", v(&self.current));
         out += &format!(
             "previous:   {}{}\n",

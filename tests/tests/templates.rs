@@ -267,6 +267,14 @@ fn each_host_gets_its_own_files_and_a_missing_variable_fails_only_its_host() {
         let out = h.run(&master, "sync");
         out.expect_code(0, &[&h.root]);
     }
+    // `syncd status` shows the failed pass and why.
+    let status = db01.run(&master, "status");
+    status.expect_code(0, &[]);
+    status.check(
+        status.stdout.contains("last pass:  render-failed") && status.stdout.contains("undefined variable `ip`"),
+        "syncd status does not show the failed render",
+        &[],
+    );
     // The master logged it for that host, and got the failing pass's report.
     assert!(master.stderr().contains("host db01: template"), "{}", master.stderr());
     let drift = db01.run(&master, "drift");
@@ -353,4 +361,44 @@ fn vars_names_the_source_of_every_key_and_bad_templates_are_refused_at_start() {
     let out = serve("\n[templates.\"/etc/../../x\"]\nsource = \"/etc/hostname\"\n");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not a path beneath the root"), "{err}");
+}
+
+#[test]
+fn a_reloaded_inventory_is_pushed_to_a_running_daemon() {
+    let s = scratch();
+    let img = image(&s);
+    let hosts_toml = s.join("hosts.toml");
+    fs::write(&hosts_toml, inventory(2222, Some("10.0.0.21"))).unwrap();
+    let master =
+        Master::start_with(&[OsStr::new("--image"), img.as_os_str(), OsStr::new("--hosts"), hosts_toml.as_os_str()]);
+    let root = s.dir("root");
+    let cfg = s.join("syncd.toml");
+    // A reconcile an hour away: only the master's push can bring the new render in time.
+    fs::write(
+        &cfg,
+        format!(
+            "master = {:?}\nroot = {root:?}\nhost_id = \"web02\"\nstate_dir = {:?}\nreconcile_interval = \"1h\"\nreconcile_jitter = \"0s\"\nannounce_jitter = \"0s\"\n",
+            master.url(),
+            s.join("state")
+        ),
+    )
+    .unwrap();
+    let _daemon = gis_tests::spawn_syncd_run(&cfg, fs::File::create(s.join("syncd.log")).unwrap());
+    let dropin = root.join(DROPIN);
+    let port = |want: &str| fs::read_to_string(&dropin).is_ok_and(|t| t.contains(want));
+    assert!(
+        wait_until(Duration::from_secs(30), || port("Port 2222")),
+        "the daemon never converged:\n{}",
+        fs::read_to_string(s.join("syncd.log")).unwrap_or_default()
+    );
+    fs::write(&hosts_toml, inventory(2200, Some("10.0.0.21"))).unwrap();
+    hup(&master);
+    assert!(
+        wait_until(Duration::from_secs(30), || port("Port 2200")),
+        "the new render was not pushed to the daemon:\n{}",
+        fs::read_to_string(s.join("syncd.log")).unwrap_or_default()
+    );
+    let (ip, groups) = ("10.0.0.12", "web");
+    let exp = expected(&s, &img, "web02", ip, 2200, groups);
+    assert!(gis_tests::differences(&exp, &root).is_empty(), "{:?}", gis_tests::differences(&exp, &root));
 }
