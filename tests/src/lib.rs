@@ -812,3 +812,21 @@ impl Pki {
             .collect()
     }
 }
+
+/// Captures what the master sends `host` for its manifest now: the signed header and entries.
+pub fn capture_manifest(url: &str, host: &str) -> Vec<proto::v1::ManifestMessage> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut c = proto::v1::image_sync_client::ImageSyncClient::connect(url.to_owned()).await.unwrap();
+        let mut stream = c
+            .get_manifest(proto::v1::ManifestRequest { host_id: host.into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(m) = stream.message().await.unwrap() {
+            out.push(m);
+        }
+        out
+    })
+}

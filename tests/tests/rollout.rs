@@ -20,8 +20,8 @@ use std::time::Duration;
 use gis_tests::fake::{FakeMaster, Image};
 use gis_tests::tree::{differences, rsync_differences};
 use gis_tests::{
-    bin, fleet_status, http_get, promtool_check, run_syncd, samples, scratch, spawn_syncd_run, wait_until, KillOnDrop,
-    Master, Scratch,
+    bin, capture_manifest, fleet_status, http_get, promtool_check, run_syncd, samples, scratch, spawn_syncd_run,
+    wait_until, KillOnDrop, Master, Scratch,
 };
 use serde_json::Value;
 
@@ -272,24 +272,6 @@ fn granted_once(events: &[Value], rollout: u64) -> Vec<String> {
 
 fn id_of(e: &Value) -> u64 {
     e["id"].as_u64().unwrap()
-}
-
-/// Captures what the master sends `host` for its manifest now: the signed header and entries.
-fn capture_manifest(url: &str, host: &str) -> Vec<proto::v1::ManifestMessage> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let mut c = proto::v1::image_sync_client::ImageSyncClient::connect(url.to_owned()).await.unwrap();
-        let mut stream = c
-            .get_manifest(proto::v1::ManifestRequest { host_id: host.into(), ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(m) = stream.message().await.unwrap() {
-            out.push(m);
-        }
-        out
-    })
 }
 
 #[test]

@@ -402,3 +402,97 @@ fn a_reloaded_inventory_is_pushed_to_a_running_daemon() {
     let exp = expected(&s, &img, "web02", ip, 2200, groups);
     assert!(gis_tests::differences(&exp, &root).is_empty(), "{:?}", gis_tests::differences(&exp, &root));
 }
+
+/// `syncd sync` of `root` as `host` against `url`, trusting `public`.
+fn sync_as(url: &str, host: &str, root: &Path, state: &Path, public: &str) -> Output {
+    let args: Vec<&OsStr> =
+        ["sync", "--master", url, "--insecure", "--host-id", host, "--trusted-key", public, "--root"]
+            .into_iter()
+            .map(OsStr::new)
+            .chain([root.as_os_str(), OsStr::new("--state-dir"), state.as_os_str()])
+            .collect();
+    run_syncd(args)
+}
+
+#[test]
+fn a_render_for_another_host_or_altered_is_refused() {
+    let s = scratch();
+    let img = image(&s);
+    let key = s.join("signing.key");
+    let out = Command::new(bin("syncmaster")).args(["keygen", "--out"]).arg(&key).output().unwrap();
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let hosts_toml = s.join("hosts.toml");
+    fs::write(&hosts_toml, inventory(2222, Some("10.0.0.21"))).unwrap();
+    let master = Master::start_with(&[
+        OsStr::new("--image"),
+        img.as_os_str(),
+        OsStr::new("--hosts"),
+        hosts_toml.as_os_str(),
+        OsStr::new("--signing-key"),
+        key.as_os_str(),
+    ]);
+    // web01's manifest, signed for web01 by the real master.
+    let captured = gis_tests::capture_manifest(master.url(), "web01");
+    let honest = gis_tests::fake::Image::scan(&img, 1);
+    let header = |msgs: &mut Vec<proto::v1::ManifestMessage>| -> proto::v1::ManifestHeader {
+        match msgs[0].msg.take() {
+            Some(proto::v1::manifest_message::Msg::Header(h)) => h,
+            _ => panic!("the first message is not a header"),
+        }
+    };
+    let root = s.dir("root");
+    let state = s.dir("state");
+    let sentinel = gis_tests::Sentinel::take(&root);
+    let refused = |msgs: Vec<proto::v1::ManifestMessage>, host: &str, why: &str| {
+        let fake = gis_tests::fake::FakeMaster::start(msgs, honest.honest());
+        let out = sync_as(fake.url(), host, &root, &state, &public);
+        out.expect_code(4, &[&root]);
+        out.check(out.stderr.contains(why), format!("the refusal does not say {why:?}"), &[]);
+        sentinel.assert_unchanged(why);
+    };
+
+    // Replayed to another host: refused by name, nothing written.
+    refused(captured.clone(), "web02", "offers files rendered for host \"web01\", and this host is \"web02\"");
+
+    // Relabelled for web02: the signature no longer verifies.
+    let mut msgs = captured.clone();
+    let mut h = header(&mut msgs);
+    h.rendered_for = "web02".into();
+    msgs[0].msg = Some(proto::v1::manifest_message::Msg::Header(h));
+    refused(msgs, "web02", "signature does not verify");
+
+    // A rendered file's content swapped (its hash and size) under the same signature: the
+    // entries no longer hash to the signed identity.
+    let mut msgs = captured.clone();
+    let mut h = header(&mut msgs);
+    let evil = b"10.6.6.6 web01\n";
+    let i = h.rendered.iter().position(|e| e.path.as_ref() == b"etc/hosts").expect("etc/hosts is rendered");
+    h.rendered[i].hash = bytes::Bytes::copy_from_slice(&manifest::Hash::of(evil).0);
+    h.rendered[i].size = evil.len() as u64;
+    msgs[0].msg = Some(proto::v1::manifest_message::Msg::Header(h));
+    refused(msgs, "web01", "identity");
+
+    // The genuine one goes through.
+    let fake_objects = {
+        let rendered = captured.clone();
+        let mut content = honest.content.clone();
+        if let Some(proto::v1::manifest_message::Msg::Header(h)) = &rendered[0].msg {
+            for (e, _) in h.rendered.iter().zip(&h.rendered_templates) {
+                let text = fs::read(
+                    expected(&s, &img, "web01", "10.0.0.11", 2222, "web")
+                        .join(String::from_utf8_lossy(&e.path).as_ref()),
+                )
+                .unwrap();
+                content.insert(manifest::Hash::of(&text), text);
+            }
+        }
+        move |h: &manifest::Hash| {
+            let data = content.get(h).cloned().unwrap_or_default();
+            gis_tests::fake::Reply::Raw { size: data.len() as u64, data }
+        }
+    };
+    let fake = gis_tests::fake::FakeMaster::start(captured, fake_objects);
+    let out = sync_as(fake.url(), "web01", &root, &state, &public);
+    out.expect_code(0, &[&root]);
+    assert_converged(&expected(&s, &img, "web01", "10.0.0.11", 2222, "web"), &root, &out);
+}
