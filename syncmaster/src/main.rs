@@ -643,9 +643,7 @@ async fn serve(o: ServeOpts, inventory: Arc<inventory::Inventory>) -> anyhow::Re
         let (renders, current) = (renders.clone(), control.published().current());
         tokio::task::spawn_blocking(move || renders.prerender(&current));
     }
-    if let Some(path) = o.hosts.clone() {
-        reload_on_sighup(path, renders.clone(), control.clone())?;
-    }
+    reload_on_sighup(o.hosts.clone(), renders.clone(), control.clone())?;
     let serving = syncmaster::serve(control, fleet, renders, o.listen, o.zstd_level, o.security, shutdown, |bound| {
         // Stable, parseable lines for scripts and tests; logs go to stderr.
         if let Some(m) = bound.metrics {
@@ -729,9 +727,10 @@ async fn rollout(url: &str, endpoint: tonic::transport::Endpoint, cmd: RolloutCm
 /// On SIGHUP, reads the inventory again: its vars, templates and exclusion lists take effect at
 /// once (every host is rendered again, under a higher serial, and watching hosts are told of a
 /// changed identity). Its hosts and `[rollout]` are read at start only. A file that does not
-/// load is logged and the one in use kept.
+/// load is logged and the one in use kept. Without `--hosts`, SIGHUP is logged and ignored
+/// (rather than ending the master, its default action).
 fn reload_on_sighup(
-    path: PathBuf,
+    path: Option<PathBuf>,
     renders: Arc<syncmaster::render::Renders>,
     control: Arc<syncmaster::control::Control>,
 ) -> anyhow::Result<()> {
@@ -739,6 +738,10 @@ fn reload_on_sighup(
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            let Some(path) = path.clone() else {
+                tracing::warn!("SIGHUP: no --hosts inventory to reload; ignored");
+                continue;
+            };
             let loaded = {
                 let path = path.clone();
                 tokio::task::spawn_blocking(move || inventory::Inventory::load(&path)).await
@@ -766,7 +769,6 @@ fn reload_on_sighup(
             let _ = tokio::task::spawn_blocking(move || r.prerender(&current)).await;
             control.poke();
             tracing::info!(path = %path.display(), serial, "inventory reloaded");
-            println!("inventory reloaded serial {serial}");
         }
     });
     Ok(())

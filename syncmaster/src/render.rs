@@ -411,8 +411,9 @@ struct State {
     /// Rendered content by hash: of this serial, and of the one before (for hosts mid-pass).
     objects: HashMap<Hash, Bytes>,
     previous_objects: HashMap<Hash, Bytes>,
-    /// A host's identity under a render → the image's identity (for its reports).
-    bases: HashMap<Hash, Hash>,
+    /// A host's identity under a render → the image's identity (for its reports), with the
+    /// serial it was rendered under: those of this serial and the one before are kept.
+    bases: HashMap<Hash, (Hash, u64)>,
     /// The size of each file last served to each host, for `allow_shrink`.
     sizes: BTreeMap<String, BTreeMap<String, u64>>,
 }
@@ -481,6 +482,8 @@ impl Renders {
         s.templates.clear();
         s.hosts.clear();
         s.previous_objects = std::mem::take(&mut s.objects);
+        let kept_from = s.bases.values().map(|(_, serial)| *serial).filter(|x| *x < s.serial).max().unwrap_or(0);
+        s.bases.retain(|_, (_, serial)| *serial >= kept_from);
     }
 
     /// The templates of `image` (compiled once per image).
@@ -560,7 +563,7 @@ impl Renders {
             for f in &files {
                 s.objects.insert(f.entry.hash.expect("rendered files are hashed"), f.content.clone());
             }
-            s.bases.insert(identity, image.identity);
+            s.bases.insert(identity, (image.identity, serial));
             Arc::new(HostRender {
                 templates: files.iter().map(|f| f.template.clone()).collect(),
                 entries,
@@ -612,7 +615,7 @@ impl Renders {
 
     /// The image identity behind a host's identity under a render, if it is one.
     pub fn image_identity_of(&self, identity: &Hash) -> Option<Hash> {
-        self.lock().bases.get(identity).copied()
+        self.lock().bases.get(identity).map(|(base, _)| *base)
     }
 }
 

@@ -147,21 +147,9 @@ impl Host {
     }
 }
 
-fn hup(master: &Master) {
-    let before = master.stderr().matches("inventory reloaded").count();
-    let ok = Command::new("kill").args(["-HUP", &master.pid().to_string()]).status().unwrap();
-    assert!(ok.success());
-    assert!(
-        wait_until(Duration::from_secs(20), || master.stderr().matches("inventory reloaded").count() > before),
-        "the master did not reload its inventory:\n{}",
-        master.stderr()
-    );
-}
-
-#[test]
-fn each_host_gets_its_own_files_and_a_missing_variable_fails_only_its_host() {
-    let s = scratch();
-    let img = image(&s);
+/// A master of `img` with a fresh signing key, a state dir and the inventory (web02 on port
+/// 2222, db01 with its ip): the master, the public key for the hosts, the inventory's path.
+fn signed_master(s: &Scratch, img: &Path) -> (Master, String, PathBuf) {
     let key = s.join("signing.key");
     let out = Command::new(bin("syncmaster")).args(["keygen", "--out"]).arg(&key).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -179,6 +167,25 @@ fn each_host_gets_its_own_files_and_a_missing_variable_fails_only_its_host() {
         OsStr::new("--state-dir"),
         state.as_os_str(),
     ]);
+    (master, public, hosts_toml)
+}
+
+fn hup(master: &Master) {
+    let before = master.stderr().matches("inventory reloaded").count();
+    let ok = Command::new("kill").args(["-HUP", &master.pid().to_string()]).status().unwrap();
+    assert!(ok.success());
+    assert!(
+        wait_until(Duration::from_secs(20), || master.stderr().matches("inventory reloaded").count() > before),
+        "the master did not reload its inventory:\n{}",
+        master.stderr()
+    );
+}
+
+#[test]
+fn each_host_gets_its_own_files_and_a_missing_variable_fails_only_its_host() {
+    let s = scratch();
+    let img = image(&s);
+    let (master, public, hosts_toml) = signed_master(&s, &img);
     let hosts: Vec<Host> = HOSTS.iter().map(|h| Host::new(&s, h, &public)).collect();
     let facts = |h: &str, web02_port: u32| match h {
         "web01" => ("10.0.0.11", 2222, "web"),
@@ -418,19 +425,7 @@ fn sync_as(url: &str, host: &str, root: &Path, state: &Path, public: &str) -> Ou
 fn a_render_for_another_host_or_altered_is_refused() {
     let s = scratch();
     let img = image(&s);
-    let key = s.join("signing.key");
-    let out = Command::new(bin("syncmaster")).args(["keygen", "--out"]).arg(&key).output().unwrap();
-    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let hosts_toml = s.join("hosts.toml");
-    fs::write(&hosts_toml, inventory(2222, Some("10.0.0.21"))).unwrap();
-    let master = Master::start_with(&[
-        OsStr::new("--image"),
-        img.as_os_str(),
-        OsStr::new("--hosts"),
-        hosts_toml.as_os_str(),
-        OsStr::new("--signing-key"),
-        key.as_os_str(),
-    ]);
+    let (master, public, _) = signed_master(&s, &img);
     // web01's manifest, signed for web01 by the real master.
     let captured = gis_tests::capture_manifest(master.url(), "web01");
     let honest = gis_tests::fake::Image::scan(&img, 1);
