@@ -84,6 +84,9 @@ pub struct TemplateDef {
     /// Owner and group ids of the rendered file (default: the template file's).
     pub owner: Option<u32>,
     pub group: Option<u32>,
+    /// The rendered file's xattrs, name → value (default: the template file's); set, they
+    /// replace the template's all together (`{}` for none).
+    pub xattrs: Option<BTreeMap<String, String>>,
     /// A command run on the master on each render before it is served; `%s` is the rendered
     /// file's path (in a temp dir). A non-zero exit refuses the render for that host.
     #[serde(default)]
@@ -280,6 +283,13 @@ impl Inventory {
                         )))
                     }
                 }
+            }
+            if let Some(bad_name) = def.xattrs.iter().flatten().map(|(k, _)| k).find(|k| {
+                !(k.starts_with("user.") || k.starts_with("security.") || k.starts_with("trusted.")) || k.len() > 255
+            }) {
+                return Err(bad(format!(
+                    "[templates.{target:?}]: xattr {bad_name:?} is not a user., security. or trusted. name of at most 255 bytes"
+                )));
             }
             if def.source.is_none() && render.templates_dir.is_none() {
                 return Err(bad(format!(

@@ -268,6 +268,12 @@ impl Templates {
             }
             meta.uid = t.def.owner.unwrap_or(meta.uid);
             meta.gid = t.def.group.unwrap_or(meta.gid);
+            if let Some(x) = &t.def.xattrs {
+                meta.xattrs = x
+                    .iter()
+                    .map(|(k, v)| manifest::Xattr { name: k.as_bytes().to_vec(), value: v.as_bytes().to_vec() })
+                    .collect();
+            }
             let entry = Entry {
                 path: t.target.clone(),
                 kind: Kind::File,

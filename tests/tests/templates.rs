@@ -64,6 +64,7 @@ templates_dir = "/{TEMPLATES}"
 
 [templates."/{DROPIN}"]
 mode = "0600"
+xattrs = {{ "user.rendered-by" = "syncmaster" }}
 validate = ["grep", "-q", "{pattern}", "%s"]
 
 [groups.web]
@@ -98,6 +99,9 @@ fn expected(s: &Scratch, img: &Path, host: &str, ip: &str, port: u32, groups: &s
         let _ = fs::remove_file(&p);
         fs::write(&p, text).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        if target == DROPIN {
+            rustix::fs::setxattr(&p, "user.rendered-by", b"syncmaster", rustix::fs::XattrFlags::empty()).unwrap();
+        }
         let template = img.join(TEMPLATES).join(format!("{target}.j2"));
         let ok = Command::new("touch").arg("-h").arg("-r").arg(&template).arg(&p).status().unwrap();
         assert!(ok.success());
