@@ -189,10 +189,13 @@ pub async fn prefetch_once(opts: &SyncOptions) -> Result<PrefetchReport, SyncErr
     plan.drop_fetches(|h| st.has(h));
     let root = root::RootDir::open(&opts.root).map_err(|e| SyncError::Root { root: opts.root.clone(), source: e })?;
     let bases = fetch::Bases::for_plan(&HostFiles::new(&root, &opts.throttle.read), &plan);
+    // Files rendered for this host are only on the master.
+    let rendered = fetch::Render::hashes(s.render.as_ref(), &manifest);
     let master = master
         .with_store(&s.object_store_url, &s.identity)?
         .with_chunk_threshold(s.chunk_threshold)
-        .with_solid(s.identity);
+        .with_solid(s.identity)
+        .with_master_only(rendered);
     let rt = tokio::runtime::Handle::current();
     st.mark_busy().map_err(|e| store_err(&st, "write in", e))?;
     let objects = master.spawn_fetch(plan.fetch.clone(), bases, &rt);

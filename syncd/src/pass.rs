@@ -403,10 +403,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         let (objects, master) = match master {
             Some(m) if opts.mode == Mode::Network => {
                 // Files rendered for this host are only on the master.
-                let rendered = report.render.iter().flat_map(|r| r.files.iter()).filter_map(|(p, _)| {
-                    let i = manifest.entries.binary_search_by(|e| e.path.cmp(p)).ok()?;
-                    manifest.entries[i].hash
-                });
+                let rendered = fetch::Render::hashes(report.render.as_ref(), &manifest);
                 let m = m
                     .with_store(&object_store_url, &identity)?
                     .with_chunk_threshold(chunk_threshold)

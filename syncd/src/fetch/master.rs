@@ -61,6 +61,18 @@ impl Render {
         self.files.iter().find(|(p, _)| p == path).map(|(_, t)| t.as_str())
     }
 
+    /// The content hashes of the rendered files in `m` (the manifest they are laid over):
+    /// only the master has them.
+    pub fn hashes(r: Option<&Render>, m: &Manifest) -> Vec<Hash> {
+        r.iter()
+            .flat_map(|r| r.files.iter())
+            .filter_map(|(p, _)| {
+                let i = m.entries.binary_search_by(|e| e.path.cmp(p)).ok()?;
+                m.entries[i].hash
+            })
+            .collect()
+    }
+
     /// The signed serial (0: nothing rendered).
     pub fn serial(r: Option<&Render>) -> u64 {
         r.and_then(|r| r.binding.as_ref()).map_or(0, |b| b.serial)
