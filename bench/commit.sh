@@ -11,6 +11,9 @@
 #
 # Env: RUNS=5, CORPORA=/var/tmp/gis-corpora, SCRATCH=/var/tmp/gis-commit,
 #      SYNCD / SYNCMASTER (default target/release/{syncd,syncmaster}),
+#      SYNCD_B (a second syncd build, say the previous commit's: its commit is timed in the same
+#      runs, alternating with SYNCD's which goes first, and the report adds its row and the
+#      ratio; same master, same corpora),
 #      RESULTS (a dated section is appended; default: a new file per run,
 #      bench/results/<UTC stamp>-commit.md).
 set -euo pipefail
@@ -20,6 +23,7 @@ CORPORA=${CORPORA:-/var/tmp/gis-corpora}
 SCRATCH=${SCRATCH:-/var/tmp/gis-commit}
 SYNCD=${SYNCD:-target/release/syncd}
 SYNCMASTER=${SYNCMASTER:-target/release/syncmaster}
+SYNCD_B=${SYNCD_B:-}
 RESULTS=${RESULTS:-}   # default: a new file under bench/results/, named when the report is written
 OLD=$CORPORA/bullseye-minbase
 NEW=$CORPORA/bookworm-minbase
@@ -87,9 +91,26 @@ RSYNC_URL="rsync://127.0.0.1:$port/img/"
 now() { date +%s.%N; }
 fresh() { rm -rf "$work/host" "$work/state"; cp -a "$OLD" "$work/host"; sync; }
 sd() { "$SYNCD" "$@" --root "$work/host" --state-dir "$work/state" --host-id bench --insecure; }
+# A commit by the build BIN alone, from a fresh host that recorded its release and prefetched:
+# prints its seconds.
+commit_with() { # BIN
+  fresh
+  "$1" sync -q --master "$A" --root "$work/host" --state-dir "$work/state" --host-id bench --insecure >/dev/null 2>&1
+  "$1" prefetch --master "$B" --root "$work/host" --state-dir "$work/state" --host-id bench --insecure \
+    2>"$work/prefetch-b.log" || { cat "$work/prefetch-b.log" >&2; exit 1; }
+  sync
+  local t0 t1
+  t0=$(now)
+  "$1" commit -q --root "$work/host" --state-dir "$work/state" --host-id bench --insecure 2>"$work/commit-b.log" \
+    || { cat "$work/commit-b.log" >&2; exit 1; }
+  t1=$(now)
+  echo "$t1 - $t0" | bc
+}
 
-commit_t=(); sync_t=(); rsync_t=(); rsyncd_t=(); rollback_t=()
+commit_t=(); sync_t=(); rsync_t=(); rsyncd_t=(); rollback_t=(); commit_b_t=()
 for i in $(seq 1 "$RUNS"); do
+  # SYNCD_B's commit: before SYNCD's in even runs, after it (below) in odd ones.
+  if [ -n "$SYNCD_B" ] && [ $((i % 2)) = 0 ]; then commit_b_t+=("$(commit_with "$SYNCD_B")"); fi
   # commit: the host first records its release (a pass that changes nothing), then prefetches.
   fresh
   sd sync -q --master "$A" >/dev/null 2>&1
@@ -108,6 +129,7 @@ for i in $(seq 1 "$RUNS"); do
     rsync -aHAXcn --numeric-ids --delete -i "$OLD/" "$work/host/" > "$work/verify-rollback" || true
     [ -s "$work/verify-rollback" ] && { echo "commit.sh: the rollback left differences:" >&2; head "$work/verify-rollback" >&2; exit 1; }
   fi
+  if [ -n "$SYNCD_B" ] && [ $((i % 2)) = 1 ]; then commit_b_t+=("$(commit_with "$SYNCD_B")"); fi
   # a whole sync of the same upgrade, and rsync, alternating which goes first
   for tool in $( [ $((i % 2)) = 1 ] && echo "sync rsyncd rsync" || echo "rsync rsyncd sync" ); do
     fresh
@@ -125,17 +147,21 @@ for i in $(seq 1 "$RUNS"); do
   echo "run $i: commit ${commit_t[-1]} s, rollback ${rollback_t[-1]} s, sync ${sync_t[-1]} s, rsync daemon ${rsyncd_t[-1]} s, rsync local ${rsync_t[-1]} s" >&2
 done
 
-report=$(python3 - "${commit_t[*]}" "${rollback_t[*]}" "${sync_t[*]}" "${rsync_t[*]}" "${rsyncd_t[*]}" <<'PY'
+report=$(python3 - "${commit_t[*]}" "${rollback_t[*]}" "${sync_t[*]}" "${rsync_t[*]}" "${rsyncd_t[*]}" "${commit_b_t[*]}" <<'PY'
 import statistics, sys
-c, rb, s, r, rd = ([float(x) for x in a.split()] for a in sys.argv[1:6])
+c, rb, s, r, rd, cb = ([float(x) for x in a.split()] for a in sys.argv[1:7])
 m = statistics.median
 print(f"| syncd commit (after prefetch) | {m(c):.3f} s | {', '.join(f'{x:.3f}' for x in c)} |")
 print(f"| syncd rollback (no master) | {m(rb):.3f} s | {', '.join(f'{x:.3f}' for x in rb)} |")
 print(f"| syncd sync, whole upgrade | {m(s):.3f} s | {', '.join(f'{x:.3f}' for x in s)} |")
 print(f"| rsync -aHAX from an rsync daemon on loopback | {m(rd):.3f} s | {', '.join(f'{x:.3f}' for x in rd)} |")
 print(f"| rsync -aHAX, local copy | {m(r):.3f} s | {', '.join(f'{x:.3f}' for x in r)} |")
+if cb:
+    print(f"| syncd commit, SYNCD_B (same runs, alternating) | {m(cb):.3f} s | {', '.join(f'{x:.3f}' for x in cb)} |")
 print()
 print(f"commit / sync = {m(c)/m(s):.2f} (goal ≤ 0.3); commit / rsync (daemon) = {m(c)/m(rd):.2f}, commit / rsync (local) = {m(c)/m(r):.2f} (goal ≤ 0.2); rollback / commit = {m(rb)/m(c):.2f} (goal ≤ 1)")
+if cb:
+    print(f"commit / commit of SYNCD_B = {m(c)/m(cb):.2f}")
 PY
 )
 echo "$report"
