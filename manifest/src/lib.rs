@@ -62,11 +62,10 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Content identity: blake3 over the canonical encoding of the root and every entry.
-    /// Two images with the same identity are the same tree; the version is not part of it.
     /// Puts `entries` (sorted by path) in place: each replaces the entry at its path, or is
-    /// added there. A host's files rendered by the master are laid over the image this way, on
-    /// the master to compute the identity it signs and on the host before checking it.
+    /// added there. A host's files rendered by the master are laid over the image this way
+    /// (the host does it before checking the identity; the master computes the same identity
+    /// without a copy, [`Manifest::identity_with`]).
     pub fn overlay(&mut self, entries: &[Entry]) {
         for e in entries {
             match self.entries.binary_search_by(|x| x.path.cmp(&e.path)) {
@@ -76,13 +75,32 @@ impl Manifest {
         }
     }
 
+    /// Content identity: blake3 over the canonical encoding of the root and every entry.
+    /// Two images with the same identity are the same tree; the version is not part of it.
     pub fn identity(&self) -> Hash {
+        self.identity_with(&[])
+    }
+
+    /// The identity this manifest would have after [`Manifest::overlay`] of `overlay` (sorted
+    /// by path), computed by merging the two lists as they are hashed, with no copy.
+    pub fn identity_with(&self, overlay: &[Entry]) -> Hash {
+        let added = overlay.iter().filter(|o| self.get(&o.path).is_none()).count();
         let mut h = BufferedHasher::new();
         h.update(b"golden-image-sync manifest v1\0");
         self.root.hash_into(&mut h);
-        h.update(&(self.entries.len() as u64).to_le_bytes());
+        h.update(&((self.entries.len() + added) as u64).to_le_bytes());
+        let mut over = overlay.iter().peekable();
         for e in &self.entries {
-            e.hash_into(&mut h);
+            while let Some(o) = over.next_if(|o| o.path < e.path) {
+                o.hash_into(&mut h);
+            }
+            match over.next_if(|o| o.path == e.path) {
+                Some(o) => o.hash_into(&mut h),
+                None => e.hash_into(&mut h),
+            }
+        }
+        for o in over {
+            o.hash_into(&mut h);
         }
         h.finalize()
     }

@@ -401,6 +401,19 @@ mod tests {
         Entry { kind: Kind::Dir, size: 0, hash: None, ..file(path) }
     }
 
+    #[test]
+    fn the_identity_with_an_overlay_is_that_of_the_overlaid_manifest() {
+        let m = Manifest { version: 1, root: Meta::default(), entries: vec![dir("a"), file("a/b"), file("c")] };
+        let changed = Entry { size: 2, hash: Some(Hash::of(b"yy")), ..file("a/b") };
+        // Replacing, inserting before, between and after the image's entries, and nothing.
+        for overlay in [vec![], vec![changed.clone()], vec![file("0"), changed, file("b"), file("d")]] {
+            let mut laid = m.clone();
+            laid.overlay(&overlay);
+            assert_eq!(m.identity_with(&overlay), laid.identity(), "{overlay:?}");
+        }
+        assert_ne!(m.identity_with(&[file("d")]), m.identity());
+    }
+
     /// Encodes `entries` as a stream whose header claims `identity_of` and feeds it back.
     fn roundtrip(
         entries: Vec<Entry>,

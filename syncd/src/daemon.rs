@@ -537,8 +537,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
                 pass = None;
                 let (r, wake) = done.map_err(|e| SyncError::Task { task: "pass", source: e })?;
                 log_pass(&r);
-                crate::metrics::record(opts.sync.metrics_textfile.as_deref(), &r);
-                crate::last_pass::record(&opts.sync, &r);
+                crate::pass::record(&opts.sync, &r);
                 let event = pass_event(&r, wake);
                 last = Some(r);
                 event
@@ -588,8 +587,7 @@ pub async fn run(mut opts: DaemonOptions, shutdown: impl Future<Output = ()>) ->
         match tokio::time::timeout(STOP_GRACE, &mut p).await {
             Ok(Ok((r, _))) => {
                 log_pass(&r);
-                crate::metrics::record(opts.sync.metrics_textfile.as_deref(), &r);
-                crate::last_pass::record(&opts.sync, &r);
+                crate::pass::record(&opts.sync, &r);
                 if let Some(old) = reporting.take() {
                     old.abort();
                 }

@@ -122,8 +122,7 @@ enum Format {
 
 /// A pass's result, once its metrics are in the `metrics_textfile` (if one is configured).
 fn recorded(opts: &SyncOptions, r: Result<syncd::PassReport, SyncError>) -> Result<syncd::PassReport, SyncError> {
-    syncd::metrics::record(opts.metrics_textfile.as_deref(), &r);
-    syncd::last_pass::record(opts, &r);
+    syncd::pass::record(opts, &r);
     r
 }
 

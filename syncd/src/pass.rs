@@ -211,6 +211,13 @@ pub fn compile_rules(master: &[PatternList], local: &[PatternList]) -> Result<Ex
     Exclusions::compile(master.iter().chain(local)).map_err(SyncError::Exclusions)
 }
 
+/// Records how a pass ended, once, wherever it ran (a command or the daemon): the metrics
+/// textfile, if configured, and the last-pass record in the state dir for `syncd status`.
+pub fn record(opts: &SyncOptions, r: &Result<PassReport, SyncError>) {
+    crate::metrics::record(opts.metrics_textfile.as_deref(), r);
+    crate::last_pass::record(opts, r);
+}
+
 /// One convergence pass.
 pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
     let started = Instant::now();
@@ -297,7 +304,7 @@ pub async fn sync_once(opts: &SyncOptions) -> Result<PassReport, SyncError> {
         walk_only,
         duration: Duration::ZERO,
         rolled_back: None,
-        render: render.clone(),
+        render,
     };
     // (With no triggers, the changes are not even listed for them.)
     let firing = match opts.triggers.is_empty() {

@@ -102,10 +102,6 @@ pub struct Templates {
     list: Vec<Template>,
 }
 
-fn entry_at<'a>(m: &'a manifest::Manifest, p: &RelPath) -> Option<&'a Entry> {
-    m.entries.binary_search_by(|e| e.path.cmp(p)).ok().map(|i| &m.entries[i])
-}
-
 impl Templates {
     /// Finds and compiles every template of `image` that `cfg` names. `inventory` is the
     /// inventory's path, for messages.
@@ -120,7 +116,7 @@ impl Templates {
             let rel = RelPath::new(dir.trim_start_matches('/')).map_err(|e| {
                 refuse(inventory, line, format!("[render] templates_dir {dir:?} is not a path beneath the root: {e}"))
             })?;
-            match entry_at(m, &rel) {
+            match m.get(&rel) {
                 Some(e) if e.kind == Kind::Dir => {}
                 _ => {
                     return Err(refuse(
@@ -180,7 +176,7 @@ impl Templates {
                 refuse(inventory, line, format!("{named}: target {target:?} is not a path beneath the root: {e}"))
             })?;
             if let Some(parent) = rel.parent() {
-                if !entry_at(m, &parent).is_some_and(|e| e.kind == Kind::Dir) {
+                if !m.get(&parent).is_some_and(|e| e.kind == Kind::Dir) {
                     return Err(refuse(
                         inventory,
                         line,
@@ -188,7 +184,7 @@ impl Templates {
                     ));
                 }
             }
-            if let Some(e) = entry_at(m, &rel) {
+            if let Some(e) = m.get(&rel) {
                 if e.kind != Kind::File || e.link_group != 0 {
                     return Err(refuse(
                         inventory,
@@ -197,7 +193,7 @@ impl Templates {
                     ));
                 }
             }
-            let entry = match entry_at(m, &src) {
+            let entry = match m.get(&src) {
                 Some(e) if e.kind == Kind::File => e.clone(),
                 _ => {
                     return Err(refuse(
@@ -558,15 +554,11 @@ impl Renders {
         };
         let mut s = self.lock();
         let result = result.map(|files| {
-            let mut m = image.manifest.clone();
             let entries: Vec<Entry> = files.iter().map(|f| f.entry.clone()).collect();
-            m.overlay(&entries);
-            let identity = m.identity();
-            let sizes = s.sizes.entry(host.to_owned()).or_default();
+            // The image's identity with these in place, without copying its manifest per host.
+            let identity = image.manifest.identity_with(&entries);
             for f in &files {
-                sizes.insert(format!("/{}", f.entry.path), f.entry.size);
-            }
-            for f in &files {
+                s.sizes.entry(host.to_owned()).or_default().insert(format!("/{}", f.entry.path), f.entry.size);
                 s.objects.insert(f.entry.hash.expect("rendered files are hashed"), f.content.clone());
             }
             s.bases.insert(identity, (image.identity, serial));

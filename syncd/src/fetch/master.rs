@@ -64,13 +64,7 @@ impl Render {
     /// The content hashes of the rendered files in `m` (the manifest they are laid over):
     /// only the master has them.
     pub fn hashes(r: Option<&Render>, m: &Manifest) -> Vec<Hash> {
-        r.iter()
-            .flat_map(|r| r.files.iter())
-            .filter_map(|(p, _)| {
-                let i = m.entries.binary_search_by(|e| e.path.cmp(p)).ok()?;
-                m.entries[i].hash
-            })
-            .collect()
+        r.iter().flat_map(|r| r.files.iter()).filter_map(|(p, _)| m.get(p)?.hash).collect()
     }
 
     /// The signed serial (0: nothing rendered).
